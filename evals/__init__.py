@@ -1,0 +1,1 @@
+"""Evaluation suites: each module has `build(...) -> datasets.Dataset` and scoring helpers."""

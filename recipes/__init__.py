@@ -1,0 +1,1 @@
+"""YAML recipes shipped with surgery (found by name or by path)."""
