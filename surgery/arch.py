@@ -1,0 +1,363 @@
+"""THE table of per-architecture facts, and the one object that reads a model through it.
+
+Nothing outside this module names a model's submodules (`model.model.layers[i].mlp.down_proj` and friends).
+Everything else asks a `ModelView` for layers, head slices, FFN keys/values, norms and the unembedding.
+
+Facts that hold for every supported architecture, and which the rest of the code relies on:
+- the input of the attention output projection is the concatenation of the per-head outputs z_h
+  (query heads, also under GQA), so head h owns input features h*dh..(h+1)*dh of that projection;
+- the input of the FFN output projection is the neuron coefficient vector m (gated: act(gate).up,
+  fused: the same from one gate_up matrix, plain: act(fc1 x + b)), and its weight columns are the value vectors;
+- the FFN input stream r = x^{l-1} + A^l equals the layer output minus the FFN's contribution F^l,
+  for sequential and parallel-residual layers alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UsageError
+
+
+class ArchError(UsageError):
+    """The model's architecture is not in the table, or a layer/head/neuron index is outside it."""
+
+
+FfnKind = Literal["gated", "fused", "plain"]
+NormKind = Literal["rms", "rms1p", "layer"]  # rms1p: Gemma's x * (1 + w)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where things live in one architecture. Paths are attribute paths; layer-relative ones start at a layer."""
+
+    layers: str  # model-relative ModuleList of decoder layers
+    attn_out: str  # attention output projection (input = concatenated head outputs)
+    ffn: str  # the FFN module
+    ffn_in: tuple[str, ...]  # key projections: (gate, up) | (gate_up,) | (fc1,)
+    ffn_out: str  # value projection (input = coefficients m)
+    ffn_kind: FfnKind
+    pre_ffn_norm: str  # the norm n(.) whose output the FFN reads
+    final_norm: str  # model-relative
+    norm_kind: NormKind
+    lm_head: str = "lm_head"
+    post_ffn_norm: str | None = None  # Gemma: F = post_norm(sum_k m_k v_k)
+    conv1d: bool = False  # GPT-2 Conv1D: weight is [in, out]
+    parallel_residual: bool = False  # attention and FFN read the same input (GPT-J, NeoX)
+    softcap_attr: str | None = None  # config attribute holding final logit soft-capping, if any
+
+
+_LLAMA = Arch(
+    layers="model.layers",
+    attn_out="self_attn.o_proj",
+    ffn="mlp",
+    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+    ffn_out="mlp.down_proj",
+    ffn_kind="gated",
+    pre_ffn_norm="post_attention_layernorm",
+    final_norm="model.norm",
+    norm_kind="rms",
+)
+
+ARCHS: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "phi3": Arch(
+        layers="model.layers",
+        attn_out="self_attn.o_proj",
+        ffn="mlp",
+        ffn_in=("mlp.gate_up_proj",),
+        ffn_out="mlp.down_proj",
+        ffn_kind="fused",
+        pre_ffn_norm="post_attention_layernorm",
+        final_norm="model.norm",
+        norm_kind="rms",
+    ),
+    "gemma3_text": Arch(
+        layers="model.layers",
+        attn_out="self_attn.o_proj",
+        ffn="mlp",
+        ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+        ffn_out="mlp.down_proj",
+        ffn_kind="gated",
+        pre_ffn_norm="pre_feedforward_layernorm",
+        post_ffn_norm="post_feedforward_layernorm",
+        final_norm="model.norm",
+        norm_kind="rms1p",
+        softcap_attr="final_logit_softcapping",
+    ),
+    "gpt2": Arch(
+        layers="transformer.h",
+        attn_out="attn.c_proj",
+        ffn="mlp",
+        ffn_in=("mlp.c_fc",),
+        ffn_out="mlp.c_proj",
+        ffn_kind="plain",
+        pre_ffn_norm="ln_2",
+        final_norm="transformer.ln_f",
+        norm_kind="layer",
+        conv1d=True,
+    ),
+    "gptj": Arch(
+        layers="transformer.h",
+        attn_out="attn.out_proj",
+        ffn="mlp",
+        ffn_in=("mlp.fc_in",),
+        ffn_out="mlp.fc_out",
+        ffn_kind="plain",
+        pre_ffn_norm="ln_1",
+        final_norm="transformer.ln_f",
+        norm_kind="layer",
+        parallel_residual=True,
+    ),
+    "gpt_neox": Arch(
+        layers="gpt_neox.layers",
+        attn_out="attention.dense",
+        ffn="mlp",
+        ffn_in=("mlp.dense_h_to_4h",),
+        ffn_out="mlp.dense_4h_to_h",
+        ffn_kind="plain",
+        pre_ffn_norm="post_attention_layernorm",
+        final_norm="gpt_neox.final_layer_norm",
+        norm_kind="layer",
+        parallel_residual=True,  # when config.use_parallel_residual (the default); see ModelView.parallel
+        lm_head="embed_out",
+    ),
+}
+ARCHS["gemma3"] = ARCHS["gemma3_text"]  # a Gemma3 text checkpoint whose config says gemma3
+
+
+def supported() -> list[str]:
+    """The model_types in the table, sorted."""
+    return sorted(ARCHS)
+
+
+def arch_for(config) -> Arch:
+    """The table entry for a config's model_type, or one clear error listing the supported ones."""
+    mt = getattr(config, "model_type", None)
+    if mt not in ARCHS:
+        raise ArchError(f"unsupported architecture {mt!r}; supported: {', '.join(supported())}")
+    return ARCHS[mt]
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        _get(root, path)
+        return True
+    except AttributeError:
+        return False
+
+
+class ModelView:
+    """A causal LM seen through its `Arch`: layers, heads, neurons, norms and the unembedding."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.arch = arch_for(model.config)
+        if not _has(model, self.arch.lm_head) and _has(model, "lm_head"):
+            self.arch = _replace(self.arch, lm_head="lm_head")
+
+    # ---- shape facts -------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return _get(self.model, self.arch.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn_in_features(0) // self.n_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def parallel(self) -> bool:
+        if self.config.model_type == "gpt_neox":
+            return bool(getattr(self.config, "use_parallel_residual", True))
+        return self.arch.parallel_residual
+
+    @property
+    def softcap(self) -> float | None:
+        attr = self.arch.softcap_attr
+        return getattr(self.config, attr, None) if attr else None
+
+    def ffn_width(self, layer: int) -> int:
+        """Number of FFN neurons in `layer` (per-layer: sliced models differ)."""
+        w = self.ffn_out(layer).weight
+        return w.shape[0] if self.arch.conv1d else w.shape[1]
+
+    def ffn_widths(self) -> list[int]:
+        return [self.ffn_width(i) for i in range(self.n_layers)]
+
+    def attn_in_features(self, layer: int) -> int:
+        w = self.attn_out(layer).weight
+        return w.shape[0] if self.arch.conv1d else w.shape[1]
+
+    def check_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.n_layers:
+            raise ArchError(f"layer {layer} is outside the model (0..{self.n_layers - 1})")
+        return layer
+
+    def check_head(self, layer: int, head: int) -> None:
+        self.check_layer(layer)
+        if not 0 <= head < self.n_heads:
+            raise ArchError(f"head {layer}.{head} is outside the model (heads 0..{self.n_heads - 1})")
+
+    # ---- modules -----------------------------------------------------------------------------------
+    def layer(self, i: int) -> nn.Module:
+        return self.layers[self.check_layer(i)]
+
+    def attn_out(self, i: int) -> nn.Module:
+        return _get(self.layer(i), self.arch.attn_out)
+
+    def ffn(self, i: int) -> nn.Module:
+        return _get(self.layer(i), self.arch.ffn)
+
+    def ffn_in(self, i: int) -> list[nn.Module]:
+        return [_get(self.layer(i), p) for p in self.arch.ffn_in]
+
+    def ffn_out(self, i: int) -> nn.Module:
+        return _get(self.layer(i), self.arch.ffn_out)
+
+    def pre_ffn_norm(self, i: int) -> nn.Module:
+        return _get(self.layer(i), self.arch.pre_ffn_norm)
+
+    def post_ffn_norm(self, i: int) -> nn.Module | None:
+        return _get(self.layer(i), self.arch.post_ffn_norm) if self.arch.post_ffn_norm else None
+
+    def ffn_contribution_module(self, i: int) -> nn.Module:
+        """The module whose output is F^l, the FFN's contribution to the residual stream."""
+        return self.post_ffn_norm(i) or self.ffn(i)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.arch.final_norm)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return _get(self.model, self.arch.lm_head)
+
+    # ---- weights as math objects ------------------------------------------------------------------
+    def head_out_weight(self, layer: int, head: int) -> Tensor:
+        """[d_model, head_dim] block of the attention output projection that maps z_h into the residual."""
+        w = self.attn_out(layer).weight
+        sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
+        return w[sl, :].T if self.arch.conv1d else w[:, sl]
+
+    def attn_out_bias(self, layer: int) -> Tensor | None:
+        return getattr(self.attn_out(layer), "bias", None)
+
+    def values(self, layer: int) -> Tensor:
+        """[N, d_model] value vectors v_k (rows), a view of the FFN output weight."""
+        w = self.ffn_out(layer).weight
+        return w if self.arch.conv1d else w.T
+
+    def ffn_out_bias(self, layer: int) -> Tensor | None:
+        return getattr(self.ffn_out(layer), "bias", None)
+
+    def keys(self, layer: int) -> list[Tensor]:
+        """Key matrices as [N, d_model] rows: (gate, up) for gated/fused FFNs, (fc1,) for plain ones."""
+        mods = self.ffn_in(layer)
+        if self.arch.ffn_kind == "fused":
+            return list(mods[0].weight.chunk(2, dim=0))
+        return [m.weight.T if self.arch.conv1d else m.weight for m in mods]
+
+    # ---- the frozen-norm unembedding (DESIGN.md section 3) -------------------------------------------
+    def final_sigma(self, h: Tensor) -> Tensor:
+        """sigma of the final norm for final hidden states h [..., d]: RMS (RMSNorm) or std (LayerNorm)."""
+        eps = _norm_eps(self.final_norm)
+        h = h.float()
+        if self.arch.norm_kind == "layer":
+            return (h.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+        return (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+    def final_gain(self) -> Tensor:
+        w = self.final_norm.weight.float()
+        return 1.0 + w if self.arch.norm_kind == "rms1p" else w
+
+    def unembed_matrix(self) -> Tensor:
+        """W_U as [vocab, d_model]."""
+        return self.lm_head.weight
+
+    def readout(self, v: Tensor, sigma: Tensor) -> Tensor:
+        """The linear part of U: W_U (g * centre(v)) / sigma, for directions v [..., d] (no bias terms)."""
+        v = v.float()
+        if self.arch.norm_kind == "layer":
+            v = v - v.mean(-1, keepdim=True)
+        return (v * self.final_gain() / sigma) @ self.unembed_matrix().float().T
+
+    def readout_bias(self) -> Tensor | float:
+        """The constant part of U: W_U b_norm + b_lm_head (0 for RMSNorm models without a head bias)."""
+        out: Tensor | float = 0.0
+        nb = getattr(self.final_norm, "bias", None)
+        if nb is not None:
+            out = self.unembed_matrix().float() @ nb.float()
+        hb = getattr(self.lm_head, "bias", None)
+        if hb is not None:
+            out = out + hb.float()
+        return out
+
+    def logits_frozen(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """U(x) with the final norm's sigma frozen: pre-softcap logits, then the arch's soft-capping."""
+        return self.softcap_logits(self.readout(x, sigma) + self.readout_bias())
+
+    def softcap_logits(self, z: Tensor) -> Tensor:
+        cap = self.softcap
+        return cap * torch.tanh(z / cap) if cap else z
+
+    # ---- weight edits (structural, used by slicing/debias and by tests as references) ----------------
+    @torch.no_grad()
+    def zero_head_weights(self, layer: int, head: int) -> None:
+        """Zero the o_proj INPUT columns of head (layer, head): the paper's head ablation, in the weights."""
+        self.check_head(layer, head)
+        self.head_out_weight(layer, head).zero_()
+
+    @torch.no_grad()
+    def zero_neuron_weights(self, layer: int, idx: Tensor | list[int]) -> None:
+        """Zero neurons' key rows, key biases and value vectors: the neurons vanish from the function."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        for k in self.keys(layer):
+            k[idx] = 0.0
+        for m in self.ffn_in(layer):
+            b = getattr(m, "bias", None)
+            if b is not None:
+                b.view(-1, self.ffn_width(layer))[:, idx] = 0.0
+        self.values(layer)[idx] = 0.0
+
+    @torch.no_grad()
+    def scale_neuron_values(self, layer: int, idx: Tensor | list[int], scale: float) -> None:
+        """Scale neurons' value vectors: each neuron's contribution m_k v_k scales by `scale` exactly."""
+        self.values(layer)[torch.as_tensor(idx, dtype=torch.long)] *= scale
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        if hasattr(norm, attr):
+            return float(getattr(norm, attr))
+    raise ArchError(f"cannot find the epsilon of {type(norm).__name__}")
+
+
+def _replace(arch: Arch, **kw) -> Arch:
+    from dataclasses import replace
+
+    return replace(arch, **kw)
