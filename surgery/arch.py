@@ -275,6 +275,16 @@ class ModelView:
     def ffn_out_bias(self, layer: int) -> Tensor | None:
         return getattr(self.ffn_out(layer), "bias", None)
 
+    def ffn_post_scale(self, layer: int, y: Tensor) -> Tensor | None:
+        """Per-feature scale s [..., d] that linearises a post-FFN norm at the real FFN output y (d-vectors):
+        post_norm(y) == s * y exactly, so each neuron contributes m_k * (s * v_k). None without a post norm."""
+        norm = self.post_ffn_norm(layer)
+        if norm is None:
+            return None
+        w = norm.weight.float()
+        gain = 1.0 + w if self.arch.norm_kind == "rms1p" else w
+        return gain / (y.float().pow(2).mean(-1, keepdim=True) + _norm_eps(norm)).sqrt()
+
     def keys(self, layer: int) -> list[Tensor]:
         """Key matrices as [N, d_model] rows: (gate, up) for gated/fused FFNs, (fc1,) for plain ones."""
         mods = self.ffn_in(layer)
