@@ -1,0 +1,162 @@
+"""surgery: find the heads and FFN neurons behind a behaviour, cut them, ship the result.
+
+The CLI is a table from subcommand to one function (an operation that returns a `Report`); this module only
+parses. Every option maps 1:1 to a keyword argument of that function, whose docstring is the subcommand's help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+from .errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the whole usage first)
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+# ---- value parsers: turn one option string into a typed value, or fail with one line ---------------------
+def ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def strs(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def heads(s: str) -> tuple[tuple[int, int], ...]:
+    """'17.4,20.1' -> ((17, 4), (20, 1))."""
+    try:
+        return tuple((int(a), int(b)) for a, b in (x.split(".") for x in strs(s)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected heads as LAYER.HEAD[,LAYER.HEAD], got {s!r}")
+
+
+def positive(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+# ---- shared option groups -----------------------------------------------------------------------------
+MODEL = [
+    (("--model",), dict(default="smollm2-135m", help="registry name, local HF folder, or hub id")),
+    (("--dtype",), dict(default="float32", help="float32 | bfloat16 | float16")),
+    (("--device",), dict(default="cpu", help="cpu | cuda | auto (accelerate device_map for big models)")),
+]
+TASK = [
+    (("--task",), dict(default="arithmetic", help="arithmetic | gender-bias | perplexity")),
+    (("--digits",), dict(type=ints, default=(1,), help="digit counts, e.g. 1,2")),
+    (("--ops",), dict(type=strs, default=None, help="operations, e.g. +,-,*,/ (default all)")),
+    (("--templates",), dict(type=strs, default=None, help="prompt templates: plain,calculate,words,question")),
+    (("--limit",), dict(type=int, default=None, help="at most N problems (quick runs)")),
+    (("--batch-size",), dict(type=positive, default=64)),
+    (("--seed",), dict(type=int, default=0)),
+]
+OUT = [(("--out",), dict(default=None, help="output folder for report.json / report.md / plots"))]
+FORCE = [(("--force",), dict(action="store_true", help="overwrite an existing output folder"))]
+RECIPE = [
+    (("--quick",), dict(action="store_true", help="the recipe's quick profile (CPU-sized)")),
+    (("--set",), dict(dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override any recipe field, e.g. --set lora.rank=8 (repeatable)")),
+]
+
+COMMANDS: dict[str, tuple[str, list]] = {
+    "eval": ("surgery.evaluate:run", MODEL + TASK + OUT),
+    "heads": ("surgery.heads:run", MODEL + TASK + OUT + [
+        (("--ablation",), dict(default="zero", choices=["zero", "mean"])),
+        (("--mode",), dict(default="exact", choices=["exact", "screen"])),
+        (("--verify",), dict(type=positive, default=20, help="screen mode: exact-scan the top K screened heads")),
+        (("--heads",), dict(dest="only_heads", type=heads, default=None, help="scan only these heads L.H,...")),
+    ]),
+    "cna": ("surgery.cna:run", MODEL + TASK + OUT + [
+        (("--prompt",), dict(default=None, help="single-prompt mode: the input text")),
+        (("--prompt-b",), dict(default=None, help="compare against this second prompt (same model)")),
+        (("--target",), dict(default=None, help="target token text (default: the model's own top-1)")),
+        (("--ablate-head",), dict(type=heads, default=None, help="compare against the model with heads L.H[,L.H] zeroed")),
+        (("--against",), dict(default=None, help="compare against another checkpoint folder or PEFT adapter")),
+        (("--layers",), dict(default=None, help="layer range A-B or list (default all)")),
+        (("--top",), dict(type=positive, default=20, help="neurons to report")),
+        (("--exhaustive",), dict(action="store_true", help="exact score for every neuron (verification)")),
+        (("--validate",), dict(type=strs, default=(), help="paper validations: mask,pe,fe")),
+    ]),
+    "prune": ("surgery.prune:run", MODEL + OUT + FORCE + RECIPE + [
+        (("--recipe",), dict(default="arithmetic-prune", help="recipe name in recipes/ or a YAML path")),
+        (("--keep",), dict(default=None, help="topN (per-case top-N union) or P%% (global budget)")),
+        (("--layers",), dict(default=None, help="'deep' or A-B")),
+        (("--selector",), dict(default=None, choices=["cna", "random", "magnitude", "activation", "taylor"])),
+        (("--lora-layer",), dict(type=int, default=None)),
+        (("--against",), dict(default=None, help="reference adapter/checkpoint for CNA instead of training one")),
+        (("--layout",), dict(default=None, choices=["sliced", "padded"])),
+    ]),
+    "debias": ("surgery.debias:run", MODEL + OUT + FORCE + RECIPE + [
+        (("--recipe",), dict(default="gender-debias", help="recipe name in recipes/ or a YAML path")),
+        (("--neurons",), dict(type=int, default=None, help="how many neurons to edit")),
+        (("--method",), dict(default=None, choices=["cna", "random", "activation-diff"])),
+        (("--edit",), dict(default=None, choices=["zero", "remove"])),
+    ]),
+    "lora-sweep": ("surgery.lora:sweep", MODEL + OUT + FORCE + RECIPE + [
+        (("--recipe",), dict(default="arithmetic-prune")),
+        (("--layers",), dict(default=None, help="layers to try, A-B or list (default: every layer)")),
+    ]),
+    "inspect": ("surgery.export:inspect", [(("path",), dict(help="checkpoint folder"))]),
+    "diff": ("surgery.export:diff", [
+        (("base",), dict(help="base model folder or registry name")),
+        (("other",), dict(help="edited checkpoint folder")),
+        (("--out",), dict(default=None)),
+    ]),
+}
+
+
+def _target(spec: str) -> Callable:
+    module, fn = spec.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="surgery", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (spec, options) in COMMANDS.items():
+        module = spec.split(":")[0]
+        sp = sub.add_parser(name, help=f"see `surgery {name} --help` ({module})", description=_doc(spec))
+        for flags, kw in options:
+            sp.add_argument(*flags, **kw)
+    return p
+
+
+def _doc(spec: str) -> str:
+    try:
+        return (_target(spec).__doc__ or "").strip()
+    except (ImportError, AttributeError):
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    fn = _target(COMMANDS[args.pop("command")][0])
+    try:
+        report = fn(**args)
+    except UsageError as e:
+        sys.stderr.write(f"surgery: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("surgery: interrupted\n")
+        return 130
+    if report.markdown:
+        print(report.markdown)
+    for f in report.files:
+        print(f"wrote {f}")
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
