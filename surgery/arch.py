@@ -49,6 +49,7 @@ class Arch:
     conv1d: bool = False  # GPT-2 Conv1D: weight is [in, out]
     parallel_residual: bool = False  # attention and FFN read the same input (GPT-J, NeoX)
     softcap_attr: str | None = None  # config attribute holding final logit soft-capping, if any
+    width_attr: str = "intermediate_size"  # config attribute holding the (base) FFN width
 
 
 _LLAMA = Arch(
@@ -102,6 +103,7 @@ ARCHS: dict[str, Arch] = {
         final_norm="transformer.ln_f",
         norm_kind="layer",
         conv1d=True,
+        width_attr="n_inner",
     ),
     "gptj": Arch(
         layers="transformer.h",
@@ -114,6 +116,7 @@ ARCHS: dict[str, Arch] = {
         final_norm="transformer.ln_f",
         norm_kind="layer",
         parallel_residual=True,
+        width_attr="n_inner",
     ),
     "gpt_neox": Arch(
         layers="gpt_neox.layers",

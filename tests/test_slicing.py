@@ -1,0 +1,95 @@
+"""Physical FFN slicing: sliced == dense with the other neurons zeroed, exact shapes, config widths, composition."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from surgery.arch import ModelView
+from surgery.errors import UsageError
+from surgery.slicing import (base_width, dense_equivalent, ffn_param_count, keep_to_mask, kept_indices,
+                             mask_to_keep, removed, slice_ffn)
+from conftest import ARCHS, N, make_tiny, tiny_inputs
+
+ATOL = 1e-5
+
+
+def _keep(seed: int = 0) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {0: torch.randperm(N, generator=g)[:17], 2: torch.randperm(N, generator=g)[:5]}
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(**x).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliced_equals_dense_with_other_neurons_zeroed(arch):
+    model, x, keep = make_tiny(arch), tiny_inputs(), _keep()
+    dense = copy.deepcopy(model)
+    dense_equivalent(dense, keep)
+    before = ffn_param_count(model)
+    widths = slice_ffn(model, keep)
+    assert widths == {0: 17, 2: 5}
+    torch.testing.assert_close(_logits(model, x), _logits(dense, x), atol=ATOL, rtol=0)
+    v = ModelView(model)
+    assert v.ffn_widths() == [17, N, 5]
+    for layer, k in widths.items():
+        for key in v.keys(layer):
+            assert key.shape[0] == k
+        assert v.values(layer).shape[0] == k
+        for mod in v.ffn_in(layer):
+            b = getattr(mod, "bias", None)
+            assert b is None or b.numel() == k * (2 if v.arch.ffn_kind == "fused" else 1)
+    assert ffn_param_count(model) < before
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_config_records_widths_and_base(arch):
+    model = make_tiny(arch)
+    slice_ffn(model, _keep())
+    cfg = model.config
+    assert cfg.ffn_widths == [17, N, 5]
+    assert base_width(model) == N
+    assert cfg.is_heterogeneous
+    attr = ModelView(model).arch.width_attr
+    assert [getattr(cfg.per_layer_config[i], attr) for i in range(3)] == [17, N, 5]
+
+
+def test_slicing_twice_composes_in_base_numbering():
+    model, x = make_tiny("llama"), tiny_inputs()
+    dense = copy.deepcopy(model)
+    slice_ffn(model, {1: list(range(10, 30))})
+    slice_ffn(model, {1: [0, 5, 19]})
+    assert kept_indices(model) == {1: [10, 15, 29]}
+    dense_equivalent(dense, {1: [10, 15, 29]})
+    torch.testing.assert_close(_logits(model, x), _logits(dense, x), atol=ATOL, rtol=0)
+
+
+def test_sliced_model_generates_and_trains():
+    model = make_tiny("qwen2")
+    slice_ffn(model, _keep())
+    out = model.generate(tiny_inputs(batch=1)["input_ids"], max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == 7 + 4
+    model.train()
+    model(**tiny_inputs(), labels=tiny_inputs()["input_ids"]).loss.backward()
+    assert ModelView(model).ffn_out(0).weight.grad.shape[1] == 17
+
+
+def test_bad_indices_are_one_line_errors():
+    model = make_tiny("llama")
+    with pytest.raises(UsageError, match="layer 0: neuron indices must be in 0..47"):
+        slice_ffn(model, {0: [0, 48]})
+    with pytest.raises(UsageError, match="layer 7 is outside"):
+        slice_ffn(model, {7: [0]})
+
+
+def test_mask_helpers_round_trip():
+    keep = {0: [3, 1], 2: [0]}
+    masks = keep_to_mask(keep, [4, 4, 4])
+    assert masks[1].all() and masks[0].tolist() == [False, True, False, True]
+    assert mask_to_keep(masks)[0].tolist() == [1, 3]
+    assert removed([3, 1], 4).tolist() == [0, 2]
