@@ -1,0 +1,350 @@
+"""Neuron importance (the paper's score) for every FFN neuron, fast and exact; comparisons between settings (CNA).
+
+Score of neuron (l, k) for target token w at the last position T (DESIGN.md section 3):
+    imp = log softmax(U(r + m_k v_k))[w] - log softmax(U(r))[w],   r = x^{l-1}_T + A^l_T,
+    U(x) = softcap(W_U (g * centre(x)) / sigma + bias),   sigma frozen from the ORIGINAL final hidden state.
+With sigma frozen, U(r + m v_k) = U(r) + m * D_k with D_k = W_U(g * centre(c * v_k)) / sigma, where c linearises a
+post-FFN norm (Gemma) and is 1 elsewhere. Hence:
+- first-order score  fo_k = m_k (D_k[w] - p . D_k) = m_k (c v_k) . centre(g * W_U^T(e_w - p)) / sigma: O(N d);
+- without soft-capping, log-sum-exp is convex along D_k, so imp_k <= fo_k (an upper bound) and
+  imp_k >= fo_k - m_k^2 range(D_k)^2 / 8 with range(D_k) <= 2 ||g * centre(c v_k)|| max_j ||W_U[j]|| / sigma;
+- exact scores are computed for candidates only, in order of their upper bounds, until the k-th best exact score
+  beats every unscored neuron's upper bound: the reported top-k is then certified equal to the exhaustive top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .arch import ModelView
+from .errors import UsageError
+from .hooks import Hooks
+
+HeadList = tuple[tuple[int, int], ...]
+
+
+# ---- one forward: everything the score needs at the last position ---------------------------------------
+@dataclass
+class State:
+    """Per chosen layer: coefficients m [B, N], FFN input stream r [B, d], post-norm scale c [B, d] or None;
+    and the final hidden state / logits at the last position."""
+
+    layers: list[int]
+    m: dict[int, Tensor]
+    r: dict[int, Tensor]
+    c: dict[int, Tensor | None]
+    hfin: Tensor
+    logits: Tensor
+
+
+@torch.no_grad()
+def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: list[int],
+            ablate: HeadList = (), neuron_scale: dict[int, Tensor] | None = None) -> State:
+    """One forward (optionally with heads zeroed / neurons scaled), captured at the last position."""
+    last = view.n_layers - 1
+    dev = next(view.model.parameters()).device
+    with Hooks(view) as h:
+        for layer, mask in _head_masks(view, ablate).items():
+            h.ablate_heads(layer, mask)
+        for layer, s in (neuron_scale or {}).items():
+            h.scale_neurons(layer, s)
+        h.capture("m", layers).capture("ffn", layers).capture("resid", sorted(set(layers) | {last}))
+        out = view.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), logits_to_keep=1)
+    m = {l: h.store["m", l].float() for l in layers}
+    c = {l: _post_scale(view, l, m[l]) for l in layers}
+    r = {l: (h.store["resid", l] - h.store["ffn", l]).float() for l in layers}
+    return State(list(layers), m, r, c, h.store["resid", last].float(), out.logits[:, -1].float())
+
+
+def _post_scale(view: ModelView, layer: int, m: Tensor) -> Tensor | None:
+    if view.post_ffn_norm(layer) is None:
+        return None
+    y = m @ view.values(layer).float()
+    b = view.ffn_out_bias(layer)
+    return view.ffn_post_scale(layer, y + (b.float() if b is not None else 0))
+
+
+def _head_masks(view: ModelView, heads: HeadList) -> dict[int, Tensor]:
+    masks: dict[int, Tensor] = {}
+    for layer, head in heads:
+        view.check_head(layer, head)
+        masks.setdefault(layer, torch.ones(view.n_heads))[head] = 0.0
+    return masks
+
+
+# ---- the score ------------------------------------------------------------------------------------------
+class Scorer:
+    """Exact and first-order importance of every neuron of the chosen layers, for B cases at once.
+
+    sigma [B, 1] and target [B] are fixed by the caller (frozen from the original model's forward)."""
+
+    def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256):
+        self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma, target, chunk
+        self.gain = view.final_gain()
+        self.WU = view.unembed_matrix().float()
+        self.wu_max = self.WU.norm(dim=1).max()
+        self.cap = view.softcap
+        self.layer_cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def _centre(self, x: Tensor) -> Tensor:
+        return x - x.mean(-1, keepdim=True) if self.view.arch.norm_kind == "layer" else x
+
+    @torch.no_grad()
+    def _base(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Pre-softcap base logits z0 [B, V], log p0(w) [B], and the first-order direction u [B, d]."""
+        if layer not in self.layer_cache:
+            z0 = self.view.readout(self.s.r[layer], self.sigma) + self.view.readout_bias()
+            logp = torch.log_softmax(self.view.softcap_logits(z0), -1)
+            grad = -logp.exp()
+            grad[torch.arange(len(grad)), self.target] += 1.0
+            if self.cap:
+                grad = grad * (1 - torch.tanh(z0 / self.cap) ** 2)
+            u = self._centre(self.gain * (grad @ self.WU)) / self.sigma
+            self.layer_cache[layer] = (z0, logp.gather(1, self.target[:, None])[:, 0], u)
+        return self.layer_cache[layer]
+
+    def _dirs(self, layer: int) -> Tensor:
+        """Value vectors, post-norm scaled per case when the arch has one: [N, d] or [B, N, d]."""
+        v = self.view.values(layer).float()
+        c = self.s.c[layer]
+        return v if c is None else v[None] * c[:, None, :]
+
+    @torch.no_grad()
+    def first_order(self, layer: int) -> Tensor:
+        """fo [B, N]: m_k (D_k[w] - p . D_k); an upper bound of the exact score when there is no soft-capping."""
+        u = self._base(layer)[2]
+        d = self._dirs(layer)
+        proj = u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, u)
+        return self.s.m[layer] * proj
+
+    @torch.no_grad()
+    def lower_bound(self, layer: int) -> Tensor:
+        """lb [B, N] <= exact score (convexity + variance bound of the softmax along D_k)."""
+        d = self._dirs(layer)
+        norms = self._centre(self.gain * d).norm(dim=-1)  # [N] or [B, N]
+        rng = 2 * norms * self.wu_max / self.sigma
+        return self.first_order(layer) - (self.s.m[layer] * rng) ** 2 / 8
+
+    @torch.no_grad()
+    def exact(self, layer: int, idx: Tensor) -> Tensor:
+        """Exact scores [B, C] of neurons idx [B, C] (per-case candidate lists) of `layer`."""
+        z0, logp0, _ = self._base(layer)
+        out = torch.empty(idx.shape, dtype=torch.float32)
+        union, inv = torch.unique(idx, return_inverse=True)
+        d = self._dirs(layer)
+        shared = None if d.dim() == 3 else self._readout_rows(d[union])
+        for b in range(idx.shape[0]):
+            rows = shared[inv[b]] if shared is not None else self._readout_rows(d[b, idx[b]])
+            a = (self.s.m[layer][b, idx[b]] / self.sigma[b])[:, None]
+            out[b] = self._logp_w(z0[b] + a * rows, self.target[b]) - logp0[b]
+        return out
+
+    def _readout_rows(self, dirs: Tensor) -> Tensor:
+        """W_U (g * centre(dirs)) without sigma: [C, V], chunked over rows to bound memory."""
+        parts = [(self._centre(ch) * self.gain) @ self.WU.T for ch in dirs.split(self.chunk)]
+        return torch.cat(parts) if parts else dirs.new_zeros(0, self.WU.shape[0])
+
+    def _logp_w(self, z: Tensor, w: Tensor) -> Tensor:
+        z = self.view.softcap_logits(z)
+        return z[:, w] - torch.logsumexp(z, -1)
+
+    def exhaustive(self, layer: int) -> Tensor:
+        """Exact scores of every neuron [B, N] (the paper's computation, chunked)."""
+        n = self.view.ffn_width(layer)
+        B = self.target.shape[0]
+        return torch.cat([self.exact(layer, torch.arange(s, min(s + self.chunk, n)).expand(B, -1))
+                          for s in range(0, n, self.chunk)], dim=1)
+
+
+# ---- certified top-k over all chosen layers -----------------------------------------------------------------
+@dataclass
+class TopK:
+    """Per case: the top-k neurons (layer, index) with exact scores, and whether the top-k is certified exact."""
+
+    layer: Tensor  # [B, k]
+    index: Tensor  # [B, k]
+    score: Tensor  # [B, k] exact scores (or exact deltas)
+    certified: Tensor  # [B] bool
+    rescored: int  # exact evaluations spent
+
+
+@torch.no_grad()
+def certified_topk(a: Scorer, k: int, b: Scorer | None = None, start: int | None = None,
+                   max_rescore: int = 4096) -> tuple[TopK, dict[int, Tensor]]:
+    """Top-k neurons per case by exact score (one setting) or by exact delta a - b (comparison).
+
+    Candidates are rescored in order of their upper bounds (doubling) until the k-th best exact value is at least
+    the largest upper bound of any neuron not rescored. Soft-capped models cannot use the bound: their top-k is
+    marked uncertified unless every neuron was rescored. Returns the top-k and a dense [B, N] estimate per layer
+    (exact where rescored, first-order elsewhere) for aggregation."""
+    layers = a.s.layers
+    fo, hi, lo = _stack_bounds(a, b, layers)
+    widths = [a.view.ffn_width(l) for l in layers]
+    offsets = torch.tensor([0] + widths).cumsum(0)
+    B, total = fo.shape
+    exact = torch.full((B, total), float("nan"))
+    order = hi.argsort(dim=1, descending=True)
+    c = min(total, start or max(2 * k, k + 64))
+    done = 0
+    certified = torch.zeros(B, dtype=torch.bool)
+    bound_ok = not (a.cap or (b is not None and b.cap))
+    while True:
+        _rescore(a, b, layers, offsets, order[:, done:c], exact)
+        done = c
+        top = exact.nan_to_num(float("-inf")).topk(min(k, total), dim=1)
+        nxt = hi.gather(1, order[:, c:c + 1]).squeeze(1) if c < total else torch.full((B,), float("-inf"))
+        certified = (top.values[:, -1] >= nxt) & bound_ok if c < total else torch.ones(B, dtype=torch.bool)
+        if bool(certified.all()) or c >= min(total, max_rescore):
+            break
+        c = min(total, 2 * c, max_rescore)
+    dense = torch.where(exact.isnan(), fo, exact)
+    layer_of = torch.bucketize(top.indices.contiguous(), offsets[1:], right=True)
+    per_layer = {l: dense[:, offsets[i]:offsets[i + 1]] for i, l in enumerate(layers)}
+    result = TopK(torch.tensor(layers)[layer_of], top.indices - offsets[layer_of], top.values, certified, done * B)
+    return result, per_layer
+
+
+def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    fo, hi, lo = [], [], []
+    for layer in layers:
+        fa, la = a.first_order(layer), a.lower_bound(layer)
+        if b is None:
+            fo.append(fa), hi.append(fa), lo.append(la)
+        else:
+            fb, lb = b.first_order(layer), b.lower_bound(layer)
+            fo.append(fa - fb), hi.append(fa - lb), lo.append(la - fb)
+    return torch.cat(fo, 1), torch.cat(hi, 1), torch.cat(lo, 1)
+
+
+def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, cand: Tensor, exact: Tensor) -> None:
+    """Exact (delta) scores for candidate flat indices cand [B, C], written into `exact`."""
+    if cand.numel() == 0:
+        return
+    layer_of = torch.bucketize(cand.contiguous(), offsets[1:], right=True)
+    for i, layer in enumerate(layers):
+        rows, cols = (layer_of == i).nonzero(as_tuple=True)
+        if len(rows) == 0:
+            continue
+        flat = cand[rows, cols]
+        idx, pad = _ragged(rows, flat - offsets[i], cand.shape[0])
+        vals = a.exact(layer, idx) - (b.exact(layer, idx) if b is not None else 0.0)
+        keep = ~pad
+        exact[torch.arange(idx.shape[0])[:, None].expand_as(idx)[keep], (idx + offsets[i])[keep]] = vals[keep]
+
+
+def _ragged(rows: Tensor, vals: Tensor, B: int) -> tuple[Tensor, Tensor]:
+    """Group vals by row into a padded [B, C] tensor (pad with the row's first value) and its pad mask."""
+    counts = torch.bincount(rows, minlength=B)
+    C = int(counts.max())
+    out = torch.zeros(B, C, dtype=torch.long)
+    pad = torch.ones(B, C, dtype=torch.bool)
+    pos = torch.arange(len(rows)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    out[rows, pos] = vals
+    pad[rows, pos] = False
+    return out, pad
+
+
+# ---- vocabulary projection ----------------------------------------------------------------------------------
+@torch.no_grad()
+def top_tokens(view: ModelView, tokenizer, layer: int, index: int, sign: float = 1.0, n: int = 10) -> list[str]:
+    """Top-n tokens of value vector v_k through the unembedding (W_U g v_k); a negative coefficient promotes
+    the bottom tokens, so sign < 0 returns those."""
+    v = view.values(layer)[index].float()
+    logits = view.readout(v[None], torch.ones(1, 1))[0]
+    ids = (logits * (1.0 if sign >= 0 else -1.0)).topk(n).indices
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+# ---- settings and comparisons -------------------------------------------------------------------------------
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """'deep' (second half), 'A-B' (inclusive), '3,5,7', or None (all) -> sorted layer list."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    if spec == "deep":
+        return list(range(n_layers // 2, n_layers))
+    try:
+        out: set[int] = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UsageError(f"bad layer range {spec!r}; use A-B, a list like 3,5,7, 'deep' or 'all'")
+    layers = sorted(out)
+    if not layers or layers[0] < 0 or layers[-1] >= n_layers:
+        raise UsageError(f"layer range {spec!r} is outside the model (layers 0..{n_layers - 1})")
+    return layers
+
+
+def target_id(tokenizer, text: str) -> int:
+    """The single token id of `text`, or one clear error."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise UsageError(f"target {text!r} is {len(ids)} tokens {pieces}; give one token, e.g. {pieces[:1]}")
+    return ids[0]
+
+
+@dataclass
+class Comparison:
+    """Result of scoring B cases in setting A (and optionally B)."""
+
+    top: TopK
+    target: Tensor  # [B]
+    coef_a: dict[int, Tensor]  # layer -> [B, N]
+    coef_b: dict[int, Tensor] | None
+    imp_a: dict[int, Tensor]  # layer -> [B, N] exact where rescored, first-order elsewhere
+    delta: dict[int, Tensor]
+    scorer_a: Scorer
+    scorer_b: Scorer | None = None
+
+
+@torch.no_grad()
+def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int], k: int,
+            view_b: ModelView | None = None, batch_b: tuple[Tensor, Tensor] | None = None,
+            ablate_b: HeadList = (), target: Tensor | None = None, exhaustive: bool = False,
+            chunk: int = 256) -> Comparison:
+    """Importance in setting A, and (when a B setting is given) the change A - B, for a batch of cases.
+
+    B is: the same model with heads ablated (ablate_b), another model on the same input (view_b), or the same
+    model on another input (batch_b). Same input: B uses A's sigma and target (the paper); other input: its own
+    sigma, A's target."""
+    sa = collect(view_a, *batch_a, layers)
+    w = sa.logits.argmax(-1) if target is None else target.expand(sa.logits.shape[0])
+    sigma_a = view_a.final_sigma(sa.hfin)
+    a = Scorer(view_a, sa, sigma_a, w, chunk)
+    b = None
+    if view_b is not None or batch_b is not None or ablate_b:
+        vb = view_b or view_a
+        sb = collect(vb, *(batch_b or batch_a), layers, ablate=ablate_b)
+        sigma_b = vb.final_sigma(sb.hfin) if batch_b is not None else sigma_a
+        b = Scorer(vb, sb, sigma_b, w, chunk)
+    if exhaustive:
+        return _exhaustive(a, b, layers, k, w)
+    top, dense = certified_topk(a, k, b)
+    imp_a = dense if b is None else {l: a.first_order(l) for l in layers}
+    return Comparison(top, w, sa.m, b.s.m if b else None, imp_a, dense, a, b)
+
+
+def _exhaustive(a: Scorer, b: Scorer | None, layers: list[int], k: int, w: Tensor) -> Comparison:
+    ea = {l: a.exhaustive(l) for l in layers}
+    delta = {l: ea[l] - b.exhaustive(l) for l in layers} if b else ea
+    flat = torch.cat([delta[l] for l in layers], 1)
+    widths = torch.tensor([0] + [a.view.ffn_width(l) for l in layers]).cumsum(0)
+    top = flat.topk(min(k, flat.shape[1]), dim=1)
+    lo = torch.bucketize(top.indices.contiguous(), widths[1:], right=True)
+    tk = TopK(torch.tensor(layers)[lo], top.indices - widths[lo], top.values,
+              torch.ones(flat.shape[0], dtype=torch.bool), flat.numel())
+    return Comparison(tk, w, a.s.m, b.s.m if b else None, ea, delta, a, b)
+
+
+def neuron_name(layer: int, index: int) -> str:
+    """Paper notation: 28_3696."""
+    return f"{layer}_{index}"
+
+
+def finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
