@@ -160,7 +160,9 @@ def _allow_global(cfg) -> None:
 
 
 def _global(cfg, attr: str):
-    _allow_global(cfg)
+    """The global (base) value of a config attribute, without the heterogeneous-config warning."""
+    if hasattr(cfg, "_getattr_without_heterogeneous_validation"):
+        return cfg._getattr_without_heterogeneous_validation(attr, None)
     return getattr(cfg, attr, None)
 
 

@@ -1,0 +1,674 @@
+"""Checkpoints that others can load: layouts, provenance manifest, hash verification, weight diff.
+
+Layouts (DESIGN.md section 4):
+- sliced: per-layer FFN widths. config.json keeps the base `model_type`, records `ffn_widths` and transformers'
+  `per_layer_config`, and maps AutoModelForCausalLM (`auto_map`) to a generated `modeling_surgery.py` that
+  subclasses the base class and rebuilds each layer's FFN at its width. Needs `trust_remote_code=True`.
+- padded: base shapes, removed neurons all-zero: native everywhere, no speed-up.
+- zeroed: base shapes with in-place edits (debias): native.
+Every folder is built in a temp dir beside the target and renamed into place (`report.atomic_dir`): a killed
+export never leaves a partial checkpoint under the target name. Tensors are written one by one into
+safetensors shards (offloaded `device_map="auto"` weights are fetched per tensor), never as a second full copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .arch import Arch, ModelView, arch_for
+from .errors import UsageError
+from .report import Report, atomic_dir, check_out_dir, md_table, now, save as save_report
+from .slicing import base_width, kept_indices
+
+LAYOUTS = ("sliced", "padded", "zeroed")
+MANIFEST = "surgery.json"
+MODELING = "modeling_surgery.py"
+CLASS = "SurgeryForCausalLM"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_OURS = ("ffn_widths", "per_layer_config", "surgery_ffn", "auto_map", "allow_global_per_layer_attribute_access")
+
+
+# ==== save ==================================================================================================
+def save(model: nn.Module, tokenizer, out: str | Path, *, layout: str, provenance: dict | None = None,
+         force: bool = False, dtype: str | torch.dtype | None = None, adapter_model=None, merge: bool = False,
+         max_shard_size: str | int = "2GB", base: str | Path | None = None,
+         extra_files: dict[str, str | bytes] | None = None) -> Report:
+    """Write a self-describing checkpoint folder `out` in `layout` (sliced | padded | zeroed), atomically.
+
+    `provenance` (recipe, seed, lora, base, layers: {l: {"kept"|"edited": [...]}}) goes into surgery.json with
+    the tool version, layout, widths, dtype, created time and the sha256 of every file. `adapter_model` (a PEFT
+    model) is saved under adapter/ and, with merge=True, merged into the exported weights."""
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown --layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    target_dtype, out = _dtype(dtype), Path(out)
+    shard_bytes = _parse_size(max_shard_size)
+    prov = dict(provenance or {})
+    kept = _kept_from(prov, model)
+    _check_layout(model, layout, kept)
+    with atomic_dir(out, force) as tmp:
+        if adapter_model is not None:
+            adapter_model.save_pretrained(str(tmp / "adapter"))
+            prov.setdefault("lora", _lora_settings(adapter_model))
+            model = adapter_model.merge_and_unload() if merge else model
+        files = write_tensors(model, tmp, layout, kept, target_dtype, shard_bytes)
+        _write_config(model, tmp, layout, target_dtype)
+        if layout == "sliced":
+            (tmp / MODELING).write_text(modeling_source(model))
+        _write_side_files(model, tokenizer, tmp, extra_files or {})
+        manifest = _manifest(model, tmp, layout, prov, kept, target_dtype, files, base, adapter_model, merge)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Report(data=manifest, markdown=_save_markdown(out, manifest), files=[out])
+
+
+def load(path: str | Path, dtype: str | torch.dtype | None = None, **kwargs) -> nn.Module:
+    """Plain `from_pretrained`, with trust_remote_code only for the sliced layout (its generated modeling file)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    layout = json.loads((path / MANIFEST).read_text()).get("layout") if (path / MANIFEST).exists() else None
+    kw = dict(trust_remote_code=layout == "sliced", **kwargs)
+    if dtype is not None:
+        kw["dtype"] = _dtype(dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), **kw).eval()
+
+
+def _check_layout(model: nn.Module, layout: str, kept: dict[int, list[int]]) -> None:
+    view = ModelView(model)
+    sliced = [i for i, w in enumerate(view.ffn_widths()) if w != base_width(model)]
+    if layout == "zeroed" and sliced:
+        raise UsageError(f"layers {sliced} are sliced; --layout zeroed keeps base shapes: use sliced or padded")
+    missing = [i for i in sliced if i not in kept]
+    if layout == "padded" and missing:
+        raise UsageError(f"--layout padded needs the kept neuron indices of sliced layers {missing}; pass "
+                         "provenance={'layers': {l: {'kept': [...]}}} or slice with surgery.slicing.slice_ffn")
+
+
+def _kept_from(prov: dict, model: nn.Module) -> dict[int, list[int]]:
+    """Kept indices per sliced layer (base numbering): the provenance's, else what slice_ffn recorded."""
+    layers = prov.get("layers") or {}
+    kept = {int(k): list(map(int, v["kept"])) for k, v in layers.items() if isinstance(v, dict) and "kept" in v}
+    return kept or kept_indices(model)
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    from .models import DTYPES
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.I)
+    if not m:
+        raise UsageError(f"bad shard size {size!r}; use e.g. 500MB or 2GB")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+# ---- tensors -------------------------------------------------------------------------------------------------
+def named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The state dict one tensor at a time, tied duplicates once, offloaded (meta) weights fetched from disk."""
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.device.type == "meta":
+            from transformers.integrations.accelerate import load_offloaded_parameter
+
+            t = load_offloaded_parameter(model, name)
+        yield name, t.detach()
+
+
+def _padding_plan(model: nn.Module, kept: dict[int, list[int]]) -> dict[str, tuple[Tensor, int, int]]:
+    """{tensor name: (kept idx, axis, base size)} for every FFN tensor of a sliced layer (padded layout)."""
+    view, n = ModelView(model), base_width(model)
+    a, plan = view.arch, {}
+    for layer, idx in kept.items():
+        if view.ffn_width(layer) == n:
+            continue
+        k = torch.tensor(idx, dtype=torch.long)
+        rows = torch.cat([k, k + n]) if a.ffn_kind == "fused" else k
+        size = 2 * n if a.ffn_kind == "fused" else n
+        for p in a.ffn_in:
+            plan[f"{a.layers}.{layer}.{p}.weight"] = (rows, 1 if a.conv1d else 0, size)
+            plan[f"{a.layers}.{layer}.{p}.bias"] = (rows, 0, size)
+        plan[f"{a.layers}.{layer}.{a.ffn_out}.weight"] = (k, 0 if a.conv1d else 1, n)
+    return plan
+
+
+def _pad(t: Tensor, idx: Tensor, axis: int, size: int) -> Tensor:
+    shape = list(t.shape)
+    shape[axis] = size
+    return torch.zeros(shape, dtype=t.dtype).index_copy_(axis, idx, t)
+
+
+def write_tensors(model: nn.Module, folder: Path, layout: str, kept: dict[int, list[int]],
+                  dtype: torch.dtype | None, shard_bytes: int) -> list[str]:
+    """Stream tensors into safetensors shards of at most `shard_bytes` (one tensor may exceed it); returns names."""
+    plan = _padding_plan(model, kept) if layout == "padded" else {}
+    shards: list[dict[str, Tensor]] = []
+    current: dict[str, Tensor] = {}
+    size = 0
+    for name, t in named_tensors(model):
+        t = t.to("cpu", dtype=dtype if (dtype and t.is_floating_point()) else t.dtype).contiguous()
+        if name in plan:
+            t = _pad(t, *plan[name])
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > shard_bytes:
+            shards.append(_flush(folder, len(shards), current))
+            current, size = {}, 0
+        current[name], size = t, size + nbytes
+    shards.append(_flush(folder, len(shards), current))
+    return _name_shards(folder, shards)
+
+
+def _flush(folder: Path, i: int, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Write one shard now (so at most one shard is in memory), returning its tensor names -> shapes only."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / f".shard-{i:05d}.safetensors"), metadata={"format": "pt"})
+    return {k: None for k in tensors}
+
+
+def _name_shards(folder: Path, shards: list[dict]) -> list[str]:
+    if len(shards) == 1:
+        os.replace(folder / ".shard-00000.safetensors", folder / SINGLE)
+        return [SINGLE]
+    names, weight_map, total = [], {}, 0
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / f".shard-{i:05d}.safetensors", folder / name)
+        names.append(name)
+        weight_map.update({k: name for k in keys})
+        total += (folder / name).stat().st_size
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+# ---- config, modeling file, side files -------------------------------------------------------------------------
+def _write_config(model: nn.Module, folder: Path, layout: str, dtype: torch.dtype | None) -> None:
+    d = json.loads(model.config.to_json_string(use_diff=False))
+    for key in _OURS:
+        d.pop(key, None)
+    base_cls = _base_class(model)
+    d["architectures"] = [base_cls.__name__]
+    widths = ModelView(model).ffn_widths() if layout == "sliced" else None
+    if widths is not None:
+        d.update(_sliced_config(model, widths))
+    if dtype is not None:
+        d["dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def _sliced_config(model: nn.Module, widths: list[int]) -> dict:
+    view, n = ModelView(model), base_width(model)
+    a = view.arch
+    overrides = {str(i): {a.width_attr: w} for i, w in enumerate(widths) if w != n}
+    return {"architectures": [CLASS], "auto_map": {"AutoModelForCausalLM": f"{MODELING[:-3]}.{CLASS}"},
+            "ffn_widths": widths, a.width_attr: n, "per_layer_config": overrides,
+            "surgery_ffn": {"layers": a.layers, "ffn": a.ffn, "ffn_in": list(a.ffn_in), "ffn_out": a.ffn_out,
+                            "ffn_kind": a.ffn_kind, "conv1d": a.conv1d}}
+
+
+def _base_class(model: nn.Module) -> type:
+    """The transformers class the model is an instance of (our generated subclass resolves to its parent)."""
+    import transformers
+
+    for cls in type(model).__mro__:
+        if cls.__name__ != CLASS and getattr(transformers, cls.__name__, None) is cls:
+            return cls
+    raise UsageError(f"{type(model).__name__} is not a transformers model class; export a transformers model")
+
+
+_MODELING_TEMPLATE = '''"""Generated by surgery {version}: {base} whose layer i has config.ffn_widths[i] FFN neurons.
+
+Only torch and transformers are needed. The module paths come from config.surgery_ffn, so this file holds no
+per-architecture code: after the base class builds every layer at the base width, each layer's FFN key and
+value projections are rebuilt at that layer's width (on the meta device when transformers loads weights).
+"""
+
+from torch import nn
+from transformers import {base} as _Base
+from transformers.pytorch_utils import Conv1D
+
+
+def _get(root, path):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _rebuilt(old, in_features, out_features, conv1d):
+    w = old.weight
+    if conv1d:
+        new = Conv1D(out_features, in_features)
+    else:
+        new = nn.Linear(in_features, out_features, bias=getattr(old, "bias", None) is not None)
+    return new.to(device=w.device, dtype=w.dtype)
+
+
+def _resize_ffn(layer, spec, width):
+    conv1d = spec["conv1d"]
+    rows = 2 * width if spec["ffn_kind"] == "fused" else width
+    for path, is_out in [(p, False) for p in spec["ffn_in"]] + [(spec["ffn_out"], True)]:
+        parent, _, name = path.rpartition(".")
+        holder = _get(layer, parent) if parent else layer
+        old = getattr(holder, name)
+        shape = old.weight.shape  # Linear [out, in]; Conv1D [in, out]
+        d = (shape[1] if is_out else shape[0]) if conv1d else (shape[0] if is_out else shape[1])
+        setattr(holder, name, _rebuilt(old, width if is_out else d, d if is_out else rows, conv1d))
+    ffn = _get(layer, spec["ffn"])
+    for attr in ("intermediate_size", "ffn_dim", "n_inner"):
+        if isinstance(getattr(ffn, attr, None), int):
+            setattr(ffn, attr, width)
+
+
+class {cls}(_Base):
+    """{base} with per-layer FFN widths (a model sliced by surgery)."""
+
+    def __init__(self, config, *args, **kwargs):
+        if hasattr(type(config), "allow_global_per_layer_attribute_access"):
+            config.allow_global_per_layer_attribute_access = True  # the base width, for building, then resized
+        super().__init__(config, *args, **kwargs)
+        spec = config.surgery_ffn
+        layers = _get(self, spec["layers"])
+        for i, width in enumerate(config.ffn_widths):
+            _resize_ffn(layers[i], spec, int(width))
+'''
+
+
+def modeling_source(model: nn.Module) -> str:
+    """The generated modeling file of the sliced layout (imports only torch and transformers)."""
+    return _MODELING_TEMPLATE.format(version=__version__, base=_base_class(model).__name__, cls=CLASS)
+
+
+def _write_side_files(model: nn.Module, tokenizer, folder: Path, extra: dict[str, str | bytes]) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(folder))
+    for name, content in extra.items():
+        path = folder / name
+        if path.resolve().parent != folder.resolve() and folder.resolve() not in path.resolve().parents:
+            raise UsageError(f"extra file {name!r} escapes the checkpoint folder; use a relative name")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
+
+# ---- provenance ---------------------------------------------------------------------------------------------
+def _manifest(model, folder: Path, layout: str, prov: dict, kept: dict, dtype, tensor_files: list[str],
+              base, adapter_model, merge: bool) -> dict:
+    view = ModelView(model)
+    m = dict(prov)
+    m.setdefault("layers", {str(k): {"kept": v} for k, v in sorted(kept.items())})
+    if base is not None:
+        m["base"] = {**(m.get("base") or {}), **base_identity(base)}
+    m.update({"format": "surgery-checkpoint/1", "tool": {"name": "surgery", "version": __version__},
+              "created": now(), "layout": layout, "arch": model.config.model_type,
+              "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
+              "ffn": {"base_width": base_width(model),
+                      "widths": view.ffn_widths() if layout == "sliced" else [base_width(model)] * view.n_layers},
+              "adapter": {"path": "adapter", "merged": merge} if adapter_model is not None else None,
+              "tensor_files": tensor_files, "files": file_hashes(folder)})
+    return m
+
+
+def file_hashes(folder: Path) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} of every file in the folder except the manifest itself."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def base_identity(base: str | Path) -> dict:
+    """{id, path, sha256}: the base model's name and one hash over its tensor files (sorted by name)."""
+    from .models import resolve
+
+    name, where = resolve(str(base))
+    h = hashlib.sha256()
+    if isinstance(where, Path):
+        for p in sorted(Path(where).glob("*.safetensors")):
+            h.update(p.name.encode() + sha256_file(p).encode())
+    return {"id": name, "path": str(where), "sha256": h.hexdigest() if isinstance(where, Path) else None}
+
+
+def _lora_settings(adapter_model) -> dict:
+    cfgs = getattr(adapter_model, "peft_config", {}) or {}
+    return {name: json.loads(json.dumps(c.to_dict(), default=str)) for name, c in cfgs.items()}
+
+
+def _save_markdown(out: Path, m: dict) -> str:
+    w = m["ffn"]["widths"]
+    return (f"# Checkpoint {out}\n\nlayout **{m['layout']}**, arch {m['arch']}, dtype {m['dtype']}, "
+            f"FFN widths {min(w)}..{max(w)} (base {m['ffn']['base_width']}), files {len(m['files'])}\n\n"
+            f"{load_instructions(out, m['layout'])}\n")
+
+
+def load_instructions(path: Path | str, layout: str) -> str:
+    trc = ", trust_remote_code=True" if layout == "sliced" else ""
+    return (f"Load: `AutoModelForCausalLM.from_pretrained('{path}'{trc})` or "
+            f"`pipeline('text-generation', model='{path}'{trc})`")
+
+
+# ==== inspect ===============================================================================================
+def inspect(path: str) -> Report:
+    """Summarise a checkpoint's provenance (surgery.json), verify the sha256 of every file, report layout and
+    FFN widths. A tampered, truncated, missing or unlisted tensor file is reported and the exit code is 1."""
+    folder = Path(path)
+    if not (folder / MANIFEST).exists():
+        raise UsageError(f"{folder} has no {MANIFEST}, so it is not a surgery checkpoint; "
+                         "compare weights with `surgery diff BASE PATH` instead")
+    m = json.loads((folder / MANIFEST).read_text())
+    problems = _verify_files(folder, m.get("files", {})) + _verify_safetensors(folder)
+    data = {"path": str(folder), "layout": m.get("layout"), "arch": m.get("arch"), "dtype": m.get("dtype"),
+            "tool": m.get("tool"), "created": m.get("created"), "base": m.get("base"), "ffn": m.get("ffn"),
+            "seed": m.get("seed"), "recipe": m.get("recipe"), "lora": m.get("lora"), "adapter": m.get("adapter"),
+            "edited_layers": sorted(m.get("layers", {}), key=int), "files_checked": len(m.get("files", {})),
+            "problems": problems, "ok": not problems}
+    return Report(data=data, markdown=_inspect_markdown(data), exit_code=1 if problems else 0)
+
+
+def _verify_files(folder: Path, files: dict) -> list[str]:
+    problems = []
+    for name, meta in files.items():
+        p = folder / name
+        if not p.exists():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != meta["bytes"]:
+            problems.append(f"{name}: size {p.stat().st_size} != recorded {meta['bytes']} (truncated or altered)")
+        elif sha256_file(p) != meta["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (tampered)")
+    for p in folder.glob("*.safetensors"):
+        if p.name not in files:
+            problems.append(f"{p.name}: tensor file not listed in {MANIFEST}")
+    return problems
+
+
+def _verify_safetensors(folder: Path) -> list[str]:
+    """Each tensor file must parse and be as long as its header says (catches truncation without a manifest)."""
+    problems = []
+    for p in sorted(folder.glob("*.safetensors")):
+        try:
+            header = _safetensors_header(p)
+        except ValueError as e:
+            problems.append(f"{p.name}: unreadable ({e})")
+            continue
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        n = int.from_bytes(p.open("rb").read(8), "little")
+        if p.stat().st_size < 8 + n + end:
+            problems.append(f"{p.name}: truncated ({p.stat().st_size} bytes < {8 + n + end} the header needs)")
+    return problems
+
+
+def _safetensors_header(p: Path) -> dict:
+    with p.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(raw, "little")
+        if n > 100_000_000 or n > p.stat().st_size:
+            raise ValueError("bad header length")
+        try:
+            return json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"bad header: {e}") from None
+
+
+def _inspect_markdown(d: dict) -> str:
+    ffn = d.get("ffn") or {}
+    w = ffn.get("widths") or []
+    lines = [f"# {d['path']}", "",
+             f"- layout: **{d['layout']}** ({load_instructions(d['path'], d['layout'] or '')})",
+             f"- arch: {d['arch']}, dtype: {d['dtype']}, made by surgery {((d.get('tool') or {}).get('version'))}"
+             f" at {d['created']}",
+             f"- base: {(d.get('base') or {}).get('id')} sha256 {(d.get('base') or {}).get('sha256')}",
+             f"- FFN widths (base {ffn.get('base_width')}): {w}",
+             f"- edited layers: {d['edited_layers']}", f"- seed: {d['seed']}, lora: {bool(d['lora'])}",
+             f"- files verified: {d['files_checked']}", ""]
+    lines += [f"PROBLEM: {p}" for p in d["problems"]] or ["All hashes match."]
+    return "\n".join(lines)
+
+
+# ==== diff ==================================================================================================
+class _Weights:
+    """Read-only tensors of a checkpoint folder by name (safetensors, lazily, one tensor at a time)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        index = folder / INDEX
+        if index.exists():
+            wm = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise UsageError(f"{folder} has no .safetensors files; diff needs safetensors checkpoints")
+            wm = {}
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    wm.update({k: f.name for k in h.keys()})
+        self.where = wm
+        self._open = {name: safe_open(str(folder / name), "pt") for name in set(wm.values())}
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> Tensor | None:
+        f = self.where.get(name)
+        return None if f is None else self._open[f].get_tensor(name).float()
+
+    def dtype(self) -> torch.dtype:
+        h = self._open[next(iter(self._open))]
+        return h.get_tensor(next(iter(h.keys()))).dtype
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-6)
+
+
+def diff(base: str, other: str, out: str | None = None) -> Report:
+    """Which FFN neurons and attention heads were removed, zeroed or scaled, and which other tensors changed,
+    from the weights alone (no manifest needed). BASE may be a registry name. Scaled neurons report their factor;
+    amplified ones (factor > 1) are flagged."""
+    from transformers import AutoConfig
+
+    from .models import resolve
+
+    out_dir = check_out_dir(out)
+    base_dir, other_dir = Path(resolve(base)[1]), Path(other)
+    if not (other_dir / "config.json").exists():
+        raise UsageError(f"{other} has no config.json; point OTHER at a checkpoint folder")
+    cfg = AutoConfig.from_pretrained(str(other_dir))
+    arch = arch_for(cfg)
+    B, O = _Weights(base_dir), _Weights(other_dir)
+    tol = max(_tol(B.dtype()), _tol(O.dtype()))
+    n_heads = int(cfg.num_attention_heads)
+    n_layers = int(cfg.num_hidden_layers)
+    layers = [_diff_layer(arch, B, O, l, n_heads, tol) for l in range(n_layers)]
+    covered = {k for l in range(n_layers) for k in _ffn_names(arch, l)}
+    covered |= {f"{arch.layers}.{l}.{arch.attn_out}.weight" for l in range(n_layers)}
+    others = _diff_others(B, O, covered, tol)
+    data = {"base": str(base_dir), "other": str(other_dir), "arch": cfg.model_type, "tolerance": tol,
+            "layers": layers, "other_tensors": others, "summary": _diff_summary(layers, others)}
+    report = Report(data=data, markdown=_diff_markdown(data))
+    return save_report(report, out_dir, stem="diff")
+
+
+def _ffn_names(a: Arch, l: int) -> list[str]:
+    pre = f"{a.layers}.{l}."
+    return [pre + p + s for p in a.ffn_in for s in (".weight", ".bias")] + [pre + a.ffn_out + ".weight"]
+
+
+def _ffn_mats(a: Arch, W: _Weights, l: int) -> tuple[Tensor, Tensor] | None:
+    """(keys [N, k*d (+biases)], values [N, d]) of layer l, in one row per neuron."""
+    pre = f"{a.layers}.{l}."
+    vw = W.get(pre + a.ffn_out + ".weight")
+    if vw is None:
+        return None
+    values = vw if a.conv1d else vw.T
+    parts = []
+    for p in a.ffn_in:
+        w, b = W.get(pre + p + ".weight"), W.get(pre + p + ".bias")
+        w = w.T if a.conv1d else w
+        chunks = 2 if a.ffn_kind == "fused" else 1
+        parts += list(w.chunk(chunks, 0)) + ([c.unsqueeze(1) for c in b.chunk(chunks, 0)] if b is not None else [])
+    return torch.cat(parts, 1), values
+
+
+def _match_rows(ko: Tensor, kb: Tensor, tol: float) -> Tensor:
+    """For each row of ko, the index of the (near-)identical row of kb, or -1: how sliced widths are recovered."""
+    idx = torch.full((ko.shape[0],), -1, dtype=torch.long)
+    bn = kb.pow(2).sum(1)
+    for s in range(0, ko.shape[0], 1024):
+        a = ko[s:s + 1024]
+        d2 = a.pow(2).sum(1, keepdim=True) + bn - 2 * a @ kb.T
+        best = d2.argmin(1)
+        err = (a - kb[best]).abs().amax(1)
+        ok = err <= 10 * tol * kb[best].abs().amax(1).clamp_min(1e-12)
+        idx[s:s + 1024] = torch.where(ok, best, torch.full_like(best, -1))
+    return idx
+
+
+def _diff_layer(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: float) -> dict:
+    rec: dict = {"layer": l}
+    mb, mo = _ffn_mats(a, B, l), _ffn_mats(a, O, l)
+    if mb is not None and mo is not None:
+        rec.update(_diff_neurons(mb, mo, tol))
+    rec.update(_diff_heads(a, B, O, l, n_heads, tol))
+    return rec
+
+
+def _diff_neurons(mb: tuple[Tensor, Tensor], mo: tuple[Tensor, Tensor], tol: float) -> dict:
+    (kb, vb), (ko, vo) = mb, mo
+    n, m = kb.shape[0], ko.shape[0]
+    idx = torch.arange(n) if m == n else _match_rows(ko, kb, tol)
+    matched = idx >= 0
+    j, i = matched.nonzero().flatten(), idx[matched]
+    rec = {"base_width": n, "width": m, "removed": sorted(set(range(n)) - set(i.tolist())) if m != n else [],
+           "unmatched": int((~matched).sum())}
+    vbi, voj, kbi, koj = vb[i], vo[j], kb[i], ko[j]
+    scale_v = vbi.abs().amax(1).clamp_min(1e-12)
+    zero = (voj.abs().amax(1) == 0) & (vbi.abs().amax(1) > 0)
+    c = (voj * vbi).sum(1) / vbi.pow(2).sum(1).clamp_min(1e-30)
+    prop = (voj - c.unsqueeze(1) * vbi).abs().amax(1) <= 10 * tol * scale_v * c.abs().clamp_min(1)
+    scaled = prop & ~zero & ((c - 1).abs() > 10 * tol)
+    key_zero = (koj.abs().amax(1) == 0) & (kbi.abs().amax(1) > 0)
+    key_changed = (koj - kbi).abs().amax(1) > 10 * tol * kbi.abs().amax(1).clamp_min(1e-12)
+    value_changed = ~prop & ~zero
+    rec["zeroed"] = sorted(set(i[zero | key_zero].tolist()))
+    rec["scaled"] = [{"neuron": int(i[t]), "factor": round(float(c[t]), 6)} for t in scaled.nonzero().flatten()]
+    rec["amplified"] = [s["neuron"] for s in rec["scaled"] if abs(s["factor"]) > 1]
+    rec["modified"] = sorted(set(i[(key_changed & ~key_zero & ~zero) | value_changed].tolist()))
+    return rec
+
+
+def _diff_heads(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: float) -> dict:
+    name = f"{a.layers}.{l}.{a.attn_out}.weight"
+    wb, wo = B.get(name), O.get(name)
+    if wb is None or wo is None:
+        return {}
+    if wb.shape != wo.shape:
+        return {"attn_out_shape": [list(wb.shape), list(wo.shape)]}
+    if a.conv1d:
+        wb, wo = wb.T, wo.T  # now [out, in] for every arch: head h owns input columns
+    dh = wb.shape[1] // n_heads
+    zeroed, scaled, modified = [], [], []
+    for h in range(n_heads):
+        b, o = wb[:, h * dh:(h + 1) * dh].flatten(), wo[:, h * dh:(h + 1) * dh].flatten()
+        lim = 10 * tol * b.abs().max().clamp_min(1e-12)
+        if (o - b).abs().max() <= lim:
+            continue
+        c = float(o @ b / (b @ b).clamp_min(1e-30))
+        if o.abs().max() == 0:
+            zeroed.append(h)
+        elif (o - c * b).abs().max() <= lim * max(1.0, abs(c)):
+            scaled.append({"head": h, "factor": round(c, 6)})
+        else:
+            modified.append(h)
+    return {"heads_zeroed": zeroed, "heads_scaled": scaled, "heads_modified": modified}
+
+
+def _diff_others(B: _Weights, O: _Weights, covered: set[str], tol: float) -> list[dict]:
+    out = []
+    for name in sorted(B.names() | O.names()):
+        if name in covered:
+            continue
+        b, o = B.get(name), O.get(name)
+        if b is None or o is None:
+            out.append({"tensor": name, "change": "added" if b is None else "removed"})
+        elif b.shape != o.shape:
+            out.append({"tensor": name, "change": "shape", "shapes": [list(b.shape), list(o.shape)]})
+        else:
+            d = float((o - b).abs().max()) if b.numel() else 0.0
+            if d > 10 * tol * max(float(b.abs().max()) if b.numel() else 0.0, 1e-12):
+                out.append({"tensor": name, "change": "values", "max_abs_diff": d})
+    return out
+
+
+def _diff_summary(layers: list[dict], others: list[dict]) -> dict:
+    def total(key):
+        return sum(len(r.get(key, [])) for r in layers)
+
+    return {"widths": [r.get("width") for r in layers], "removed": total("removed"), "zeroed": total("zeroed"),
+            "scaled": total("scaled"), "amplified": total("amplified"), "modified": total("modified"),
+            "heads_zeroed": total("heads_zeroed"), "heads_scaled": total("heads_scaled"),
+            "heads_modified": total("heads_modified"), "other_tensors_changed": len(others)}
+
+
+def _diff_markdown(d: dict) -> str:
+    rows = []
+    for r in d["layers"]:
+        counts = [len(r.get(k, [])) for k in ("removed", "zeroed", "scaled", "modified")]
+        heads = r.get("heads_zeroed", []) + [s["head"] for s in r.get("heads_scaled", [])] + r.get("heads_modified", [])
+        if any(counts) or heads:
+            rows.append([r["layer"], f"{r.get('base_width')} -> {r.get('width')}", *counts, _short(heads)])
+    s = d["summary"]
+    lines = [f"# diff {d['base']} -> {d['other']}", "",
+             f"{s['removed']} neurons removed, {s['zeroed']} zeroed, {s['scaled']} scaled "
+             f"({s['amplified']} amplified), {s['modified']} otherwise modified; heads zeroed {s['heads_zeroed']},"
+             f" scaled {s['heads_scaled']}, modified {s['heads_modified']}; {s['other_tensors_changed']} other "
+             "tensors changed.", ""]
+    lines += [md_table(["layer", "width", "removed", "zeroed", "scaled", "modified", "heads"], rows)] if rows \
+        else ["No FFN neuron or head changes."]
+    for r in d["layers"]:
+        if r.get("amplified"):
+            f = {x["neuron"]: x["factor"] for x in r["scaled"]}
+            lines.append(f"\nAMPLIFIED layer {r['layer']}: " + ", ".join(f"{k} x{f[k]:g}" for k in r["amplified"]))
+    for o in d["other_tensors"]:
+        lines.append(f"- {o['tensor']}: {o['change']}" + (f" (max |diff| {o['max_abs_diff']:.3g})"
+                                                             if "max_abs_diff" in o else ""))
+    return "\n".join(lines)
+
+
+def _short(xs: list[int]) -> str:
+    return ",".join(map(str, xs[:8])) + ("..." if len(xs) > 8 else "")
