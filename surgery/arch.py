@@ -181,6 +181,11 @@ class ModelView:
     def layers(self) -> nn.ModuleList:
         return _get(self.model, self.arch.layers)
 
+    def set_layers(self, layers: nn.ModuleList) -> None:
+        """Put `layers` where the decoder ModuleList lives (hooks.run_from swaps in a tail of it, temporarily)."""
+        parent, _, name = self.arch.layers.rpartition(".")
+        setattr(_get(self.model, parent) if parent else self.model, name, layers)
+
     @property
     def n_heads(self) -> int:
         return int(self.config.num_attention_heads)

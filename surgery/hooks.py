@@ -181,3 +181,37 @@ class Hooks:
             self._save(what, layer, _hidden(out))
 
         return post
+
+
+# ---- prefix reuse: run the model from a layer upward on cached hidden states ---------------------------
+from contextlib import contextmanager  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+
+@contextmanager
+def run_from(view: ModelView, layer: int, hidden: Tensor) -> Iterator[None]:
+    """Inside the block, a model forward runs only layers[layer:], starting from `hidden` [B, T, d] (the residual
+    input of `layer`, e.g. captured from a clean run) instead of the embeddings: prefix reuse for ablations at or
+    above `layer`. Masks and positions still come from the model's own forward (pass the same attention_mask /
+    position_ids as the run `hidden` came from); `config.layer_types` is sliced alongside (Gemma's per-layer
+    attention kinds). Register Hooks BEFORE entering: layer indices shift while the tail is swapped in."""
+    full, types = view.layers, getattr(view.config, "layer_types", None)
+    view.check_layer(layer)
+    tail = nn.ModuleList(list(full)[layer:])
+
+    def substitute(mod, args, kwargs):
+        if args:
+            return (hidden.to(args[0].dtype), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden.to(kwargs["hidden_states"].dtype)}
+
+    handle = tail[0].register_forward_pre_hook(substitute, with_kwargs=True)
+    view.set_layers(tail)
+    if types is not None:
+        view.config.layer_types = list(types)[layer:]
+    try:
+        yield
+    finally:
+        handle.remove()
+        view.set_layers(full)
+        if types is not None:
+            view.config.layer_types = types

@@ -1,0 +1,517 @@
+"""Head scan: ablate every attention head, one at a time, and measure task accuracy per operation (paper Tables 1-3).
+
+    surgery heads --model smollm2-135m --task arithmetic --digits 1 [--ablation zero|mean] [--mode exact|screen]
+
+Exact and fast, without ever copying the model:
+- teacher-forced cases that are prefixes of one another (the answer tokens of one problem) share one sequence;
+  sequences are left-padded so every case's logits sit in the last `keep` positions;
+- per batch, ONE clean forward caches the residual input of every layer (prefix reuse); a head of layer l is then
+  scanned by running only layers l.. on the cached states (`hooks.run_from`), many heads at once: the batch is
+  stacked G times with a different head masked in each copy (`Hooks.ablate_heads` with a [G*B, H] mask);
+- zero ablation = the head's o_proj input columns set to 0 (the paper); mean ablation replaces z_h by its mean
+  over every non-pad position of every sequence of the dataset (one clean pass first).
+Screen (`--mode screen`): the attribution -grad . z_h (mean: grad . (mean_h - z_h)) of the summed target log-prob,
+summed over positions, for all heads from one forward + one backward per batch; only the top `--verify K` heads
+get the exact scan, and the report names only heads with exact numbers.
+Sharding: under `accelerate launch` the work units (a layer's heads, in groups of G) are split across processes;
+each appends finished units to DIR/heads.partial.r<rank>.jsonl, which is also what an interrupted scan resumes
+from; rank 0 merges. Units are the same whatever the process count, so merged results equal a 1-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import report as rep
+from .arch import ModelView
+from .errors import UsageError
+from .hooks import Hooks, run_from
+
+Head = tuple[int, int]
+DEFAULT_TEMPLATES = ("calculate",)
+RESID_CACHE_BYTES = 2 << 30  # keep every batch's clean residuals in memory up to this size; else recompute
+
+
+# ---- data: cases -> packed, left-padded batches ------------------------------------------------------------
+@dataclass
+class Batch:
+    """Left-padded sequences; case i of this batch is read at row rows[i], position keep-1-offs[i] of the logits."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    rows: Tensor
+    offs: Tensor
+    targets: Tensor
+    case_idx: Tensor  # indices into the scan's case list
+    keep: int
+
+    def inputs(self, device, repeat: int = 1) -> dict:
+        rep_ = (lambda t: t.to(device).repeat(repeat, 1))
+        return dict(input_ids=rep_(self.input_ids), attention_mask=rep_(self.attention_mask),
+                    position_ids=rep_(self.position_ids), logits_to_keep=self.keep, use_cache=False)
+
+
+def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size: int, pad_id: int = 0) -> list[Batch]:
+    """Group cases whose context is a prefix of another case's context (same sequence, earlier position) and
+    batch the sequences, `batch_size` per batch, in order of length. Exactly one case per (sequence, position)."""
+    from .evaluate import left_pad
+
+    order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
+    seqs: list[list[int]] = []
+    home: dict[tuple, int] = {}  # every prefix of a sequence -> that sequence
+    members: list[list[tuple[int, int]]] = []  # per sequence: (case, offset from its end)
+    for i in order:
+        key = tuple(input_ids[i])
+        if key not in home:
+            seqs.append(list(key))
+            members.append([])
+            for j in range(1, len(key) + 1):
+                home.setdefault(key[:j], len(seqs) - 1)
+        s = home[key]
+        members[s].append((i, len(seqs[s]) - len(key)))
+    by_len = sorted(range(len(seqs)), key=lambda s: (len(seqs[s]), s))
+    out = []
+    for start in range(0, len(by_len), batch_size):
+        chunk = by_len[start:start + batch_size]
+        ids, mask = left_pad([seqs[s] for s in chunk], pad_id)
+        cs = [(r, i, o) for r, s in enumerate(chunk) for i, o in members[s]]
+        keep = 1 + max(o for _, _, o in cs)
+        out.append(Batch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), torch.tensor([c[0] for c in cs]),
+                         torch.tensor([c[2] for c in cs]), torch.tensor([int(targets[c[1]]) for c in cs]),
+                         torch.tensor([c[1] for c in cs]), keep))
+    return out
+
+
+# ---- the engine -------------------------------------------------------------------------------------------
+def _score(logits: Tensor, b: Batch, copies: int) -> tuple[Tensor, Tensor]:
+    """(correct [copies, n], target log-prob [copies, n]) of b's cases from logits [copies*B, keep, V]."""
+    B = b.input_ids.shape[0]
+    rows = (torch.arange(copies)[:, None] * B + b.rows[None]).to(logits.device)
+    pos = (b.keep - 1 - b.offs).to(logits.device).expand_as(rows)
+    picked = logits[rows, pos].float()  # [copies, n, V]
+    tgt = b.targets.to(logits.device).expand_as(rows)
+    lp = picked.log_softmax(-1).gather(-1, tgt[..., None])[..., 0]
+    return (picked.argmax(-1) == tgt).cpu(), lp.cpu()
+
+
+@torch.no_grad()
+def clean(view: ModelView, b: Batch, layers: Sequence[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """The unablated model on b: (correct [n], log-prob [n], residual input of each of `layers` [B, T, d])."""
+    with Hooks(view) as h:
+        if layers:
+            h.capture("resid_in", layers=layers, positions=None)
+        logits = view.model(**b.inputs(_device(view))).logits
+    ok, lp = _score(logits, b, 1)
+    return ok[0], lp[0], {l: h.store["resid_in", l] for l in layers}
+
+
+@torch.no_grad()
+def ablated(view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: Tensor,
+            repl: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each head of `layer` in `heads` ablated on its own (one stacked forward from `layer` upward, on the clean
+    residual `resid`): (correct [len(heads), n], log-prob [len(heads), n])."""
+    G, B, H = len(heads), b.input_ids.shape[0], view.n_heads
+    mask = torch.ones(G, B, H)
+    mask[torch.arange(G), :, torch.tensor(list(heads))] = 0.0
+    with Hooks(view) as h:
+        h.ablate_heads(layer, mask.view(G * B, H).to(resid.device), replacement=repl)
+        with run_from(view, layer, resid.repeat(G, 1, 1)):
+            logits = view.model(**b.inputs(_device(view), repeat=G)).logits
+    return _score(logits, b, G)
+
+
+def _device(view: ModelView) -> torch.device:
+    return next(view.model.parameters()).device
+
+
+def _stop_at(view: ModelView, b: Batch, layer: int) -> Tensor:
+    """The clean residual input of `layer` only, running layers below it and no further."""
+    class Stop(Exception):
+        pass
+
+    box = {}
+
+    def grab(mod, args, kwargs):
+        box["h"] = args[0] if args else kwargs["hidden_states"]
+        raise Stop
+
+    hd = view.layer(layer).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            view.model(**b.inputs(_device(view)))
+    except Stop:
+        pass
+    finally:
+        hd.remove()
+    return box["h"]
+
+
+class Residuals:
+    """Clean residual inputs per (batch, layer): all cached after one forward per batch when they fit in
+    RESID_CACHE_BYTES, else recomputed per layer (only the layers below it run)."""
+
+    def __init__(self, view: ModelView, batches: list[Batch]):
+        self.view, self.batches, self.cache = view, batches, {}
+        tokens = sum(b.input_ids.numel() for b in batches)
+        self.fits = tokens * view.n_layers * view.hidden_size * 4 <= RESID_CACHE_BYTES
+
+    def get(self, i: int, layer: int) -> Tensor:
+        if not self.fits:
+            return _stop_at(self.view, self.batches[i], layer)
+        if i not in self.cache:
+            self.cache[i] = clean(self.view, self.batches[i], range(self.view.n_layers))[2]
+        return self.cache[i][layer]
+
+
+@torch.no_grad()
+def head_means(view: ModelView, batches: list[Batch]) -> Tensor:
+    """Mean head output z [L, H, dh] over every non-pad position of every sequence (mean ablation)."""
+    total = torch.zeros(view.n_layers, view.n_heads, view.head_dim, dtype=torch.float64)
+    count = 0
+    for b in batches:
+        with Hooks(view) as h:
+            h.capture("z", positions=None)
+            view.model(**b.inputs(_device(view)))
+        m = b.attention_mask.to(torch.float64)[..., None, None]
+        for l in range(view.n_layers):
+            total[l] += (h.store["z", l].cpu().double() * m).sum((0, 1))
+        count += int(b.attention_mask.sum())
+    return (total / count).float()
+
+
+def attribution(view: ModelView, batches: list[Batch], means: Tensor | None = None) -> Tensor:
+    """First-order change of the summed target log-prob when each head is ablated, [L, H]:
+    -grad_z . z (zero) or grad_z . (mean - z) (mean), summed over positions; one forward + backward per batch."""
+    out = torch.zeros(view.n_layers, view.n_heads, dtype=torch.float64)
+    for b in batches:
+        with Hooks(view) as h, torch.enable_grad():
+            h.capture("z", positions=None, keep_grad=True)
+            logits = view.model(**b.inputs(_device(view))).logits
+            rows, pos = b.rows.to(logits.device), (b.keep - 1 - b.offs).to(logits.device)
+            lp = logits[rows, pos].float().log_softmax(-1).gather(-1, b.targets.to(logits.device)[:, None]).sum()
+            zs = [h.store["z", l] for l in range(view.n_layers)]
+            grads = torch.autograd.grad(lp, zs)
+        for l, (z, g) in enumerate(zip(zs, grads)):
+            delta = -z.detach() if means is None else means[l].to(z) - z.detach()
+            out[l] += (g * delta).sum((0, 1, 3)).double().cpu()
+    return out.float()
+
+
+# ---- units of work, sharding and resumable state ----------------------------------------------------------
+def units(view: ModelView, heads: Sequence[Head], group: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(layer, heads) work units: each layer's heads in scan order, `group` per unit."""
+    per_layer: dict[int, list[int]] = defaultdict(list)
+    for l, h in heads:
+        per_layer[l].append(h)
+    return [(l, tuple(per_layer[l][i:i + group])) for l in sorted(per_layer) for i in range(0, len(per_layer[l]), group)]
+
+
+def group_size(n_heads: int, batch_rows: int, max_rows: int = 2048) -> int:
+    """Heads stacked per forward: all heads of a layer when rows (batch x heads) stay within max_rows."""
+    return max(1, min(n_heads, max_rows // max(batch_rows, 1)))
+
+
+def load_partial(out: Path, fingerprint: str) -> dict[Head, dict]:
+    """Finished head rows persisted by earlier (maybe interrupted) runs with the same configuration."""
+    done = {}
+    for f in sorted(out.glob("heads.partial.r*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption
+            if row.get("fingerprint") == fingerprint:
+                done[(row["layer"], row["head"])] = row
+    return done
+
+
+def scan(view: ModelView, batches: list[Batch], n_cases: int, heads: Sequence[Head], repl: Tensor | None = None,
+         done: dict[Head, dict] | None = None, sink=None, rank: int = 0, world: int = 1,
+         progress: bool = True) -> dict[Head, dict]:
+    """Exact ablation of each head in `heads` on all cases: {head: {"correct": bool [n], "logprob": float [n]}}.
+
+    Units are dealt round-robin to `world` processes (this one is `rank`); heads in `done` are skipped;
+    `sink(rows)` receives each finished unit (persistence)."""
+    done = done or {}
+    G = group_size(view.n_heads, max(b.input_ids.shape[0] for b in batches))
+    todo = [u for k, u in enumerate(units(view, heads, G)) if k % world == rank]
+    todo = [u for u in todo if any((u[0], h) not in done for h in u[1])]
+    res = Residuals(view, batches)
+    results: dict[Head, dict] = {}
+    for layer, hs in tqdm(todo, desc="heads", unit="unit", disable=not progress):
+        ok = torch.zeros(len(hs), n_cases, dtype=torch.bool)
+        lp = torch.zeros(len(hs), n_cases)
+        for i, b in enumerate(batches):
+            c, p = ablated(view, b, layer, hs, res.get(i, layer), None if repl is None else repl[layer])
+            ok[:, b.case_idx], lp[:, b.case_idx] = c, p
+        rows = {(layer, h): {"correct": ok[g], "logprob": lp[g]} for g, h in enumerate(hs)}
+        results.update(rows)
+        if sink is not None:
+            sink(rows)
+    return results
+
+
+# ---- summaries ---------------------------------------------------------------------------------------------
+def keys_of(labels: dict[str, list]) -> dict[str, np.ndarray]:
+    """Masks for the keys accuracy is reported under: overall, each op, each group (1D+), each case type."""
+    n = len(labels["op"])
+    out = {"overall": np.ones(n, bool)}
+    for col in ("op", "group", "case_type"):
+        for v in sorted(set(labels[col])):
+            out[v] = np.asarray(labels[col]) == v
+    return out
+
+
+def summary(correct, logprob, masks: dict[str, np.ndarray]) -> dict:
+    c, lp = np.asarray(correct, bool), np.asarray(logprob, float)
+    return {"acc": {k: float(c[m].mean()) if m.any() else float("nan") for k, m in masks.items()},
+            "n": {k: int(m.sum()) for k, m in masks.items()}, "logprob": float(lp.mean())}
+
+
+def head_row(layer: int, head: int, s: dict, base: dict) -> dict:
+    drop = {k: round(base["acc"][k] - a, 6) for k, a in s["acc"].items()}
+    return {"layer": layer, "head": head, "acc": {k: round(a, 6) for k, a in s["acc"].items()}, "drop": drop,
+            "n": s["n"], "logprob_drop": round(base["logprob"] - s["logprob"], 6)}
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, float)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):
+            r[x == v] = r[x == v].mean()
+        return r
+
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
+        digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+        limit: int | None = None, batch_size: int = 64, seed: int = 0, out: str | None = None,
+        ablation: str = "zero", mode: str = "exact", verify: int = 20,
+        only_heads: Sequence[Head] | None = None) -> rep.Report:
+    """Ablate each attention head and measure arithmetic accuracy per operation (the paper's head scan).
+
+    Writes DIR/heads.json (baseline + one row per head: acc, drop, n per op / group / case type), DIR/heads.md
+    (Tables 1-3 of the paper) and DIR/heads.png (layer x head heatmaps of the accuracy drop). --mode screen ranks
+    all heads by a first-order attribution and exact-scans the top --verify K. Resumes from DIR after an
+    interruption; `accelerate launch -m surgery heads ...` splits the heads across processes."""
+    from accelerate import PartialState
+
+    from .models import load_model
+
+    t0 = time.time()
+    _check_options(task, ablation, mode)
+    outdir = rep.check_out_dir(out) or Path("checkpoints") / "heads"
+    state = PartialState()
+    per_rank_gpu = device == "cuda" and state.num_processes > 1  # one GPU per process under accelerate launch
+    loaded = load_model(model, dtype, "cpu" if per_rank_gpu else device)
+    if per_rank_gpu:
+        loaded.model.to(state.device)
+    view = ModelView(loaded.model)
+    heads = _heads(view, only_heads)
+    if mode == "screen" and verify > len(heads):
+        raise UsageError(f"--verify {verify} is more than the {len(heads)} heads scanned; use at most {len(heads)}")
+    labels, batches = _dataset(loaded, digits, ops, templates, limit, seed, batch_size)
+    config = dict(task=task, digits=list(digits), ops=sorted(set(labels["op"])), templates=list(templates or DEFAULT_TEMPLATES),
+                  limit=limit, seed=seed, ablation=ablation, mode=mode, verify=verify if mode == "screen" else None,
+                  batch_size=batch_size, n_cases=len(labels["op"]), processes=state.num_processes)
+    fp = _fingerprint(loaded, config, heads)
+    repl = head_means(view, batches) if ablation == "mean" else None
+    screen = None
+    if mode == "screen":
+        screen = attribution(view, batches, repl)
+        heads = sorted(heads, key=lambda lh: -float(screen[lh]))[:verify]
+    outdir.mkdir(parents=True, exist_ok=True)
+    done = load_partial(outdir, fp)
+    sink = _sink(outdir / f"heads.partial.r{state.process_index}.jsonl", fp)
+    scan(view, batches, len(labels["op"]), heads, repl, done, sink, state.process_index, state.num_processes,
+         progress=state.is_main_process)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return rep.Report(data={})
+    rows = load_partial(outdir, fp)
+    return _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, time.time() - t0)
+
+
+def _check_options(task: str, ablation: str, mode: str) -> None:
+    if task != "arithmetic":
+        raise UsageError(f"surgery heads supports --task arithmetic, got {task!r}")
+    if ablation not in ("zero", "mean"):
+        raise UsageError(f"unknown --ablation {ablation!r}; use zero or mean")
+    if mode not in ("exact", "screen"):
+        raise UsageError(f"unknown --mode {mode!r}; use exact or screen")
+
+
+def _heads(view: ModelView, only: Sequence[Head] | None) -> list[Head]:
+    if only is None:
+        return [(l, h) for l in range(view.n_layers) for h in range(view.n_heads)]
+    for l, h in only:
+        view.check_head(l, h)
+    return list(dict.fromkeys((int(l), int(h)) for l, h in only))
+
+
+def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[dict, list[Batch]]:
+    from .evals import arithmetic
+    from .evaluate import pad_id
+
+    kw = dict(ops=tuple(ops)) if ops else {}
+    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or DEFAULT_TEMPLATES), seed=seed,
+                                limit=limit, **kw)
+    if len(problems) == 0:
+        raise UsageError("no arithmetic problems for these options; widen --digits/--ops or raise --limit")
+    cases = arithmetic.cases(problems, loaded.tokenizer)
+    labels = {c: list(cases[c]) for c in ("op", "group", "case_type", "digits")}
+    return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer))
+
+
+def _fingerprint(loaded, config: dict, heads) -> str:
+    keep = {k: v for k, v in config.items() if k not in ("mode", "verify", "processes")}
+    blob = json.dumps([loaded.source, str(next(loaded.model.parameters()).dtype), keep], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _sink(path: Path, fp: str):
+    def write(rows: dict[Head, dict]) -> None:
+        with open(path, "a") as f:
+            for (l, h), r in rows.items():
+                f.write(json.dumps({"fingerprint": fp, "layer": l, "head": h,
+                                    "correct": "".join("1" if x else "0" for x in r["correct"].tolist()),
+                                    "logprob": [round(float(x), 6) for x in r["logprob"].tolist()]}) + "\n")
+            f.flush()
+    return write
+
+
+def _baseline(view: ModelView, batches: list[Batch], n: int) -> tuple[Tensor, Tensor]:
+    ok, lp = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+    for b in batches:
+        ok[b.case_idx], lp[b.case_idx] = clean(view, b)[:2]
+    return ok, lp
+
+
+def _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, seconds) -> rep.Report:
+    masks = keys_of(labels)
+    base_ok, base_lp = _baseline(view, batches, len(labels["op"]))
+    base = summary(base_ok, base_lp, masks)
+    table = [head_row(l, h, summary([c == "1" for c in rows[l, h]["correct"]], rows[l, h]["logprob"], masks), base)
+             for l, h in sorted(heads) if (l, h) in rows]
+    results = {"baseline": {"acc": base["acc"], "n": base["n"], "logprob": round(base["logprob"], 6)},
+               "heads": table, "shape": {"layers": view.n_layers, "heads": view.n_heads}}
+    if screen is not None:
+        results["screen"] = _screen_summary(screen, table)
+    data = rep.make("heads", loaded.describe(), config, results, seconds)
+    md = markdown(data)
+    files = [rep.write_json(outdir / "heads.json", data), rep.write_text_atomic(outdir / "heads.md", md)]
+    files.append(heatmap(results, outdir / "heads.png", title=f"{loaded.name}: accuracy drop per head ({config['ablation']} ablation)"))
+    return rep.Report(data=data, markdown=md, files=files)
+
+
+def _screen_summary(screen: Tensor, table: list[dict]) -> dict:
+    """Screen scores for every head (predicted drop of the mean target log-prob) and agreement on the verified set."""
+    pred = {(r["layer"], r["head"]): -float(screen[r["layer"], r["head"]]) for r in table}
+    keys = list(pred)
+    ex = {(r["layer"], r["head"]): r for r in table}
+    return {"predicted_logprob_drop_sum": [[round(-float(x), 6) for x in row] for row in screen],
+            "verified": [f"{l}.{h}" for l, h in keys],
+            "spearman_vs_exact_acc_drop": _r(spearman([pred[k] for k in keys], [ex[k]["drop"]["overall"] for k in keys])),
+            "spearman_vs_exact_logprob_drop": _r(spearman([pred[k] for k in keys], [ex[k]["logprob_drop"] for k in keys]))}
+
+
+def _r(x: float) -> float | None:
+    return None if x != x else round(x, 4)
+
+
+# ---- rendering ---------------------------------------------------------------------------------------------------
+def _pts(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:+.1f}"
+
+
+def _name(r: dict) -> str:
+    return f"{r['layer']}.{r['head']}"
+
+
+def markdown(data: dict, top: int = 10) -> str:
+    """The paper's tables: top heads x ops (Table 1), the top head per op and digit count (Table 2), memorize vs
+    change-one (Table 3). Drops are in accuracy points (baseline - ablated)."""
+    res, cfg = data["results"], data["config"]
+    base, table = res["baseline"], sorted(res["heads"], key=lambda r: -r["drop"]["overall"])
+    ops = [k for k in ("+", "-", "*", "/") if k in base["acc"]]
+    groups = sorted(k for k in base["acc"] if k[:1].isdigit())
+    lines = [f"# Head scan: {data['model']['name']} ({cfg['ablation']} ablation, {cfg['mode']} mode)", "",
+             f"{len(table)} heads scanned on {base['n']['overall']} answer-token cases "
+             f"(digits {cfg['digits']}, templates {cfg['templates']}), {data['timing']['seconds']:.0f} s.", "",
+             "Baseline accuracy: " + ", ".join(f"{k} {100 * base['acc'][k]:.1f}% (n={base['n'][k]})"
+                                                for k in ["overall"] + ops), ""]
+    if not table:
+        return "\n".join(lines + ["No heads scanned."])
+    d = np.array([r["drop"]["overall"] for r in table])
+    lines += [f"Drop distribution (points): max {100 * d.max():.1f}, >= 10: {int((d >= .1).sum())} heads, "
+              f">= 2: {int((d >= .02).sum())}, < 2: {int((d < .02).sum())} of {len(d)}.", "",
+              f"## Table 1: top {min(top, len(table))} heads, accuracy drop per operation (points)", "",
+              rep.md_table(["head", "overall"] + ops + ["acc overall"],
+                           [[_name(r), _pts(r["drop"]["overall"])] + [_pts(r["drop"][o]) for o in ops]
+                            + [f"{100 * r['acc']['overall']:.1f}%"] for r in table[:top]]), "",
+              "## Table 2: most important head per operation and digit count", "",
+              rep.md_table(["group", "baseline", "head", "drop (points)", "n"],
+                           [[g, f"{100 * base['acc'][g]:.1f}%", _name(w := max(table, key=lambda r: r["drop"][g])),
+                             _pts(w["drop"][g]), base["n"][g]] for g in groups]), ""]
+    types = [t for t in ("memorize", "change-one") if t in base["acc"]]
+    if types:
+        lines += ["## Table 3: memorize vs change-one cases, top heads (drop in points)", "",
+                  rep.md_table(["head"] + [f"{t} (n={base['n'][t]}, base {100 * base['acc'][t]:.1f}%)" for t in types],
+                               [[_name(r)] + [_pts(r["drop"][t]) for t in types] for r in table[:top]]), ""]
+    if "screen" in res:
+        s = res["screen"]
+        lines += ["## Screen", "", f"Attribution screen over all heads; exact scan of the top {len(s['verified'])}. "
+                  f"Spearman(screen, exact) on them: accuracy drop {s['spearman_vs_exact_acc_drop']}, "
+                  f"target log-prob drop {s['spearman_vs_exact_logprob_drop']}. Every head named above has exact numbers.", ""]
+    return "\n".join(lines)
+
+
+def heatmap(results: dict, path: Path, title: str = "") -> Path:
+    """Layer x head heatmaps of the accuracy drop: overall, then one panel per op (unscanned heads blank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, H = results["shape"]["layers"], results["shape"]["heads"]
+    keys = ["overall"] + [k for k in ("+", "-", "*", "/") if k in results["baseline"]["acc"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(1.2 + 0.32 * H * len(keys), 1.2 + 0.2 * L), squeeze=False)
+    vmax = max([100 * r["drop"][k] for r in results["heads"] for k in keys if r["drop"][k] == r["drop"][k]] + [1.0])
+    for ax, k in zip(axes[0], keys):
+        grid = np.full((L, H), np.nan)
+        for r in results["heads"]:
+            grid[r["layer"], r["head"]] = 100 * r["drop"][k]
+        im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, origin="lower")
+        ax.set_title(f"{k} (base {100 * results['baseline']['acc'][k]:.0f}%)", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_xticks(range(0, H, max(1, H // 8)))
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes[0].tolist(), label="accuracy drop (points)", shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
