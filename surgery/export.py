@@ -32,7 +32,6 @@ from .slicing import base_width, kept_indices
 LAYOUTS = ("sliced", "padded", "zeroed")
 MANIFEST = "surgery.json"
 MODELING = "modeling_surgery.py"
-CLASS = "SurgeryForCausalLM"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _OURS = ("ffn_widths", "per_layer_config", "surgery_ffn", "auto_map", "allow_global_per_layer_attribute_access")
@@ -172,19 +171,28 @@ def write_tensors(model: nn.Module, folder: Path, layout: str, kept: dict[int, l
             t = _pad(t, *plan[name])
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > shard_bytes:
-            shards.append(_flush(folder, len(shards), current))
+            shards.append(_flush(model, folder, len(shards), current, layout != "sliced"))
             current, size = {}, 0
         current[name], size = t, size + nbytes
-    shards.append(_flush(folder, len(shards), current))
+    shards.append(_flush(model, folder, len(shards), current, layout != "sliced"))
     return _name_shards(folder, shards)
 
 
-def _flush(folder: Path, i: int, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Write one shard now (so at most one shard is in memory), returning its tensor names -> shapes only."""
+def _flush(model: nn.Module, folder: Path, i: int, tensors: dict[str, Tensor], native: bool) -> dict[str, None]:
+    """Write one shard now (so at most one shard is in memory); returns the names written. Native layouts use the
+    checkpoint's original tensor names, as save_pretrained does (e.g. NeoX `embed_out`); the sliced layout keeps
+    the in-memory names, because transformers applies no renaming to remote-code classes."""
     from safetensors.torch import save_file
 
+    if native:
+        try:
+            from transformers.core_model_loading import revert_weight_conversion
+
+            tensors = revert_weight_conversion(model, tensors)
+        except ImportError:  # older transformers: in-memory names are the checkpoint names
+            pass
     save_file(tensors, str(folder / f".shard-{i:05d}.safetensors"), metadata={"format": "pt"})
-    return {k: None for k in tensors}
+    return dict.fromkeys(tensors)
 
 
 def _name_shards(folder: Path, shards: list[dict]) -> list[str]:
@@ -222,7 +230,8 @@ def _sliced_config(model: nn.Module, widths: list[int]) -> dict:
     view, n = ModelView(model), base_width(model)
     a = view.arch
     overrides = {str(i): {a.width_attr: w} for i, w in enumerate(widths) if w != n}
-    return {"architectures": [CLASS], "auto_map": {"AutoModelForCausalLM": f"{MODELING[:-3]}.{CLASS}"},
+    cls = _base_class(model).__name__  # same name as the base class: pipelines accept it for text-generation
+    return {"architectures": [cls], "auto_map": {"AutoModelForCausalLM": f"{MODELING[:-3]}.{cls}"},
             "ffn_widths": widths, a.width_attr: n, "per_layer_config": overrides,
             "surgery_ffn": {"layers": a.layers, "ffn": a.ffn, "ffn_in": list(a.ffn_in), "ffn_out": a.ffn_out,
                             "ffn_kind": a.ffn_kind, "conv1d": a.conv1d}}
@@ -233,7 +242,7 @@ def _base_class(model: nn.Module) -> type:
     import transformers
 
     for cls in type(model).__mro__:
-        if cls.__name__ != CLASS and getattr(transformers, cls.__name__, None) is cls:
+        if getattr(transformers, cls.__name__, None) is cls:
             return cls
     raise UsageError(f"{type(model).__name__} is not a transformers model class; export a transformers model")
 
@@ -297,7 +306,8 @@ class {cls}(_Base):
 
 def modeling_source(model: nn.Module) -> str:
     """The generated modeling file of the sliced layout (imports only torch and transformers)."""
-    return _MODELING_TEMPLATE.format(version=__version__, base=_base_class(model).__name__, cls=CLASS)
+    name = _base_class(model).__name__
+    return _MODELING_TEMPLATE.format(version=__version__, base=name, cls=name)
 
 
 def _write_side_files(model: nn.Module, tokenizer, folder: Path, extra: dict[str, str | bytes]) -> None:
@@ -618,10 +628,26 @@ def _diff_heads(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: fl
     return {"heads_zeroed": zeroed, "heads_scaled": scaled, "heads_modified": modified}
 
 
+def _renamed(B: _Weights, O: _Weights, covered: set[str]) -> dict[str, str]:
+    """{base name: other name} for tensors saved under another name with identical values (e.g. NeoX
+    `embed_out` vs `lm_head`: checkpoint vs in-memory naming)."""
+    only_b, only_o = sorted(B.names() - O.names() - covered), sorted(O.names() - B.names() - covered)
+    pairs = {}
+    for nb in only_b:
+        b = B.get(nb)
+        for no in only_o:
+            o = O.get(no)
+            if no not in pairs.values() and o.shape == b.shape and torch.equal(o, b):
+                pairs[nb] = no
+                break
+    return pairs
+
+
 def _diff_others(B: _Weights, O: _Weights, covered: set[str], tol: float) -> list[dict]:
     out = []
+    renamed = _renamed(B, O, covered)
     for name in sorted(B.names() | O.names()):
-        if name in covered:
+        if name in covered or name in renamed or name in renamed.values():
             continue
         b, o = B.get(name), O.get(name)
         if b is None or o is None:

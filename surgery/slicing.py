@@ -143,7 +143,7 @@ def record_widths(model: nn.Module, widths: list[int], base: int) -> None:
     cfg = model.config
     attr = ModelView(model).arch.width_attr
     _allow_global(cfg)
-    if getattr(cfg, attr, None) in (None, 0):
+    if _global(cfg, attr) in (None, 0):
         setattr(cfg, attr, base)  # GPT-2 n_inner=None means 4*n_embd: make the base explicit
     cfg.ffn_widths = list(widths)
     overrides = {i: {attr: w} for i, w in enumerate(widths) if w != base}
