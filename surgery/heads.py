@@ -13,7 +13,8 @@ Exact and fast, without ever copying the model:
 Screen (`--mode screen`): the attribution -grad . z_h (mean: grad . (mean_h - z_h)) of the summed target log-prob,
 summed over positions, for all heads from one forward + one backward per batch; only the top `--verify K` heads
 get the exact scan, and the report names only heads with exact numbers.
-Sharding: under `accelerate launch` the work units (a layer's heads, in groups of G) are split across processes;
+Sharding: under `accelerate launch --multi_gpu --num_processes N -m surgery heads ...` (also on CPU, where it
+starts N processes joined by gloo; `--cpu` would start only one) the work units (a layer's heads, in groups of G) are split across processes;
 each appends finished units to DIR/heads.partial.r<rank>.jsonl, which is also what an interrupted scan resumes
 from; rank 0 merges. Units are the same whatever the process count, so merged results equal a 1-process run.
 """
@@ -324,7 +325,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     t0 = time.time()
     _check_options(task, ablation, mode)
     outdir = rep.check_out_dir(out) or Path("checkpoints") / "heads"
-    state = PartialState()
+    state = PartialState(cpu=device == "cpu")  # cpu: gloo process group across CPU processes
     per_rank_gpu = device == "cuda" and state.num_processes > 1  # one GPU per process under accelerate launch
     loaded = load_model(model, dtype, "cpu" if per_rank_gpu else device)
     if per_rank_gpu:

@@ -192,30 +192,26 @@ def test_run_writes_reports_and_screen_matches_exact(tiny_dir, tmp_path):
 
 def test_interrupted_scan_resumes(tiny_dir, tmp_path, monkeypatch):
     common = dict(model=str(tiny_dir), digits=(1,), ops=("-",), limit=20, batch_size=8, out=str(tmp_path))
-    calls = {"n": 0}
     real = H.ablated
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def flaky(view, b, layer, *a, **k):
+        if layer == 2:  # units are per layer here: layers 0 and 1 finish, then the scan is interrupted
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(view, b, layer, *a, **k)
 
     monkeypatch.setattr(H, "ablated", flaky)
     with pytest.raises(KeyboardInterrupt):
         H.run(**common)
     persisted = H.load_partial(tmp_path, next(iter(
         json.loads(l)["fingerprint"] for l in (tmp_path / "heads.partial.r0.jsonl").read_text().splitlines())))
-    assert 0 < len(persisted) < 12
-    calls["n"] = -10_000
+    assert sorted(persisted) == [(l, h) for l in (0, 1) for h in range(4)]
     seen = []
     monkeypatch.setattr(H, "ablated", lambda v, b, layer, hs, *a, **k: (seen.append((layer, hs)), real(v, b, layer, hs, *a, **k))[1])
     H.run(**common)
     assert all((l, h) not in persisted for l, hs in seen for h in hs)
     fresh = tmp_path.parent / "fresh"
     H.run(**{**common, "out": str(fresh)})
-    assert _rows(tmp_path) == _rows(fresh) or {k: v for k, v in _rows(tmp_path).items() if k != "baseline"} == \
-        {k: v for k, v in _rows(fresh).items() if k != "baseline"}
+    assert seen and _rows(tmp_path) == _rows(fresh)
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -228,8 +224,8 @@ def test_interrupted_scan_resumes(tiny_dir, tmp_path, monkeypatch):
 def test_bad_input_is_one_line_exit_2(tiny_dir, tmp_path, args, msg):
     r = _cli("--model", str(tiny_dir), "--out", str(tmp_path), "--limit", "4", *args)
     assert r.returncode == 2, r.stderr
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and msg in err[0], r.stderr
+    err = [l for l in r.stderr.strip().splitlines() if not l.startswith("Loading weights")]  # transformers' bar
+    assert len(err) == 1 and err[0].startswith("surgery: error:") and msg in err[0], r.stderr
 
 
 @pytest.mark.slow
@@ -240,7 +236,7 @@ def test_two_processes_equal_one(tiny_dir, tmp_path):
     one = _cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    two = subprocess.run(["accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "surgery", "heads", *args,
+    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m", "surgery", "heads", *args,
                           "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     assert len(list((tmp_path / "two").glob("heads.partial.r*.jsonl"))) == 2
