@@ -104,11 +104,12 @@ jobs = json.load(open(sys.argv[1]))
 res = {}
 for j in jobs:
     kw = dict(trust_remote_code=j["remote"], dtype=torch.float32)
-    m = AutoModelForCausalLM.from_pretrained(j["path"], attn_implementation="eager", **kw).eval()
+    attn = j.get("attn", "eager")
+    m = AutoModelForCausalLM.from_pretrained(j["path"], attn_implementation=attn, **kw).eval()
     ids = torch.load(j["ids"])
     with torch.no_grad():
         torch.save(m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, j["logits"])
-    p = pipeline("text-generation", model=j["path"], model_kwargs={"attn_implementation": "eager"}, **kw)
+    p = pipeline("text-generation", model=j["path"], model_kwargs={"attn_implementation": attn}, **kw)
     out = p(j["prompt"], max_new_tokens=8, do_sample=False, return_full_text=False)
     res[j["path"]] = {"text": out[0]["generated_text"], "module": type(m).__module__}
 assert "surgery" not in sys.modules and "peft" not in sys.modules
@@ -415,7 +416,8 @@ def test_real_smollm2_sliced_round_trip_and_diff(smol, tmp_path, clean_python):
     out = tmp_path / "smol-sliced"
     export.save(model, smol.tokenizer, out, layout="sliced", base="smollm2-135m", max_shard_size="200MB")
     res = load_in_clean_env(clean_python, [{"path": str(out), "remote": True, "ids": str(tmp_path / "ids.pt"),
-                                            "logits": str(tmp_path / "l.pt"), "prompt": prompt}], tmp_path)
+                                            "logits": str(tmp_path / "l.pt"), "prompt": prompt,
+                                            "attn": model.config._attn_implementation}], tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "l.pt"), ref, atol=ATOL, rtol=0)
     assert res[str(out)]["text"] == greedy_text(model, smol.tokenizer, prompt)
     r = export.diff("smollm2-135m", str(out))
