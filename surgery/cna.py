@@ -88,6 +88,7 @@ class Scorer:
         self.WU = view.unembed_matrix().float()
         self.wu_max = self.WU.norm(dim=1).max()
         self.cap = view.softcap
+        self.top_tokens = 32
         self.layer_cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def _centre(self, x: Tensor) -> Tensor:
@@ -122,12 +123,41 @@ class Scorer:
         return self.s.m[layer] * proj
 
     @torch.no_grad()
-    def lower_bound(self, layer: int) -> Tensor:
-        """lb [B, N] <= exact score (convexity + variance bound of the softmax along D_k)."""
+    def bounds(self, layer: int) -> tuple[Tensor, Tensor]:
+        """(lo, hi) [B, N] with lo <= exact score <= hi, for every neuron.
+
+        log-sum-exp over the vocabulary is split into the base top tokens S (computed exactly for every neuron:
+        N x |S| work) and the rest R, whose shift under the neuron is bounded by the neuron's vocabulary range
+        of D_k (precomputed once per layer). Tight when the base distribution sits on S. Soft-capped models get
+        (-inf, first-order) (no valid bound; their top-k is not certified)."""
+        if self.cap:
+            fo = self.first_order(layer)
+            return torch.full_like(fo, float("-inf")), fo
+        z0 = self._base(layer)[0]
+        lse0 = z0.logsumexp(-1, keepdim=True)
+        S = torch.unique(torch.cat([z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices.flatten(), self.target]))
+        zr = z0.clone()
+        zr[:, S] = float("-inf")
+        log_zr = zr.logsumexp(-1, keepdim=True)  # [B, 1]
         d = self._dirs(layer)
-        norms = self._centre(self.gain * d).norm(dim=-1)  # [N] or [B, N]
-        rng = 2 * norms * self.wu_max / self.sigma
-        return self.first_order(layer) - (self.s.m[layer] * rng) ** 2 / 8
+        ds = (self._centre(d) * self.gain) @ self.WU[S].T  # [N, U] or [B, N, U]
+        a = self.s.m[layer] / self.sigma  # [B, N]
+        log_a = (z0[:, None, S] + a[..., None] * ds).logsumexp(-1)
+        hi_d, lo_d = self.vocab_range(layer)
+        m_hi, m_lo = torch.maximum(a * hi_d, a * lo_d), torch.minimum(a * hi_d, a * lo_d)
+        wpos = torch.searchsorted(S, self.target)  # [B]
+        dw = ds[:, wpos].T if ds.dim() == 2 else ds[torch.arange(len(wpos)), :, wpos]
+        lin = a * dw + lse0
+        return lin - torch.logaddexp(log_a, log_zr + m_hi), lin - torch.logaddexp(log_a, log_zr + m_lo)
+
+    def vocab_range(self, layer: int) -> tuple[Tensor, Tensor]:
+        """(max_j D_kj, min_j D_kj) over the whole vocabulary at sigma = 1: [N] each (exact, cached per layer),
+        or a Cauchy-Schwarz bound [B, N] when a post-FFN norm makes D_k depend on the case."""
+        d = self._dirs(layer)
+        if d.dim() == 3:
+            r = self._centre(self.gain * d).norm(dim=-1) * self.wu_max
+            return r, -r
+        return _vocab_range(self, layer, d)
 
     @torch.no_grad()
     def exact(self, layer: int, idx: Tensor) -> Tensor:
@@ -180,7 +210,7 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, start: int | None
     Candidates are rescored in order of their upper bounds (doubling) until the k-th best exact value is at least
     the largest upper bound of any neuron not rescored. Soft-capped models cannot use the bound: their top-k is
     marked uncertified unless every neuron was rescored. Returns the top-k and a dense [B, N] estimate per layer
-    (exact where rescored, first-order elsewhere) for aggregation."""
+    (exact where rescored, the middle of the certified interval elsewhere) for aggregation."""
     layers = a.s.layers
     fo, hi, lo = _stack_bounds(a, b, layers)
     widths = [a.view.ffn_width(l) for l in layers]
@@ -209,15 +239,16 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, start: int | None
 
 
 def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    fo, hi, lo = [], [], []
+    """(estimate, hi, lo) [B, sum N] over the chosen layers, for a score or a delta a - b."""
+    est, hi, lo = [], [], []
     for layer in layers:
-        fa, la = a.first_order(layer), a.lower_bound(layer)
-        if b is None:
-            fo.append(fa), hi.append(fa), lo.append(la)
-        else:
-            fb, lb = b.first_order(layer), b.lower_bound(layer)
-            fo.append(fa - fb), hi.append(fa - lb), lo.append(la - fb)
-    return torch.cat(fo, 1), torch.cat(hi, 1), torch.cat(lo, 1)
+        la, ha = a.bounds(layer)
+        if b is not None:
+            lb, hb = b.bounds(layer)
+            la, ha = la - hb, ha - lb
+        hi.append(ha), lo.append(la)
+        est.append(torch.where(la.isinf(), ha, (la + ha) / 2))
+    return torch.cat(est, 1), torch.cat(hi, 1), torch.cat(lo, 1)
 
 
 def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, cand: Tensor, exact: Tensor) -> None:
@@ -234,6 +265,22 @@ def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, ca
         vals = a.exact(layer, idx) - (b.exact(layer, idx) if b is not None else 0.0)
         keep = ~pad
         exact[torch.arange(idx.shape[0])[:, None].expand_as(idx)[keep], (idx + offsets[i])[keep]] = vals[keep]
+
+
+def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact per-neuron max/min of W_U (g * centre(v_k)) over the vocabulary, chunked; cached on the weight
+    tensor itself (so it lives and dies with the model) and recomputed when any input weight is edited."""
+    w = sc.view.ffn_out(layer).weight
+    version = w._version + sc.view.unembed_matrix()._version + sc.view.final_norm.weight._version
+    hit = getattr(w, "_surgery_vocab_range", None)
+    if hit is None or hit[0] != version:
+        hi, lo = [], []
+        for ch in d.split(sc.chunk):
+            rows = (sc._centre(ch) * sc.gain) @ sc.WU.T
+            hi.append(rows.amax(-1)), lo.append(rows.amin(-1))
+        hit = (version, torch.cat(hi), torch.cat(lo))
+        w._surgery_vocab_range = hit
+    return hit[1], hit[2]
 
 
 def _ragged(rows: Tensor, vals: Tensor, B: int) -> tuple[Tensor, Tensor]:
@@ -325,7 +372,7 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
     if exhaustive:
         return _exhaustive(a, b, layers, k, w)
     top, dense = certified_topk(a, k, b)
-    imp_a = dense if b is None else {l: a.first_order(l) for l in layers}
+    imp_a = dense if b is None else {l: sum(a.bounds(l)) / 2 for l in layers}
     return Comparison(top, w, sa.m, b.s.m if b else None, imp_a, dense, a, b)
 
 
