@@ -74,11 +74,14 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, **kwargs) -> 
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    layout = json.loads((path / MANIFEST).read_text()).get("layout") if (path / MANIFEST).exists() else None
-    kw = dict(trust_remote_code=layout == "sliced", **kwargs)
+    manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else {}
+    kw = dict(trust_remote_code=manifest.get("layout") == "sliced", **kwargs)
     if dtype is not None:
         kw["dtype"] = _dtype(dtype)
-    return AutoModelForCausalLM.from_pretrained(str(path), **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kw).eval()
+    if manifest.get("layout") == "sliced":  # so a re-export (e.g. --layout padded) knows where neurons were
+        model.surgery_kept = _kept_from(manifest, model)
+    return model
 
 
 def _check_layout(model: nn.Module, layout: str, kept: dict[int, list[int]]) -> None:

@@ -209,6 +209,15 @@ def test_checkpoint_folder_is_self_describing(round_trips):
         assert "auto_map" not in cfg and "per_layer_config" not in cfg and cfg["intermediate_size"] == N
 
 
+def test_reloaded_sliced_model_re_exports_padded(tmp_path):
+    model, _ = make_case("gpt2", "sliced")
+    export.save(model, None, tmp_path / "s", layout="sliced")
+    back = export.load(tmp_path / "s")
+    export.save(back, None, tmp_path / "p", layout="padded")
+    r = export.diff(str(_base_folder("gpt2", tmp_path)), str(tmp_path / "p"))
+    assert r.data["layers"][2]["zeroed"] == sorted(set(range(N)) - set(KEEP[2]))
+
+
 def test_dtype_and_single_file(tmp_path):
     model, _ = make_case("llama", "sliced")
     export.save(model, None, tmp_path / "bf", layout="sliced", dtype="bfloat16")
