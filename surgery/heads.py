@@ -57,6 +57,7 @@ class Batch:
     targets: Tensor
     case_idx: Tensor  # indices into the scan's case list
     keep: int
+    prefix: int = 0  # leading tokens shared by every row (computed once per ablation, then reused via a KV cache)
 
     def inputs(self, device, repeat: int = 1) -> dict:
         rep_ = (lambda t: t.to(device).repeat(repeat, 1))
@@ -64,9 +65,12 @@ class Batch:
                     position_ids=rep_(self.position_ids), logits_to_keep=self.keep, use_cache=False)
 
 
-def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size: int, pad_id: int = 0) -> list[Batch]:
+def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size: int, pad_id: int = 0,
+         window: int | None = None) -> list[Batch]:
     """Group cases whose context is a prefix of another case's context (same sequence, earlier position) and
-    batch the sequences, `batch_size` per batch, in order of length. Exactly one case per (sequence, position)."""
+    batch the sequences, `batch_size` per batch, in lexicographic order. Exactly one case per (sequence, position).
+    Rows are laid out as shared prefix | left padding | suffix (positions count real tokens), so the tokens every
+    row of a batch starts with (`share`) can be run once per ablation."""
     from .evaluate import left_pad
 
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
@@ -82,17 +86,29 @@ def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size:
                 home.setdefault(key[:j], len(seqs) - 1)
         s = home[key]
         members[s].append((i, len(seqs[s]) - len(key)))
-    by_len = sorted(range(len(seqs)), key=lambda s: (len(seqs[s]), s))
+    share = window is None or max(map(len, seqs)) <= window
+    order = sorted(range(len(seqs)), key=lambda s: (seqs[s], s))  # lexicographic: batches share long prefixes
     out = []
-    for start in range(0, len(by_len), batch_size):
-        chunk = by_len[start:start + batch_size]
-        ids, mask = left_pad([seqs[s] for s in chunk], pad_id)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
         cs = [(r, i, o) for r, s in enumerate(chunk) for i, o in members[s]]
         keep = 1 + max(o for _, _, o in cs)
+        P = min(_common_prefix([seqs[s] for s in chunk]), min(len(seqs[s]) for s in chunk) - keep) if share else 0
+        ids, mask = left_pad([seqs[s][P:] for s in chunk], pad_id)  # layout: shared prefix | pad | suffix
+        pre = torch.tensor([seqs[chunk[0]][:P]], dtype=torch.long).expand(len(chunk), P)
+        ids, mask = torch.cat([pre, ids], 1), torch.cat([torch.ones_like(pre), mask], 1)
         out.append(Batch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), torch.tensor([c[0] for c in cs]),
                          torch.tensor([c[2] for c in cs]), torch.tensor([int(targets[c[1]]) for c in cs]),
-                         torch.tensor([c[1] for c in cs]), keep))
+                         torch.tensor([c[1] for c in cs]), keep, max(P, 0)))
     return out
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for j in range(n):
+        if any(s[j] != seqs[0][j] for s in seqs):
+            return j
+    return n
 
 
 # ---- the engine -------------------------------------------------------------------------------------------
@@ -123,14 +139,47 @@ def ablated(view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: 
             repl: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Each head of `layer` in `heads` ablated on its own (one stacked forward from `layer` upward, on the clean
     residual `resid`): (correct [len(heads), n], log-prob [len(heads), n])."""
-    G, B, H = len(heads), b.input_ids.shape[0], view.n_heads
-    mask = torch.ones(G, B, H)
-    mask[torch.arange(G), :, torch.tensor(list(heads))] = 0.0
+    G, B, H, P = len(heads), b.input_ids.shape[0], view.n_heads, b.prefix
+    mask = torch.ones(G, H)
+    mask[torch.arange(G), torch.tensor(list(heads))] = 0.0
+    mask, dev, cache = mask.to(resid.device), _device(view), None
     with Hooks(view) as h:
-        h.ablate_heads(layer, mask.view(G * B, H).to(resid.device), replacement=repl)
-        with run_from(view, layer, resid.repeat(G, 1, 1)):
-            logits = view.model(**b.inputs(_device(view), repeat=G)).logits
+        if P:  # the shared prefix: one row per head, keys/values kept in a cache for every row of the batch
+            cache = _tail_cache(view.config, layer)
+            h.ablate_heads(layer, mask, replacement=repl)
+            with run_from(view, layer, resid[:1, :P].repeat(G, 1, 1)):
+                view.model(input_ids=b.input_ids[:1, :P].to(dev).repeat(G, 1), position_ids=b.position_ids[:1, :P].to(dev).repeat(G, 1),
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(B)
+        h.ablate_heads(layer, mask.repeat_interleave(B, 0), replacement=repl)
+        inp = b.inputs(dev, repeat=G)
+        inp.update(input_ids=inp["input_ids"][:, P:], position_ids=inp["position_ids"][:, P:])
+        if P:
+            inp.update(past_key_values=cache, use_cache=True)
+        with run_from(view, layer, resid[:, P:].repeat(G, 1, 1)):
+            logits = view.model(**inp).logits
     return _score(logits, b, G)
+
+
+def _tail_cache(config, first: int):
+    """A DynamicCache that only layers >= `first` fill (prefix reuse); questions the model's forward asks about
+    lower layers (past length, mask sizes) are answered by the first filled layer of the same kind."""
+    from transformers import DynamicCache
+
+    class TailCache(DynamicCache):
+        def _map(self, i: int) -> int:
+            if i >= first or i >= len(self.layers):
+                return i
+            kind = self.is_sliding[i]
+            return next((j for j in range(first, len(self.layers)) if self.is_sliding[j] == kind), first)
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return super().get_seq_length(self._map(layer_idx))
+
+        def get_mask_sizes(self, query_length, layer_idx: int):
+            return super().get_mask_sizes(query_length, self._map(layer_idx))
+
+    return TailCache(config=config)
 
 
 def _device(view: ModelView) -> torch.device:
@@ -384,7 +433,8 @@ def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[d
         raise UsageError("no arithmetic problems for these options; widen --digits/--ops or raise --limit")
     cases = arithmetic.cases(problems, loaded.tokenizer)
     labels = {c: list(cases[c]) for c in ("op", "group", "case_type", "digits")}
-    return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer))
+    window = getattr(loaded.model.config, "sliding_window", None)
+    return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer), window)
 
 
 def _fingerprint(loaded, config: dict, heads) -> str:

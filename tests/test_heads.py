@@ -24,11 +24,12 @@ SMOL = ROOT / "checkpoints" / "base" / "smollm2-135m"
 
 
 def _cases(n_seq: int = 5, seed: int = 3):
-    """Random sequences of varied length; each contributes 1-3 teacher-forced cases (its prefixes)."""
+    """Random sequences of varied length, all but the first sharing a 3-token prefix (so batches take both the
+    shared-prefix cache path and the plain one); each contributes 1-3 teacher-forced cases (its prefixes)."""
     g = torch.Generator().manual_seed(seed)
     ids, tgts = [], []
     for s in range(n_seq):
-        seq = torch.randint(3, VOCAB, (4 + s % 3 + 2,), generator=g).tolist()
+        seq = ([] if s == 0 else [5, 6, 7]) + torch.randint(3, VOCAB, (4 + s % 3,), generator=g).tolist()
         for cut in range(len(seq) - 1 - s % 3, len(seq)):
             ids.append(seq[:cut])
             tgts.append(seq[cut])
@@ -60,6 +61,7 @@ def test_run_from_equals_full_forward(arch):
     v = ModelView(model)
     ids, tgts = _cases()
     b = H.pack(ids, tgts, batch_size=8)[0]
+    assert b.prefix == 0 and H.pack(ids[1:], tgts[1:], 8)[0].prefix == 3
     full, _, resid = H.clean(v, b, range(v.n_layers))
     types = getattr(v.config, "layer_types", None)
     with torch.no_grad():
@@ -76,7 +78,9 @@ def test_batched_scan_equals_naive_weight_zeroing(arch):
     model = make_tiny(arch)
     v = ModelView(model)
     ids, tgts = _cases()
-    batches = H.pack(ids, tgts, batch_size=3)  # several batches, several lengths, left padding
+    window = getattr(v.config, "sliding_window", None)
+    batches = H.pack(ids, tgts, batch_size=3, window=window)  # several batches and lengths, left padding
+    assert {b.prefix for b in batches} == ({0} if arch == "gemma3" else {0, 3})  # gemma3: window 4 < length
     heads = [(l, h) for l in range(v.n_layers) for h in range(v.n_heads)]
     got = H.scan(v, batches, len(ids), heads, progress=False)
     for l, h in heads:
@@ -92,7 +96,7 @@ def test_mean_ablation_scan_equals_naive(arch):
     model = make_tiny(arch)
     v = ModelView(model)
     ids, tgts = _cases()
-    batches = H.pack(ids, tgts, batch_size=4)
+    batches = H.pack(ids, tgts, batch_size=4, window=getattr(v.config, "sliding_window", None))
     means = H.head_means(v, batches)
     got = H.scan(v, batches, len(ids), [(1, 2), (2, 0)], repl=means, progress=False)
     for l, h in [(1, 2), (2, 0)]:
