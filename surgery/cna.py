@@ -88,7 +88,7 @@ class Scorer:
         self.WU = view.unembed_matrix().float()
         self.wu_max = self.WU.norm(dim=1).max()
         self.cap = view.softcap
-        self.top_tokens = 32
+        self.top_tokens = 64
         self.layer_cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def _centre(self, x: Tensor) -> Tensor:
@@ -126,29 +126,38 @@ class Scorer:
     def bounds(self, layer: int) -> tuple[Tensor, Tensor]:
         """(lo, hi) [B, N] with lo <= exact score <= hi, for every neuron.
 
-        log-sum-exp over the vocabulary is split into the base top tokens S (computed exactly for every neuron:
-        N x |S| work) and the rest R, whose shift under the neuron is bounded by the neuron's vocabulary range
-        of D_k (precomputed once per layer). Tight when the base distribution sits on S. Soft-capped models get
-        (-inf, first-order) (no valid bound; their top-k is not certified)."""
+        The new log-sum-exp is split into each case's base top tokens S (computed exactly for every neuron:
+        N x |S| work) and the tail R. With q the base distribution on R and X = D_k[j], j ~ q:
+        Jensen gives E exp(aX) >= exp(a E X) (E X is linear: O(N d)), and Hoeffding's lemma with the neuron's
+        vocabulary range gives E exp(aX) <= exp(a E X + a^2 range^2 / 8), also <= exp(max(a max D, a min D)).
+        Soft-capped models get (-inf, first-order): no valid bound, their top-k is not certified."""
         if self.cap:
             fo = self.first_order(layer)
             return torch.full_like(fo, float("-inf")), fo
         z0 = self._base(layer)[0]
+        B = z0.shape[0]
         lse0 = z0.logsumexp(-1, keepdim=True)
-        S = torch.unique(torch.cat([z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices.flatten(), self.target]))
-        zr = z0.clone()
-        zr[:, S] = float("-inf")
-        log_zr = zr.logsumexp(-1, keepdim=True)  # [B, 1]
-        d = self._dirs(layer)
-        ds = (self._centre(d) * self.gain) @ self.WU[S].T  # [N, U] or [B, N, U]
+        top = z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices  # any split of the vocabulary is valid:
+        missing = ~(top == self.target[:, None]).any(1)  # make sure the target is in S
+        top[missing, -1] = self.target[missing]
+        wcol = (top == self.target[:, None]).float().argmax(1)  # [B]
+        S, col = torch.unique(top, return_inverse=True)  # union of the cases' top tokens; col: per-case columns
+        tail = z0.scatter(1, top, float("-inf"))
+        log_zr = tail.logsumexp(-1, keepdim=True)  # [B, 1]
+        q = torch.softmax(tail, -1).nan_to_num(0.0)  # tail distribution [B, V]
+        d = self._centre(self._dirs(layer)) * self.gain  # [N, d] or [B, N, d]
+        ds = d @ self.WU[S].T  # [N, U] or [B, N, U]
+        mean_u = q @ self.WU  # [B, d]
+        mean_d = mean_u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, mean_u)  # E_q D_k [B, N]
         a = self.s.m[layer] / self.sigma  # [B, N]
-        log_a = (z0[:, None, S] + a[..., None] * ds).logsumexp(-1)
+        cols = col.view(B, 1, -1).expand(B, ds.shape[-2], -1)
+        dS = ds.expand(B, *ds.shape[-2:]).gather(2, cols)  # [B, N, s]
+        log_a = (z0.gather(1, top)[:, None, :] + a[..., None] * dS).logsumexp(-1)
         hi_d, lo_d = self.vocab_range(layer)
-        m_hi, m_lo = torch.maximum(a * hi_d, a * lo_d), torch.minimum(a * hi_d, a * lo_d)
-        wpos = torch.searchsorted(S, self.target)  # [B]
-        dw = ds[:, wpos].T if ds.dim() == 2 else ds[torch.arange(len(wpos)), :, wpos]
-        lin = a * dw + lse0
-        return lin - torch.logaddexp(log_a, log_zr + m_hi), lin - torch.logaddexp(log_a, log_zr + m_lo)
+        hoeffding = a * mean_d + (a * (hi_d - lo_d)) ** 2 / 8
+        worst = torch.minimum(torch.maximum(a * hi_d, a * lo_d), hoeffding)
+        lin = a * dS.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0] + lse0
+        return lin - torch.logaddexp(log_a, log_zr + worst), lin - torch.logaddexp(log_a, log_zr + a * mean_d)
 
     def vocab_range(self, layer: int) -> tuple[Tensor, Tensor]:
         """(max_j D_kj, min_j D_kj) over the whole vocabulary at sigma = 1: [N] each (exact, cached per layer),
@@ -203,39 +212,36 @@ class TopK:
 
 
 @torch.no_grad()
-def certified_topk(a: Scorer, k: int, b: Scorer | None = None, start: int | None = None,
-                   max_rescore: int = 4096) -> tuple[TopK, dict[int, Tensor]]:
+def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
+                   max_rescore: int = 8192) -> tuple[TopK, dict[int, Tensor]]:
     """Top-k neurons per case by exact score (one setting) or by exact delta a - b (comparison).
 
-    Candidates are rescored in order of their upper bounds (doubling) until the k-th best exact value is at least
-    the largest upper bound of any neuron not rescored. Soft-capped models cannot use the bound: their top-k is
-    marked uncertified unless every neuron was rescored. Returns the top-k and a dense [B, N] estimate per layer
-    (exact where rescored, the middle of the certified interval elsewhere) for aggregation."""
+    Round 1 rescores, per case, the k + margin neurons with the highest upper bounds; its k-th best exact value
+    tau is a lower bound of the final k-th value, so round 2 rescores every other neuron whose upper bound
+    exceeds tau. Nothing unscored can then enter the top-k: the result equals the exhaustive top-k (certified).
+    Soft-capped models have no valid bound and are certified only if everything was rescored; a case needing
+    more than `max_rescore` exact scores is left uncertified. Returns the top-k and a dense [B, N] estimate per
+    layer (exact where rescored, the middle of the certified interval elsewhere) for aggregation."""
     layers = a.s.layers
-    fo, hi, lo = _stack_bounds(a, b, layers)
-    widths = [a.view.ffn_width(l) for l in layers]
-    offsets = torch.tensor([0] + widths).cumsum(0)
-    B, total = fo.shape
+    est, hi, lo = _stack_bounds(a, b, layers)
+    offsets = torch.tensor([0] + [a.view.ffn_width(l) for l in layers]).cumsum(0)
+    B, total = est.shape
     exact = torch.full((B, total), float("nan"))
     order = hi.argsort(dim=1, descending=True)
-    c = min(total, start or max(2 * k, k + 64))
-    done = 0
-    certified = torch.zeros(B, dtype=torch.bool)
+    first = min(total, k + margin)
+    _rescore(a, b, layers, offsets, torch.ones(B, first, dtype=torch.bool), order[:, :first], exact)
+    tau = exact.nan_to_num(float("-inf")).topk(min(k, total), dim=1).values[:, -1:]
+    need = (hi.gather(1, order) > tau) & (torch.arange(total) >= first) & (torch.arange(total) < max_rescore)
+    _rescore(a, b, layers, offsets, need, order, exact)
+    top = exact.nan_to_num(float("-inf")).topk(min(k, total), dim=1)
     bound_ok = not (a.cap or (b is not None and b.cap))
-    while True:
-        _rescore(a, b, layers, offsets, order[:, done:c], exact)
-        done = c
-        top = exact.nan_to_num(float("-inf")).topk(min(k, total), dim=1)
-        nxt = hi.gather(1, order[:, c:c + 1]).squeeze(1) if c < total else torch.full((B,), float("-inf"))
-        certified = (top.values[:, -1] >= nxt) & bound_ok if c < total else torch.ones(B, dtype=torch.bool)
-        if bool(certified.all()) or c >= min(total, max_rescore):
-            break
-        c = min(total, 2 * c, max_rescore)
-    dense = torch.where(exact.isnan(), fo, exact)
+    left = hi.masked_fill(~exact.isnan(), float("-inf")).amax(1)
+    certified = (top.values[:, -1] >= left) & bound_ok | ~exact.isnan().any(1)
+    dense = torch.where(exact.isnan(), est, exact)
     layer_of = torch.bucketize(top.indices.contiguous(), offsets[1:], right=True)
     per_layer = {l: dense[:, offsets[i]:offsets[i + 1]] for i, l in enumerate(layers)}
-    result = TopK(torch.tensor(layers)[layer_of], top.indices - offsets[layer_of], top.values, certified, done * B)
-    return result, per_layer
+    spent = int((~exact.isnan()).sum())
+    return TopK(torch.tensor(layers)[layer_of], top.indices - offsets[layer_of], top.values, certified, spent), per_layer
 
 
 def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -251,17 +257,19 @@ def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tenso
     return torch.cat(est, 1), torch.cat(hi, 1), torch.cat(lo, 1)
 
 
-def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, cand: Tensor, exact: Tensor) -> None:
-    """Exact (delta) scores for candidate flat indices cand [B, C], written into `exact`."""
-    if cand.numel() == 0:
+def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, want: Tensor, cand: Tensor,
+             exact: Tensor) -> None:
+    """Exact (delta) scores of the flat neuron indices cand[want] (per case row), written into `exact`."""
+    rows, cols = want.nonzero(as_tuple=True)
+    if len(rows) == 0:
         return
-    layer_of = torch.bucketize(cand.contiguous(), offsets[1:], right=True)
+    flat = cand[rows, cols]
+    layer_of = torch.bucketize(flat.contiguous(), offsets[1:], right=True)
     for i, layer in enumerate(layers):
-        rows, cols = (layer_of == i).nonzero(as_tuple=True)
-        if len(rows) == 0:
+        sel = layer_of == i
+        if not sel.any():
             continue
-        flat = cand[rows, cols]
-        idx, pad = _ragged(rows, flat - offsets[i], cand.shape[0])
+        idx, pad = _ragged(rows[sel], flat[sel] - offsets[i], want.shape[0])
         vals = a.exact(layer, idx) - (b.exact(layer, idx) if b is not None else 0.0)
         keep = ~pad
         exact[torch.arange(idx.shape[0])[:, None].expand_as(idx)[keep], (idx + offsets[i])[keep]] = vals[keep]
