@@ -14,7 +14,10 @@ post-FFN norm (Gemma) and is 1 elsewhere. Hence:
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,7 @@ from torch import Tensor
 from .arch import ModelView
 from .errors import UsageError
 from .hooks import Hooks
+from .models import home
 
 HeadList = tuple[tuple[int, int], ...]
 
@@ -53,7 +57,9 @@ def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: 
         for layer, s in (neuron_scale or {}).items():
             h.scale_neurons(layer, s)
         h.capture("m", layers).capture("ffn", layers).capture("resid", sorted(set(layers) | {last}))
-        out = view.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), logits_to_keep=1)
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count positions from the first token
+        out = view.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                         position_ids=pos.to(dev), logits_to_keep=1, use_cache=False)
     m = {l: h.store["m", l].float() for l in layers}
     c = {l: _post_scale(view, l, m[l]) for l in layers}
     r = {l: (h.store["resid", l] - h.store["ffn", l]).float() for l in layers}
@@ -276,19 +282,51 @@ def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, wa
 
 
 def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact per-neuron max/min of W_U (g * centre(v_k)) over the vocabulary, chunked; cached on the weight
-    tensor itself (so it lives and dies with the model) and recomputed when any input weight is edited."""
+    """Exact per-neuron max/min of W_U (g * centre(v_k)) over the vocabulary (the paper's N x V x d product, once).
+
+    Cached on the weight tensor (lives and dies with the model, recomputed when an input weight is edited) and on
+    disk under $SURGERY_HOME/cache keyed by a hash of the weights, so later runs on the same model skip it."""
     w = sc.view.ffn_out(layer).weight
     version = w._version + sc.view.unembed_matrix()._version + sc.view.final_norm.weight._version
     hit = getattr(w, "_surgery_vocab_range", None)
     if hit is None or hit[0] != version:
-        hi, lo = [], []
-        for ch in d.split(sc.chunk):
-            rows = (sc._centre(ch) * sc.gain) @ sc.WU.T
-            hi.append(rows.amax(-1)), lo.append(rows.amin(-1))
-        hit = (version, torch.cat(hi), torch.cat(lo))
+        key = _fingerprint(d, sc)
+        path = home() / "cache" / "vocab-range" / f"{key}.pt"
+        if path.exists():
+            hi, lo = torch.load(path)
+        else:
+            parts = [((sc._centre(ch) * sc.gain) @ sc.WU.T).aminmax(dim=-1) for ch in d.split(sc.chunk)]
+            lo, hi = torch.cat([p.min for p in parts]), torch.cat([p.max for p in parts])
+            _save_quietly(path, (hi, lo))
+        hit = (version, hi, lo)
         w._surgery_vocab_range = hit
     return hit[1], hit[2]
+
+
+def _fingerprint(d: Tensor, sc: Scorer) -> str:
+    """sha256 of the value vectors, the unembedding and the final gain (what the vocabulary range depends on)."""
+    wu = sc.view.unembed_matrix()
+    mem = getattr(wu, "_surgery_sha", None)
+    if mem is None or mem[0] != wu._version:
+        h = hashlib.sha256(wu.detach().float().cpu().numpy().tobytes())
+        h.update(sc.gain.cpu().numpy().tobytes())
+        h.update(sc.view.arch.norm_kind.encode())
+        mem = (wu._version, h.hexdigest())
+        wu._surgery_sha = mem
+    h = hashlib.sha256(mem[1].encode())
+    h.update(d.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _save_quietly(path: Path, obj) -> None:
+    """Best-effort cache write (atomic); a read-only disk only costs recomputation."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _ragged(rows: Tensor, vals: Tensor, B: int) -> tuple[Tensor, Tensor]:
@@ -403,3 +441,53 @@ def neuron_name(layer: int, index: int) -> str:
 
 def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+# ---- dataset mode ---------------------------------------------------------------------------------------------
+@dataclass
+class Scan:
+    """CNA over many cases: per-case certified top-k lists and per-neuron aggregates."""
+
+    layers: list[int]
+    k: int
+    top_layer: Tensor  # [C, k]
+    top_index: Tensor  # [C, k]
+    top_score: Tensor  # [C, k] exact scores / deltas
+    certified: Tensor  # [C] bool
+    targets: Tensor  # [C]
+    total: dict[int, Tensor]  # layer -> [N] sum over cases (exact where rescored, interval middle elsewhere)
+    coef_a: dict[int, Tensor]  # layer -> [N] mean coefficient over cases, setting A
+    coef_b: dict[int, Tensor] | None
+    rescored: int = 0
+
+    def per_case_sets(self) -> dict[int, set[int]]:
+        """Union over cases of each case's top-k, per layer: the pruner's 'topN' keep set."""
+        keep: dict[int, set[int]] = {l: set() for l in self.layers}
+        for l, i in zip(self.top_layer.flatten().tolist(), self.top_index.flatten().tolist()):
+            keep[l].add(i)
+        return keep
+
+
+def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
+         view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
+         targets: list[int] | None = None, batch_size: int = 16, progress: bool = True) -> Scan:
+    """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import left_pad
+
+    parts: list[Comparison] = []
+    for s in tqdm(range(0, len(seqs), batch_size), desc="cna", disable=not progress, unit="batch"):
+        e = s + batch_size
+        batch_a = left_pad(seqs[s:e], pad_id)
+        batch_b = left_pad(seqs_b[s:e], pad_id) if seqs_b is not None else None
+        tgt = torch.tensor(targets[s:e]) if targets is not None else None
+        parts.append(compare(view_a, batch_a, layers, k, view_b=view_b, batch_b=batch_b, ablate_b=ablate_b,
+                             target=tgt))
+    cat = lambda f: torch.cat([f(p) for p in parts])  # noqa: E731
+    return Scan(layers, k, cat(lambda p: p.top.layer), cat(lambda p: p.top.index), cat(lambda p: p.top.score),
+                cat(lambda p: p.top.certified), cat(lambda p: p.target),
+                {l: sum(p.delta[l].sum(0) for p in parts) for l in layers},
+                {l: cat(lambda p: p.coef_a[l]).mean(0) for l in layers},
+                {l: cat(lambda p: p.coef_b[l]).mean(0) for l in layers} if parts[0].coef_b is not None else None,
+                sum(p.top.rescored for p in parts))

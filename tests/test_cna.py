@@ -124,3 +124,18 @@ def test_parse_layers_and_target_errors():
         cna.parse_layers("28-31", 30)
     with pytest.raises(UsageError, match="bad layer range"):
         cna.parse_layers("x-y", 30)
+
+
+def test_scan_aggregates_batches_and_padding_does_not_matter():
+    model = lively("llama")
+    view = ModelView(model)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (4, 7, 5, 6, 3)]
+    whole = cna.scan(view, seqs, [1, 2], k=6, pad_id=0, batch_size=5, progress=False)
+    split = cna.scan(view, seqs, [1, 2], k=6, pad_id=0, batch_size=2, progress=False)
+    torch.testing.assert_close(whole.top_score, split.top_score, atol=1e-5, rtol=0)
+    assert whole.certified.all()
+    one = cna.compare(view, (torch.tensor([seqs[1]]), torch.ones(1, 7, dtype=torch.long)), [1, 2], k=6)
+    torch.testing.assert_close(whole.top_score[1], one.top.score[0], atol=1e-5, rtol=0)
+    keep = whole.per_case_sets()
+    assert sum(len(v) for v in keep.values()) >= 6
