@@ -1,0 +1,133 @@
+"""Recipes: YAML files validated into dataclasses, found by name (shipped in recipes/) or by path.
+
+A recipe file may hold a `quick:` section: a partial recipe merged over the rest when `--quick` is given.
+Any field can be overridden with dotted keys (`--set lora.rank=8`); an unknown key is one clear error.
+
+    @dataclass
+    class Lora:
+        rank: int = 8
+    @dataclass
+    class MyRecipe:
+        name: str = "x"
+        lora: Lora = field(default_factory=Lora)
+    r = recipe.load("arithmetic-prune", MyRecipe, overrides=["lora.rank=4"], quick=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import UsageError
+
+T = TypeVar("T")
+
+
+def shipped() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(p.name[:-5] for p in importlib.resources.files("surgery.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def find(name_or_path: str) -> Path:
+    """A recipe path from a shipped name or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise UsageError(f"recipe file {path} does not exist")
+        return path
+    res = importlib.resources.files("surgery.recipes") / f"{name_or_path}.yaml"
+    if not res.is_file():
+        raise UsageError(f"unknown recipe {name_or_path!r}; shipped: {', '.join(shipped())}, or give a .yaml path")
+    return Path(str(res))
+
+
+def load(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, ...] = (), quick: bool = False) -> T:
+    """Read, merge the quick profile, apply overrides, validate into `schema`."""
+    path = find(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise UsageError(f"recipe {path} must be a mapping of keys to values")
+    profile = raw.pop("quick", None) or {}
+    if quick:
+        raw = merge(raw, profile)
+    for item in overrides:
+        raw = merge(raw, dotted(item))
+    return build(schema, raw, where=path.name)
+
+
+def dotted(item: str) -> dict:
+    """'lora.rank=8' -> {'lora': {'rank': 8}} (the value parsed as YAML: numbers, lists, booleans)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UsageError(f"override {item!r} must look like KEY=VALUE, e.g. lora.rank=8")
+    out: Any = yaml.safe_load(value) if value else None
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Recursive dict merge; values in `extra` win."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build(schema: type[T], raw: dict, where: str = "recipe", prefix: str = "") -> T:
+    """Validate a mapping into dataclass `schema`: unknown keys and wrong types are one-line errors."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in raw:
+        if key not in fields:
+            raise UsageError(f"{where}: unknown key {prefix + key!r}; known keys: {', '.join(fields)}")
+    kwargs = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UsageError(f"{where}: {prefix + key!r} must be a mapping")
+            kwargs[key] = build(hint, value, where, prefix + key + ".")
+        else:
+            kwargs[key] = _check(value, hint, f"{where}: {prefix + key!r}")
+    return schema(**kwargs)
+
+
+def _check(value: Any, hint: Any, what: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or value is None and type(None) in args:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for a in args:
+            try:
+                return _check(value, a, what)
+            except UsageError:
+                pass
+        raise UsageError(f"{what} has the wrong type ({type(value).__name__}); expected {hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"{what} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return origin(_check(v, inner, what) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{what} must be a mapping, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise UsageError(f"{what} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(obj) -> dict:
+    """The resolved recipe as plain data (for reports and provenance)."""
+    return dataclasses.asdict(obj)
