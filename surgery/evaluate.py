@@ -248,3 +248,23 @@ def format_table(results: dict) -> str:
         p = results["perplexity"]
         lines.append(f"perplexity {p['ppl']:.3f} (nll {p['nll']:.4f}, {p['tokens']} tokens, {p['docs']} docs)")
     return "\n".join(lines)
+
+
+def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
+        digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+        limit: int | None = None, batch_size: int = 64, seed: int = 0, out: str | None = None):
+    """Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digits, template and case type,
+    95% Wilson intervals), gender bias (profession log-prob gap, factual controls, Wino-test) or perplexity
+    (XSum sample). Prints a table; with --out writes DIR/report.json and DIR/report.md."""
+    from surgery import report as rep
+    from surgery.models import load_model
+
+    outdir = rep.check_out_dir(out)
+    check_options(tuple(digits), ops, templates, limit, task)  # before loading anything
+    start = time.time()
+    loaded = load_model(model, dtype=dtype, device=device)
+    res = evaluate(loaded, task, digits=digits, ops=ops, templates=templates, limit=limit,
+                   batch_size=batch_size, seed=seed)
+    data = rep.make(f"eval --task {task}", loaded.describe(), res["config"], res["results"], time.time() - start)
+    md = f"# surgery eval: {task} on {loaded.name}\n\n```\n{format_table(res['results'])}\n```\n"
+    return rep.save(rep.Report(data, md), outdir)

@@ -52,8 +52,11 @@ def check_out_dir(out: str | Path | None) -> Path | None:
     probe = out
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out} is not writable ({probe} denies writing); choose another folder")
+    try:  # a real probe: permission bits say little to root or on special file systems
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable ({probe}: {e.strerror}); choose another folder") from None
     return out
 
 
