@@ -78,7 +78,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--verify",), dict(type=positive, default=20, help="screen mode: exact-scan the top K screened heads")),
         (("--heads",), dict(dest="only_heads", type=heads, default=None, help="scan only these heads L.H,...")),
     ]),
-    "cna": ("surgery.cna:run", MODEL + TASK + OUT + [
+    "cna": ("surgery.cna_run:run", MODEL + TASK + OUT + [
         (("--prompt",), dict(default=None, help="single-prompt mode: the input text")),
         (("--prompt-b",), dict(default=None, help="compare against this second prompt (same model)")),
         (("--target",), dict(default=None, help="target token text (default: the model's own top-1)")),

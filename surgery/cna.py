@@ -94,7 +94,7 @@ class Scorer:
         self.WU = view.unembed_matrix().float()
         self.wu_max = self.WU.norm(dim=1).max()
         self.cap = view.softcap
-        self.top_tokens = 64
+        self.top_tokens, self.max_split, self.tail_mass = 64, 1024, 0.005  # the exact/bounded vocabulary split
         self.layer_cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def _centre(self, x: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ class Scorer:
         z0 = self._base(layer)[0]
         B = z0.shape[0]
         lse0 = z0.logsumexp(-1, keepdim=True)
-        top = z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices  # any split of the vocabulary is valid:
+        top = z0.topk(self._split_size(z0), -1).indices  # any split of the vocabulary is valid:
         missing = ~(top == self.target[:, None]).any(1)  # make sure the target is in S
         top[missing, -1] = self.target[missing]
         wcol = (top == self.target[:, None]).float().argmax(1)  # [B]
@@ -164,6 +164,12 @@ class Scorer:
         worst = torch.minimum(torch.maximum(a * hi_d, a * lo_d), hoeffding)
         lin = a * dS.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0] + lse0
         return lin - torch.logaddexp(log_a, log_zr + worst), lin - torch.logaddexp(log_a, log_zr + a * mean_d)
+
+    def _split_size(self, z0: Tensor) -> int:
+        """|S|: enough top tokens that the tail holds <= tail_mass of every case's probability (within limits)."""
+        p = torch.softmax(z0, -1).sort(-1, descending=True).values.cumsum(-1)
+        need = int((p < 1 - self.tail_mass).sum(-1).max()) + 1
+        return min(z0.shape[1], max(self.top_tokens, min(need, self.max_split)))
 
     def vocab_range(self, layer: int) -> tuple[Tensor, Tensor]:
         """(max_j D_kj, min_j D_kj) over the whole vocabulary at sigma = 1: [N] each (exact, cached per layer),

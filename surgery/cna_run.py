@@ -1,0 +1,241 @@
+"""`surgery cna`: rank FFN neurons by importance, or by the change of importance between two settings (CNA).
+
+Settings B (the comparison): the same model with heads zeroed (--ablate-head), another checkpoint or a PEFT
+adapter on the same input (--against), or the same model on a second prompt (--prompt-b). Single-prompt mode
+(--prompt) or dataset mode (the task's cases: per-case certified top-k lists, aggregated by summing deltas).
+Writes DIR/cna.json, DIR/cna.md (the paper's Table 4 form) and DIR/cna_layers.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import cna
+from . import report as rep
+from .arch import ModelView
+from .errors import UsageError
+
+
+def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
+        digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+        limit: int | None = None, batch_size: int = 16, seed: int = 0, out: str | None = None,
+        prompt: str | None = None, prompt_b: str | None = None, target: str | None = None,
+        ablate_head: Sequence[tuple[int, int]] | None = None, against: str | None = None,
+        layers: str | None = None, top: int = 20, exhaustive: bool = False, validate: Sequence[str] = ()):
+    """Neuron importance (the paper's log-prob increase of the target when a neuron's subvalue is added, through
+    the frozen final norm and unembedding) for every FFN neuron, and CNA: the change of that importance between
+    setting A and B. The reported top neurons are certified equal to an exhaustive ranking. --validate runs the
+    paper's checks (mask: Table 5, pe: Table 6, fe: Table 8) with random-neuron controls."""
+    from .models import load_model
+
+    t0 = time.time()
+    outdir = rep.check_out_dir(out)
+    _check(prompt, prompt_b, against, ablate_head, task, validate)
+    loaded = load_model(model, dtype=dtype, device=device)
+    va = ModelView(loaded.model)
+    chosen = cna.parse_layers(layers, va.n_layers)
+    for lh in ablate_head or ():
+        va.check_head(*lh)
+    vb = _against(loaded, against) if against else None
+    tgt = cna.target_id(loaded.tokenizer, target) if target else None
+    if prompt is not None:
+        data = _single(loaded, va, vb, chosen, prompt, prompt_b, tgt, tuple(ablate_head or ()), top, exhaustive)
+    else:
+        data = _dataset(loaded, va, vb, chosen, digits, ops, templates, limit, seed, batch_size,
+                        tuple(ablate_head or ()), top, tgt)
+    config = dict(prompt=prompt, prompt_b=prompt_b, target=target, ablate_head=[list(x) for x in ablate_head or ()],
+                  against=against, layers=layers, top=top, exhaustive=exhaustive, task=None if prompt else task,
+                  digits=list(digits), ops=list(ops) if ops else None, limit=limit, seed=seed)
+    if validate:
+        from .validate import run_validations
+
+        data["validations"] = run_validations(loaded, va, data, validate, digits, ops, templates, limit, seed,
+                                              tuple(ablate_head or ()), batch_size)
+    report = rep.Report(rep.make("cna", loaded.describe(), config, data, time.time() - t0), markdown(data, config))
+    if outdir is not None:
+        report.files += [rep.write_json(outdir / "cna.json", report.data),
+                         rep.write_text_atomic(outdir / "cna.md", report.markdown),
+                         layer_plot(data, outdir / "cna_layers.png", va.n_layers)]
+    return report
+
+
+def _check(prompt, prompt_b, against, ablate_head, task, validate) -> None:
+    settings = sum(x is not None and x != () for x in (prompt_b, against, ablate_head))
+    if settings > 1:
+        raise UsageError("give at most one comparison: --ablate-head, --against or --prompt-b")
+    if prompt_b is not None and prompt is None:
+        raise UsageError("--prompt-b needs --prompt (the A side)")
+    if prompt is None and task != "arithmetic":
+        raise UsageError(f"dataset mode supports --task arithmetic, got {task!r}; or give --prompt")
+    bad = set(validate) - {"mask", "pe", "fe"}
+    if bad:
+        raise UsageError(f"unknown --validate {sorted(bad)}; use mask, pe, fe")
+
+
+def _against(loaded, path: str) -> ModelView:
+    """The B model: a checkpoint folder, or a PEFT adapter applied (merged) to a copy of the base."""
+    from .models import load_model
+
+    p = Path(path)
+    if (p / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base_id = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        if base_id and base_id not in (loaded.source, loaded.name, loaded.model.config.name_or_path):
+            raise UsageError(f"adapter {path} was trained on {base_id!r}, not {loaded.name!r}; use its base model")
+        try:
+            merged = PeftModel.from_pretrained(copy.deepcopy(loaded.model), str(p)).merge_and_unload()
+        except (RuntimeError, ValueError) as e:
+            raise UsageError(f"adapter {path} does not fit {loaded.name} ({str(e).splitlines()[0][:120]})") from e
+        return ModelView(merged.eval())
+    other = ModelView(load_model(path).model)
+    base = ModelView(loaded.model)
+    if other.ffn_widths() != base.ffn_widths() or other.model.config.vocab_size != base.model.config.vocab_size:
+        raise UsageError(f"--against {path} has other FFN widths or vocabulary than {loaded.name}; "
+                         "CNA compares the same neurons, so use a model of the same base")
+    return other
+
+
+def _single(loaded, va, vb, layers, prompt, prompt_b, tgt, ablate, top, exhaustive) -> dict:
+    tok = loaded.tokenizer
+    ids = torch.tensor([tok(prompt).input_ids])
+    batch_a = (ids, torch.ones_like(ids))
+    batch_b = None
+    if prompt_b is not None:
+        ids_b = torch.tensor([tok(prompt_b).input_ids])
+        batch_b = (ids_b, torch.ones_like(ids_b))
+    t = None if tgt is None else torch.tensor([tgt])
+    res = cna.compare(va, batch_a, layers, top, view_b=vb, batch_b=batch_b, ablate_b=ablate, target=t,
+                      exhaustive=exhaustive)
+    w = int(res.target[0])
+    rows = [_row(loaded, va, res, int(l), int(i), float(s))
+            for l, i, s in zip(res.top.layer[0], res.top.index[0], res.top.score[0])]
+    return {"mode": "prompt", "comparison": _kind(vb, prompt_b, ablate), "target": {"id": w, "text": tok.decode([w])},
+            "certified": bool(res.top.certified[0]), "rescored": res.top.rescored, "neurons": rows,
+            "per_layer_top": _per_layer(rows, va.n_layers)}
+
+
+def _row(loaded, va, res: cna.Comparison, layer: int, idx: int, score: float) -> dict:
+    """One neuron of a single-prompt result: exact importance in A (and B), coefficients, top tokens."""
+    ix = torch.tensor([[idx]])
+    imp_a = float(res.scorer_a.exact(layer, ix)[0, 0])
+    coef_a = float(res.coef_a[layer][0, idx])
+    row = {"neuron": cna.neuron_name(layer, idx), "layer": layer, "index": idx, "score": round(score, 6),
+           "imp_a": round(imp_a, 6), "coef_a": round(coef_a, 4)}
+    if res.scorer_b is not None:
+        row |= {"imp_b": round(float(res.scorer_b.exact(layer, ix)[0, 0]), 6),
+                "coef_b": round(float(res.coef_b[layer][0, idx]), 4), "delta": round(score, 6)}
+    row["top_tokens"] = cna.top_tokens(va, loaded.tokenizer, layer, idx, sign=coef_a)
+    return row
+
+
+def _kind(vb, prompt_b, ablate) -> str | None:
+    if ablate:
+        return "ablate-head " + ",".join(f"{l}.{h}" for l, h in ablate)
+    if vb is not None:
+        return "against"
+    return "prompt-b" if prompt_b is not None else None
+
+
+def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt) -> dict:
+    """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
+    from .evals import arithmetic
+    from .evaluate import pad_id
+
+    kw = dict(ops=tuple(ops)) if ops else {}
+    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or ("calculate",)), seed=seed,
+                                limit=limit, **kw)
+    cases = arithmetic.cases(problems, loaded.tokenizer)
+    targets = None if tgt is None else [tgt] * len(cases)
+    sc = cna.scan(va, list(cases["input_ids"]), layers, top, pad_id(loaded.tokenizer), view_b=vb,
+                  ablate_b=ablate, targets=targets, batch_size=batch_size)
+    flat = torch.cat([sc.total[l] for l in layers])
+    widths = torch.tensor([0] + [va.ffn_width(l) for l in layers]).cumsum(0)
+    best = flat.topk(min(top, len(flat)))
+    hits = _hit_counts(sc)
+    rows = []
+    for s, f in zip(best.values.tolist(), best.indices.tolist()):
+        li = int(torch.bucketize(torch.tensor(f), widths[1:], right=True))
+        layer, idx = layers[li], f - int(widths[li])
+        coef_a = float(sc.coef_a[layer][idx])
+        row = {"neuron": cna.neuron_name(layer, idx), "layer": layer, "index": idx, "score_sum": round(s, 5),
+               "score_mean": round(s / len(cases), 6), "in_case_topk": hits.get((layer, idx), 0),
+               "coef_a_mean": round(coef_a, 4)}
+        if sc.coef_b is not None:
+            row["coef_b_mean"] = round(float(sc.coef_b[layer][idx]), 4)
+        row["top_tokens"] = cna.top_tokens(va, loaded.tokenizer, layer, idx, sign=coef_a)
+        rows.append(row)
+    per_case = [[cna.neuron_name(int(l), int(i)) for l, i in zip(ls, ix)]
+                for ls, ix in zip(sc.top_layer.tolist(), sc.top_index.tolist())]
+    return {"mode": "dataset", "comparison": _kind(vb, None, ablate), "n_cases": len(cases),
+            "groups": list(cases["group"]), "targets": sc.targets.tolist(), "certified": int(sc.certified.sum()),
+            "rescored": sc.rescored, "neurons": rows, "per_case_top": per_case,
+            "per_layer_top": _per_layer(rows, va.n_layers)}
+
+
+def _hit_counts(sc: cna.Scan) -> dict[tuple[int, int], int]:
+    out: dict[tuple[int, int], int] = {}
+    for l, i in zip(sc.top_layer.flatten().tolist(), sc.top_index.flatten().tolist()):
+        out[(l, i)] = out.get((l, i), 0) + 1
+    return out
+
+
+def _per_layer(rows: list[dict], n_layers: int) -> list[int]:
+    counts = [0] * n_layers
+    for r in rows:
+        counts[r["layer"]] += 1
+    return counts
+
+
+def markdown(data: dict, config: dict) -> str:
+    """Table 4 form: neuron, importance (A, B, delta), coefficients, top tokens."""
+    what = data.get("comparison") or "importance"
+    head = f"# surgery cna ({data['mode']} mode, {what})\n\n"
+    if data["mode"] == "prompt":
+        head += (f"Prompt: `{config['prompt']}` -> target `{data['target']['text']}`"
+                 f"{' vs prompt B `' + config['prompt_b'] + '`' if config.get('prompt_b') else ''}. "
+                 f"Top-{len(data['neurons'])} certified exact: {data['certified']} ({data['rescored']} exact evaluations).\n\n")
+        cols = ["neuron", "imp A", "imp B", "delta", "coef A", "coef B", "top tokens"]
+        rows = [[r["neuron"], r["imp_a"], r.get("imp_b", ""), r.get("delta", ""), r["coef_a"], r.get("coef_b", ""),
+                 _tokens(r["top_tokens"])] for r in data["neurons"]]
+    else:
+        head += (f"{data['n_cases']} cases; {data['certified']} with certified per-case top-k; "
+                 "score = sum over cases of the (delta of) importance.\n\n")
+        cols = ["neuron", "sum", "mean", "in case top-k", "coef A", "coef B", "top tokens"]
+        rows = [[r["neuron"], r["score_sum"], r["score_mean"], r["in_case_topk"], r["coef_a_mean"],
+                 r.get("coef_b_mean", ""), _tokens(r["top_tokens"])] for r in data["neurons"]]
+    body = rep.md_table(cols, rows)
+    if "validations" in data:
+        from .validate import markdown as vmd
+
+        body += "\n\n" + vmd(data["validations"])
+    return head + body + "\n"
+
+
+def _tokens(toks: list[str]) -> str:
+    return ", ".join(repr(t)[1:-1].replace("|", "\\|") for t in toks)
+
+
+def layer_plot(data: dict, path: Path, n_layers: int) -> Path:
+    """Where the top neurons sit: count per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(range(n_layers), data["per_layer_top"], color="tab:blue")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"top-{len(data['neurons'])} neurons")
+    ax.set_title(f"CNA: where the top neurons sit ({data.get('comparison') or 'importance'})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
