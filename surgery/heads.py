@@ -392,7 +392,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     screen = None
     if mode == "screen":
         screen = attribution(view, batches, repl)
-        heads = sorted(heads, key=lambda lh: -float(screen[lh]))[:verify]
+        heads = sorted(heads, key=lambda lh: float(screen[lh]))[:verify]  # most negative first-order change first
     outdir.mkdir(parents=True, exist_ok=True)
     done = load_partial(outdir, fp)
     sink = _sink(outdir / f"heads.partial.r{state.process_index}.jsonl", fp)

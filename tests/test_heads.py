@@ -191,7 +191,11 @@ def test_run_writes_reports_and_screen_matches_exact(tiny_dir, tmp_path):
     assert len(srows) == 5 + 1
     for k, r in srows.items():
         assert r == rows[k] if k != "baseline" else r == rows["baseline"]
-    assert "spearman_vs_exact_acc_drop" in screen.data["results"]["screen"]
+    sc = screen.data["results"]["screen"]
+    assert "spearman_vs_exact_acc_drop" in sc
+    pred = {(l, h): sc["predicted_logprob_drop_sum"][l][h] for l in range(3) for h in range(4)}
+    chosen = {tuple(map(int, k.split("."))) for k in sc["verified"]}
+    assert min(pred[k] for k in chosen) >= max(pred[k] for k in pred if k not in chosen)  # the top-K predicted drops
 
 
 def test_interrupted_scan_resumes(tiny_dir, tmp_path, monkeypatch):
