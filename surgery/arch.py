@@ -50,6 +50,7 @@ class Arch:
     parallel_residual: bool = False  # attention and FFN read the same input (GPT-J, NeoX)
     softcap_attr: str | None = None  # config attribute holding final logit soft-capping, if any
     width_attr: str = "intermediate_size"  # config attribute holding the (base) FFN width
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections (PEFT names)
 
 
 _LLAMA = Arch(
@@ -78,6 +79,7 @@ ARCHS: dict[str, Arch] = {
         pre_ffn_norm="post_attention_layernorm",
         final_norm="model.norm",
         norm_kind="rms",
+        lora_targets=("qkv_proj", "o_proj"),
     ),
     "gemma3_text": Arch(
         layers="model.layers",
@@ -104,6 +106,7 @@ ARCHS: dict[str, Arch] = {
         norm_kind="layer",
         conv1d=True,
         width_attr="n_inner",
+        lora_targets=("attn.c_attn", "attn.c_proj"),  # not mlp.c_proj
     ),
     "gptj": Arch(
         layers="transformer.h",
@@ -117,6 +120,7 @@ ARCHS: dict[str, Arch] = {
         norm_kind="layer",
         parallel_residual=True,
         width_attr="n_inner",
+        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
     ),
     "gpt_neox": Arch(
         layers="gpt_neox.layers",
@@ -130,6 +134,7 @@ ARCHS: dict[str, Arch] = {
         norm_kind="layer",
         parallel_residual=True,  # when config.use_parallel_residual (the default); see ModelView.parallel
         lm_head="embed_out",
+        lora_targets=("attention.query_key_value", "attention.dense"),
     ),
 }
 ARCHS["gemma3"] = ARCHS["gemma3_text"]  # a Gemma3 text checkpoint whose config says gemma3

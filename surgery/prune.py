@@ -1,0 +1,534 @@
+"""`surgery prune`: CNA -> keep set -> physical slicing -> fresh LoRA -> train -> compare -> export (paper 6.1).
+
+The recipe (recipes/arithmetic-prune.yaml) is a small orchestration over plain step functions, each returning
+data (torchtune style): `reference` (LoRA at layer L trained on 2-digit problems, the CNA reference; also the
+"LoRA only" row), `cna_keep` (CNA original vs reference on every 1-digit case), `baseline_keep` (random /
+magnitude / activation / taylor at the SAME per-layer budget), `prune_and_train` (slice a copy, fresh LoRA,
+train), `evaluate_rows`, `export_checkpoint`, `build_report`.
+
+CNA direction: scan(view_a = reference, view_b = original, targets = the correct answer token), so
+delta = imp_reference - imp_original: the neurons that matter MORE once the task LoRA is in (the paper's pick).
+`topN` keeps, per layer, the union over cases of each case's N highest-delta neurons within the layer range;
+`P%` keeps the P% of the range's neurons with the highest summed delta over cases (a global budget).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import random
+import re
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import recipe as recipes
+from .arch import ModelView
+from .errors import UsageError
+from .lora import DataSpec, Fit, LoraSpec, Splits, TrainSpec, accuracy, build_splits, fit_lora, merged_copy
+from .report import Report, check_out_dir, md_table
+
+SELECTORS = ("cna", "random", "magnitude", "activation", "taylor")
+
+
+# ---- the recipe --------------------------------------------------------------------------------------------
+@dataclass
+class CnaSpec:
+    batch_size: int = 16
+    limit: int | None = None  # cap the 1-digit problems used for CNA / activation / taylor (quick profiles)
+
+
+@dataclass
+class SweepSpec:
+    layers: str | None = None  # lora-sweep: layers to try (None: every layer)
+    groups: int = 4  # layer groups for the coefficient-amplification table
+    top: int = 50  # CNA top-N per case whose coefficients are compared (paper Tables 9-10)
+
+
+@dataclass
+class PruneRecipe:
+    """recipes/arithmetic-prune.yaml, validated."""
+
+    name: str = "arithmetic-prune"
+    description: str = ""
+    keep: str = "top500"  # topN (per-case top-N, union per layer) | P% (global budget of the range)
+    layers: str = "deep"  # 'deep' (second half) | A-B | list
+    selector: str = "cna"  # the selector whose model is exported
+    baselines: list[str] = field(default_factory=lambda: ["random", "magnitude", "activation", "taylor"])
+    lora_layer: int | None = None  # None: round(lora_depth * n_layers)
+    lora_depth: float = 0.28125  # the paper's layer 9 of 32
+    layout: str = "sliced"
+    seed: int = 0
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    cna: CnaSpec = field(default_factory=CnaSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+
+
+def load_recipe(name: str, quick: bool, overrides: list[str] | None, **flags) -> PruneRecipe:
+    """The recipe with its quick profile, --set overrides, then the explicit CLI flags (None = recipe's)."""
+    r = recipes.load(name, PruneRecipe, list(overrides or []), quick)
+    for key, value in flags.items():
+        if value is not None:
+            setattr(r, key, value)
+    return r
+
+
+# ---- validation (all before any expensive work) -----------------------------------------------------------
+@dataclass
+class Plan:
+    layers: list[int]
+    keep_kind: str  # "top" | "pct"
+    keep_value: float
+    lora_layer: int
+    selectors: list[str]
+
+
+def parse_keep(spec: str) -> tuple[str, float]:
+    """'top500' -> ('top', 500); '5%' -> ('pct', 5.0); anything else is a one-line error."""
+    s = str(spec).strip().lower()
+    if m := re.fullmatch(r"top(\d+)", s):
+        return "top", float(m.group(1))
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
+        return "pct", float(m.group(1))
+    raise UsageError(f"bad --keep {spec!r}; use topN (e.g. top500) or P% (e.g. 5%)")
+
+
+def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
+    """Check keep, layers, lora layer and selectors against the model; one-line UsageError otherwise."""
+    from .cna import parse_layers
+
+    view = ModelView(model)
+    if not str(r.layers).strip():
+        raise UsageError("empty --layers; use 'deep', A-B or a list like 3,5,7")
+    layers = parse_layers(str(r.layers), view.n_layers)
+    kind, value = parse_keep(r.keep)
+    available = sum(view.ffn_width(l) for l in layers)
+    if kind == "top" and not 1 <= value <= available:
+        raise UsageError(f"--keep top{int(value)}: need 1..{available} (neurons in layers {r.layers})")
+    if kind == "pct" and not (0 < value <= 100 and round(value / 100 * available) >= 1):
+        raise UsageError(f"--keep {r.keep}: need a percentage in (0, 100] keeping at least one of {available} neurons")
+    lora_layer = r.lora_layer if r.lora_layer is not None else round(r.lora_depth * view.n_layers)
+    if not 0 <= lora_layer < view.n_layers:
+        raise UsageError(f"--lora-layer {lora_layer} is outside the model (layers 0..{view.n_layers - 1})")
+    bad = [s for s in [r.selector, *r.baselines] if s not in SELECTORS]
+    if bad:
+        raise UsageError(f"unknown selector(s) {bad}; use some of {', '.join(SELECTORS)}")
+    if r.layout not in ("sliced", "padded"):
+        raise UsageError(f"--layout {r.layout!r}: use sliced or padded")
+    selectors = [r.selector] + [s for s in r.baselines if s != r.selector]
+    return Plan(layers, kind, value, lora_layer, selectors)
+
+
+def check_out(out: str | Path | None, force: bool, default: str) -> Path:
+    """The output folder: writable, and not existing unless --force."""
+    from .models import home
+
+    path = Path(out) if out else home() / default
+    check_out_dir(path)
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+    return path
+
+
+# ---- step timing -------------------------------------------------------------------------------------------
+class Steps:
+    """Logs each step's start and duration to stderr and keeps {step: seconds} for the report."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        sys.stderr.write(f"[prune] {name} ...\n")
+        start = time.time()
+        yield
+        self.seconds[name] = round(time.time() - start, 1)
+        sys.stderr.write(f"[prune] {name} done in {self.seconds[name]:.1f}s\n")
+
+
+# ---- task cases (1-digit, the CNA set) ---------------------------------------------------------------------
+@dataclass
+class TaskCases:
+    seqs: list[list[int]]
+    targets: list[int]
+
+
+def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
+    """Every per-token case of the 1-digit problems (or the first `limit` problems, stratified)."""
+    from surgery.evals import arithmetic
+
+    probs = splits.one_digit
+    if limit is not None and limit < len(probs):
+        keep = {p["problem_id"] for p in arithmetic.stratified_order(list(probs), 0)[:limit]}
+        probs = probs.filter(lambda p: p["problem_id"] in keep)
+    cases = arithmetic.cases(probs, tokenizer)
+    return TaskCases(list(cases["input_ids"]), list(cases["target"]))
+
+
+# ---- selectors ---------------------------------------------------------------------------------------------
+def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: Plan, batch_size: int):
+    """Keep set from CNA (reference vs original, correct answer token): topN per-case union or P% global."""
+    from .cna import scan
+    from .evaluate import pad_id
+
+    k = int(plan.keep_value) if plan.keep_kind == "top" else 1
+    sc = scan(ModelView(ref), task.seqs, plan.layers, k, pad_id(tokenizer), view_b=ModelView(orig),
+              targets=task.targets, batch_size=batch_size)
+    if plan.keep_kind == "top":
+        return {l: sorted(s) for l, s in sc.per_case_sets().items()}, sc
+    return global_budget(sc.total, plan.keep_value), sc
+
+
+def global_budget(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list[int]]:
+    """The pct% highest-scoring neurons over all layers together, as kept indices per layer."""
+    layers = sorted(scores)
+    flat = torch.cat([scores[l].float() for l in layers])
+    n = max(1, round(pct / 100 * flat.numel()))
+    top = flat.topk(n).indices
+    offsets = torch.tensor([0] + [scores[l].numel() for l in layers]).cumsum(0)
+    out = {}
+    for i, l in enumerate(layers):
+        sel = top[(top >= offsets[i]) & (top < offsets[i + 1])] - offsets[i]
+        out[l] = sorted(sel.tolist())
+    return out
+
+
+def by_budget(scores: dict[int, torch.Tensor], budget: dict[int, int]) -> dict[int, list[int]]:
+    """The budget[l] highest-scoring neurons of each layer."""
+    return {l: sorted(scores[l].float().topk(n).indices.tolist()) if n else [] for l, n in budget.items()}
+
+
+def random_scores(model: nn.Module, layers: list[int], seed: int) -> dict[int, torch.Tensor]:
+    """Seeded random scores (the paper's LoRA9-r)."""
+    g, view = torch.Generator().manual_seed(seed), ModelView(model)
+    return {l: torch.rand(view.ffn_width(l), generator=g) for l in layers}
+
+
+@torch.no_grad()
+def magnitude_scores(model: nn.Module, layers: list[int]) -> dict[int, torch.Tensor]:
+    """prod ||key rows|| * ||value vector|| per neuron (gate and up both count for gated FFNs)."""
+    view, out = ModelView(model), {}
+    for l in layers:
+        s = view.values(l).float().norm(dim=1)
+        for k in view.keys(l):
+            s = s * k.float().norm(dim=1)
+        out[l] = s.cpu()
+    return out
+
+
+def activation_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Mean |m_k| at the answer position over the task cases."""
+    from .lora import mean_abs_coefficients
+
+    return mean_abs_coefficients(model, tokenizer, task.seqs, layers)
+
+
+def taylor_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int],
+                  batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """Mean |m_k * dL/dm_k| over the task cases, L = cross-entropy of the correct answer token."""
+    from .evaluate import batches, device_of, left_pad, pad_id
+    from .hooks import Hooks
+
+    view, dev = ModelView(model), device_of(model)
+    sums = {l: torch.zeros(view.ffn_width(l)) for l in layers}
+    for idx in batches(len(task.seqs), batch_size):
+        ids, mask = (t.to(dev) for t in left_pad([task.seqs[i] for i in idx], pad_id(tokenizer)))
+        with torch.enable_grad(), Hooks(view) as h:
+            h.capture("m", layers=layers, positions=None, keep_grad=True)  # a slice would not be on the graph
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           logits_to_keep=1, use_cache=False).logits[:, -1].float()
+            tgt = torch.tensor([task.targets[i] for i in idx], device=dev)
+            loss = nn.functional.cross_entropy(logits, tgt, reduction="sum")
+            ms = [h.store["m", l] for l in layers]
+            grads = torch.autograd.grad(loss, ms)
+        for l, m, g in zip(layers, ms, grads):
+            sums[l] += (m.detach()[:, -1] * g[:, -1]).float().abs().sum(0).cpu()
+    return {l: s / len(task.seqs) for l, s in sums.items()}
+
+
+def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget: dict[int, int],
+                  seed: int) -> dict[int, list[int]]:
+    """Keep set of a baseline selector at the same per-layer budget as the main selector."""
+    layers = sorted(budget)
+    if name == "random":
+        scores = random_scores(orig, layers, seed)
+    elif name == "magnitude":
+        scores = magnitude_scores(orig, layers)
+    elif name == "activation":
+        scores = activation_scores(orig, tokenizer, task, layers)
+    elif name == "taylor":
+        scores = taylor_scores(orig, tokenizer, task, layers)
+    else:
+        raise UsageError(f"unknown selector {name!r}; use one of {', '.join(SELECTORS)}")
+    return by_budget(scores, budget)
+
+
+# ---- slicing + fresh LoRA ----------------------------------------------------------------------------------
+def sliced_copy(orig: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
+    """A deep copy of `orig` with each listed layer's FFN physically cut to the kept neurons."""
+    from .slicing import slice_ffn
+
+    m = copy.deepcopy(orig)
+    slice_ffn(m, keep)
+    return m.eval()
+
+
+def prune_and_train(orig: nn.Module, tokenizer, keep: dict[int, list[int]], r: PruneRecipe, plan: Plan,
+                    splits: Splits) -> tuple[nn.Module, Fit]:
+    """Slice a copy, attach a fresh LoRA at the plan's layer, train it (lr chosen on validation)."""
+    sliced = sliced_copy(orig, keep)
+    return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, splits)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def evaluate_row(name: str, model: nn.Module, tokenizer, splits: Splits, batch_size: int, kept: int | None,
+                 extra_params: int = 0, lr: float | None = None) -> dict:
+    """One table row: 2-digit test and 1-digit accuracy (per token and full answer, 95% CIs), params."""
+    from .slicing import ffn_param_count
+
+    two = accuracy(model, tokenizer, splits.test, batch_size)["overall"]
+    one = accuracy(model, tokenizer, splits.one_digit, batch_size)["overall"]
+    return {"name": name, "test2": two, "one_digit": one, "kept": kept, "lr": lr,
+            "params": param_count(model) + extra_params, "ffn_params": ffn_param_count(model)}
+
+
+def lora_params(fit: Fit) -> int:
+    return sum(p.numel() for n, p in fit.model.named_parameters() if "lora_" in n)
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def results_table(rows: list[dict], deep_total: int) -> str:
+    """The Table 11 form: one row per model, 95% Wilson intervals, kept neurons and params."""
+    out = []
+    for r in rows:
+        t, o = r["test2"], r["one_digit"]
+        kept = "all" if r["kept"] is None else f"{r['kept']} ({100 * r['kept'] / deep_total:.1f}%)"
+        out.append([r["name"], f"{_pct(t['full_answer_acc'])} [{_pct(t['full_answer_ci95'][0])}, "
+                    f"{_pct(t['full_answer_ci95'][1])}]", t["n_problems"], f"{_pct(t['acc'])}",
+                    f"{_pct(o['full_answer_acc'])} [{_pct(o['full_answer_ci95'][0])}, {_pct(o['full_answer_ci95'][1])}]",
+                    kept, f"{r['params']:,}"])
+    return md_table(["model", "2-digit test acc % [95% CI]", "n", "2-digit token acc %", "1-digit acc % [95% CI]",
+                     "kept deep FFN neurons", "params"], out)
+
+
+def kept_table(keeps: dict[str, dict[int, list[int]]], width: dict[int, int]) -> str:
+    """Kept count and fraction per layer, per selector (all selectors share the budget)."""
+    main = next(iter(keeps.values()))
+    rows = [[l, len(main[l]), width[l], f"{100 * len(main[l]) / width[l]:.1f}%"] for l in sorted(main)]
+    return md_table(["layer", "kept", "width", "fraction"], rows)
+
+
+def plots(rows: list[dict], keep: dict[int, list[int]], width: dict[int, int]) -> dict[str, bytes]:
+    """accuracy.png (2-digit test accuracy with 95% CIs per model) and kept.png (kept neurons per layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    acc = [r["test2"]["full_answer_acc"] * 100 for r in rows]
+    lo = [a - r["test2"]["full_answer_ci95"][0] * 100 for a, r in zip(acc, rows)]
+    hi = [r["test2"]["full_answer_ci95"][1] * 100 - a for a, r in zip(acc, rows)]
+    ax.bar([r["name"] for r in rows], acc, yerr=[lo, hi], capsize=4, color="tab:blue")
+    ax.set_ylabel("2-digit test accuracy % (95% CI)")
+    ax.tick_params(axis="x", rotation=30)
+    out["accuracy.png"] = _png(fig)
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ls = sorted(keep)
+    ax.bar(ls, [100 * len(keep[l]) / width[l] for l in ls], color="tab:green")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept FFN neurons %")
+    out["kept.png"] = _png(fig)
+    return out
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: dict, steps: Steps, out: Path,
+             model_name: str, command: str) -> str:
+    deep_total = sum(width[l] for l in plan.layers)
+    total = sum(len(v) for v in keeps[plan.selectors[0]].values())
+    return "\n\n".join([
+        f"# prune: {model_name}, recipe {r.name}",
+        f"`{command}`",
+        f"keep **{r.keep}** of layers {plan.layers[0]}-{plan.layers[-1]} ({total} of {deep_total} neurons, "
+        f"{100 * total / deep_total:.1f}%), selector **{r.selector}**, LoRA at layer {plan.lora_layer} "
+        f"(rank {r.lora.rank}, lr chosen from {r.train.lrs})",
+        "## Results (Table 11 form; full-answer accuracy, teacher forced = greedy)", results_table(rows, deep_total),
+        "## Kept neurons per layer", kept_table(keeps, width),
+        "## Timing", md_table(["step", "seconds"], list(steps.seconds.items())),
+        f"Checkpoint: `{out}` ({r.layout} layout)",
+    ])
+
+
+# ---- export ------------------------------------------------------------------------------------------------
+def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: bool, r: PruneRecipe,
+                      plan: Plan, keep: dict[int, list[int]], base: str, extra: dict) -> dict:
+    """Write the chosen model (LoRA merged) with provenance, then reload it and compare logits."""
+    from . import export
+    from .recipe import to_dict
+
+    prov = {"recipe": to_dict(r), "seed": r.seed, "base": base, "selector": r.selector,
+            "lora_layer": plan.lora_layer, "layers": {l: {"kept": keep[l]} for l in sorted(keep)}}
+    export.save(fit.model.get_base_model(), tokenizer, out, layout=r.layout, provenance=prov, force=force,
+                adapter_model=fit.model, merge=True, extra_files=extra)
+    return check_reload(out, merged, keep)
+
+
+@torch.no_grad()
+def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]]) -> dict:
+    """Reload the checkpoint with transformers; widths must equal the kept counts and logits must match."""
+    from . import export
+
+    back = export.load(out)
+    widths = ModelView(back).ffn_widths()
+    ok_widths = all(widths[l] == len(k) for l, k in keep.items())
+    ids = torch.tensor([[1, 44345, 42, 216, 33, 34, 27, 35, 36, 45]]) % back.config.vocab_size
+    diff = float((back(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max())
+    return {"widths_match": ok_widths, "max_logit_diff": diff, "widths": widths}
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
+        force: bool = False, quick: bool = False, overrides: list[str] | None = None,
+        recipe: str = "arithmetic-prune", keep: str | None = None, layers: str | None = None,
+        selector: str | None = None, lora_layer: int | None = None, against: str | None = None,
+        layout: str | None = None) -> Report:
+    """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
+    chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
+    taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots."""
+    from .models import load_model
+
+    start, steps = time.time(), Steps()
+    r = load_recipe(recipe, quick, overrides, keep=keep, layers=layers, selector=selector,
+                    lora_layer=lora_layer, layout=layout)
+    outp = check_out(out, force, f"prune-{Path(model).name}")
+    if against is not None and not Path(against).exists():
+        raise UsageError(f"--against {against} does not exist; give a PEFT adapter folder or a checkpoint folder")
+    with steps("load"):
+        loaded = load_model(model, dtype, device)
+    plan = make_plan(r, loaded.model)
+    res = pipeline(loaded, r, plan, against, steps)
+    command = "surgery prune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["prune"] else "surgery.prune.run"
+    return finish(loaded, r, plan, res, steps, outp, force, command, start)
+
+
+@dataclass
+class Results:
+    rows: list[dict]
+    keeps: dict[str, dict[int, list[int]]]
+    fits: dict[str, Fit]
+    merged: dict[str, nn.Module]
+    width: dict[int, int]
+    cna_certified: float | None
+    splits: Splits
+
+
+def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Steps) -> Results:
+    """Steps a-e: reference, keep sets, slice + LoRA per selector, evaluation rows."""
+    from .lora import load_reference
+
+    orig, tok = loaded.model, loaded.tokenizer
+    bs = r.train.eval_batch_size
+    with steps("data"):
+        splits = build_splits(r.data)
+        task = task_cases(splits, tok, r.cna.limit)
+    with steps("reference LoRA" if against is None else "reference (--against)"):
+        ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train, splits)
+        ref = load_reference(against, orig) if against else merged_copy(ref_fit.model)
+    keeps, fits, merged, cert = {}, {}, {}, None
+    with steps(f"select ({plan.selectors[0]})"):
+        keeps[plan.selectors[0]], sc = _main_keep(plan.selectors[0], orig, ref, tok, task, plan, r)
+        cert = float(sc.certified.float().mean()) if sc is not None else None
+    budget = {l: len(v) for l, v in keeps[plan.selectors[0]].items()}
+    for name in plan.selectors[1:]:
+        with steps(f"select ({name})"):
+            keeps[name] = baseline_keep(name, orig, tok, task, budget, r.seed)
+    for name in plan.selectors:
+        with steps(f"slice + LoRA ({name})"):
+            _, fits[name] = prune_and_train(orig, tok, keeps[name], r, plan, splits)
+            merged[name] = merged_copy(fits[name].model)
+    with steps("evaluate"):
+        rows = _rows(orig, ref, ref_fit, against, merged, fits, keeps, tok, splits, bs)
+    width = {l: ModelView(orig).ffn_width(l) for l in plan.layers}
+    return Results(rows, keeps, fits, merged, width, cert, splits)
+
+
+def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneRecipe):
+    """The main selector's keep set (it defines the budget); CNA also returns its scan."""
+    if name == "cna":
+        return cna_keep(orig, ref, tok, task, plan, r.cna.batch_size)
+    view = ModelView(orig)
+    n = sum(view.ffn_width(l) for l in plan.layers)
+    total = int(plan.keep_value) * len(task.seqs) if plan.keep_kind == "top" else round(plan.keep_value / 100 * n)
+    share = {l: max(1, min(view.ffn_width(l), round(total / len(plan.layers)))) for l in plan.layers}
+    return baseline_keep(name, orig, tok, task, share, r.seed), None
+
+
+def _rows(orig, ref, ref_fit, against, merged, fits, keeps, tok, splits, bs) -> list[dict]:
+    rows = [evaluate_row("original", orig, tok, splits, bs, None)]
+    rows.append(evaluate_row("LoRA only" if against is None else "reference (--against)", ref, tok, splits, bs,
+                             None, lora_params(ref_fit) if ref_fit else 0, ref_fit.lr if ref_fit else None))
+    for name, m in merged.items():
+        n = sum(len(v) for v in keeps[name].values())
+        rows.append(evaluate_row(f"{name}-pruned + LoRA", m, tok, splits, bs, n, lora_params(fits[name]),
+                                 fits[name].lr))
+    return rows
+
+
+def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, steps: Steps, out: Path, force: bool,
+           command: str, start: float) -> Report:
+    """Step f: report + plots + export of the main selector's model; reload check."""
+    from .recipe import to_dict
+    from .report import make
+
+    main = plan.selectors[0]
+    md = markdown(r, plan, res.rows, res.keeps, res.width, steps, out, loaded.name, command)
+    results = {"rows": res.rows, "kept": {s: {l: len(v) for l, v in k.items()} for s, k in res.keeps.items()},
+               "kept_indices": res.keeps[main], "lora_layer": plan.lora_layer, "layers": plan.layers,
+               "cna_certified_fraction": res.cna_certified, "lr": {s: f.lr for s, f in res.fits.items()},
+               "val_acc": {s: f.val_acc for s, f in res.fits.items()}, "steps_seconds": steps.seconds,
+               "data": {"train": len(res.splits.train), "validation": len(res.splits.validation),
+                        "test": len(res.splits.test), "one_digit": len(res.splits.one_digit)}}
+    data = make("prune", loaded.describe(), to_dict(r), results, time.time() - start)
+    extra = {"report.json": _json(data), "report.md": md + "\n", **plots(res.rows, res.keeps[main], res.width)}
+    with steps("export"):
+        check = export_checkpoint(res.fits[main], res.merged[main], loaded.tokenizer, out, force, r, plan,
+                                  res.keeps[main], loaded.name, extra)
+    if not check["widths_match"] or check["max_logit_diff"] > 1e-3:
+        raise RuntimeError(f"exported checkpoint does not match the in-memory model: {check}")
+    data["results"]["reload"] = check
+    md += f"\n\nReloaded with transformers: widths match kept counts, max |logit diff| {check['max_logit_diff']:.2e}"
+    return Report(data, md, [out])
+
+
+def _json(data: dict) -> str:
+    import json
+
+    from .report import _jsonable
+
+    return json.dumps(data, indent=2, default=_jsonable) + "\n"

@@ -1,0 +1,165 @@
+"""Pruning: keep specs, input validation (nothing written on error), selectors at equal budgets, sliced == masked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ARCHS, VOCAB, make_tiny, tiny_inputs
+from surgery import prune
+from surgery.arch import ModelView
+from surgery.errors import UsageError
+from surgery.slicing import dense_equivalent
+
+TOK = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+
+
+def test_parse_keep():
+    assert prune.parse_keep("top500") == ("top", 500)
+    assert prune.parse_keep("5%") == ("pct", 5.0)
+    assert prune.parse_keep("2.5%") == ("pct", 2.5)
+    for bad in ("500", "top", "five%", "-5%"):
+        with pytest.raises(UsageError):
+            prune.parse_keep(bad)
+
+
+def recipe(**kw) -> prune.PruneRecipe:
+    r = prune.PruneRecipe()
+    for k, v in kw.items():
+        setattr(r, k, v)
+    return r
+
+
+def test_plan_depth_relative_defaults():
+    model = make_tiny("llama")  # 3 layers, 48 neurons each
+    plan = prune.make_plan(recipe(keep="top5", layers="deep"), model)
+    assert plan.layers == [1, 2] and plan.lora_layer == 1 and plan.selectors[0] == "cna"
+    assert plan.selectors == ["cna", "random", "magnitude", "activation", "taylor"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(keep="top0"), "top0"), (dict(keep="top97"), "1..96"), (dict(keep="0%"), "percentage"),
+    (dict(keep="101%"), "percentage"), (dict(layers=""), "empty"), (dict(layers="5-7"), "outside"),
+    (dict(lora_layer=3), "outside"), (dict(lora_layer=-1), "outside"), (dict(selector="best"), "selector"),
+])
+def test_plan_rejects_bad_input(kw, msg):
+    with pytest.raises(UsageError, match=msg):
+        prune.make_plan(recipe(**{"keep": "top5", **kw}), make_tiny("llama"))
+
+
+def test_recipe_loads_quick_and_rejects_unknown_keys():
+    r = prune.load_recipe("arithmetic-prune", True, ["lora.rank=4"], keep="3%", layers=None)
+    assert r.keep == "3%" and r.layers == "deep" and r.lora.rank == 4 and r.train.max_steps > 0
+    with pytest.raises(UsageError, match="lora.rnak"):
+        prune.load_recipe("arithmetic-prune", False, ["lora.rnak=4"])
+
+
+def test_existing_out_needs_force(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(UsageError, match="--force"):
+        prune.check_out(tmp_path / "x", False, "d")
+    assert prune.check_out(tmp_path / "x", True, "d") == tmp_path / "x"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--keep", "top0"], ["--keep", "top99999999"], ["--keep", "0%"], ["--layers", "40-50"], ["--lora-layer", "99"],
+])
+def test_cli_bad_input_exit_2_nothing_written(argv, tmp_path, capsys, smol):
+    from surgery.cli import main
+
+    out = tmp_path / "ckpt"
+    assert main(["prune", "--quick", "--out", str(out), *argv]) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if "error" in l.lower()]
+    assert len(err) == 1 and err[0].startswith("surgery: error:")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_existing_out_exit_2(tmp_path, capsys):
+    from surgery.cli import main
+
+    (tmp_path / "ckpt").mkdir()
+    assert main(["prune", "--quick", "--out", str(tmp_path / "ckpt")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert list((tmp_path / "ckpt").iterdir()) == []
+
+
+# ---- selectors --------------------------------------------------------------------------------------------
+def task() -> prune.TaskCases:
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 6, 5, 7)]
+    return prune.TaskCases(seqs, torch.randint(3, VOCAB, (4,), generator=g).tolist())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+@pytest.mark.parametrize("name", ["random", "magnitude", "activation", "taylor"])
+def test_baselines_match_budget(arch, name):
+    model = make_tiny(arch)
+    budget = {1: 5, 2: 11}
+    keep = prune.baseline_keep(name, model, TOK, task(), budget, seed=0)
+    assert {l: len(set(v)) for l, v in keep.items()} == budget
+    assert all(0 <= i < 48 for v in keep.values() for i in v)
+
+
+def test_random_is_seeded():
+    m = make_tiny("llama")
+    a = prune.baseline_keep("random", m, TOK, task(), {1: 5}, seed=1)
+    assert a == prune.baseline_keep("random", m, TOK, task(), {1: 5}, seed=1)
+    assert a != prune.baseline_keep("random", m, TOK, task(), {1: 5}, seed=2)
+
+
+def test_taylor_equals_finite_difference_first_order():
+    """|m_k dL/dm_k| is the first-order loss change of removing neuron k: check one neuron numerically."""
+    from surgery.hooks import Hooks
+
+    model, t = make_tiny("llama"), task()
+    t = prune.TaskCases(t.seqs[:1], t.targets[:1])
+    s = prune.taylor_scores(model, TOK, t, [1])[1]
+    k = int(s.argmax())
+
+    def loss(scale: float) -> float:
+        sc = torch.ones(48)
+        sc[k] = scale
+        with Hooks(model) as h, torch.no_grad():
+            h.scale_neurons(1, sc)
+            logits = model(input_ids=torch.tensor(t.seqs)).logits[:, -1]
+        return float(torch.nn.functional.cross_entropy(logits, torch.tensor(t.targets)))
+
+    eps = 1e-3  # d L / d scale at 1 = m_k dL/dm_k
+    fd = (loss(1 + eps) - loss(1 - eps)) / (2 * eps)
+    assert abs(abs(fd) - float(s[k])) < 1e-3 * max(1.0, float(s[k]))
+
+
+def test_global_budget_and_by_budget():
+    scores = {3: torch.tensor([0.1, 5.0, 0.2]), 4: torch.tensor([4.0, 0.0, 3.0, 0.3])}
+    assert prune.global_budget(scores, 100 * 3 / 7) == {3: [1], 4: [0, 2]}
+    assert prune.by_budget(scores, {3: 2, 4: 1}) == {3: [1, 2], 4: [0]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliced_copy_equals_dense_with_rest_zeroed(arch):
+    model = make_tiny(arch)
+    keep = {1: [0, 3, 7, 20, 47], 2: list(range(0, 48, 5))}
+    sliced = prune.sliced_copy(model, keep)
+    assert ModelView(sliced).ffn_widths() == [48, 5, 10]
+    dense = make_tiny(arch)
+    dense_equivalent(dense, keep)
+    x = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(**x).logits, dense(**x).logits, atol=1e-5, rtol=1e-5)
+    assert ModelView(model).ffn_widths() == [48, 48, 48]  # original untouched
+
+
+def test_cna_keep_topn_and_pct_on_tiny():
+    """CNA keep sets: topN = per-case union (each case contributes at most N); P% = exact global count."""
+    orig = make_tiny("llama")
+    ref = make_tiny("llama", seed=1)
+    t = task()
+    plan = prune.Plan([1, 2], "top", 4, 1, ["cna"])
+    keep, sc = prune.cna_keep(orig, ref, TOK, t, plan, batch_size=2)
+    n = sum(len(v) for v in keep.values())
+    assert 4 <= n <= 4 * len(t.seqs) and set(keep) == {1, 2}
+    keep, _ = prune.cna_keep(orig, ref, TOK, t, prune.Plan([1, 2], "pct", 10, 1, ["cna"]), batch_size=2)
+    assert sum(len(v) for v in keep.values()) == round(0.1 * 96)
