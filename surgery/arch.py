@@ -51,6 +51,8 @@ class Arch:
     softcap_attr: str | None = None  # config attribute holding final logit soft-capping, if any
     width_attr: str = "intermediate_size"  # config attribute holding the (base) FFN width
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections (PEFT names)
+    attn_v: str | None = "self_attn.v_proj"  # value projection; fused ones give where V sits (see attn_v_fused)
+    attn_v_fused: str | None = None  # "qkv_rows": Linear rows [q | k | v]; "qkv_cols": Conv1D columns [q | k | v]
 
 
 _LLAMA = Arch(
@@ -74,6 +76,8 @@ ARCHS: dict[str, Arch] = {
         attn_out="self_attn.o_proj",
         ffn="mlp",
         ffn_in=("mlp.gate_up_proj",),
+        attn_v="self_attn.qkv_proj",
+        attn_v_fused="qkv_rows",
         ffn_out="mlp.down_proj",
         ffn_kind="fused",
         pre_ffn_norm="post_attention_layernorm",
@@ -97,6 +101,8 @@ ARCHS: dict[str, Arch] = {
     "gpt2": Arch(
         layers="transformer.h",
         attn_out="attn.c_proj",
+        attn_v="attn.c_attn",
+        attn_v_fused="qkv_cols",
         ffn="mlp",
         ffn_in=("mlp.c_fc",),
         ffn_out="mlp.c_proj",
@@ -111,6 +117,7 @@ ARCHS: dict[str, Arch] = {
     "gptj": Arch(
         layers="transformer.h",
         attn_out="attn.out_proj",
+        attn_v="attn.v_proj",
         ffn="mlp",
         ffn_in=("mlp.fc_in",),
         ffn_out="mlp.fc_out",
@@ -125,6 +132,7 @@ ARCHS: dict[str, Arch] = {
     "gpt_neox": Arch(
         layers="gpt_neox.layers",
         attn_out="attention.dense",
+        attn_v=None,  # query_key_value interleaves heads; the OV map is not read from it
         ffn="mlp",
         ffn_in=("mlp.dense_h_to_4h",),
         ffn_out="mlp.dense_4h_to_h",
@@ -276,6 +284,30 @@ class ModelView:
         w = self.attn_out(layer).weight
         sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return w[sl, :].T if self.arch.conv1d else w[:, sl]
+
+    def value_weight(self, layer: int) -> Tensor:
+        """[kv_heads * head_dim, d_model] value projection W_V (rows = output features)."""
+        if self.arch.attn_v is None:
+            raise ArchError(f"the value projection of {self.config.model_type} is not in the table")
+        w = _get(self.layer(layer), self.arch.attn_v).weight
+        kv = self.head_dim * int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+        if self.arch.attn_v_fused == "qkv_rows":
+            return w[-kv:]
+        if self.arch.attn_v_fused == "qkv_cols":
+            return w[:, -kv:].T
+        return w
+
+    def ov_matrix(self, layer: int) -> Tensor:
+        """Sum over query heads h of W_O^h W_V^{kv(h)}: [d, d] (the attention's OV map with every head attending
+        to one position; the pre-attention norm's gain is not included)."""
+        wv = self.value_weight(layer).float()
+        n_kv = wv.shape[0] // self.head_dim
+        group = self.n_heads // n_kv
+        total = torch.zeros(self.hidden_size, self.hidden_size)
+        for h in range(self.n_heads):
+            kv = h // group
+            total += self.head_out_weight(layer, h).float() @ wv[kv * self.head_dim:(kv + 1) * self.head_dim]
+        return total
 
     def attn_out_bias(self, layer: int) -> Tensor | None:
         return getattr(self.attn_out(layer), "bias", None)
