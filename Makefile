@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/surgery eval --model smollm2-135m --task arithmetic --digits 1 --out runs/demo-eval
+	$(BIN)/surgery prune --recipe arithmetic-prune --quick --out checkpoints/demo --force
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -405,7 +405,7 @@ class Comparison:
 def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int], k: int,
             view_b: ModelView | None = None, batch_b: tuple[Tensor, Tensor] | None = None,
             ablate_b: HeadList = (), target: Tensor | None = None, exhaustive: bool = False,
-            chunk: int = 256) -> Comparison:
+            chunk: int = 256, max_rescore: int = 8192) -> Comparison:
     """Importance in setting A, and (when a B setting is given) the change A - B, for a batch of cases.
 
     B is: the same model with heads ablated (ablate_b), another model on the same input (view_b), or the same
@@ -423,7 +423,7 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
         b = Scorer(vb, sb, sigma_b, w, chunk)
     if exhaustive:
         return _exhaustive(a, b, layers, k, w)
-    top, dense = certified_topk(a, k, b)
+    top, dense = certified_topk(a, k, b, max_rescore=max_rescore)
     imp_a = dense if b is None else {l: sum(a.bounds(l)) / 2 for l in layers}
     return Comparison(top, w, sa.m, b.s.m if b else None, imp_a, dense, a, b)
 
@@ -476,7 +476,8 @@ class Scan:
 
 def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
-         targets: list[int] | None = None, batch_size: int = 16, progress: bool = True) -> Scan:
+         targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
+         max_rescore: int = 8192) -> Scan:
     """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings."""
     from tqdm.auto import tqdm
 
@@ -489,7 +490,7 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
         batch_b = left_pad(seqs_b[s:e], pad_id) if seqs_b is not None else None
         tgt = torch.tensor(targets[s:e]) if targets is not None else None
         parts.append(compare(view_a, batch_a, layers, k, view_b=view_b, batch_b=batch_b, ablate_b=ablate_b,
-                             target=tgt))
+                             target=tgt, max_rescore=max_rescore))
     cat = lambda f: torch.cat([f(p) for p in parts])  # noqa: E731
     return Scan(layers, k, cat(lambda p: p.top.layer), cat(lambda p: p.top.index), cat(lambda p: p.top.score),
                 cat(lambda p: p.top.certified), cat(lambda p: p.target),

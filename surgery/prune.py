@@ -41,6 +41,7 @@ SELECTORS = ("cna", "random", "magnitude", "activation", "taylor")
 class CnaSpec:
     batch_size: int = 16
     limit: int | None = None  # cap the 1-digit problems used for CNA / activation / taylor (quick profiles)
+    max_rescore: int = 8192  # exact rescoring cap per case; cases needing more are reported uncertified
 
 
 @dataclass
@@ -98,6 +99,13 @@ def parse_keep(spec: str) -> tuple[str, float]:
     if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
         return "pct", float(m.group(1))
     raise UsageError(f"bad --keep {spec!r}; use topN (e.g. top500) or P% (e.g. 5%)")
+
+
+def _check_keep_syntax(spec: str) -> None:
+    """The model-independent part of the keep check, done before loading anything."""
+    kind, value = parse_keep(spec)
+    if (kind == "top" and value < 1) or (kind == "pct" and not 0 < value <= 100):
+        raise UsageError(f"--keep {spec}: use top1 or more, or a percentage in (0, 100]")
 
 
 def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
@@ -173,14 +181,15 @@ def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
 
 
 # ---- selectors ---------------------------------------------------------------------------------------------
-def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: Plan, batch_size: int):
+def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: Plan, batch_size: int,
+             max_rescore: int = 8192):
     """Keep set from CNA (reference vs original, correct answer token): topN per-case union or P% global."""
     from .cna import scan
     from .evaluate import pad_id
 
     k = int(plan.keep_value) if plan.keep_kind == "top" else 1
     sc = scan(ModelView(ref), task.seqs, plan.layers, k, pad_id(tokenizer), view_b=ModelView(orig),
-              targets=task.targets, batch_size=batch_size)
+              targets=task.targets, batch_size=batch_size, max_rescore=max_rescore)
     if plan.keep_kind == "top":
         return {l: sorted(s) for l, s in sc.per_case_sets().items()}, sc
     return global_budget(sc.total, plan.keep_value), sc
@@ -368,8 +377,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _cna_line(r: PruneRecipe, certified: float | None) -> str:
+    if r.selector != "cna" or certified is None:
+        return ""
+    return (f"CNA: delta = importance in the reference (LoRA) model - in the original, correct answer token; "
+            f"{100 * certified:.0f}% of cases have a certified exact top-k (max_rescore {r.cna.max_rescore}; "
+            "the others use the best exact scores found)")
+
+
 def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: dict, steps: Steps, out: Path,
-             model_name: str, command: str) -> str:
+             model_name: str, command: str, certified: float | None = None) -> str:
     deep_total = sum(width[l] for l in plan.layers)
     total = sum(len(v) for v in keeps[plan.selectors[0]].values())
     return "\n\n".join([
@@ -378,6 +395,7 @@ def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: d
         f"keep **{r.keep}** of layers {plan.layers[0]}-{plan.layers[-1]} ({total} of {deep_total} neurons, "
         f"{100 * total / deep_total:.1f}%), selector **{r.selector}**, LoRA at layer {plan.lora_layer} "
         f"(rank {r.lora.rank}, lr chosen from {r.train.lrs})",
+        _cna_line(r, certified),
         "## Results (Table 11 form; full-answer accuracy, teacher forced = greedy)", results_table(rows, deep_total),
         "## Kept neurons per layer", kept_table(keeps, width),
         "## Timing", md_table(["step", "seconds"], list(steps.seconds.items())),
@@ -427,6 +445,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     r = load_recipe(recipe, quick, overrides, keep=keep, layers=layers, selector=selector,
                     lora_layer=lora_layer, layout=layout)
     outp = check_out(out, force, f"prune-{Path(model).name}")
+    _check_keep_syntax(r.keep)
     if against is not None and not Path(against).exists():
         raise UsageError(f"--against {against} does not exist; give a PEFT adapter folder or a checkpoint folder")
     with steps("load"):
@@ -460,20 +479,26 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Ste
     with steps("reference LoRA" if against is None else "reference (--against)"):
         ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train, splits)
         ref = load_reference(against, orig) if against else merged_copy(ref_fit.model)
-    keeps, fits, merged, cert = {}, {}, {}, None
+    with steps("evaluate original + reference"):
+        rows = _reference_rows(orig, ref, ref_fit, against, tok, splits, bs)
+    keeps, cert = {}, None
     with steps(f"select ({plan.selectors[0]})"):
         keeps[plan.selectors[0]], sc = _main_keep(plan.selectors[0], orig, ref, tok, task, plan, r)
         cert = float(sc.certified.float().mean()) if sc is not None else None
+    del ref, ref_fit
     budget = {l: len(v) for l, v in keeps[plan.selectors[0]].items()}
     for name in plan.selectors[1:]:
         with steps(f"select ({name})"):
             keeps[name] = baseline_keep(name, orig, tok, task, budget, r.seed)
+    fits, merged = {}, {}
     for name in plan.selectors:
-        with steps(f"slice + LoRA ({name})"):
-            _, fits[name] = prune_and_train(orig, tok, keeps[name], r, plan, splits)
-            merged[name] = merged_copy(fits[name].model)
-    with steps("evaluate"):
-        rows = _rows(orig, ref, ref_fit, against, merged, fits, keeps, tok, splits, bs)
+        with steps(f"slice + LoRA + evaluate ({name})"):
+            _, fit = prune_and_train(orig, tok, keeps[name], r, plan, splits)
+            m = merged_copy(fit.model)
+            rows.append(evaluate_row(f"{name}-pruned + LoRA", m, tok, splits, bs,
+                                     sum(len(v) for v in keeps[name].values()), lora_params(fit), fit.lr))
+            if name == plan.selectors[0]:  # only the exported model stays in memory
+                fits[name], merged[name] = fit, m
     width = {l: ModelView(orig).ffn_width(l) for l in plan.layers}
     return Results(rows, keeps, fits, merged, width, cert, splits)
 
@@ -481,7 +506,7 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Ste
 def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneRecipe):
     """The main selector's keep set (it defines the budget); CNA also returns its scan."""
     if name == "cna":
-        return cna_keep(orig, ref, tok, task, plan, r.cna.batch_size)
+        return cna_keep(orig, ref, tok, task, plan, r.cna.batch_size, r.cna.max_rescore)
     view = ModelView(orig)
     n = sum(view.ffn_width(l) for l in plan.layers)
     total = int(plan.keep_value) * len(task.seqs) if plan.keep_kind == "top" else round(plan.keep_value / 100 * n)
@@ -489,15 +514,11 @@ def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneR
     return baseline_keep(name, orig, tok, task, share, r.seed), None
 
 
-def _rows(orig, ref, ref_fit, against, merged, fits, keeps, tok, splits, bs) -> list[dict]:
-    rows = [evaluate_row("original", orig, tok, splits, bs, None)]
-    rows.append(evaluate_row("LoRA only" if against is None else "reference (--against)", ref, tok, splits, bs,
-                             None, lora_params(ref_fit) if ref_fit else 0, ref_fit.lr if ref_fit else None))
-    for name, m in merged.items():
-        n = sum(len(v) for v in keeps[name].values())
-        rows.append(evaluate_row(f"{name}-pruned + LoRA", m, tok, splits, bs, n, lora_params(fits[name]),
-                                 fits[name].lr))
-    return rows
+def _reference_rows(orig, ref, ref_fit, against, tok, splits, bs) -> list[dict]:
+    """Rows 'original' and 'LoRA only' (the trained reference; or the --against model)."""
+    return [evaluate_row("original", orig, tok, splits, bs, None),
+            evaluate_row("LoRA only" if against is None else "reference (--against)", ref, tok, splits, bs, None,
+                         lora_params(ref_fit) if ref_fit else 0, ref_fit.lr if ref_fit else None)]
 
 
 def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, steps: Steps, out: Path, force: bool,
@@ -507,7 +528,7 @@ def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, steps: Steps, out: 
     from .report import make
 
     main = plan.selectors[0]
-    md = markdown(r, plan, res.rows, res.keeps, res.width, steps, out, loaded.name, command)
+    md = markdown(r, plan, res.rows, res.keeps, res.width, steps, out, loaded.name, command, res.cna_certified)
     results = {"rows": res.rows, "kept": {s: {l: len(v) for l, v in k.items()} for s, k in res.keeps.items()},
                "kept_indices": res.keeps[main], "lora_layer": plan.lora_layer, "layers": plan.layers,
                "cna_certified_fraction": res.cna_certified, "lr": {s: f.lr for s, f in res.fits.items()},

@@ -1,0 +1,70 @@
+"""End to end on the real SmolLM2-135M: `surgery prune --recipe arithmetic-prune --keep top50 --quick` shrunk
+further with --set overrides (CI budget: a few minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+SMALL = ["train.max_steps=4", "train.batch_size=4", "data.per_op=40", "data.test_size=16", "data.train_limit=32",
+         "data.one_digit_limit=16", "cna.limit=12", "cna.max_rescore=256"]
+ROWS = ["original", "LoRA only", "cna-pruned + LoRA", "random-pruned + LoRA", "magnitude-pruned + LoRA",
+        "activation-pruned + LoRA", "taylor-pruned + LoRA"]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, smol):
+    from surgery.prune import run
+
+    out = tmp_path_factory.mktemp("prune") / "x"
+    return out, run(out=str(out), quick=True, keep="top50", overrides=SMALL)
+
+
+def test_report_rows_and_budget(pruned):
+    out, rep = pruned
+    res = rep.data["results"]
+    assert [r["name"] for r in res["rows"]] == ROWS
+    kept = [r["kept"] for r in res["rows"][2:]]
+    assert len(set(kept)) == 1 and kept[0] > 0  # every selector at the same budget
+    assert set(res["kept"]["cna"]) == set(range(15, 30))
+    for sel, per_layer in res["kept"].items():
+        assert per_layer == res["kept"]["cna"], sel
+    for r in res["rows"]:
+        assert 0 <= r["test2"]["full_answer_acc"] <= 1 and len(r["test2"]["full_answer_ci95"]) == 2
+    assert "| cna-pruned + LoRA |" in rep.markdown
+
+
+def test_checkpoint_widths_and_reload(pruned):
+    from transformers import AutoModelForCausalLM
+
+    from surgery.arch import ModelView
+
+    out, rep = pruned
+    for name in ("surgery.json", "report.json", "report.md", "accuracy.png", "kept.png", "config.json"):
+        assert (out / name).exists(), name
+    assert (out / "adapter" / "adapter_config.json").exists()
+    kept = rep.data["results"]["kept_indices"]
+    back = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    widths = ModelView(back).ffn_widths()
+    assert all(widths[l] == len(kept[l]) for l in kept) and all(w == 1536 for w in widths[:15])
+    prov = json.loads((out / "surgery.json").read_text())
+    assert prov["layout"] == "sliced"
+    assert rep.data["results"]["reload"]["widths_match"]
+    assert rep.data["results"]["reload"]["max_logit_diff"] < 1e-4
+
+
+def test_reloaded_checkpoint_answers_like_report(pruned):
+    """The exported model scores the 1-digit set exactly as the in-memory model did."""
+    from surgery import export
+    from surgery.lora import DataSpec, accuracy, build_splits
+    from surgery.models import load_model
+
+    out, rep = pruned
+    tok = load_model("smollm2-135m").tokenizer
+    spec = DataSpec(per_op=40, test_size=16, train_limit=32, one_digit_limit=16, validation_size=0)
+    acc = accuracy(export.load(out), tok, build_splits(spec).one_digit)["overall"]["full_answer_acc"]
+    assert acc == pytest.approx(rep.data["results"]["rows"][2]["one_digit"]["full_answer_acc"])
