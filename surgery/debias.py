@@ -285,11 +285,12 @@ def zeroed(model: nn.Module, neurons: Sequence[Neuron]) -> Iterator[None]:
         yield
 
 
-def edit_weights(model: nn.Module, neurons: Sequence[Neuron], edit: str) -> nn.Module:
-    """A deep copy with the neurons' key and value weights zeroed (edit zero) or sliced out (edit remove)."""
+def edit_weights(model: nn.Module, neurons: Sequence[Neuron], edit: str, inplace: bool = False) -> nn.Module:
+    """The model with the neurons' key and value weights zeroed (edit zero) or sliced out (edit remove); a deep
+    copy unless `inplace` (big models: no second copy in memory)."""
     from .slicing import slice_ffn
 
-    out = copy.deepcopy(model)
+    out = model if inplace else copy.deepcopy(model)
     view = ModelView(out)
     groups = by_layer(neurons)
     if edit == "zero":
@@ -493,14 +494,13 @@ def neuron_rows(view: ModelView, tokenizer, neurons: Sequence[Neuron], sel: Sele
 
 
 @torch.no_grad()
-def edit_check(hooked: nn.Module, edited: nn.Module, tokenizer, neurons: Sequence[Neuron], prompts: Sequence[str]
-               ) -> float:
-    """Max |logit difference| between the hook-zeroed model (what the sweep measured) and the weight-edited one."""
+def probe_logits(model: nn.Module, tokenizer, prompts: Sequence[str], neurons: Sequence[Neuron] = ()) -> Tensor:
+    """Logits [B, T, V] of a left-padded prompt batch (neurons zeroed by hooks): compares edits with the sweep."""
     ids, mask = left_pad([tokenizer(p).input_ids for p in prompts], pad_id(tokenizer))
-    kw = dict(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
-    with zeroed(hooked, neurons):
-        a = hooked(**kw).logits.float()
-    return float((a - edited(**kw).logits.float()).abs().max())
+    dev = next(model.parameters()).device
+    with zeroed(model, neurons):
+        return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=_positions(mask).to(dev),
+                     use_cache=False).logits.float().cpu()
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
@@ -652,17 +652,20 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     wino = {"base": wino_point(loaded.model, tok, [], data)}
     wino.update({m: wino_point(loaded.model, tok, top_n(sel.scores[m], r.neurons), data) for m in sel.scores})
     chosen = top_n(sel.scores[r.method], r.neurons)
-    edited = edit_weights(loaded.model, chosen, r.edit)
-    check = edit_check(loaded.model, edited, tok, chosen, data.bias["prompt"][:16])
-    results = _results(r, view, tok, sel, base, points, wino, chosen, check, professions)
+    table = neuron_rows(view, tok, chosen, sel, r.method)  # before the edit: top tokens read the value vectors
+    probe = data.bias["prompt"][:16]
+    hooked = probe_logits(loaded.model, tok, probe, chosen)
+    edited = edit_weights(loaded.model, chosen, r.edit, inplace=True)  # all hook-based measurements are done
+    check = float((probe_logits(edited, tok, probe) - hooked).abs().max())
+    results = _results(r, sel, base, points, wino, table, check, professions)
     cmd = _command(model, recipe, r, quick, overrides, outdir)
     config = {**recipes.to_dict(r), "model": model, "quick": quick, "selection_layers": [layers[0], layers[-1]]}
     data_ = rep.make(cmd, loaded.describe(), config, results, time.time() - t0)
     return _export(loaded, edited, r, chosen, data_, outdir, force)
 
 
-def _results(r: DebiasRecipe, view: ModelView, tok, sel: Selection, base: dict, points: dict, wino: dict,
-             chosen: list[Neuron], check: float, professions: list[str]) -> dict:
+def _results(r: DebiasRecipe, sel: Selection, base: dict, points: dict, wino: dict, table: list[dict],
+             check: float, professions: list[str]) -> dict:
     from surgery.evals import gender_bias as gb
 
     after = points[(r.method, r.neurons)]
@@ -675,7 +678,7 @@ def _results(r: DebiasRecipe, view: ModelView, tok, sel: Selection, base: dict, 
             "bias_before": base["bias"], "bias_after": after["bias"],
             "bias_table": bias_table(base["bias"], after["bias"]),
             "per_profession": profession_rows(base["bias"], after["bias"]),
-            "neurons": neuron_rows(view, tok, chosen, sel, r.method),
+            "neurons": table,
             "base": base_row, "at_n": at_n, "sweep": rows, "wino": wino,
             "collateral": {"before": {k: base[k] for k in ("perplexity", "arithmetic_acc", "arithmetic_n")},
                            "after": {k: after[k] for k in ("perplexity", "arithmetic_acc", "arithmetic_n")}},
