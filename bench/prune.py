@@ -6,8 +6,9 @@ Keep set: the 5% of the deep layers' FFN neurons with the largest weight magnitu
 bench measures the structure, not the selector. Reports
 - parameters (total and FFN) before/after, checkpoint size on disk (both exported with surgery.export);
 - forward latency on the same batch: median of `repeats` interleaved runs (dense, sliced, dense, ...);
-- peak memory: max RSS of a fresh process that loads the exported checkpoint and runs the same forward
-  (weights + activations; what a user pays), measured in a subprocess per model.
+- memory: RSS of a fresh process that loads the exported checkpoint (after load, after one forward on the
+  same batch) and its peak RSS, in a subprocess per model. The peak includes transformers' loading path: the
+  sliced layout's remote-code class builds the base-width model before cutting it, so its PEAK is not lower.
 A masked (zeroed) dense model is never reported as faster: only the physically sliced one is timed as "sliced".
 Last line: `speedup <x>x (dense <s>s, sliced <s>s), params <before> -> <after>`.
 """
@@ -59,21 +60,31 @@ def child(path: str, b: int, t: int) -> None:
     from surgery import export
 
     model = export.load(path)
+    loaded = rss_mib()
     forward_seconds(model, batch(model.config.vocab_size, b, t))
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "loaded_rss_mib": loaded, "after_forward_rss_mib": rss_mib()}))
 
 
-def peak_rss(path: Path, b: int, t: int) -> float:
+def rss_mib() -> float:
+    """Current resident set size of this process (Linux /proc), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory(path: Path, b: int, t: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", str(path), "--batch", str(b), "--seq", str(t)],
                          capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--keep", type=float, default=5.0, help="percent of the deep FFN neurons kept")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -99,7 +110,7 @@ def main() -> None:
         export.save(dense.model, dense.tokenizer, pd, layout="zeroed")
         export.save(sliced, dense.tokenizer, ps, layout="sliced")
         size_d, size_s = folder_bytes(pd), folder_bytes(ps)
-        rss_d, rss_s = peak_rss(pd, a.batch, a.seq), peak_rss(ps, a.batch, a.seq)
+        mem_d, mem_s = memory(pd, a.batch, a.seq), memory(ps, a.batch, a.seq)
     md, ms = statistics.median(d), statistics.median(s)
     kept = sum(len(v) for v in keep.values())
     print(f"model {a.model}: deep layers {view_layers[0]}-{view_layers[-1]}, kept {kept} FFN neurons "
@@ -109,7 +120,10 @@ def main() -> None:
     print(f"latency sliced median {ms:.3f}s  (min {min(s):.3f}, max {max(s):.3f})")
     print(f"FFN params {ffn_before:,} -> {ffn_after:,} ({100 * ffn_after / ffn_before:.1f}%)")
     print(f"checkpoint tensors on disk {size_d / 2**20:.1f} MiB -> {size_s / 2**20:.1f} MiB")
-    print(f"peak RSS (load + forward, fresh process) {rss_d:.0f} MiB -> {rss_s:.0f} MiB")
+    for key, what in (("loaded_rss_mib", "RSS after loading the checkpoint"),
+                      ("after_forward_rss_mib", "RSS after one forward"),
+                      ("peak_rss_mib", "peak RSS (load + forward, fresh process)")):
+        print(f"{what}: dense {mem_d[key]:.0f} MiB -> sliced {mem_s[key]:.0f} MiB")
     print(f"speedup {md / ms:.2f}x (dense {md:.3f}s, sliced {ms:.3f}s), params {n_before:,} -> {n_after:,}")
 
 

@@ -4,7 +4,8 @@ The recipe (recipes/arithmetic-prune.yaml) is a small orchestration over plain s
 data (torchtune style): `reference` (LoRA at layer L trained on 2-digit problems, the CNA reference; also the
 "LoRA only" row), `cna_keep` (CNA original vs reference on every 1-digit case), `baseline_keep` (random /
 magnitude / activation / taylor at the SAME per-layer budget), `prune_and_train` (slice a copy, fresh LoRA,
-train), `evaluate_rows`, `export_checkpoint`, `build_report`.
+train), `evaluate_row`, `export_checkpoint` (+ `check_reload`), `markdown` / `plots`; `pipeline` and `finish`
+chain them and `Steps` logs each one's duration.
 
 CNA direction: scan(view_a = reference, view_b = original, targets = the correct answer token), so
 delta = imp_reference - imp_original: the neurons that matter MORE once the task LoRA is in (the paper's pick).
@@ -414,17 +415,20 @@ def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: 
             "lora_layer": plan.lora_layer, "layers": {l: {"kept": keep[l]} for l in sorted(keep)}}
     export.save(fit.model.get_base_model(), tokenizer, out, layout=r.layout, provenance=prov, force=force,
                 adapter_model=fit.model, merge=True, extra_files=extra)
-    return check_reload(out, merged, keep)
+    return check_reload(out, merged, keep, r.layout)
 
 
 @torch.no_grad()
-def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]]) -> dict:
-    """Reload the checkpoint with transformers; widths must equal the kept counts and logits must match."""
+def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]], layout: str = "sliced") -> dict:
+    """Reload the checkpoint with transformers; sliced widths must equal the kept counts (padded: the base
+    width) and logits must match the in-memory model."""
     from . import export
+    from .slicing import base_width
 
     back = export.load(out)
     widths = ModelView(back).ffn_widths()
-    ok_widths = all(widths[l] == len(k) for l, k in keep.items())
+    base = base_width(merged) if layout == "padded" else None
+    ok_widths = all(widths[l] == (base or len(k)) for l, k in keep.items())
     ids = torch.tensor([[1, 44345, 42, 216, 33, 34, 27, 35, 36, 45]]) % back.config.vocab_size
     diff = float((back(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max())
     return {"widths_match": ok_widths, "max_logit_diff": diff, "widths": widths}

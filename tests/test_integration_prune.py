@@ -68,3 +68,14 @@ def test_reloaded_checkpoint_answers_like_report(pruned):
     spec = DataSpec(per_op=40, test_size=16, train_limit=32, one_digit_limit=16, validation_size=0)
     acc = accuracy(export.load(out), tok, build_splits(spec).one_digit)["overall"]["full_answer_acc"]
     assert acc == pytest.approx(rep.data["results"]["rows"][2]["one_digit"]["full_answer_acc"])
+
+
+def test_lora_sweep_quick(tmp_path, smol):
+    from surgery.lora import sweep
+
+    out = tmp_path / "sweep"
+    rep = sweep(out=str(out), quick=True, layers="8", overrides=SMALL + ["cna.limit=4", "sweep.top=5"])
+    rows = rep.data["results"]["layers"]
+    assert [r["layer"] for r in rows] == [8]
+    assert len(rows[0]["amplification"]) == 4 and all(a["neurons"] >= 0 for a in rows[0]["amplification"])
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG" and (out / "report.md").exists()
