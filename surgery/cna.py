@@ -94,25 +94,30 @@ class Scorer:
         self.WU = view.unembed_matrix().float()
         self.wu_max = self.WU.norm(dim=1).max()
         self.cap = view.softcap
-        self.top_tokens, self.max_split, self.tail_mass = 64, 1024, 0.005  # the exact/bounded vocabulary split
-        self.layer_cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.top_tokens, self.max_split, self.tail_mass = 32, 256, 0.02  # the exact/bounded vocabulary split
+        self.layer_cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _centre(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.view.arch.norm_kind == "layer" else x
 
     @torch.no_grad()
-    def _base(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Pre-softcap base logits z0 [B, V], log p0(w) [B], and the first-order direction u [B, d]."""
+    def _base(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Pre-softcap base logits z0 [B, V] and log p0(w) [B] of the FFN input stream r (frozen sigma)."""
         if layer not in self.layer_cache:
             z0 = self.view.readout(self.s.r[layer], self.sigma) + self.view.readout_bias()
             logp = torch.log_softmax(self.view.softcap_logits(z0), -1)
-            grad = -logp.exp()
-            grad[torch.arange(len(grad)), self.target] += 1.0
-            if self.cap:
-                grad = grad * (1 - torch.tanh(z0 / self.cap) ** 2)
-            u = self._centre(self.gain * (grad @ self.WU)) / self.sigma
-            self.layer_cache[layer] = (z0, logp.gather(1, self.target[:, None])[:, 0], u)
+            self.layer_cache[layer] = (z0, logp.gather(1, self.target[:, None])[:, 0])
         return self.layer_cache[layer]
+
+    @torch.no_grad()
+    def _direction(self, layer: int) -> Tensor:
+        """u [B, d] with fo_k = m_k (c v_k) . u: centre(g * W_U^T (e_w - p) * softcap') / sigma."""
+        z0 = self._base(layer)[0]
+        grad = -torch.softmax(self.view.softcap_logits(z0), -1)
+        grad[torch.arange(len(grad)), self.target] += 1.0
+        if self.cap:
+            grad = grad * (1 - torch.tanh(z0 / self.cap) ** 2)
+        return self._centre(self.gain * (grad @ self.WU)) / self.sigma
 
     def _dirs(self, layer: int) -> Tensor:
         """Value vectors, post-norm scaled per case when the arch has one: [N, d] or [B, N, d]."""
@@ -123,7 +128,7 @@ class Scorer:
     @torch.no_grad()
     def first_order(self, layer: int) -> Tensor:
         """fo [B, N]: m_k (D_k[w] - p . D_k); an upper bound of the exact score when there is no soft-capping."""
-        u = self._base(layer)[2]
+        u = self._direction(layer)
         d = self._dirs(layer)
         proj = u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, u)
         return self.s.m[layer] * proj
@@ -167,8 +172,8 @@ class Scorer:
 
     def _split_size(self, z0: Tensor) -> int:
         """|S|: enough top tokens that the tail holds <= tail_mass of every case's probability (within limits)."""
-        p = torch.softmax(z0, -1).sort(-1, descending=True).values.cumsum(-1)
-        need = int((p < 1 - self.tail_mass).sum(-1).max()) + 1
+        head = torch.softmax(z0, -1).topk(min(self.max_split, z0.shape[1]), -1).values.cumsum(-1)
+        need = int((head < 1 - self.tail_mass).sum(-1).max()) + 1
         return min(z0.shape[1], max(self.top_tokens, min(need, self.max_split)))
 
     def vocab_range(self, layer: int) -> tuple[Tensor, Tensor]:
@@ -183,7 +188,7 @@ class Scorer:
     @torch.no_grad()
     def exact(self, layer: int, idx: Tensor) -> Tensor:
         """Exact scores [B, C] of neurons idx [B, C] (per-case candidate lists) of `layer`."""
-        z0, logp0, _ = self._base(layer)
+        z0, logp0 = self._base(layer)
         out = torch.empty(idx.shape, dtype=torch.float32)
         union, inv = torch.unique(idx, return_inverse=True)
         d = self._dirs(layer)

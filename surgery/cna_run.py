@@ -44,11 +44,12 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         va.check_head(*lh)
     vb = _against(loaded, against) if against else None
     tgt = cna.target_id(loaded.tokenizer, target) if target else None
+    rank = max(top, 99) if "mask" in validate else top  # Table 5 masks up to the top-99
     if prompt is not None:
-        data = _single(loaded, va, vb, chosen, prompt, prompt_b, tgt, tuple(ablate_head or ()), top, exhaustive)
+        data = _single(loaded, va, vb, chosen, prompt, prompt_b, tgt, tuple(ablate_head or ()), rank, exhaustive)
     else:
         data = _dataset(loaded, va, vb, chosen, digits, ops, templates, limit, seed, batch_size,
-                        tuple(ablate_head or ()), top, tgt)
+                        tuple(ablate_head or ()), rank, tgt)
     config = dict(prompt=prompt, prompt_b=prompt_b, target=target, ablate_head=[list(x) for x in ablate_head or ()],
                   against=against, layers=layers, top=top, exhaustive=exhaustive, task=None if prompt else task,
                   digits=list(digits), ops=list(ops) if ops else None, limit=limit, seed=seed)
@@ -203,13 +204,13 @@ def markdown(data: dict, config: dict) -> str:
                  f"Top-{len(data['neurons'])} certified exact: {data['certified']} ({data['rescored']} exact evaluations).\n\n")
         cols = ["neuron", "imp A", "imp B", "delta", "coef A", "coef B", "top tokens"]
         rows = [[r["neuron"], r["imp_a"], r.get("imp_b", ""), r.get("delta", ""), r["coef_a"], r.get("coef_b", ""),
-                 _tokens(r["top_tokens"])] for r in data["neurons"]]
+                 _tokens(r["top_tokens"])] for r in data["neurons"][:config["top"]]]
     else:
         head += (f"{data['n_cases']} cases; {data['certified']} with certified per-case top-k; "
                  "score = sum over cases of the (delta of) importance.\n\n")
         cols = ["neuron", "sum", "mean", "in case top-k", "coef A", "coef B", "top tokens"]
         rows = [[r["neuron"], r["score_sum"], r["score_mean"], r["in_case_topk"], r["coef_a_mean"],
-                 r.get("coef_b_mean", ""), _tokens(r["top_tokens"])] for r in data["neurons"]]
+                 r.get("coef_b_mean", ""), _tokens(r["top_tokens"])] for r in data["neurons"][:config["top"]]]
     body = rep.md_table(cols, rows)
     if "validations" in data:
         from .validate import markdown as vmd
@@ -232,7 +233,7 @@ def layer_plot(data: dict, path: Path, n_layers: int) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.bar(range(n_layers), data["per_layer_top"], color="tab:blue")
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"top-{len(data['neurons'])} neurons")
+    ax.set_ylabel(f"top-{len(data['neurons'])} neurons (count)")
     ax.set_title(f"CNA: where the top neurons sit ({data.get('comparison') or 'importance'})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

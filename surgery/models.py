@@ -143,8 +143,11 @@ def resolve(model: str) -> tuple[str, str | Path]:
 def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> Loaded:
     """Load a causal LM and its tokenizer, in eval mode. device 'auto' spreads it with accelerate's device_map."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .arch import arch_for
+
+    hf_logging.disable_progress_bar()  # our own progress bars only; errors stay one line
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")

@@ -73,18 +73,17 @@ class _Ctx:
         return scales
 
     def random_like(self, neurons: Sequence[Neuron], layers: Sequence[int] | None = None) -> list[Neuron]:
-        """Random neurons with the same per-layer counts (or spread over `layers`), disjoint from `neurons`."""
+        """Random neurons disjoint from `neurons`: the same per-layer counts, or as many spread over `layers`
+        (fewer if the pool runs out)."""
         taken = set(neurons)
-        out: list[Neuron] = []
-        for l, _ in neurons:
-            layer = l if layers is None else self.rng.choice(list(layers))
-            while True:
-                cand = (layer, self.rng.randrange(self.view.ffn_width(layer)))
-                if cand not in taken:
-                    taken.add(cand)
-                    out.append(cand)
-                    break
-        return out
+        if layers is None:
+            out: list[Neuron] = []
+            for layer in sorted({l for l, _ in neurons}):
+                pool = [(layer, i) for i in range(self.view.ffn_width(layer)) if (layer, i) not in taken]
+                out += self.rng.sample(pool, min(len(pool), sum(l == layer for l, _ in neurons)))
+            return out
+        pool = [(l, i) for l in layers for i in range(self.view.ffn_width(l)) if (l, i) not in taken]
+        return self.rng.sample(pool, min(len(pool), len(neurons)))
 
     def coefficients(self, ablate=(), scales: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
         """Mean coefficient m [N] per layer at the answer position over all cases."""

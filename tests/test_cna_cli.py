@@ -1,0 +1,74 @@
+"""`surgery cna` end to end on a tiny saved model (prompt and dataset modes, validations, bad input)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from surgery.cli import main
+from conftest import make_tiny
+
+SMOL = Path("checkpoints/base/smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with the real SmolLM2 tokenizer (vocab cut to the model), saved as a HF folder."""
+    if not (SMOL / "tokenizer.json").exists():
+        pytest.skip("needs the converted SmolLM2 tokenizer (make setup + one load)")
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SMOL / f, d / f)
+    return d
+
+
+def test_prompt_mode_writes_table_and_files(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "cna"
+    rc = main(["cna", "--model", str(tiny_dir), "--prompt", "Calculate: 3+5=", "--ablate-head", "1.2",
+               "--top", "5", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "cna.json").read_text())
+    rows = data["results"]["neurons"]
+    assert len(rows) == 5 and data["results"]["certified"]
+    for r in rows:
+        assert abs(r["imp_a"] - r["imp_b"] - r["delta"]) < 1e-5
+        assert len(r["top_tokens"]) == 10
+    assert (out / "cna_layers.png").stat().st_size > 1000
+    assert "| neuron | imp A | imp B | delta |" in capsys.readouterr().out
+
+
+def test_dataset_mode_with_validations(tiny_dir, tmp_path):
+    out = tmp_path / "cna"
+    rc = main(["cna", "--model", str(tiny_dir), "--ops", "+", "--limit", "6", "--top", "5", "--validate",
+               "mask,pe,fe", "--ablate-head", "0.1", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "cna.json").read_text())["results"]
+    assert res["mode"] == "dataset" and res["certified"] == res["n_cases"]
+    assert len(res["per_case_top"]) == res["n_cases"]
+    v = res["validations"]
+    assert v["mask"]["rows"] and "coefficient_drop" in v["mask"]
+    assert "cos_value_key_upper" in v["pe"] or "skipped" in v["pe"]
+    assert v["fe"]["candidates"] > 0
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--prompt", "x", "--target", "Calculate"], "is 1 tokens" if False else "target"),
+    (["--prompt", "x", "--layers", "3-9"], "outside the model"),
+    (["--prompt", "x", "--ablate-head", "1.9"], "head 1.9 is outside"),
+    (["--prompt-b", "y"], "--prompt-b needs --prompt"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_dir, capsys, argv, msg):
+    if argv[-1] == "Calculate":
+        argv = ["--prompt", "x", "--target", " nursery rhymes"]
+    rc = main(["cna", "--model", str(tiny_dir), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and msg in err and len(err.splitlines()) == 1
