@@ -38,6 +38,7 @@ from .hooks import Hooks
 METHODS = ("cna", "random", "activation-diff")
 EDITS = ("zero", "remove")
 TARGETS = ("first", "all")
+ORIENTATIONS = ("label", "measured")
 Neuron = tuple[int, int]  # (layer, index)
 
 
@@ -63,6 +64,7 @@ class DebiasRecipe:
     method: str = "cna"
     edit: str = "zero"
     target: str = "first"  # first: the profession's first token; all: every token, teacher forced, summed
+    orientation: str = "label"  # CNA case direction: label (the profession's stereotype) | measured (model's own)
     layers: str = "all"  # selection layers: all | deep | A-B | list
     professions: list[str] | None = None  # None: all 32 biased professions of evals/gender_bias.py
     selection_templates: str | list[str] = "select"
@@ -91,7 +93,7 @@ def check_recipe(r: DebiasRecipe) -> None:
     if r.neurons < 1:
         raise UsageError(f"--neurons must be >= 1, got {r.neurons}")
     for what, value, allowed in (("--method", r.method, METHODS), ("--edit", r.edit, EDITS),
-                                 ("target", r.target, TARGETS)):
+                                 ("target", r.target, TARGETS), ("orientation", r.orientation, ORIENTATIONS)):
         if value not in allowed:
             raise UsageError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
     bad = [m for m in r.sweep.methods if m not in METHODS]
@@ -130,6 +132,10 @@ class Cases:
     template: list[str]
 
 
+def _pair(gender: str) -> tuple[str, str]:
+    return (gender, "man" if gender == "woman" else "woman")
+
+
 def stereotype(profession: str) -> tuple[str, str]:
     """(stereotyped gender, other gender) of a biased profession."""
     from surgery.evals import gender_bias as gb
@@ -137,14 +143,28 @@ def stereotype(profession: str) -> tuple[str, str]:
     return ("woman", "man") if gb.PROFESSIONS[profession] == "woman-biased" else ("man", "woman")
 
 
-def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[str], target: str = "first") -> Cases:
-    """One case per (template, profession) (target first) or per profession token (target all)."""
+def favoured_genders(model: nn.Module, tokenizer, templates: Sequence[str], professions: Sequence[str]
+                     ) -> dict[str, str]:
+    """The gender the MODEL favours for each (template, profession) pair ("template|profession" -> gender), from
+    its own log p(profession | woman) - log p(profession | man) on those (selection) templates."""
+    from surgery.evals import gender_bias as gb
+
+    ds = gb.build(list(templates), professions)
+    diffs = gb.pair_diffs(ds, prefix_logprobs(model, tokenizer, ds["prompt"], ds["continuation"]))
+    return {pid: "woman" if d > 0 else "man" for pid, d in diffs.items()}
+
+
+def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[str], target: str = "first",
+                    favoured: dict[str, str] | None = None) -> Cases:
+    """One case per (template, profession) (target first) or per profession token (target all). A is the
+    stereotyped gender (orientation label) or the gender the model favours (`favoured`, orientation measured)."""
     from surgery.evals import gender_bias as gb
 
     out = Cases([], [], [], [], [])
     for t in templates:
         for p in professions:
-            (fa, ka), (fb, kb) = [continuation_ids(tokenizer, *gb.prompt_for(t, g, p)) for g in stereotype(p)]
+            genders = stereotype(p) if favoured is None else _pair(favoured[f"{t}|{p}"])
+            (fa, ka), (fb, kb) = [continuation_ids(tokenizer, *gb.prompt_for(t, g, p)) for g in genders]
             steps = range(1) if target == "first" else range(ka)
             for j in steps:
                 out.seqs_a.append(fa[:len(fa) - ka + j]), out.seqs_b.append(fb[:len(fb) - kb + j])
@@ -182,19 +202,21 @@ def select_cna(view: ModelView, cases: Cases, layers: list[int], pad: int, batch
 
 
 def shared_rows(sc, layer: int, idx: Tensor) -> Tensor | None:
-    """W_U (g * centre(v_k)) [C, V] for neurons idx, shared by every case and both settings (None when a
-    post-FFN norm makes the direction depend on the case)."""
-    d = sc._dirs(layer)
-    return None if d.dim() == 3 else sc._readout_rows(d[idx])
+    """W_U (g * centre(v_k)) [C, V] for neurons idx (sigma = 1), shared by every case and both settings; None when
+    a post-FFN norm makes the direction depend on the case."""
+    if sc.s.c[layer] is not None:
+        return None
+    return sc.view.readout(sc.view.values(layer)[idx].float(), torch.ones(1, 1))
 
 
 def exact_scores(sc, layer: int, idx: Tensor, rows: Tensor | None, chunk: int = 32) -> Tensor:
     """The exact paper score [B, C] of neurons idx (the same for every case) under Scorer `sc`: cna.Scorer.exact
     vectorised over cases (one [B, C, V] log-sum-exp per chunk instead of a loop over cases)."""
-    B = sc.target.shape[0]
-    if rows is None or sc.cap:
+    view, B = sc.view, sc.target.shape[0]
+    if rows is None or view.softcap:
         return sc.exact(layer, idx.expand(B, -1))
-    z0, logp0, _ = sc._base(layer)
+    z0 = view.readout(sc.s.r[layer], sc.sigma) + view.readout_bias()
+    logp0 = z0.gather(1, sc.target[:, None])[:, 0] - z0.logsumexp(-1)
     a = sc.s.m[layer][:, idx] / sc.sigma  # [B, C]
     zw = z0.gather(1, sc.target[:, None]) + a * rows[:, sc.target].T
     lse = torch.cat([(z0[:, None, :] + a[:, s:s + chunk, None] * rows[None, s:s + chunk]).logsumexp(-1)
@@ -469,7 +491,8 @@ def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], p
     scores: dict[str, dict[int, Tensor]] = {}
     cna_info = None
     if "cna" in methods:
-        cases = selection_cases(tokenizer, templates, professions, r.target)
+        fav = favoured_genders(view.model, tokenizer, templates, professions) if r.orientation == "measured" else None
+        cases = selection_cases(tokenizer, templates, professions, r.target, fav)
         scores["cna"], cna_info = select_cna(view, cases, layers, pad, r.batch_size,
                                              max([r.candidates, r.neurons, *r.sweep.ns]))
     if "activation-diff" in methods:
@@ -673,7 +696,7 @@ def _results(r: DebiasRecipe, sel: Selection, base: dict, points: dict, wino: di
     base_row = summary(base, base)
     at_n = {m: summary(points[(m, r.neurons)], base) for m in sel.scores}
     return {"selection": {"templates": sel.templates, "professions": professions, "cna": sel.cna,
-                          "target": r.target, "layers": r.layers},
+                          "target": r.target, "orientation": r.orientation, "layers": r.layers},
             "eval_templates": list(gb.template_set(r.eval_templates)[1]),
             "bias_before": base["bias"], "bias_after": after["bias"],
             "bias_table": bias_table(base["bias"], after["bias"]),

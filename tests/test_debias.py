@@ -159,6 +159,19 @@ def test_selection_cases_orientation_and_targets(tok):
 
 
 @needs_tok
+def test_measured_orientation_puts_the_favoured_gender_in_a(tok):
+    model = tiny_words()
+    t, profs = ["The {g} worked as a"], ["nurse", "driver", "miner"]
+    fav = D.favoured_genders(model, tok, t, profs)
+    ds = gb.build(t, profs)
+    diffs = gb.pair_diffs(ds, gb.continuation_logprobs(model, tok, ds["prompt"], ds["continuation"]))
+    assert fav == {pid: "woman" if d > 0 else "man" for pid, d in diffs.items()}
+    c = D.selection_cases(tok, t, profs, "first", fav)
+    for seq, p in zip(c.seqs_a, profs):
+        assert tok.decode(seq).endswith(f"The {fav[t[0] + '|' + p]} worked as a")
+
+
+@needs_tok
 def test_prefix_logprobs_equal_plain_scoring(tok):
     model = tiny_words()
     ds = gb.build("eval", ["nurse", "police officer", "domestic helper", "driver"])
@@ -181,6 +194,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     assert "unknown profession" in _bad(tmp_path, capsys, "--set", "professions=[astronaut]")
     assert "overlap" in _bad(tmp_path, capsys, "--set", "selection_templates=eval")
     assert "sweep.methods" in _bad(tmp_path, capsys, "--set", "sweep.methods=[magic]")
+    assert "orientation" in _bad(tmp_path, capsys, "--set", "orientation=sideways")
 
 
 def test_too_many_neurons_and_existing_out(tmp_path, capsys, tiny_dir):
