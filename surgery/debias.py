@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import io
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -544,7 +544,7 @@ def profession_rows(before: dict, after: dict) -> list[dict]:
     return rows
 
 
-def plot_sweep(rows: dict[str, list[dict]], base: dict, folder: Path) -> dict[str, bytes]:
+def plot_sweep(rows: dict[str, list[dict]], base: dict) -> dict[str, bytes]:
     """bias_vs_n.png and collateral_vs_n.png (PNG bytes by file name)."""
     import matplotlib
 
@@ -676,15 +676,21 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     wino.update({m: wino_point(loaded.model, tok, top_n(sel.scores[m], r.neurons), data) for m in sel.scores})
     chosen = top_n(sel.scores[r.method], r.neurons)
     table = neuron_rows(view, tok, chosen, sel, r.method)  # before the edit: top tokens read the value vectors
-    probe = data.bias["prompt"][:16]
-    hooked = probe_logits(loaded.model, tok, probe, chosen)
-    edited = edit_weights(loaded.model, chosen, r.edit, inplace=True)  # all hook-based measurements are done
-    check = float((probe_logits(edited, tok, probe) - hooked).abs().max())
+    edited, check = edit_and_check(loaded.model, tok, chosen, r.edit, data.bias["prompt"][:16])
     results = _results(r, sel, base, points, wino, table, check, professions)
     cmd = _command(model, recipe, r, quick, overrides, outdir)
     config = {**recipes.to_dict(r), "model": model, "quick": quick, "selection_layers": [layers[0], layers[-1]]}
     data_ = rep.make(cmd, loaded.describe(), config, results, time.time() - t0)
     return _export(loaded, edited, r, chosen, data_, outdir, force)
+
+
+def edit_and_check(model: nn.Module, tokenizer, chosen: list[Neuron], edit: str, probe: Sequence[str]
+                   ) -> tuple[nn.Module, float]:
+    """Edit the weights in place (every hook-based measurement is done by now) and return the edited model with
+    the max |logit difference| to the hook-zeroed model on `probe` prompts (0 when the export is what was measured)."""
+    hooked = probe_logits(model, tokenizer, probe, chosen)
+    edited = edit_weights(model, chosen, edit, inplace=True)
+    return edited, float((probe_logits(edited, tokenizer, probe) - hooked).abs().max())
 
 
 def _results(r: DebiasRecipe, sel: Selection, base: dict, points: dict, wino: dict, table: list[dict],
@@ -721,7 +727,7 @@ def _export(loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], da
     from . import export
 
     md = markdown(data)
-    pngs = plot_sweep(data["results"]["sweep"], _base_point(data), outdir)
+    pngs = plot_sweep(data["results"]["sweep"], _base_point(data))
     groups = by_layer(chosen)
     prov = {"operation": "debias", "recipe": data["config"], "method": r.method, "seed": r.seed,
             "neurons": [neuron_name(l, i) for l, i in chosen], "base": {"id": loaded.name, "source": loaded.source},
