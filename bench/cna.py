@@ -13,9 +13,9 @@ identical = the same top-k set per case and max |score difference| <= 1e-4 on it
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -60,19 +60,28 @@ def surgery_cases(view: ModelView, seqs: list[list[int]], k: int, batch: int, pa
     return out
 
 
-def _peak_child(fn, *args) -> float:
-    """Peak RSS growth (MB) of running fn(*args) in a forked child."""
-    def child(q):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn(*args)
-        q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+def _peak_rss_mb(side: str, k: int, batch: int) -> float:
+    """Peak RSS growth (MB) of one side, measured in a fresh process after the model is loaded."""
+    out = subprocess.run([sys.executable, __file__, "--measure", side, "--k", str(k), "--batch", str(batch)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=child, args=(q,))
-    p.start()
-    p.join()
-    return q.get()
+
+def _measure(side: str, k: int, batch: int) -> None:
+    view, tok, seqs = _setup(batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if side == "reference":
+        reference_case(view, seqs[0], k)
+    else:
+        surgery_cases(view, seqs, k, batch, pad_id(tok))
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def _setup(n: int):
+    loaded = load_model("smollm2-135m")
+    problems = arithmetic.build(digits=(1,), templates=("calculate",), limit=n)
+    seqs = list(arithmetic.cases(problems, loaded.tokenizer)["input_ids"])[:n]
+    return ModelView(loaded.model), loaded.tokenizer, seqs
 
 
 def main() -> None:
@@ -80,12 +89,12 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--measure", choices=["reference", "surgery"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
-    loaded = load_model("smollm2-135m")
-    view, tok = ModelView(loaded.model), loaded.tokenizer
-    problems = arithmetic.build(digits=(1,), templates=("calculate",), limit=args.cases)
-    seqs = list(arithmetic.cases(problems, tok)["input_ids"])[: args.cases]
+    if args.measure:
+        return _measure(args.measure, args.k, args.batch)
+    view, tok, seqs = _setup(args.cases)
     t = time.time()
     surgery_cases(view, seqs[:1], args.k, 1, pad_id(tok))  # one-time per-model vocabulary ranges (disk-cached)
     cold = time.time() - t
@@ -97,12 +106,12 @@ def main() -> None:
     t_ref = (time.time() - t) / len(seqs)
     same = all(set(f[0]) == set(r[0]) for f, r in zip(fast, ref))
     err = max(float((f[1] - r[1]).abs().max()) for f, r in zip(fast, ref))
-    mem_ref = _peak_child(reference_case, view, seqs[0], args.k)
-    mem_fast = _peak_child(surgery_cases, view, seqs[: args.batch], args.k, args.batch, pad_id(tok))
     print(f"cases {len(seqs)}, k {args.k}, batch {args.batch}, threads {torch.get_num_threads()}")
     print(f"certified {sum(f[2] for f in fast)}/{len(fast)}; max |score diff| {err:.2e}; one-time vocab ranges "
-          f"{cold:.1f}s (cached on disk after the first run)")
-    print(f"peak RSS growth: reference {mem_ref:.0f} MB (1 case), surgery {mem_fast:.0f} MB ({args.batch} cases)")
+          f"{cold:.1f}s (cached on disk after the first run)", flush=True)
+    mem_ref, mem_fast = _peak_rss_mb("reference", args.k, 1), _peak_rss_mb("surgery", args.k, args.batch)
+    print(f"peak RSS growth after loading: reference {mem_ref:.0f} MB (1 case), "
+          f"surgery {mem_fast:.0f} MB ({args.batch} cases per batch)")
     print(f"speedup {t_ref / t_fast:.1f}x (reference {t_ref:.2f}s, surgery {t_fast:.3f}s), "
           f"identical={'true' if same and err <= 1e-4 else 'false'}")
 

@@ -94,7 +94,7 @@ class Scorer:
         self.WU = view.unembed_matrix().float()
         self.wu_max = self.WU.norm(dim=1).max()
         self.cap = view.softcap
-        self.top_tokens, self.max_split, self.tail_mass = 32, 256, 0.02  # the exact/bounded vocabulary split
+        self.top_tokens = 32  # |S|: the tokens whose log-sum-exp terms are computed exactly for every neuron
         self.layer_cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _centre(self, x: Tensor) -> Tensor:
@@ -148,33 +148,25 @@ class Scorer:
         z0 = self._base(layer)[0]
         B = z0.shape[0]
         lse0 = z0.logsumexp(-1, keepdim=True)
-        top = z0.topk(self._split_size(z0), -1).indices  # any split of the vocabulary is valid:
+        top = z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices  # any split of the vocabulary is valid:
         missing = ~(top == self.target[:, None]).any(1)  # make sure the target is in S
         top[missing, -1] = self.target[missing]
         wcol = (top == self.target[:, None]).float().argmax(1)  # [B]
-        S, col = torch.unique(top, return_inverse=True)  # union of the cases' top tokens; col: per-case columns
         tail = z0.scatter(1, top, float("-inf"))
         log_zr = tail.logsumexp(-1, keepdim=True)  # [B, 1]
         q = torch.softmax(tail, -1).nan_to_num(0.0)  # tail distribution [B, V]
         d = self._centre(self._dirs(layer)) * self.gain  # [N, d] or [B, N, d]
-        ds = d @ self.WU[S].T  # [N, U] or [B, N, U]
         mean_u = q @ self.WU  # [B, d]
         mean_d = mean_u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, mean_u)  # E_q D_k [B, N]
         a = self.s.m[layer] / self.sigma  # [B, N]
-        cols = col.view(B, 1, -1).expand(B, ds.shape[-2], -1)
-        dS = ds.expand(B, *ds.shape[-2:]).gather(2, cols)  # [B, N, s]
+        ws = self.WU[top]  # [B, s, d]: each case's own top tokens (no union: N d s work per case)
+        dS = d @ ws.transpose(1, 2) if d.dim() == 2 else torch.bmm(d, ws.transpose(1, 2))  # [B, N, s]
         log_a = (z0.gather(1, top)[:, None, :] + a[..., None] * dS).logsumexp(-1)
         hi_d, lo_d = self.vocab_range(layer)
         hoeffding = a * mean_d + (a * (hi_d - lo_d)) ** 2 / 8
         worst = torch.minimum(torch.maximum(a * hi_d, a * lo_d), hoeffding)
         lin = a * dS.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0] + lse0
         return lin - torch.logaddexp(log_a, log_zr + worst), lin - torch.logaddexp(log_a, log_zr + a * mean_d)
-
-    def _split_size(self, z0: Tensor) -> int:
-        """|S|: enough top tokens that the tail holds <= tail_mass of every case's probability (within limits)."""
-        head = torch.softmax(z0, -1).topk(min(self.max_split, z0.shape[1]), -1).values.cumsum(-1)
-        need = int((head < 1 - self.tail_mass).sum(-1).max()) + 1
-        return min(z0.shape[1], max(self.top_tokens, min(need, self.max_split)))
 
     def vocab_range(self, layer: int) -> tuple[Tensor, Tensor]:
         """(max_j D_kj, min_j D_kj) over the whole vocabulary at sigma = 1: [N] each (exact, cached per layer),
