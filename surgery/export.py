@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import __version__
 from .arch import Arch, ModelView, arch_for
 from .errors import UsageError
+from .models import sha256_file
 from .report import Report, atomic_dir, check_out_dir, md_table, now, save as save_report
 from .slicing import base_width, kept_indices
 
@@ -352,14 +353,6 @@ def file_hashes(folder: Path) -> dict[str, dict]:
         if p.is_file() and p.name != MANIFEST:
             out[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return out
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def base_identity(base: str | Path) -> dict:
