@@ -222,7 +222,7 @@ class TopK:
 
 @torch.no_grad()
 def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
-                   max_rescore: int = 8192) -> tuple[TopK, dict[int, Tensor]]:
+                   max_rescore: int = 2048) -> tuple[TopK, dict[int, Tensor]]:
     """Top-k neurons per case by exact score (one setting) or by exact delta a - b (comparison).
 
     Round 1 rescores, per case, the k + margin neurons with the highest upper bounds; its k-th best exact value
@@ -402,7 +402,7 @@ class Comparison:
 def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int], k: int,
             view_b: ModelView | None = None, batch_b: tuple[Tensor, Tensor] | None = None,
             ablate_b: HeadList = (), target: Tensor | None = None, exhaustive: bool = False,
-            chunk: int = 256, max_rescore: int = 8192) -> Comparison:
+            chunk: int = 256, max_rescore: int = 2048) -> Comparison:
     """Importance in setting A, and (when a B setting is given) the change A - B, for a batch of cases.
 
     B is: the same model with heads ablated (ablate_b), another model on the same input (view_b), or the same
@@ -474,7 +474,7 @@ class Scan:
 def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
          targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
-         max_rescore: int = 8192) -> Scan:
+         max_rescore: int = 2048) -> Scan:
     """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings."""
     from tqdm.auto import tqdm
 

@@ -132,11 +132,14 @@ def _keep_only(ctx: _Ctx, keep: list[Neuron], layers: list[int]) -> dict[int, Te
 def _coef_drop(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
     """Relative change of mean coefficients when the heads are ablated: top neurons vs random ones."""
     clean, abl = ctx.coefficients(), ctx.coefficients(ablate=ablate)
+    return {"top_relative_change": _mean_abs_change(clean, abl, top),
+            "random_relative_change": _mean_abs_change(clean, abl, ctx.random_like(top)), "k": len(top)}
 
-    def rel(ns):
-        return sum(float((abl[l][i] - clean[l][i]) / (clean[l][i].abs() + 1e-6)) for l, i in ns) / len(ns)
 
-    return {"top_relative_change": rel(top), "random_relative_change": rel(ctx.random_like(top)), "k": len(top)}
+def _mean_abs_change(clean: dict[int, Tensor], after: dict[int, Tensor], ns: Sequence[Neuron]) -> float:
+    """(mean |m| after - mean |m| before) / mean |m| before over neurons ns: stable when some m are near 0."""
+    before = sum(float(clean[l][i].abs()) for l, i in ns)
+    return (sum(float(after[l][i].abs()) for l, i in ns) - before) / max(before, 1e-9)
 
 
 def prediction_enhancing(ctx: _Ctx, top: list[Neuron]) -> dict:
@@ -152,10 +155,9 @@ def prediction_enhancing(ctx: _Ctx, top: list[Neuron]) -> dict:
     clean = ctx.coefficients()
     zero_low = ctx.coefficients(scales=ctx.zeroed([low]))
     zero_rnd = ctx.coefficients(scales=ctx.zeroed(ctx.random_like([low])))
-    change = lambda c, ns: sum(float((c[l][i] - clean[l][i]) / (clean[l][i].abs() + 1e-6)) for l, i in ns) / len(ns)  # noqa: E731
     return {"lowest": f"{low[0]}_{low[1]}", "n_upper": len(upper), "cos_value_key_upper": cos(upper),
-            "cos_value_key_random_upper": cos(rnd_upper), "upper_coef_change_zero_lowest": change(zero_low, upper),
-            "upper_coef_change_zero_random_same_layer": change(zero_rnd, upper)}
+            "cos_value_key_random_upper": cos(rnd_upper), "upper_coef_change_zero_lowest": _mean_abs_change(clean, zero_low, upper),
+            "upper_coef_change_zero_random_same_layer": _mean_abs_change(clean, zero_rnd, upper)}
 
 
 def _key_cos(view: ModelView, value: Tensor, n: Neuron) -> float:
