@@ -16,7 +16,6 @@ exported model is edited in its weights (zeroed layout: native; remove: sliced l
 from __future__ import annotations
 
 import copy
-import io
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -551,12 +550,7 @@ def plot_sweep(rows: dict[str, list[dict]], base: dict) -> dict[str, bytes]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        return buf.getvalue()
+    from .report import png_bytes as png
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, rs in rows.items():

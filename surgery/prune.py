@@ -16,8 +16,6 @@ delta = imp_reference - imp_original: the neurons that matter MORE once the task
 from __future__ import annotations
 
 import copy
-import io
-import random
 import re
 import sys
 import time
@@ -32,7 +30,7 @@ from . import recipe as recipes
 from .arch import ModelView
 from .errors import UsageError
 from .lora import DataSpec, Fit, LoraSpec, Splits, TrainSpec, accuracy, build_splits, fit_lora, merged_copy
-from .report import Report, check_out_dir, md_table
+from .report import Report, check_out_dir, md_table, png_bytes
 
 SELECTORS = ("cna", "random", "magnitude", "activation", "taylor")
 
@@ -369,13 +367,7 @@ def plots(rows: list[dict], keep: dict[int, list[int]], width: dict[int, int]) -
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=100)
 
 
 def _cna_line(r: PruneRecipe, certified: float | None) -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from surgery.cli import main
-from conftest import make_tiny
 
 SMOL = Path("checkpoints/base/smollm2-135m")
 
