@@ -217,7 +217,4 @@ def test_ov_matrix_is_the_attention_on_a_single_token(arch):
         group = v.n_heads // (vb.shape[0] // v.head_dim)
         full = torch.cat([b[(hh // group) * v.head_dim:(hh // group + 1) * v.head_dim] for hh in range(v.n_heads)])
         bias = bias + (v.attn_out(1).weight.T @ full if v.arch.conv1d else v.attn_out(1).weight @ full)
-    if arch == "gemma3":  # v_norm on values: not a linear map; only check that shapes work
-        assert got.shape == want.shape
-        return
     torch.testing.assert_close(got + bias, want, atol=1e-5, rtol=0)

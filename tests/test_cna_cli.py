@@ -60,14 +60,12 @@ def test_dataset_mode_with_validations(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--prompt", "x", "--target", "Calculate"], "is 1 tokens" if False else "target"),
+    (["--prompt", "x", "--target", " nursery rhymes"], "is 2 tokens"),
     (["--prompt", "x", "--layers", "3-9"], "outside the model"),
     (["--prompt", "x", "--ablate-head", "1.9"], "head 1.9 is outside"),
     (["--prompt-b", "y"], "--prompt-b needs --prompt"),
 ])
 def test_bad_input_is_one_line_exit_2(tiny_dir, capsys, argv, msg):
-    if argv[-1] == "Calculate":
-        argv = ["--prompt", "x", "--target", " nursery rhymes"]
     rc = main(["cna", "--model", str(tiny_dir), *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1
