@@ -65,7 +65,8 @@ TASK = [
 OUT = [(("--out",), dict(default=None, help="output folder for report.json / report.md / plots"))]
 FORCE = [(("--force",), dict(action="store_true", help="overwrite an existing output folder"))]
 RECIPE = [
-    (("--quick",), dict(action="store_true", help="the recipe's quick profile (CPU-sized)")),
+    (("--quick",), dict(action="store_true", help="the recipe's quick profile (CPU-sized smoke run)")),
+    (("--profile",), dict(default=None, help="a named profile of the recipe (e.g. cpu); --quick = --profile quick")),
     (("--set",), dict(dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override any recipe field, e.g. --set lora.rank=8 (repeatable)")),
 ]

@@ -76,9 +76,9 @@ class DebiasRecipe:
 
 
 def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, neurons: int | None = None,
-                method: str | None = None, edit: str | None = None) -> DebiasRecipe:
-    """The resolved recipe: file, quick profile, --set overrides, then the explicit CLI flags; validated."""
-    r = recipes.load(name, DebiasRecipe, list(overrides), quick)
+                method: str | None = None, edit: str | None = None, profile: str | None = None) -> DebiasRecipe:
+    """The resolved recipe: file, profile (--quick / --profile), --set overrides, then the CLI flags; validated."""
+    r = recipes.load(name, DebiasRecipe, list(overrides), quick, profile)
     r.neurons = r.neurons if neurons is None else neurons
     r.method, r.edit = method or r.method, edit or r.edit
     check_recipe(r)
@@ -643,7 +643,8 @@ def check_out(out: str | None, r: DebiasRecipe, force: bool) -> Path:
 
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
         force: bool = False, quick: bool = False, overrides: Sequence[str] = (), recipe: str = "gender-debias",
-        neurons: int | None = None, method: str | None = None, edit: str | None = None) -> rep.Report:
+        neurons: int | None = None, method: str | None = None, edit: str | None = None,
+        profile: str | None = None) -> rep.Report:
     """Find the FFN neurons behind gender-biased profession predictions (CNA between "A woman ..." and "A man ..."
     prompts on selection templates), zero (--edit zero, native checkpoint) or remove (--edit remove, sliced) the top
     --neurons, and write a checkpoint with report.json/report.md/plots: bias before/after on disjoint evaluation
@@ -654,7 +655,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     from .models import load_model
 
     t0 = time.time()
-    r = load_recipe(recipe, overrides, quick, neurons, method, edit)
+    r = load_recipe(recipe, overrides, quick, neurons, method, edit, profile)
     outdir = check_out(out, r, force)
     loaded = load_model(model, dtype=dtype, device=device)
     view, tok = ModelView(loaded.model), loaded.tokenizer
@@ -672,8 +673,8 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     table = neuron_rows(view, tok, chosen, sel, r.method)  # before the edit: top tokens read the value vectors
     edited, check = edit_and_check(loaded.model, tok, chosen, r.edit, data.bias["prompt"][:16])
     results = _results(r, sel, base, points, wino, table, check, professions)
-    cmd = _command(model, recipe, r, quick, overrides, outdir)
-    config = {**recipes.to_dict(r), "model": model, "quick": quick, "selection_layers": [layers[0], layers[-1]]}
+    cmd = _command(model, recipe, r, "quick" if quick else profile, overrides, outdir)
+    config = {**recipes.to_dict(r), "model": model, "quick": quick, "profile": profile, "selection_layers": [layers[0], layers[-1]]}
     data_ = rep.make(cmd, loaded.describe(), config, results, time.time() - t0)
     return _export(loaded, edited, r, chosen, data_, outdir, force)
 
@@ -708,9 +709,10 @@ def _results(r: DebiasRecipe, sel: Selection, base: dict, points: dict, wino: di
             "controls": control_changes(base["controls"], after["controls"]), "edit_check": check}
 
 
-def _command(model: str, recipe: str, r: DebiasRecipe, quick: bool, overrides: Sequence[str], out: Path) -> str:
+def _command(model: str, recipe: str, r: DebiasRecipe, profile: str | None, overrides: Sequence[str],
+             out: Path) -> str:
     parts = ["surgery debias", f"--model {model}", f"--recipe {recipe}", f"--neurons {r.neurons}",
-             f"--method {r.method}", f"--edit {r.edit}", *(["--quick"] if quick else []),
+             f"--method {r.method}", f"--edit {r.edit}", *([f"--profile {profile}"] if profile else []),
              *[f"--set {o}" for o in overrides], f"--out {out}"]
     return " ".join(parts)
 

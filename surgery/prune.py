@@ -41,6 +41,7 @@ class CnaSpec:
     batch_size: int = 16
     limit: int | None = None  # cap the 1-digit problems used for CNA / activation / taylor (quick profiles)
     max_rescore: int = 8192  # exact rescoring cap per case; cases needing more are reported uncertified
+    exact_top: int = 100  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
 
 
 @dataclass
@@ -71,9 +72,11 @@ class PruneRecipe:
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
 
-def load_recipe(name: str, quick: bool, overrides: list[str] | None, **flags) -> PruneRecipe:
-    """The recipe with its quick profile, --set overrides, then the explicit CLI flags (None = recipe's)."""
-    r = recipes.load(name, PruneRecipe, list(overrides or []), quick)
+def load_recipe(name: str, quick: bool, overrides: list[str] | None, profile: str | None = None,
+                **flags) -> PruneRecipe:
+    """The recipe with its profile (--quick / --profile), --set overrides, then the explicit CLI flags
+    (None = recipe's)."""
+    r = recipes.load(name, PruneRecipe, list(overrides or []), quick, profile)
     for key, value in flags.items():
         if value is not None:
             setattr(r, key, value)
@@ -181,12 +184,13 @@ def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
 
 # ---- selectors ---------------------------------------------------------------------------------------------
 def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: Plan, batch_size: int,
-             max_rescore: int = 8192):
-    """Keep set from CNA (reference vs original, correct answer token): topN per-case union or P% global."""
+             max_rescore: int = 8192, exact_top: int = 100):
+    """Keep set from CNA (reference vs original, correct answer token): topN per-case union, or P% global by
+    the delta summed over cases (each case's `exact_top` neurons scored exactly, the rest by bound midpoints)."""
     from .cna import scan
     from .evaluate import pad_id
 
-    k = int(plan.keep_value) if plan.keep_kind == "top" else 1
+    k = int(plan.keep_value) if plan.keep_kind == "top" else exact_top
     sc = scan(ModelView(ref), task.seqs, plan.layers, k, pad_id(tokenizer), view_b=ModelView(orig),
               targets=task.targets, batch_size=batch_size, max_rescore=max_rescore)
     if plan.keep_kind == "top":
@@ -431,14 +435,14 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         force: bool = False, quick: bool = False, overrides: list[str] | None = None,
         recipe: str = "arithmetic-prune", keep: str | None = None, layers: str | None = None,
         selector: str | None = None, lora_layer: int | None = None, against: str | None = None,
-        layout: str | None = None) -> Report:
+        layout: str | None = None, profile: str | None = None) -> Report:
     """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
     chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
     taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots."""
     from .models import load_model
 
     start, steps = time.time(), Steps()
-    r = load_recipe(recipe, quick, overrides, keep=keep, layers=layers, selector=selector,
+    r = load_recipe(recipe, quick, overrides, profile, keep=keep, layers=layers, selector=selector,
                     lora_layer=lora_layer, layout=layout)
     outp = check_out(out, force, f"prune-{Path(model).name}")
     _check_keep_syntax(r.keep)
@@ -502,7 +506,7 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Ste
 def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneRecipe):
     """The main selector's keep set (it defines the budget); CNA also returns its scan."""
     if name == "cna":
-        return cna_keep(orig, ref, tok, task, plan, r.cna.batch_size, r.cna.max_rescore)
+        return cna_keep(orig, ref, tok, task, plan, r.cna.batch_size, r.cna.max_rescore, r.cna.exact_top)
     view = ModelView(orig)
     n = sum(view.ffn_width(l) for l in plan.layers)
     total = int(plan.keep_value) * len(task.seqs) if plan.keep_kind == "top" else round(plan.keep_value / 100 * n)

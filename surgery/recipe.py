@@ -1,6 +1,7 @@
 """Recipes: YAML files validated into dataclasses, found by name (shipped in recipes/) or by path.
 
-A recipe file may hold a `quick:` section: a partial recipe merged over the rest when `--quick` is given.
+A recipe file may hold `profiles:`, named partial recipes merged over the rest: `--profile NAME` picks one,
+`--quick` is `--profile quick` (the CPU-sized smoke run every recipe ships).
 Any field can be overridden with dotted keys (`--set lora.rank=8`); an unknown key is one clear error.
 
     @dataclass
@@ -10,7 +11,7 @@ Any field can be overridden with dotted keys (`--set lora.rank=8`); an unknown k
     class MyRecipe:
         name: str = "x"
         lora: Lora = field(default_factory=Lora)
-    r = recipe.load("arithmetic-prune", MyRecipe, overrides=["lora.rank=4"], quick=True)
+    r = recipe.load("arithmetic-prune", MyRecipe, overrides=["lora.rank=4"], profile="quick")
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def find(name_or_path: str) -> Path:
     return Path(str(res))
 
 
-def load(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, ...] = (), quick: bool = False) -> T:
-    """Read, merge the quick profile, apply overrides, validate into `schema`."""
+def load(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, ...] = (), quick: bool = False,
+         profile: str | None = None) -> T:
+    """Read, merge the chosen profile (`quick=True` is profile 'quick'), apply overrides, validate into `schema`."""
     path = find(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -55,9 +57,16 @@ def load(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, .
         raise UsageError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(raw, dict):
         raise UsageError(f"recipe {path} must be a mapping of keys to values")
-    profile = raw.pop("quick", None) or {}
-    if quick:
-        raw = merge(raw, profile)
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict):
+        raise UsageError(f"recipe {path}: 'profiles' must map profile names to partial recipes")
+    if quick and profile not in (None, "quick"):
+        raise UsageError(f"--quick and --profile {profile} both given; pick one")
+    name = "quick" if quick else profile
+    if name is not None:
+        if name not in profiles:
+            raise UsageError(f"recipe {path.name} has no profile {name!r}; it has: {', '.join(profiles) or 'none'}")
+        raw = merge(raw, profiles[name] or {})
     for item in overrides:
         raw = merge(raw, dotted(item))
     return build(schema, raw, where=path.name)

@@ -56,12 +56,32 @@ def test_merged_copy_equals_adapter_model():
     assert any("lora_" in n for n, _ in pm.named_parameters())  # still an adapter model
 
 
-def test_collator_masks_prompt_and_padding():
+def test_collator_left_pads_and_masks_prompt_and_padding():
     batch = lora.Collator(0)([{"input_ids": [5, 6, 7], "labels": [-100, -100, 7]},
                               {"input_ids": [5, 6], "labels": [-100, 6]}])
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
-    assert batch["labels"].tolist() == [[-100, -100, 7], [-100, 6, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 5, 6]]
+    assert batch["labels"].tolist() == [[-100, -100, 7], [-100, -100, 6]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "gpt_neox", "phi3"])
+def test_answer_loss_equals_hf_loss_per_row(arch):
+    """The last-positions-only loss of a left-padded batch == the HF causal-LM loss of each row alone,
+    averaged over all answer tokens."""
+    model = make_tiny(arch).eval()
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for n, a in ((7, 2), (5, 3), (9, 1)):
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (n - a) + ids[n - a:]})
+    with torch.no_grad():
+        got = lora.answer_loss(model, lora.Collator(0)(rows))
+        per_row = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
+                   for r in rows]
+    n_tok = [sum(x != -100 for x in r["labels"][1:]) for r in rows]
+    want = sum(l * n for l, n in zip(per_row, n_tok)) / sum(n_tok)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
