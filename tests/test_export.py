@@ -280,6 +280,39 @@ def test_killed_export_leaves_no_checkpoint(tmp_path):
     assert export.inspect(str(target)).exit_code == 0
 
 
+PEAK = r"""
+import resource, sys
+import torch, safetensors.torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from surgery import export
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = export.load(sys.argv[1])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_sliced_load_never_builds_the_base_width(tmp_path):
+    """A sliced checkpoint whose base width would take 400 MB loads with a peak far below that: the generated
+    class builds the base width on the meta device (transformers' loading), then resizes before any weight."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(hidden_size=256, intermediate_size=16384, num_hidden_layers=8, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=1000)
+    with torch.device("meta"):
+        dense_bytes = sum(p.numel() * 4 for p in T.AutoModelForCausalLM.from_config(cfg).parameters())
+    small = T.LlamaConfig(**{**cfg.to_dict(), "intermediate_size": 256})
+    model = T.AutoModelForCausalLM.from_config(small).eval()  # the sliced shape, built small
+    model.config.intermediate_size = 16384
+    model.surgery_kept = {l: list(range(256)) for l in range(8)}
+    export.save(model, None, tmp_path / "ck", layout="sliced")
+    saved = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert saved["intermediate_size"] == 16384 and saved["ffn_widths"] == [256] * 8
+    out = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / "ck")], capture_output=True, text=True,
+                         cwd=HERE.parent)
+    peak_mb = float(out.stdout.strip().splitlines()[-1])
+    assert dense_bytes / 2**20 > 390 and peak_mb < 100, (peak_mb, out.stderr[-500:])
+
+
 # ---- inspect: provenance + hashes ---------------------------------------------------------------------------------
 @pytest.fixture
 def checkpoint(tmp_path):
