@@ -14,7 +14,7 @@ Facts that hold for every supported architecture, and which the rest of the code
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -71,33 +71,13 @@ ARCHS: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "phi3": Arch(
-        layers="model.layers",
-        attn_out="self_attn.o_proj",
-        ffn="mlp",
-        ffn_in=("mlp.gate_up_proj",),
-        attn_v="self_attn.qkv_proj",
-        attn_v_fused="qkv_rows",
-        ffn_out="mlp.down_proj",
-        ffn_kind="fused",
-        pre_ffn_norm="post_attention_layernorm",
-        final_norm="model.norm",
-        norm_kind="rms",
-        lora_targets=("qkv_proj", "o_proj"),
-    ),
-    "gemma3_text": Arch(
-        layers="model.layers",
-        attn_out="self_attn.o_proj",
-        ffn="mlp",
-        ffn_in=("mlp.gate_proj", "mlp.up_proj"),
-        ffn_out="mlp.down_proj",
-        ffn_kind="gated",
-        pre_ffn_norm="pre_feedforward_layernorm",
-        post_ffn_norm="post_feedforward_layernorm",
-        final_norm="model.norm",
-        norm_kind="rms1p",
-        softcap_attr="final_logit_softcapping",
-    ),
+    # Phi-3: Llama with fused qkv and gate_up projections
+    "phi3": replace(_LLAMA, ffn_in=("mlp.gate_up_proj",), ffn_kind="fused", attn_v="self_attn.qkv_proj",
+                    attn_v_fused="qkv_rows", lora_targets=("qkv_proj", "o_proj")),
+    # Gemma 3: Llama with norms around the FFN, (1 + w) RMS norms and final logit soft-capping
+    "gemma3_text": replace(_LLAMA, pre_ffn_norm="pre_feedforward_layernorm",
+                           post_ffn_norm="post_feedforward_layernorm", norm_kind="rms1p",
+                           softcap_attr="final_logit_softcapping"),
     "gpt2": Arch(
         layers="transformer.h",
         attn_out="attn.c_proj",
