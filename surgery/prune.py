@@ -42,6 +42,7 @@ class CnaSpec:
     limit: int | None = None  # cap the 1-digit problems used for CNA / activation / taylor (quick profiles)
     max_rescore: int = 8192  # exact rescoring cap per case; cases needing more are reported uncertified
     exact_top: int = 100  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
+    score: str = "delta"  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
 
 
 @dataclass
@@ -130,6 +131,8 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     bad = [s for s in [r.selector, *r.baselines] if s not in SELECTORS]
     if bad:
         raise UsageError(f"unknown selector(s) {bad}; use some of {', '.join(SELECTORS)}")
+    if r.cna.score not in ("delta", "reference"):
+        raise UsageError(f"cna.score {r.cna.score!r}: use delta (the paper) or reference")
     if r.layout not in ("sliced", "padded"):
         raise UsageError(f"--layout {r.layout!r}: use sliced or padded")
     selectors = [r.selector] + [s for s in r.baselines if s != r.selector]
@@ -184,14 +187,18 @@ def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
 
 # ---- selectors ---------------------------------------------------------------------------------------------
 def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: Plan, batch_size: int,
-             max_rescore: int = 8192, exact_top: int = 100):
-    """Keep set from CNA (reference vs original, correct answer token): topN per-case union, or P% global by
-    the delta summed over cases (each case's `exact_top` neurons scored exactly, the rest by bound midpoints)."""
+             max_rescore: int = 8192, exact_top: int = 100, score: str = "delta"):
+    """Keep set from CNA (correct answer token): topN per-case union, or P% global by the score summed over
+    cases (each case's `exact_top` neurons scored exactly, the rest by bound midpoints). score 'delta' compares
+    the reference with the original (the paper); 'reference' ranks by importance in the reference alone."""
     from .cna import scan
     from .evaluate import pad_id
 
+    if score not in ("delta", "reference"):
+        raise UsageError(f"cna.score {score!r}: use delta (the paper) or reference")
     k = int(plan.keep_value) if plan.keep_kind == "top" else exact_top
-    sc = scan(ModelView(ref), task.seqs, plan.layers, k, pad_id(tokenizer), view_b=ModelView(orig),
+    sc = scan(ModelView(ref), task.seqs, plan.layers, k, pad_id(tokenizer),
+              view_b=ModelView(orig) if score == "delta" else None,
               targets=task.targets, batch_size=batch_size, max_rescore=max_rescore)
     if plan.keep_kind == "top":
         return {l: sorted(s) for l, s in sc.per_case_sets().items()}, sc
@@ -377,7 +384,9 @@ def _png(fig) -> bytes:
 def _cna_line(r: PruneRecipe, certified: float | None) -> str:
     if r.selector != "cna" or certified is None:
         return ""
-    return (f"CNA: delta = importance in the reference (LoRA) model - in the original, correct answer token; "
+    what = ("delta = importance in the reference (LoRA) model - in the original" if r.cna.score == "delta"
+            else "score = importance in the reference (LoRA) model alone (cna.score=reference)")
+    return (f"CNA: {what}, correct answer token; "
             f"{100 * certified:.0f}% of cases have a certified exact top-k (max_rescore {r.cna.max_rescore}; "
             "the others use the best exact scores found)")
 
@@ -506,7 +515,8 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Ste
 def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneRecipe):
     """The main selector's keep set (it defines the budget); CNA also returns its scan."""
     if name == "cna":
-        return cna_keep(orig, ref, tok, task, plan, r.cna.batch_size, r.cna.max_rescore, r.cna.exact_top)
+        return cna_keep(orig, ref, tok, task, plan, r.cna.batch_size, r.cna.max_rescore, r.cna.exact_top,
+                        r.cna.score)
     view = ModelView(orig)
     n = sum(view.ffn_width(l) for l in plan.layers)
     total = int(plan.keep_value) * len(task.seqs) if plan.keep_kind == "top" else round(plan.keep_value / 100 * n)

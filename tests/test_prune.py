@@ -162,3 +162,24 @@ def test_cna_keep_topn_and_pct_on_tiny():
     assert 4 <= n <= 4 * len(t.seqs) and set(keep) == {1, 2}
     keep, _ = prune.cna_keep(orig, ref, TOK, t, prune.Plan([1, 2], "pct", 10, 1, ["cna"]), batch_size=2)
     assert sum(len(v) for v in keep.values()) == round(0.1 * 96)
+
+
+@pytest.mark.parametrize("score", ["delta", "reference"])
+def test_cna_keep_topn_is_the_union_of_exhaustive_per_case_tops(score):
+    """topN == the union of each case's exhaustive top-N: of the delta (reference - original), or of the
+    importance in the reference alone (cna.score=reference)."""
+    from surgery.cna import compare
+    from surgery.evaluate import left_pad
+
+    orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
+    keep, _ = prune.cna_keep(orig, ref, TOK, t, prune.Plan([1, 2], "top", 3, 1, ["cna"]), batch_size=2,
+                             score=score)
+    want = {1: set(), 2: set()}
+    for seq, tgt in zip(t.seqs, t.targets):
+        c = compare(ModelView(ref), left_pad([seq], 0), [1, 2], 3, target=torch.tensor([tgt]), exhaustive=True,
+                    view_b=ModelView(orig) if score == "delta" else None)
+        for l, i in zip(c.top.layer[0].tolist(), c.top.index[0].tolist()):
+            want[l].add(i)
+    assert {l: set(v) for l, v in keep.items()} == want
+    with pytest.raises(UsageError, match="cna.score"):
+        prune.cna_keep(orig, ref, TOK, t, prune.Plan([1, 2], "top", 3, 1, ["cna"]), batch_size=2, score="abs")
