@@ -191,6 +191,28 @@ class Scorer:
             out[b] = self._logp_w(z0[b] + a * rows, self.target[b]) - logp0[b]
         return out
 
+    @torch.no_grad()
+    def shared_rows(self, layer: int, idx: Tensor) -> Tensor | None:
+        """W_U (g * centre(v_k)) [C, V] of neurons idx [C] without sigma: the same for every case and for every
+        Scorer of the same model (pass it to `exact_same` of both settings); None when a post-FFN norm makes the
+        direction depend on the case."""
+        return None if self.s.c[layer] is not None else self._readout_rows(self._dirs(layer)[idx])
+
+    @torch.no_grad()
+    def exact_same(self, layer: int, idx: Tensor, rows: Tensor | None = None, chunk: int = 32) -> Tensor:
+        """Exact scores [B, C] of the SAME neurons idx [C] in every case: `exact` vectorised over cases (one
+        [B, chunk, V] log-sum-exp per chunk instead of a loop over cases)."""
+        B = self.target.shape[0]
+        rows = self.shared_rows(layer, idx) if rows is None else rows
+        if rows is None or self.cap:
+            return self.exact(layer, idx.expand(B, -1))
+        z0, logp0 = self._base(layer)
+        a = self.s.m[layer][:, idx] / self.sigma  # [B, C]
+        zw = z0.gather(1, self.target[:, None]) + a * rows[:, self.target].T
+        lse = torch.cat([(z0[:, None, :] + a[:, s:s + chunk, None] * rows[None, s:s + chunk]).logsumexp(-1)
+                         for s in range(0, len(idx), chunk)], 1)
+        return zw - lse - logp0[:, None]
+
     def _readout_rows(self, dirs: Tensor) -> Tensor:
         """W_U (g * centre(dirs)) without sigma: [C, V], chunked over rows to bound memory."""
         parts = [(self._centre(ch) * self.gain) @ self.WU.T for ch in dirs.split(self.chunk)]

@@ -189,8 +189,9 @@ def select_cna(view: ModelView, cases: Cases, layers: list[int], pad: int, batch
     exact = {l: torch.zeros(len(idx)) for l, idx in cand.items()}
     for a, b in _case_scorers(view, cases, sorted(cand), pad, batch_size, "cna exact"):
         for l, idx in cand.items():
-            rows = shared_rows(a, l, torch.tensor(idx))
-            exact[l] += (exact_scores(a, l, torch.tensor(idx), rows) - exact_scores(b, l, torch.tensor(idx), rows)).sum(0)
+            i = torch.tensor(idx)
+            rows = a.shared_rows(l, i)  # one model: the rows serve both prompts
+            exact[l] += (a.exact_same(l, i, rows) - b.exact_same(l, i, rows)).sum(0)
     total = copy.deepcopy(fo)
     for l, idx in cand.items():
         total[l][idx] = exact[l]
@@ -198,29 +199,6 @@ def select_cna(view: ModelView, cases: Cases, layers: list[int], pad: int, batch
     ex = torch.cat(list(exact.values()))
     return total, {"cases": len(cases.targets), "screen": "first-order", "rescored_exactly": len(ex),
                    "screen_exact_corr": float(torch.corrcoef(torch.stack([screen, ex]))[0, 1]) if len(ex) > 1 else None}
-
-
-def shared_rows(sc, layer: int, idx: Tensor) -> Tensor | None:
-    """W_U (g * centre(v_k)) [C, V] for neurons idx (sigma = 1), shared by every case and both settings; None when
-    a post-FFN norm makes the direction depend on the case."""
-    if sc.s.c[layer] is not None:
-        return None
-    return sc.view.readout(sc.view.values(layer)[idx].float(), torch.ones(1, 1))
-
-
-def exact_scores(sc, layer: int, idx: Tensor, rows: Tensor | None, chunk: int = 32) -> Tensor:
-    """The exact paper score [B, C] of neurons idx (the same for every case) under Scorer `sc`: cna.Scorer.exact
-    vectorised over cases (one [B, C, V] log-sum-exp per chunk instead of a loop over cases)."""
-    view, B = sc.view, sc.target.shape[0]
-    if rows is None or view.softcap:
-        return sc.exact(layer, idx.expand(B, -1))
-    z0 = view.readout(sc.s.r[layer], sc.sigma) + view.readout_bias()
-    logp0 = z0.gather(1, sc.target[:, None])[:, 0] - z0.logsumexp(-1)
-    a = sc.s.m[layer][:, idx] / sc.sigma  # [B, C]
-    zw = z0.gather(1, sc.target[:, None]) + a * rows[:, sc.target].T
-    lse = torch.cat([(z0[:, None, :] + a[:, s:s + chunk, None] * rows[None, s:s + chunk]).logsumexp(-1)
-                     for s in range(0, len(idx), chunk)], 1)
-    return zw - lse - logp0[:, None]
 
 
 def _case_scorers(view: ModelView, cases: Cases, layers: list[int], pad: int, batch_size: int, desc: str):

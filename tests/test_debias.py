@@ -114,7 +114,7 @@ def test_activation_means_weight_duplicates():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_exact_scores_match_cna_scorer(arch):
+def test_exact_same_matches_per_case_exact(arch):
     model = make_tiny(arch)
     view = ModelView(model)
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10, 11]], 0)
@@ -122,7 +122,7 @@ def test_exact_scores_match_cna_scorer(arch):
     sc = Scorer(view, st, view.final_sigma(st.hfin), torch.tensor([4, 17]))
     idx = torch.tensor([0, 5, 9, 47])
     with torch.no_grad():
-        got = D.exact_scores(sc, 1, idx, D.shared_rows(sc, 1, idx), chunk=3)
+        got = sc.exact_same(1, idx, chunk=3)
     torch.testing.assert_close(got, sc.exact(1, idx.expand(2, -1)), atol=1e-5, rtol=1e-5)
 
 
