@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .arch import ModelView
 from .errors import UsageError
+from .evaluate import device_of, position_ids
 from .hooks import Hooks
 from .models import home
 
@@ -50,14 +51,14 @@ def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: 
             ablate: HeadList = (), neuron_scale: dict[int, Tensor] | None = None) -> State:
     """One forward (optionally with heads zeroed / neurons scaled), captured at the last position."""
     last = view.n_layers - 1
-    dev = next(view.model.parameters()).device
+    dev = device_of(view.model)
     with Hooks(view) as h:
         for layer, mask in _head_masks(view, ablate).items():
             h.ablate_heads(layer, mask)
         for layer, s in (neuron_scale or {}).items():
             h.scale_neurons(layer, s)
         h.capture("m", layers).capture("ffn", layers).capture("resid", sorted(set(layers) | {last}))
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count positions from the first token
+        pos = position_ids(attention_mask)  # left padding: count positions from the first token
         out = view.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
                          position_ids=pos.to(dev), logits_to_keep=1, use_cache=False)
     m = {l: h.store["m", l].float() for l in layers}

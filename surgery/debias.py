@@ -31,14 +31,14 @@ from . import report as rep
 from .arch import ModelView
 from .cna import neuron_name, parse_layers, top_tokens
 from .errors import UsageError
-from .evaluate import continuation_ids, left_pad, pad_id, predict_cases
+from .evaluate import continuation_ids, device_of, left_pad, pad_id, position_ids, predict_cases
 from .hooks import Hooks
+from .selection import Neuron, by_layer, mean_coefficients, random_scores, top_n, zero_scales
 
 METHODS = ("cna", "random", "activation-diff")
 EDITS = ("zero", "remove")
 TARGETS = ("first", "all")
 ORIENTATIONS = ("label", "measured")
-Neuron = tuple[int, int]  # (layer, index)
 
 
 # ---- recipe -------------------------------------------------------------------------------------------------
@@ -212,25 +212,6 @@ def _case_scorers(view: ModelView, cases: Cases, layers: list[int], pad: int, ba
         yield (Scorer(view, sa, view.final_sigma(sa.hfin), w), Scorer(view, sb, view.final_sigma(sb.hfin), w))
 
 
-@torch.no_grad()
-def activation_means(view: ModelView, seqs: Sequence[Sequence[int]], layers: list[int], pad: int,
-                     batch_size: int = 32) -> dict[int, Tensor]:
-    """Mean coefficient m_k at the last position over `seqs` (duplicates counted), {layer: [N]}."""
-    uniq = sorted({tuple(s) for s in seqs})
-    weight = torch.tensor([sum(1 for s in seqs if tuple(s) == u) for u in uniq], dtype=torch.float32)
-    sums = {l: torch.zeros(view.ffn_width(l)) for l in layers}
-    dev = next(view.model.parameters()).device
-    for i in range(0, len(uniq), batch_size):
-        ids, mask = left_pad(uniq[i:i + batch_size], pad)
-        with Hooks(view) as h:
-            h.capture("m", layers, positions=-1)
-            view.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=1, use_cache=False,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev))
-        for l in layers:
-            sums[l] += weight[i:i + batch_size] @ h.store["m", l].float().cpu()
-    return {l: v / weight.sum() for l, v in sums.items()}
-
-
 def gender_prompts(tokenizer, templates: Sequence[str], professions: Sequence[str]) -> dict[str, list[list[int]]]:
     """Token ids of every selection prompt, per gender ({"woman": [...], "man": [...]})."""
     from surgery.evals import gender_bias as gb
@@ -244,30 +225,6 @@ def select_activation_diff(means: dict[str, dict[int, Tensor]]) -> dict[int, Ten
     return {l: (means["woman"][l] - means["man"][l]).abs() for l in means["woman"]}
 
 
-def select_random(view: ModelView, layers: list[int], seed: int) -> dict[int, Tensor]:
-    """Seeded uniform scores: the top N of them is a uniform random N-subset (nested across N)."""
-    g = torch.Generator().manual_seed(seed)
-    return {l: torch.rand(view.ffn_width(l), generator=g) for l in layers}
-
-
-def top_n(scores: dict[int, Tensor], n: int) -> list[Neuron]:
-    """The n highest-scoring (layer, index) pairs over all layers, best first."""
-    layers = sorted(scores)
-    flat = torch.cat([scores[l].float() for l in layers])
-    offsets = torch.tensor([0] + [len(scores[l]) for l in layers]).cumsum(0)
-    idx = flat.topk(n).indices
-    li = torch.bucketize(idx, offsets[1:], right=True)
-    return [(layers[int(a)], int(i - offsets[a])) for a, i in zip(li, idx)]
-
-
-def by_layer(neurons: Sequence[Neuron]) -> dict[int, list[int]]:
-    """{layer: sorted indices}."""
-    out: dict[int, list[int]] = {}
-    for l, i in neurons:
-        out.setdefault(l, []).append(i)
-    return {l: sorted(v) for l, v in sorted(out.items())}
-
-
 # ---- edits ---------------------------------------------------------------------------------------------------
 @contextmanager
 def zeroed(model: nn.Module, neurons: Sequence[Neuron]) -> Iterator[None]:
@@ -277,9 +234,7 @@ def zeroed(model: nn.Module, neurons: Sequence[Neuron]) -> Iterator[None]:
         return
     view = ModelView(model)
     with Hooks(view) as h:
-        for l, idx in by_layer(neurons).items():
-            s = torch.ones(view.ffn_width(l))
-            s[idx] = 0.0
+        for l, s in zero_scales(view, neurons).items():
             h.scale_neurons(l, s)
         yield
 
@@ -318,9 +273,9 @@ def prefix_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], continu
     uniq = sorted(set(heads))
     group = torch.tensor([uniq.index(h) for h in heads])
     conts = [f[len(f) - k:] for f, k in pairs]
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     ids, mask = left_pad(uniq, pad_id(tokenizer))
-    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=_positions(mask).to(dev),
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
                 use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1].float().log_softmax(-1).cpu()
     total = torch.tensor([float(first[g, c[0]]) for g, c in zip(group.tolist(), conts)])
@@ -329,10 +284,6 @@ def prefix_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], continu
         rows = rest[s:s + batch_size]
         total[rows] += _continue(model, out.past_key_values, mask, group[rows], [conts[r] for r in rows], dev)
     return total
-
-
-def _positions(mask: Tensor) -> Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _continue(model: nn.Module, cache, prompt_mask: Tensor, group: Tensor, conts: list[list[int]], dev) -> Tensor:
@@ -464,7 +415,7 @@ def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], p
     pad = pad_id(tokenizer)
     templates = list(gb.template_set(r.selection_templates)[1])
     prompts = gender_prompts(tokenizer, templates, professions)
-    means = {g: activation_means(view, prompts[g], layers, pad, r.batch_size) for g in prompts}
+    means = {g: mean_coefficients(view, prompts[g], layers, pad, r.batch_size) for g in prompts}
     scores: dict[str, dict[int, Tensor]] = {}
     cna_info = None
     if "cna" in methods:
@@ -475,7 +426,7 @@ def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], p
     if "activation-diff" in methods:
         scores["activation-diff"] = select_activation_diff(means)
     if "random" in methods:
-        scores["random"] = select_random(view, layers, r.seed)
+        scores["random"] = random_scores(view, layers, r.seed)
     return Selection({m: scores[m] for m in methods}, means, cna_info, templates)
 
 
@@ -497,9 +448,9 @@ def neuron_rows(view: ModelView, tokenizer, neurons: Sequence[Neuron], sel: Sele
 def probe_logits(model: nn.Module, tokenizer, prompts: Sequence[str], neurons: Sequence[Neuron] = ()) -> Tensor:
     """Logits [B, T, V] of a left-padded prompt batch (neurons zeroed by hooks): compares edits with the sweep."""
     ids, mask = left_pad([tokenizer(p).input_ids for p in prompts], pad_id(tokenizer))
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     with zeroed(model, neurons):
-        return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=_positions(mask).to(dev),
+        return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
                      use_cache=False).logits.float().cpu()
 
 
@@ -613,10 +564,7 @@ def check_out(out: str | None, r: DebiasRecipe, force: bool) -> Path:
     """The output folder (default checkpoints/debias-<method>-<N>); refuses an existing one without --force."""
     from .models import home
 
-    path = rep.check_out_dir(out) or home() / f"debias-{r.method}-{r.neurons}"
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out")
-    return path
+    return rep.new_out_dir(out, home() / f"debias-{r.method}-{r.neurons}", force)
 
 
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,

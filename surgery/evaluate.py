@@ -26,6 +26,11 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (left padding): cumsum(mask) - 1, pads at 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists into (input_ids, attention_mask) LongTensors of shape [B, max_len]."""
     if not seqs or any(len(s) == 0 for s in seqs):
@@ -44,9 +49,8 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     """fp32 logits [B, keep, V] of the last `keep` positions of a left-padded batch, without gradients."""
     dev = device_of(model)
     input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                     logits_to_keep=keep, use_cache=False)
     return out.logits[:, -keep:].float()
 

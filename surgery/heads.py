@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from . import report as rep
 from .arch import ModelView
 from .errors import UsageError
+from .evaluate import device_of, position_ids
 from .hooks import Hooks, run_from
 
 Head = tuple[int, int]
@@ -97,7 +98,7 @@ def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size:
         ids, mask = left_pad([seqs[s][P:] for s in chunk], pad_id)  # layout: shared prefix | pad | suffix
         pre = torch.tensor([seqs[chunk[0]][:P]], dtype=torch.long).expand(len(chunk), P)
         ids, mask = torch.cat([pre, ids], 1), torch.cat([torch.ones_like(pre), mask], 1)
-        out.append(Batch(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), torch.tensor([c[0] for c in cs]),
+        out.append(Batch(ids, mask, position_ids(mask), torch.tensor([c[0] for c in cs]),
                          torch.tensor([c[2] for c in cs]), torch.tensor([int(targets[c[1]]) for c in cs]),
                          torch.tensor([c[1] for c in cs]), keep, max(P, 0)))
     return out
@@ -183,7 +184,7 @@ def _tail_cache(config, first: int):
 
 
 def _device(view: ModelView) -> torch.device:
-    return next(view.model.parameters()).device
+    return device_of(view.model)
 
 
 def _stop_at(view: ModelView, b: Batch, layer: int) -> Tensor:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .arch import ModelView
 from .errors import UsageError
+from .evaluate import position_ids
 
 
 # ---- recipe parts (validated by surgery.recipe) ------------------------------------------------------------
@@ -165,7 +166,7 @@ class Collator:
             ids[i, width - n:], labels[i, width - n:] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
             mask[i, width - n:] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+                "position_ids": position_ids(mask)}
 
 
 def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -297,32 +298,15 @@ def accuracy(model: nn.Module, tokenizer, problems, batch_size: int = 64) -> dic
 
 
 # ---- coefficient amplification (paper Tables 9-10) ---------------------------------------------------------
-@torch.no_grad()
-def mean_abs_coefficients(model: nn.Module, tokenizer, seqs: list[list[int]], layers: list[int],
-                          batch_size: int = 32) -> dict[int, torch.Tensor]:
-    """Mean |m_k| at the last position over `seqs`, per layer [N]."""
-    from .evaluate import batches, device_of, left_pad, pad_id
-    from .hooks import Hooks
-
-    view, sums = ModelView(model), {l: 0.0 for l in layers}
-    for idx in batches(len(seqs), batch_size):
-        ids, mask = left_pad([seqs[i] for i in idx], pad_id(tokenizer))
-        with Hooks(view) as h:
-            h.capture("m", layers=layers, positions=-1)
-            dev = device_of(model)
-            model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(dev), logits_to_keep=1, use_cache=False)
-        for l in layers:
-            sums[l] = sums[l] + h.store["m", l].float().abs().sum(0).cpu()
-    return {l: s / len(seqs) for l, s in sums.items()}
-
-
 def amplification(orig: nn.Module, tuned: nn.Module, tokenizer, seqs: list[list[int]], top: dict[int, list[int]],
                   groups: list[tuple[int, int]]) -> list[dict]:
     """Mean |coefficient| of the CNA top neurons in the tuned vs the original model, per layer group."""
+    from .evaluate import pad_id
+    from .selection import mean_coefficients
+
     layers = sorted(top)
-    a = mean_abs_coefficients(orig, tokenizer, seqs, layers)
-    b = mean_abs_coefficients(tuned, tokenizer, seqs, layers)
+    a = mean_coefficients(ModelView(orig), seqs, layers, pad_id(tokenizer), absolute=True)
+    b = mean_coefficients(ModelView(tuned), seqs, layers, pad_id(tokenizer), absolute=True)
     out = []
     for lo, hi in groups:
         ls = [l for l in layers if lo <= l <= hi and top[l]]
@@ -416,12 +400,12 @@ def _sweep_report(loaded, r, rows: list[dict], steps, out: Path, force: bool, st
 
 def _sweep_png(rows: list[dict]) -> bytes:
     """Accuracy per LoRA layer with 95% CIs."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .report import png_bytes
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     xs = [x["layer"] for x in rows]
@@ -431,8 +415,4 @@ def _sweep_png(rows: list[dict]) -> bytes:
     ax.errorbar(xs, acc, yerr=ci, marker="o", capsize=3)
     ax.set_xlabel("LoRA layer")
     ax.set_ylabel("2-digit test accuracy %")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=100)

@@ -30,7 +30,7 @@ from . import recipe as recipes
 from .arch import ModelView
 from .errors import UsageError
 from .lora import DataSpec, Fit, LoraSpec, Splits, TrainSpec, accuracy, build_splits, fit_lora, merged_copy
-from .report import Report, check_out_dir, md_table, png_bytes
+from .report import Report, md_table, png_bytes
 
 SELECTORS = ("cna", "random", "magnitude", "activation", "taylor")
 
@@ -140,14 +140,11 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
 
 
 def check_out(out: str | Path | None, force: bool, default: str) -> Path:
-    """The output folder: writable, and not existing unless --force."""
+    """The output folder (default checkpoints/<default>): writable, and not existing unless --force."""
     from .models import home
+    from .report import new_out_dir
 
-    path = Path(out) if out else home() / default
-    check_out_dir(path)
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out")
-    return path
+    return new_out_dir(out, home() / default, force)
 
 
 # ---- step timing -------------------------------------------------------------------------------------------
@@ -207,27 +204,16 @@ def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: 
 
 def global_budget(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list[int]]:
     """The pct% highest-scoring neurons over all layers together, as kept indices per layer."""
-    layers = sorted(scores)
-    flat = torch.cat([scores[l].float() for l in layers])
-    n = max(1, round(pct / 100 * flat.numel()))
-    top = flat.topk(n).indices
-    offsets = torch.tensor([0] + [scores[l].numel() for l in layers]).cumsum(0)
-    out = {}
-    for i, l in enumerate(layers):
-        sel = top[(top >= offsets[i]) & (top < offsets[i + 1])] - offsets[i]
-        out[l] = sorted(sel.tolist())
-    return out
+    from .selection import by_layer, top_n
+
+    n = max(1, round(pct / 100 * sum(len(v) for v in scores.values())))
+    kept = by_layer(top_n(scores, n))
+    return {l: kept.get(l, []) for l in sorted(scores)}
 
 
 def by_budget(scores: dict[int, torch.Tensor], budget: dict[int, int]) -> dict[int, list[int]]:
     """The budget[l] highest-scoring neurons of each layer."""
     return {l: sorted(scores[l].float().topk(n).indices.tolist()) if n else [] for l, n in budget.items()}
-
-
-def random_scores(model: nn.Module, layers: list[int], seed: int) -> dict[int, torch.Tensor]:
-    """Seeded random scores (the paper's LoRA9-r)."""
-    g, view = torch.Generator().manual_seed(seed), ModelView(model)
-    return {l: torch.rand(view.ffn_width(l), generator=g) for l in layers}
 
 
 @torch.no_grad()
@@ -244,15 +230,16 @@ def magnitude_scores(model: nn.Module, layers: list[int]) -> dict[int, torch.Ten
 
 def activation_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int]) -> dict[int, torch.Tensor]:
     """Mean |m_k| at the answer position over the task cases."""
-    from .lora import mean_abs_coefficients
+    from .evaluate import pad_id
+    from .selection import mean_coefficients
 
-    return mean_abs_coefficients(model, tokenizer, task.seqs, layers)
+    return mean_coefficients(ModelView(model), task.seqs, layers, pad_id(tokenizer), absolute=True)
 
 
 def taylor_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int],
                   batch_size: int = 16) -> dict[int, torch.Tensor]:
     """Mean |m_k * dL/dm_k| over the task cases, L = cross-entropy of the correct answer token."""
-    from .evaluate import batches, device_of, left_pad, pad_id
+    from .evaluate import batches, device_of, left_pad, pad_id, position_ids
     from .hooks import Hooks
 
     view, dev = ModelView(model), device_of(model)
@@ -261,7 +248,7 @@ def taylor_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int
         ids, mask = (t.to(dev) for t in left_pad([task.seqs[i] for i in idx], pad_id(tokenizer)))
         with torch.enable_grad(), Hooks(view) as h:
             h.capture("m", layers=layers, positions=None, keep_grad=True)  # a slice would not be on the graph
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                            logits_to_keep=1, use_cache=False).logits[:, -1].float()
             tgt = torch.tensor([task.targets[i] for i in idx], device=dev)
             loss = nn.functional.cross_entropy(logits, tgt, reduction="sum")
@@ -277,7 +264,9 @@ def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget
     """Keep set of a baseline selector at the same per-layer budget as the main selector."""
     layers = sorted(budget)
     if name == "random":
-        scores = random_scores(orig, layers, seed)
+        from .selection import random_scores
+
+        scores = random_scores(ModelView(orig), layers, seed)
     elif name == "magnitude":
         scores = magnitude_scores(orig, layers)
     elif name == "activation":

@@ -60,6 +60,14 @@ def check_out_dir(out: str | Path | None) -> Path | None:
     return out
 
 
+def new_out_dir(out: str | Path | None, default: Path, force: bool) -> Path:
+    """The output folder (`default` when not given): writable, and not existing unless --force."""
+    path = check_out_dir(out) or default
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+    return path
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write a file via a temp file + rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,9 @@ from torch import Tensor
 from . import report as rep
 from .arch import ModelView
 from .hooks import Hooks
+from .selection import Neuron, zero_scales
 
 KS = (10, 20, 30, 50, 99)
-Neuron = tuple[int, int]
 NUMBER_WORDS = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "hundred", "plus", "minus", "times", "divided", "sum", "equals"}
 
@@ -67,10 +67,7 @@ class _Ctx:
         return float(pred["correct"].float().mean())
 
     def zeroed(self, neurons: Sequence[Neuron]) -> dict[int, Tensor]:
-        scales: dict[int, Tensor] = {}
-        for l, i in neurons:
-            scales.setdefault(l, torch.ones(self.view.ffn_width(l)))[i] = 0.0
-        return scales
+        return zero_scales(self.view, neurons)
 
     def random_like(self, neurons: Sequence[Neuron], layers: Sequence[int] | None = None) -> list[Neuron]:
         """Random neurons disjoint from `neurons`: the same per-layer counts, or as many spread over `layers`

@@ -11,6 +11,7 @@ import transformers as T
 
 from conftest import make_tiny, tiny_config
 from surgery import debias as D
+from surgery.selection import mean_coefficients, random_scores
 from surgery.arch import ModelView
 from surgery.cli import main as cli_main
 from surgery.cna import Scorer, collect
@@ -65,11 +66,11 @@ def test_top_n_across_layers_and_by_layer():
 
 def test_random_is_seeded_and_nested():
     view = ModelView(make_tiny("llama"))
-    a = D.select_random(view, [0, 1, 2], seed=3)
-    b = D.select_random(view, [0, 1, 2], seed=3)
+    a = random_scores(view, [0, 1, 2], seed=3)
+    b = random_scores(view, [0, 1, 2], seed=3)
     assert all(torch.equal(a[l], b[l]) for l in a)
     assert set(D.top_n(a, 5)) <= set(D.top_n(a, 20))
-    assert D.top_n(a, 5) != D.top_n(D.select_random(view, [0, 1, 2], seed=4), 5)
+    assert D.top_n(a, 5) != D.top_n(random_scores(view, [0, 1, 2], seed=4), 5)
 
 
 # ---- edits: hook zeroing (the sweep) == weight zeroing == slicing (the export) ------------------------------------
@@ -101,7 +102,7 @@ def test_activation_means_weight_duplicates():
     model = make_tiny("llama")
     view = ModelView(model)
     seqs = [[5, 6, 7], [5, 6, 7], [9, 10]]
-    means = D.activation_means(view, seqs, [1, 2], pad=0)
+    means = mean_coefficients(view, seqs, [1, 2], pad=0)
     from surgery.hooks import Hooks
 
     rows = []
