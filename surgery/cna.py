@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .arch import ModelView
 from .errors import UsageError
-from .evaluate import device_of, position_ids
+from .batching import device_of, position_ids
 from .hooks import Hooks
 from .models import home
 
@@ -501,7 +501,7 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
     """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings."""
     from tqdm.auto import tqdm
 
-    from .evaluate import left_pad
+    from .batching import left_pad
 
     parts: list[Comparison] = []
     for s in tqdm(range(0, len(seqs), batch_size), desc="cna", disable=not progress, unit="batch"):

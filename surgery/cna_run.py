@@ -147,7 +147,7 @@ def _kind(vb, prompt_b, ablate) -> str | None:
 def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt) -> dict:
     """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
     from .evals import arithmetic
-    from .evaluate import pad_id
+    from .batching import pad_id
 
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or ("calculate",)), seed=seed,

@@ -31,7 +31,7 @@ from . import report as rep
 from .arch import ModelView
 from .cna import neuron_name, parse_layers, top_tokens
 from .errors import UsageError
-from .evaluate import continuation_ids, device_of, left_pad, pad_id, position_ids, predict_cases
+from .batching import continuation_ids, device_of, left_pad, pad_id, position_ids, predict_cases
 from .hooks import Hooks
 from .selection import Neuron, by_layer, mean_coefficients, random_scores, top_n, zero_scales
 

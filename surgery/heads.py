@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import report as rep
 from .arch import ModelView
 from .errors import UsageError
-from .evaluate import device_of, position_ids
+from .batching import device_of, position_ids
 from .hooks import Hooks, run_from
 
 Head = tuple[int, int]
@@ -72,7 +72,7 @@ def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size:
     batch the sequences, `batch_size` per batch, in lexicographic order. Exactly one case per (sequence, position).
     Rows are laid out as shared prefix | left padding | suffix (positions count real tokens), so the tokens every
     row of a batch starts with (`share`) can be run once per ablation."""
-    from .evaluate import left_pad
+    from .batching import left_pad
 
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
     seqs: list[list[int]] = []
@@ -425,7 +425,7 @@ def _heads(view: ModelView, only: Sequence[Head] | None) -> list[Head]:
 
 def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[dict, list[Batch]]:
     from .evals import arithmetic
-    from .evaluate import pad_id
+    from .batching import pad_id
 
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or DEFAULT_TEMPLATES), seed=seed,

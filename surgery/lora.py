@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import ModelView
 from .errors import UsageError
-from .evaluate import position_ids
+from .training import TrainSpec, answer_trainer, log_of
 
 
 # ---- recipe parts (validated by surgery.recipe) ------------------------------------------------------------
@@ -36,20 +36,6 @@ class LoraSpec:
     alpha: int = 16
     dropout: float = 0.0
     targets: list[str] | None = None
-
-
-@dataclass
-class TrainSpec:
-    """Trainer settings. lrs: candidates, the best on the validation split wins (one candidate: no selection)."""
-
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 5e-4, 1e-4])
-    epochs: float = 4.0
-    max_steps: int = -1  # > 0 caps the optimiser steps (quick profiles)
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    seed: int = 0
 
 
 @dataclass
@@ -147,68 +133,7 @@ def encode(problems, tokenizer) -> list[dict]:
     return rows
 
 
-class Collator:
-    """Left-pads a list of encoded rows (position_ids count real tokens only); labels -100 on padding.
-
-    Left padding puts every answer at the end of its row, so the loss needs logits of the last few positions
-    only (`AnswerTrainer`): the LM head, a fifth of a small model's compute, runs on ~5 of ~13 positions."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, width - n:], labels[i, width - n:] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
-            mask[i, width - n:] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "position_ids": position_ids(mask)}
-
-
-def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy of the labelled (answer) tokens of a left-padded batch, computing logits only for the
-    positions that predict them; equal to the HF causal-LM loss of the same batch."""
-    labels = batch["labels"]
-    labelled = (labels != -100).any(0).nonzero()
-    keep = labels.shape[1] - int(labelled[0]) + 1 if len(labelled) else 2
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, -keep:-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, -keep + 1:].reshape(-1),
-                                       ignore_index=-100)
-
-
-def _trainer_class():
-    """transformers.Trainer whose loss is `answer_loss` (imported lazily: transformers is slow to import)."""
-    from transformers import Trainer
-
-    class AnswerTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = answer_loss(model, inputs)
-            return (loss, None) if return_outputs else loss
-
-    return AnswerTrainer
-
-
 # ---- training ---------------------------------------------------------------------------------------------
-def train_args(spec: TrainSpec, lr: float, out_dir: str, n_rows: int):
-    """TrainingArguments for one run: no checkpoints, no reporting, CPU when no GPU is visible."""
-    from transformers import TrainingArguments
-
-    steps_per_epoch = max(1, math.ceil(n_rows / spec.batch_size))
-    total = spec.max_steps if spec.max_steps > 0 else math.ceil(spec.epochs * steps_per_epoch)
-    return TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=spec.batch_size, learning_rate=lr,
-        num_train_epochs=spec.epochs, max_steps=spec.max_steps, warmup_steps=int(spec.warmup_ratio * total),
-        weight_decay=spec.weight_decay, lr_scheduler_type="linear", logging_steps=max(1, total // 10),
-        save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(), seed=spec.seed,
-        data_seed=spec.seed, remove_unused_columns=False, disable_tqdm=False, dataloader_num_workers=0)
-
-
 def train_lora(model: nn.Module, tokenizer, rows: list[dict], layer: int, lora: LoraSpec, spec: TrainSpec,
                lr: float):
     """Fresh LoRA at `layer` on a copy of `model`, trained with transformers.Trainer; returns (peft_model, log)."""
@@ -216,19 +141,16 @@ def train_lora(model: nn.Module, tokenizer, rows: list[dict], layer: int, lora: 
 
     from transformers import set_seed
 
-    from .evaluate import pad_id
+    from .batching import device_of, pad_id
 
     if not rows:
         raise UsageError("no training problems; raise data.per_op or lower data.test_size")
     set_seed(spec.seed)
     pm = attach(model, [layer], lora)
     with tempfile.TemporaryDirectory(prefix="surgery-lora-") as tmp:
-        trainer = _trainer_class()(model=pm, args=train_args(spec, lr, tmp, len(rows)), train_dataset=rows,
-                          data_collator=Collator(pad_id(tokenizer)))
+        trainer = answer_trainer(pm, rows, spec, lr, tmp, pad_id(tokenizer), device=str(device_of(model)))
         trainer.train()
-    log = [{k: v for k, v in e.items() if k in ("loss", "step", "epoch", "train_loss")}
-           for e in trainer.state.log_history]
-    return pm.eval(), log
+    return pm.eval(), log_of(trainer)
 
 
 @dataclass
@@ -264,7 +186,7 @@ def fit_lora(model: nn.Module, tokenizer, layer: int, lora: LoraSpec, spec: Trai
 def problem_predictions(model: nn.Module, tokenizer, cases, batch_size: int = 64) -> torch.Tensor:
     """Greedy-correct flag per case, teacher forced, with ONE forward per problem (cases of a problem are
     consecutive prefixes of the same sequence, as `arithmetic.cases` builds them)."""
-    from .evaluate import batches, forward_logits, left_pad, pad_id
+    from .batching import batches, forward_logits, left_pad, pad_id
 
     groups = _problem_groups(cases)
     ids_col, tgt = list(cases["input_ids"]), list(cases["target"])
@@ -301,7 +223,7 @@ def accuracy(model: nn.Module, tokenizer, problems, batch_size: int = 64) -> dic
 def amplification(orig: nn.Module, tuned: nn.Module, tokenizer, seqs: list[list[int]], top: dict[int, list[int]],
                   groups: list[tuple[int, int]]) -> list[dict]:
     """Mean |coefficient| of the CNA top neurons in the tuned vs the original model, per layer group."""
-    from .evaluate import pad_id
+    from .batching import pad_id
     from .selection import mean_coefficients
 
     layers = sorted(top)
@@ -353,7 +275,7 @@ def _layer_groups(n_layers: int, groups: int) -> list[tuple[int, int]]:
 def _sweep_layer(loaded, layer: int, r, splits: Splits, task, steps) -> dict:
     """Train a LoRA at `layer`, evaluate it, and measure the amplification of its CNA top neurons."""
     from .cna import scan
-    from .evaluate import pad_id
+    from .batching import pad_id
 
     orig, tok = loaded.model, loaded.tokenizer
     with steps(f"LoRA layer {layer}"):

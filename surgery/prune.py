@@ -29,7 +29,8 @@ from torch import nn
 from . import recipe as recipes
 from .arch import ModelView
 from .errors import UsageError
-from .lora import DataSpec, Fit, LoraSpec, Splits, TrainSpec, accuracy, build_splits, fit_lora, merged_copy
+from .lora import DataSpec, Fit, LoraSpec, Splits, accuracy, build_splits, fit_lora, merged_copy
+from .training import TrainSpec
 from .report import Report, md_table, png_bytes
 
 SELECTORS = ("cna", "random", "magnitude", "activation", "taylor")
@@ -189,7 +190,7 @@ def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: 
     cases (each case's `exact_top` neurons scored exactly, the rest by bound midpoints). score 'delta' compares
     the reference with the original (the paper); 'reference' ranks by importance in the reference alone."""
     from .cna import scan
-    from .evaluate import pad_id
+    from .batching import pad_id
 
     if score not in ("delta", "reference"):
         raise UsageError(f"cna.score {score!r}: use delta (the paper) or reference")
@@ -230,7 +231,7 @@ def magnitude_scores(model: nn.Module, layers: list[int]) -> dict[int, torch.Ten
 
 def activation_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int]) -> dict[int, torch.Tensor]:
     """Mean |m_k| at the answer position over the task cases."""
-    from .evaluate import pad_id
+    from .batching import pad_id
     from .selection import mean_coefficients
 
     return mean_coefficients(ModelView(model), task.seqs, layers, pad_id(tokenizer), absolute=True)
@@ -239,7 +240,7 @@ def activation_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list
 def taylor_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int],
                   batch_size: int = 16) -> dict[int, torch.Tensor]:
     """Mean |m_k * dL/dm_k| over the task cases, L = cross-entropy of the correct answer token."""
-    from .evaluate import batches, device_of, left_pad, pad_id, position_ids
+    from .batching import batches, device_of, left_pad, pad_id, position_ids
     from .hooks import Hooks
 
     view, dev = ModelView(model), device_of(model)

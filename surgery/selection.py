@@ -54,7 +54,7 @@ def mean_coefficients(view: ModelView, seqs: Sequence[Sequence[int]], layers: li
                       batch_size: int = 32, absolute: bool = False) -> dict[int, Tensor]:
     """Mean coefficient m_k (or |m_k|) at the last position over `seqs` (duplicates counted, each distinct
     sequence run once), {layer: [N]}."""
-    from .evaluate import device_of, left_pad, position_ids
+    from .batching import device_of, left_pad, position_ids
     from .hooks import Hooks
 
     uniq = sorted({tuple(s) for s in seqs})

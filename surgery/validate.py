@@ -58,7 +58,7 @@ class _Ctx:
         self.base = self.accuracy({})
 
     def accuracy(self, scales: dict[int, Tensor]) -> float:
-        from .evaluate import predict_cases
+        from .batching import predict_cases
 
         with Hooks(self.view) as h:
             for layer, s in scales.items():
@@ -85,7 +85,7 @@ class _Ctx:
     def coefficients(self, ablate=(), scales: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
         """Mean coefficient m [N] per layer at the answer position over all cases."""
         from . import cna
-        from .evaluate import left_pad, pad_id
+        from .batching import left_pad, pad_id
 
         seqs = list(self.cases["input_ids"])
         layers = list(range(self.view.n_layers))

@@ -17,7 +17,7 @@ from surgery.cli import main as cli_main
 from surgery.cna import Scorer, collect
 from surgery.errors import UsageError
 from surgery.evals import gender_bias as gb
-from surgery.evaluate import left_pad
+from surgery.batching import left_pad
 
 SMOL = Path("checkpoints/base/smollm2-135m")
 needs_tok = pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="needs the SmolLM2 tokenizer files")

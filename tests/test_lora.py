@@ -9,10 +9,10 @@ import torch
 from datasets import Dataset
 
 from conftest import VOCAB, make_tiny
-from surgery import lora
+from surgery import lora, training
 from surgery.arch import ModelView
 from surgery.errors import UsageError
-from surgery.evaluate import predict_cases
+from surgery.batching import predict_cases
 
 TOK = SimpleNamespace(pad_token_id=0, eos_token_id=2)
 
@@ -57,7 +57,7 @@ def test_merged_copy_equals_adapter_model():
 
 
 def test_collator_left_pads_and_masks_prompt_and_padding():
-    batch = lora.Collator(0)([{"input_ids": [5, 6, 7], "labels": [-100, -100, 7]},
+    batch = training.Collator(0)([{"input_ids": [5, 6, 7], "labels": [-100, -100, 7]},
                               {"input_ids": [5, 6], "labels": [-100, 6]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 5, 6]]
     assert batch["labels"].tolist() == [[-100, -100, 7], [-100, -100, 6]]
@@ -76,7 +76,7 @@ def test_answer_loss_equals_hf_loss_per_row(arch):
         ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * (n - a) + ids[n - a:]})
     with torch.no_grad():
-        got = lora.answer_loss(model, lora.Collator(0)(rows))
+        got = training.answer_loss(model, training.Collator(0)(rows))
         per_row = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
                    for r in rows]
     n_tok = [sum(x != -100 for x in r["labels"][1:]) for r in rows]
@@ -92,7 +92,7 @@ def test_train_lora_changes_only_adapter(arch):
             for _ in range(8)]
     before = {n: p.clone() for n, p in model.named_parameters()}
     pm, log = lora.train_lora(model, TOK, rows, 1, lora.LoraSpec(rank=2),
-                              lora.TrainSpec(max_steps=3, batch_size=4, lrs=[1e-2]), 1e-2)
+                              training.TrainSpec(max_steps=3, batch_size=4, lrs=[1e-2]), 1e-2)
     assert any("loss" in e or "train_loss" in e for e in log)
     assert any(("lora_B" in n) and p.abs().sum() > 0 for n, p in pm.named_parameters())
     for n, p in model.named_parameters():
