@@ -283,7 +283,7 @@ class ModelView:
         wv = self.value_weight(layer).float()
         n_kv = wv.shape[0] // self.head_dim
         group = self.n_heads // n_kv
-        total = torch.zeros(self.hidden_size, self.hidden_size)
+        total = torch.zeros(self.hidden_size, self.hidden_size, device=wv.device)
         for h in range(self.n_heads):
             kv = h // group
             total += self.head_out_weight(layer, h).float() @ wv[kv * self.head_dim:(kv + 1) * self.head_dim]

@@ -21,22 +21,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- value parsers: turn one option string into a typed value, or fail with one line ---------------------
-def ints(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+def text(s: str) -> str:
+    """A non-blank string (an empty --prompt or --target is a mistake, not a request for the default)."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return s
 
 
 def strs(s: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in s.split(",") if x.strip())
+    """'a, b' -> ('a', 'b'); at least one item."""
+    out = tuple(x.strip() for x in s.split(",") if x.strip())
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {s!r}")
+    return out
+
+
+def ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in strs(s))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
 
 
 def heads(s: str) -> tuple[tuple[int, int], ...]:
     """'17.4,20.1' -> ((17, 4), (20, 1))."""
     try:
         return tuple((int(a), int(b)) for a, b in (x.split(".") for x in strs(s)))
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"expected heads as LAYER.HEAD[,LAYER.HEAD], got {s!r}")
 
 
@@ -80,9 +91,9 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--heads",), dict(dest="only_heads", type=heads, default=None, help="scan only these heads L.H,...")),
     ]),
     "cna": ("surgery.cna_run:run", MODEL + TASK + OUT + [
-        (("--prompt",), dict(default=None, help="single-prompt mode: the input text")),
-        (("--prompt-b",), dict(default=None, help="compare against this second prompt (same model)")),
-        (("--target",), dict(default=None, help="target token text (default: the model's own top-1)")),
+        (("--prompt",), dict(type=text, default=None, help="single-prompt mode: the input text")),
+        (("--prompt-b",), dict(type=text, default=None, help="compare against this second prompt (same model)")),
+        (("--target",), dict(type=text, default=None, help="target token text (default: the model's own top-1)")),
         (("--ablate-head",), dict(type=heads, default=None, help="compare against the model with heads L.H[,L.H] zeroed")),
         (("--against",), dict(default=None, help="compare against another checkpoint folder or PEFT adapter")),
         (("--layers",), dict(default=None, help="layer range A-B or list (default all)")),

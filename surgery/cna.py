@@ -90,7 +90,8 @@ class Scorer:
     sigma [B, 1] and target [B] are fixed by the caller (frozen from the original model's forward)."""
 
     def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256):
-        self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma, target, chunk
+        dev = state.logits.device  # the model's device: the state, sigma and target live there; scores come back on the CPU
+        self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma.to(dev), target.to(dev), chunk
         self.gain = view.final_gain()
         self.WU = view.unembed_matrix().float()
         self.wu_max = self.WU.norm(dim=1).max()
@@ -128,7 +129,10 @@ class Scorer:
 
     @torch.no_grad()
     def first_order(self, layer: int) -> Tensor:
-        """fo [B, N]: m_k (D_k[w] - p . D_k); an upper bound of the exact score when there is no soft-capping."""
+        """fo [B, N] on the CPU: m_k (D_k[w] - p . D_k); an upper bound of the exact score without soft-capping."""
+        return self._first_order(layer).cpu()
+
+    def _first_order(self, layer: int) -> Tensor:
         u = self._direction(layer)
         d = self._dirs(layer)
         proj = u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, u)
@@ -144,7 +148,7 @@ class Scorer:
         vocabulary range gives E exp(aX) <= exp(a E X + a^2 range^2 / 8), also <= exp(max(a max D, a min D)).
         Soft-capped models get (-inf, first-order): no valid bound, their top-k is not certified."""
         if self.cap:
-            fo = self.first_order(layer)
+            fo = self._first_order(layer)
             return torch.full_like(fo, float("-inf")), fo
         z0 = self._base(layer)[0]
         B = z0.shape[0]
@@ -182,7 +186,8 @@ class Scorer:
     def exact(self, layer: int, idx: Tensor) -> Tensor:
         """Exact scores [B, C] of neurons idx [B, C] (per-case candidate lists) of `layer`."""
         z0, logp0 = self._base(layer)
-        out = torch.empty(idx.shape, dtype=torch.float32)
+        out = torch.empty(idx.shape, dtype=torch.float32)  # CPU: each row is copied over from the device
+        idx = idx.to(z0.device)
         union, inv = torch.unique(idx, return_inverse=True)
         d = self._dirs(layer)
         shared = None if d.dim() == 3 else self._readout_rows(d[union])
@@ -208,11 +213,12 @@ class Scorer:
         if rows is None or self.cap:
             return self.exact(layer, idx.expand(B, -1))
         z0, logp0 = self._base(layer)
+        idx = idx.to(z0.device)
         a = self.s.m[layer][:, idx] / self.sigma  # [B, C]
         zw = z0.gather(1, self.target[:, None]) + a * rows[:, self.target].T
         lse = torch.cat([(z0[:, None, :] + a[:, s:s + chunk, None] * rows[None, s:s + chunk]).logsumexp(-1)
                          for s in range(0, len(idx), chunk)], 1)
-        return zw - lse - logp0[:, None]
+        return (zw - lse - logp0[:, None]).cpu()
 
     def _readout_rows(self, dirs: Tensor) -> Tensor:
         """W_U (g * centre(dirs)) without sigma: [C, V], chunked over rows to bound memory."""
@@ -284,6 +290,7 @@ def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tenso
         if b is not None:
             lb, hb = b.bounds(layer)
             la, ha = la - hb, ha - lb
+        la, ha = la.cpu(), ha.cpu()  # the top-k bookkeeping runs on the CPU; exact scores come back there
         hi.append(ha), lo.append(la)
         est.append(torch.where(la.isinf(), ha, (la + ha) / 2))
     return torch.cat(est, 1), torch.cat(hi, 1), torch.cat(lo, 1)
@@ -319,7 +326,7 @@ def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
         key = _fingerprint(d, sc)
         path = home() / "cache" / "vocab-range" / f"{key}.pt"
         if path.exists():
-            hi, lo = torch.load(path)
+            hi, lo = torch.load(path, map_location=d.device)
         else:
             parts = [((sc._centre(ch) * sc.gain) @ sc.WU.T).aminmax(dim=-1) for ch in d.split(sc.chunk)]
             lo, hi = torch.cat([p.min for p in parts]), torch.cat([p.max for p in parts])
@@ -373,7 +380,7 @@ def top_tokens(view: ModelView, tokenizer, layer: int, index: int, sign: float =
     """Top-n tokens of value vector v_k through the unembedding (W_U g v_k); a negative coefficient promotes
     the bottom tokens, so sign < 0 returns those."""
     v = view.values(layer)[index].float()
-    logits = view.readout(v[None], torch.ones(1, 1))[0]
+    logits = view.readout(v[None], torch.ones(1, 1, device=v.device))[0]
     ids = (logits * (1.0 if sign >= 0 else -1.0)).topk(n).indices
     return [tokenizer.decode([int(i)]) for i in ids]
 
@@ -383,15 +390,19 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     """'deep' (second half), 'A-B' (inclusive), '3,5,7', or None (all) -> sorted layer list."""
     if spec is None or spec == "all":
         return list(range(n_layers))
+    if not str(spec).strip():
+        raise UsageError("empty layer range; use A-B, a list like 3,5,7, 'deep' or 'all'")
     if spec == "deep":
         return list(range(n_layers // 2, n_layers))
     try:
-        out: set[int] = set()
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
+        spans = [(int(lo), int(hi or lo)) for lo, _, hi in (part.partition("-") for part in spec.split(","))]
     except ValueError:
-        raise UsageError(f"bad layer range {spec!r}; use A-B, a list like 3,5,7, 'deep' or 'all'")
+        raise UsageError(f"bad layer range {spec!r}; use A-B, a list like 3,5,7, 'deep' or 'all'") from None
+    out: set[int] = set()
+    for a, b in spans:
+        if a > b:
+            raise UsageError(f"layer range {a}-{b} is empty; write the lower layer first: {b}-{a}")
+        out.update(range(a, b + 1))
     layers = sorted(out)
     if not layers or layers[0] < 0 or layers[-1] >= n_layers:
         raise UsageError(f"layer range {spec!r} is outside the model (layers 0..{n_layers - 1})")
@@ -444,8 +455,12 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
     if exhaustive:
         return _exhaustive(a, b, layers, k, w)
     top, dense = certified_topk(a, k, b, max_rescore=max_rescore)
-    imp_a = dense if b is None else {l: sum(a.bounds(l)) / 2 for l in layers}
-    return Comparison(top, w, sa.m, b.s.m if b else None, imp_a, dense, a, b)
+    imp_a = dense if b is None else {l: (sum(a.bounds(l)) / 2).cpu() for l in layers}
+    return Comparison(top, w.cpu(), _cpu(sa.m), _cpu(b.s.m) if b else None, imp_a, dense, a, b)
+
+
+def _cpu(d: dict[int, Tensor]) -> dict[int, Tensor]:
+    return {k: v.cpu() for k, v in d.items()}
 
 
 def _exhaustive(a: Scorer, b: Scorer | None, layers: list[int], k: int, w: Tensor) -> Comparison:
@@ -457,7 +472,7 @@ def _exhaustive(a: Scorer, b: Scorer | None, layers: list[int], k: int, w: Tenso
     lo = torch.bucketize(top.indices.contiguous(), widths[1:], right=True)
     tk = TopK(torch.tensor(layers)[lo], top.indices - widths[lo], top.values,
               torch.ones(flat.shape[0], dtype=torch.bool), flat.numel())
-    return Comparison(tk, w, a.s.m, b.s.m if b else None, ea, delta, a, b)
+    return Comparison(tk, w.cpu(), _cpu(a.s.m), _cpu(b.s.m) if b else None, ea, delta, a, b)
 
 
 def neuron_name(layer: int, index: int) -> str:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import recipe as recipes
+from .recipe import rules
 from . import report as rep
 from .arch import ModelView
 from .cna import neuron_name, parse_layers, top_tokens
@@ -44,22 +45,22 @@ ORIENTATIONS = ("label", "measured")
 # ---- recipe -------------------------------------------------------------------------------------------------
 @dataclass
 class Sweep:
-    ns: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 18, 50])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ns: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 18, 50], metadata=rules(min=1, nonempty=True))
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata=rules(choices=METHODS, nonempty=True))
 
 
 @dataclass
 class Collateral:
-    perplexity_docs: int = 6  # XSum documents (first in file order)
-    perplexity_tokens: int = 128  # tokens per document
-    arithmetic_limit: int | None = 60  # 1-digit problems (calculate template); None = all 287
-    wino_limit: int | None = 300  # Wino-test items; None = all
+    perplexity_docs: int = field(default=6, metadata=rules(min=1))  # XSum documents (first in file order)
+    perplexity_tokens: int = field(default=128, metadata=rules(min=2))  # tokens per document
+    arithmetic_limit: int | None = field(default=60, metadata=rules(min=1))  # 1-digit problems (calculate template); None = all 287
+    wino_limit: int | None = field(default=300, metadata=rules(min=1))  # Wino-test items; None = all
 
 
 @dataclass
 class DebiasRecipe:
     name: str = "gender-debias"
-    neurons: int = 18
+    neurons: int = field(default=18, metadata=rules(min=1))
     method: str = "cna"
     edit: str = "zero"
     target: str = "first"  # first: the profession's first token; all: every token, teacher forced, summed
@@ -68,9 +69,9 @@ class DebiasRecipe:
     professions: list[str] | None = None  # None: all 32 biased professions of evals/gender_bias.py
     selection_templates: str | list[str] = "select"
     eval_templates: str | list[str] = "eval"
-    candidates: int = 100  # CNA: the top of the first-order screen rescored exactly in every case
+    candidates: int = field(default=100, metadata=rules(min=1))  # CNA: the top of the first-order screen rescored exactly in every case
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=rules(min=1))
     sweep: Sweep = field(default_factory=Sweep)
     collateral: Collateral = field(default_factory=Collateral)
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .arch import ModelView
 from .errors import UsageError
+from .recipe import rules
 from .training import TrainSpec, answer_trainer, log_of
 
 
@@ -32,9 +33,9 @@ from .training import TrainSpec, answer_trainer, log_of
 class LoraSpec:
     """PEFT LoRA settings; the targets come from the arch table unless given."""
 
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    rank: int = field(default=8, metadata=rules(min=1))
+    alpha: int = field(default=16, metadata=rules(min=1))
+    dropout: float = field(default=0.0, metadata=rules(min=0, max=1))
     targets: list[str] | None = None
 
 
@@ -42,16 +43,16 @@ class LoraSpec:
 class DataSpec:
     """The 2-digit training/validation/test problems (paper: 18,000 train / 2,000 test) and the 1-digit sets."""
 
-    digits: int = 2
-    per_op: int = 5000
-    test_size: int = 2000
-    validation_size: int = 400
-    train_limit: int | None = None  # cap training problems (quick profiles)
+    digits: int = field(default=2, metadata=rules(choices=(1, 2, 3)))
+    per_op: int = field(default=5000, metadata=rules(min=1))
+    test_size: int = field(default=2000, metadata=rules(min=1))
+    validation_size: int = field(default=400, metadata=rules(min=0))
+    train_limit: int | None = field(default=None, metadata=rules(min=1))  # cap training problems (quick profiles)
     negative: bool = False  # SmolLM2's tokenizer merges "=-" into one token: negative answers break the cases
     division: str = "inverse"
     template: str = "calculate"
     one_digit_division: str = "exact"  # the 1-digit eval/CNA set: the measured baseline's problems
-    one_digit_limit: int | None = None  # cap 1-digit eval problems (quick profiles)
+    one_digit_limit: int | None = field(default=None, metadata=rules(min=1))  # cap 1-digit eval problems (quick profiles)
     seed: int = 0
 
 

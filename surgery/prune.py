@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import recipe as recipes
+from .recipe import rules
 from .arch import ModelView
 from .errors import UsageError
 from .lora import DataSpec, Fit, LoraSpec, Splits, accuracy, build_splits, fit_lora, merged_copy
@@ -39,18 +40,18 @@ SELECTORS = ("cna", "random", "magnitude", "activation", "taylor")
 # ---- the recipe --------------------------------------------------------------------------------------------
 @dataclass
 class CnaSpec:
-    batch_size: int = 16
-    limit: int | None = None  # cap the 1-digit problems used for CNA / activation / taylor (quick profiles)
-    max_rescore: int = 8192  # exact rescoring cap per case; cases needing more are reported uncertified
-    exact_top: int = 100  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
-    score: str = "delta"  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
+    batch_size: int = field(default=16, metadata=rules(min=1))
+    limit: int | None = field(default=None, metadata=rules(min=1))  # cap the 1-digit problems used for CNA / activation / taylor (quick profiles)
+    max_rescore: int = field(default=8192, metadata=rules(min=1))  # exact rescoring cap per case; cases needing more are reported uncertified
+    exact_top: int = field(default=100, metadata=rules(min=1))  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
+    score: str = field(default="delta", metadata=rules(choices=("delta", "reference")))  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
 
 
 @dataclass
 class SweepSpec:
     layers: str | None = None  # lora-sweep: layers to try (None: every layer)
-    groups: int = 4  # layer groups for the coefficient-amplification table
-    top: int = 50  # CNA top-N per case whose coefficients are compared (paper Tables 9-10)
+    groups: int = field(default=4, metadata=rules(min=1))  # layer groups for the coefficient-amplification table
+    top: int = field(default=50, metadata=rules(min=1))  # CNA top-N per case whose coefficients are compared (paper Tables 9-10)
 
 
 @dataclass
@@ -61,11 +62,12 @@ class PruneRecipe:
     description: str = ""
     keep: str = "top500"  # topN (per-case top-N, union per layer) | P% (global budget of the range)
     layers: str = "deep"  # 'deep' (second half) | A-B | list
-    selector: str = "cna"  # the selector whose model is exported
-    baselines: list[str] = field(default_factory=lambda: ["random", "magnitude", "activation", "taylor"])
+    selector: str = field(default="cna", metadata=rules(choices=SELECTORS))  # the selector whose model is exported
+    baselines: list[str] = field(default_factory=lambda: ["random", "magnitude", "activation", "taylor"],
+                                 metadata=rules(choices=SELECTORS))
     lora_layer: int | None = None  # None: round(lora_depth * n_layers)
-    lora_depth: float = 0.28125  # the paper's layer 9 of 32
-    layout: str = "sliced"
+    lora_depth: float = field(default=0.28125, metadata=rules(min=0, max=1))  # the paper's layer 9 of 32
+    layout: str = field(default="sliced", metadata=rules(choices=("sliced", "padded")))
     seed: int = 0
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)

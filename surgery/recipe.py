@@ -6,7 +6,7 @@ Any field can be overridden with dotted keys (`--set lora.rank=8`); an unknown k
 
     @dataclass
     class Lora:
-        rank: int = 8
+        rank: int = field(default=8, metadata=rules(min=1))   # checked ranges, choices, non-empty lists
     @dataclass
     class MyRecipe:
         name: str = "x"
@@ -60,6 +60,9 @@ def load(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, .
     profiles = raw.pop("profiles", None) or {}
     if not isinstance(profiles, dict):
         raise UsageError(f"recipe {path}: 'profiles' must map profile names to partial recipes")
+    for pname, body in profiles.items():
+        if body is not None and not isinstance(body, dict):
+            raise UsageError(f"recipe {path}: profile {pname!r} must be a mapping of keys to values, got {body!r}")
     if quick and profile not in (None, "quick"):
         raise UsageError(f"--quick and --profile {profile} both given; pick one")
     name = "quick" if quick else profile
@@ -91,8 +94,16 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def rules(*, min: float | None = None, max: float | None = None, choices: tuple | None = None,
+          nonempty: bool = False) -> dict:
+    """Field metadata checked by `build`: numeric range (inclusive), allowed values, non-empty lists.
+    A list field's min/max/choices apply to each element."""
+    return {"rules": {"min": min, "max": max, "choices": choices, "nonempty": nonempty}}
+
+
 def build(schema: type[T], raw: dict, where: str = "recipe", prefix: str = "") -> T:
-    """Validate a mapping into dataclass `schema`: unknown keys and wrong types are one-line errors."""
+    """Validate a mapping into dataclass `schema`: unknown keys, wrong types (a bool is not a number) and values
+    outside a field's `rules` are one-line errors."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
     for key in raw:
@@ -106,8 +117,26 @@ def build(schema: type[T], raw: dict, where: str = "recipe", prefix: str = "") -
                 raise UsageError(f"{where}: {prefix + key!r} must be a mapping")
             kwargs[key] = build(hint, value, where, prefix + key + ".")
         else:
-            kwargs[key] = _check(value, hint, f"{where}: {prefix + key!r}")
+            what = f"{where}: {prefix + key!r}"
+            kwargs[key] = _within(_check(value, hint, what), fields[key].metadata.get("rules"), what)
     return schema(**kwargs)
+
+
+def _within(value: Any, rule: dict | None, what: str) -> Any:
+    """`value` if it satisfies `rule` (see `rules`), else a one-line UsageError naming the allowed values."""
+    if rule is None or value is None:
+        return value
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if rule["nonempty"] and isinstance(value, (list, tuple)) and not value:
+        raise UsageError(f"{what} must not be empty")
+    for v in items:
+        if rule["choices"] is not None and v not in rule["choices"]:
+            raise UsageError(f"{what}: {v!r} is not one of {', '.join(map(str, rule['choices']))}")
+        if rule["min"] is not None and v < rule["min"]:
+            raise UsageError(f"{what} must be >= {rule['min']}, got {v!r}")
+        if rule["max"] is not None and v > rule["max"]:
+            raise UsageError(f"{what} must be <= {rule['max']}, got {v!r}")
+    return value
 
 
 def _check(value: Any, hint: Any, what: str) -> Any:
@@ -130,7 +159,9 @@ def _check(value: Any, hint: Any, what: str) -> Any:
         if not isinstance(value, dict):
             raise UsageError(f"{what} must be a mapping, got {value!r}")
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint in (int, float) and isinstance(value, bool):
+        raise UsageError(f"{what} must be a number, got {value!r} (a boolean)")
+    if hint is float and isinstance(value, int):
         return float(value)
     if isinstance(hint, type) and not isinstance(value, hint):
         raise UsageError(f"{what} must be {hint.__name__}, got {value!r}")

@@ -16,19 +16,20 @@ import torch
 from torch import nn
 
 from .batching import position_ids
+from .recipe import rules
 
 
 @dataclass
 class TrainSpec:
     """Trainer settings. lrs: candidates, the best on the validation split wins (one candidate: no selection)."""
 
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 5e-4, 1e-4])
-    epochs: float = 4.0
-    max_steps: int = -1  # > 0 caps the optimiser steps (quick profiles)
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 5e-4, 1e-4], metadata=rules(min=0, nonempty=True))
+    epochs: float = field(default=4.0, metadata=rules(min=0))
+    max_steps: int = field(default=-1, metadata=rules(min=-1))  # > 0 caps the optimiser steps (quick profiles)
+    batch_size: int = field(default=16, metadata=rules(min=1))
+    eval_batch_size: int = field(default=64, metadata=rules(min=1))
+    warmup_ratio: float = field(default=0.05, metadata=rules(min=0, max=1))
+    weight_decay: float = field(default=0.0, metadata=rules(min=0))
     seed: int = 0
 
 

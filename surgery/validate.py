@@ -94,7 +94,7 @@ class _Ctx:
             st = cna.collect(self.view, *left_pad(seqs[s:s + self.batch_size], pad_id(self.loaded.tokenizer)),
                              layers, ablate=ablate, neuron_scale=scales)
             for l in layers:
-                sums[l] += st.m[l].sum(0)
+                sums[l] += st.m[l].sum(0).cpu()
         return {l: v / len(seqs) for l, v in sums.items()}
 
 
@@ -175,7 +175,8 @@ def feature_enhancing(ctx: _Ctx, top: list[Neuron], candidates: int = 512, ms: S
     cands = _fe_candidates(v, coef, top, mid, candidates)
     counts = []
     for l, i in cands:
-        proj = v.readout((_summed_ov(v, l + 1, mid) @ v.values(l)[i].float())[None], torch.ones(1, 1))[0]
+        vec = _summed_ov(v, l + 1, mid) @ v.values(l)[i].float()
+        proj = v.readout(vec[None], torch.ones(1, 1, device=vec.device))[0]
         top50 = proj.topk(50).indices.tolist()
         counts.append(sum(t in special for t in top50))
     out = {"candidates": len(cands), "layers": f"0-{mid - 1}"}
@@ -204,10 +205,11 @@ def _summed_ov(v: ModelView, start: int, stop: int) -> Tensor:
     """Sum over heads of layers start..stop-1 of W_O^h W_V^h diag(g_ln): [d, d] (identity if empty)."""
     key = (id(v.model), start, stop)
     if key not in _OV_CACHE:
-        total = torch.zeros(v.hidden_size, v.hidden_size)
+        dev = v.values(0).device
+        total = torch.zeros(v.hidden_size, v.hidden_size, device=dev)
         for layer in range(start, stop):
             total += v.ov_matrix(layer)
-        _OV_CACHE[key] = total if start < stop else torch.eye(v.hidden_size)
+        _OV_CACHE[key] = total if start < stop else torch.eye(v.hidden_size, device=dev)
     return _OV_CACHE[key]
 
 
