@@ -116,7 +116,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--method",), dict(default=None, choices=["cna", "random", "activation-diff"])),
         (("--edit",), dict(default=None, choices=["zero", "remove"])),
     ]),
-    "lora-sweep": ("surgery.lora:sweep", MODEL + OUT + FORCE + RECIPE + [
+    "lora-sweep": ("surgery.lora_sweep:run", MODEL + OUT + FORCE + RECIPE + [
         (("--recipe",), dict(default="arithmetic-prune")),
         (("--layers",), dict(default=None, help="layers to try, A-B or list (default: every layer)")),
     ]),

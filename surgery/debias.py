@@ -16,7 +16,6 @@ exported model is edited in its weights (zeroed layout: native; remove: sliced l
 from __future__ import annotations
 
 import copy
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from .recipe import rules
 from . import report as rep
 from .arch import ModelView
 from .cna import neuron_name, parse_layers, top_tokens
+from .context import Run
 from .errors import UsageError
 from .batching import continuation_ids, device_of, left_pad, pad_id, position_ids, predict_cases
 from .hooks import Hooks
@@ -79,9 +79,8 @@ class DebiasRecipe:
 def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, neurons: int | None = None,
                 method: str | None = None, edit: str | None = None, profile: str | None = None) -> DebiasRecipe:
     """The resolved recipe: file, profile (--quick / --profile), --set overrides, then the CLI flags; validated."""
-    r = recipes.load(name, DebiasRecipe, list(overrides), quick, profile)
-    r.neurons = r.neurons if neurons is None else neurons
-    r.method, r.edit = method or r.method, edit or r.edit
+    r = recipes.resolve(name, DebiasRecipe, list(overrides), quick, profile, neurons=neurons, method=method,
+                        edit=edit)
     check_recipe(r)
     return r
 
@@ -561,13 +560,6 @@ def _sweep_table(sw: dict[str, list[dict]]) -> str:
 
 
 # ---- the command ----------------------------------------------------------------------------------------------------
-def check_out(out: str | None, r: DebiasRecipe, force: bool) -> Path:
-    """The output folder (default checkpoints/debias-<method>-<N>); refuses an existing one without --force."""
-    from .models import home
-
-    return rep.new_out_dir(out, home() / f"debias-{r.method}-{r.neurons}", force)
-
-
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
         force: bool = False, quick: bool = False, overrides: Sequence[str] = (), recipe: str = "gender-debias",
         neurons: int | None = None, method: str | None = None, edit: str | None = None,
@@ -581,9 +573,8 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
 
     from .models import load_model
 
-    t0 = time.time()
     r = load_recipe(recipe, overrides, quick, neurons, method, edit, profile)
-    outdir = check_out(out, r, force)
+    run = Run("debias", out, force, default=f"debias-{r.method}-{r.neurons}")
     loaded = load_model(model, dtype=dtype, device=device)
     view, tok = ModelView(loaded.model), loaded.tokenizer
     layers = parse_layers(None if r.layers == "all" else r.layers, view.n_layers)
@@ -600,10 +591,10 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     table = neuron_rows(view, tok, chosen, sel, r.method)  # before the edit: top tokens read the value vectors
     edited, check = edit_and_check(loaded.model, tok, chosen, r.edit, data.bias["prompt"][:16])
     results = _results(r, sel, base, points, wino, table, check, professions)
-    cmd = _command(model, recipe, r, "quick" if quick else profile, overrides, outdir)
+    cmd = _command(model, recipe, r, "quick" if quick else profile, overrides, run.out)
     config = {**recipes.to_dict(r), "model": model, "quick": quick, "profile": profile, "selection_layers": [layers[0], layers[-1]]}
-    data_ = rep.make(cmd, loaded.describe(), config, results, time.time() - t0)
-    return _export(loaded, edited, r, chosen, data_, outdir, force)
+    data_ = rep.make(cmd, loaded.describe(), config, results, run.elapsed())
+    return _export(loaded, edited, r, chosen, data_, run.out, force)
 
 
 def edit_and_check(model: nn.Module, tokenizer, chosen: list[Neuron], edit: str, probe: Sequence[str]
@@ -658,9 +649,7 @@ def _export(loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], da
     if r.edit == "remove":
         prov["layers"] = {str(l): {"kept": edited.surgery_kept[l], "removed": idx, "edit": "remove"}
                           for l, idx in groups.items()}
-    import json
-
-    extra = {"report.json": json.dumps(data, indent=2, default=rep._jsonable) + "\n", "report.md": md + "\n", **pngs}
+    extra = {"report.json": rep.json_text(data), "report.md": md + "\n", **pngs}
     export.save(edited, loaded.tokenizer, outdir, layout="zeroed" if r.edit == "zero" else "sliced",
                 provenance=prov, force=force, extra_files=extra)
     files = [outdir / name for name in extra]

@@ -5,7 +5,7 @@ data (torchtune style): `reference` (LoRA at layer L trained on 2-digit problems
 "LoRA only" row), `cna_keep` (CNA original vs reference on every 1-digit case), `baseline_keep` (random /
 magnitude / activation / taylor at the SAME per-layer budget), `prune_and_train` (slice a copy, fresh LoRA,
 train), `evaluate_row`, `export_checkpoint` (+ `check_reload`), `markdown` / `plots`; `pipeline` and `finish`
-chain them and `Steps` logs each one's duration.
+chain them and a `context.Run` times each step and owns the output folder.
 
 CNA direction: scan(view_a = reference, view_b = original, targets = the correct answer token), so
 delta = imp_reference - imp_original: the neurons that matter MORE once the task LoRA is in (the paper's pick).
@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +29,8 @@ from .arch import ModelView
 from .errors import UsageError
 from .lora import DataSpec, Fit, LoraSpec, Splits, accuracy, build_splits, fit_lora, merged_copy
 from .training import TrainSpec
-from .report import Report, md_table, png_bytes
+from .context import Run
+from .report import Report, json_text, md_table, png_bytes
 
 SELECTORS = ("cna", "random", "magnitude", "activation", "taylor")
 
@@ -76,15 +74,11 @@ class PruneRecipe:
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
 
-def load_recipe(name: str, quick: bool, overrides: list[str] | None, profile: str | None = None,
+def load_recipe(name: str, quick: bool = False, overrides: list[str] | None = None, profile: str | None = None,
                 **flags) -> PruneRecipe:
     """The recipe with its profile (--quick / --profile), --set overrides, then the explicit CLI flags
-    (None = recipe's)."""
-    r = recipes.load(name, PruneRecipe, list(overrides or []), quick, profile)
-    for key, value in flags.items():
-        if value is not None:
-            setattr(r, key, value)
-    return r
+    (None = recipe's); every value validated."""
+    return recipes.resolve(name, PruneRecipe, list(overrides or []), quick, profile, **flags)
 
 
 # ---- validation (all before any expensive work) -----------------------------------------------------------
@@ -140,30 +134,6 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
         raise UsageError(f"--layout {r.layout!r}: use sliced or padded")
     selectors = [r.selector] + [s for s in r.baselines if s != r.selector]
     return Plan(layers, kind, value, lora_layer, selectors)
-
-
-def check_out(out: str | Path | None, force: bool, default: str) -> Path:
-    """The output folder (default checkpoints/<default>): writable, and not existing unless --force."""
-    from .models import home
-    from .report import new_out_dir
-
-    return new_out_dir(out, home() / default, force)
-
-
-# ---- step timing -------------------------------------------------------------------------------------------
-class Steps:
-    """Logs each step's start and duration to stderr and keeps {step: seconds} for the report."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        sys.stderr.write(f"[prune] {name} ...\n")
-        start = time.time()
-        yield
-        self.seconds[name] = round(time.time() - start, 1)
-        sys.stderr.write(f"[prune] {name} done in {self.seconds[name]:.1f}s\n")
 
 
 # ---- task cases (1-digit, the CNA set) ---------------------------------------------------------------------
@@ -383,21 +353,21 @@ def _cna_line(r: PruneRecipe, certified: float | None) -> str:
             "the others use the best exact scores found)")
 
 
-def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: dict, steps: Steps, out: Path,
-             model_name: str, command: str, certified: float | None = None) -> str:
+def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: dict, run: Run,
+             model_name: str, certified: float | None = None) -> str:
     deep_total = sum(width[l] for l in plan.layers)
     total = sum(len(v) for v in keeps[plan.selectors[0]].values())
     return "\n\n".join([
         f"# prune: {model_name}, recipe {r.name}",
-        f"`{command}`",
+        f"`{run.command}`",
         f"keep **{r.keep}** of layers {plan.layers[0]}-{plan.layers[-1]} ({total} of {deep_total} neurons, "
         f"{100 * total / deep_total:.1f}%), selector **{r.selector}**, LoRA at layer {plan.lora_layer} "
         f"(rank {r.lora.rank}, lr chosen from {r.train.lrs})",
         _cna_line(r, certified),
         "## Results (Table 11 form; full-answer accuracy, teacher forced = greedy)", results_table(rows, deep_total),
         "## Kept neurons per layer", kept_table(keeps, width),
-        "## Timing", md_table(["step", "seconds"], list(steps.seconds.items())),
-        f"Checkpoint: `{out}` ({r.layout} layout)",
+        "## Timing", md_table(["step", "seconds"], list(run.seconds.items())),
+        f"Checkpoint: `{run.out}` ({r.layout} layout)",
     ])
 
 
@@ -442,19 +412,17 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots."""
     from .models import load_model
 
-    start, steps = time.time(), Steps()
     r = load_recipe(recipe, quick, overrides, profile, keep=keep, layers=layers, selector=selector,
                     lora_layer=lora_layer, layout=layout)
-    outp = check_out(out, force, f"prune-{Path(model).name}")
+    run = Run("prune", out, force, default=f"prune-{Path(model).name}")
     _check_keep_syntax(r.keep)
     if against is not None and not Path(against).exists():
         raise UsageError(f"--against {against} does not exist; give a PEFT adapter folder or a checkpoint folder")
-    with steps("load"):
+    with run.step("load"):
         loaded = load_model(model, dtype, device)
-    plan = make_plan(r, loaded.model)
-    res = pipeline(loaded, r, plan, against, steps)
-    command = "surgery prune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["prune"] else "surgery.prune.run"
-    return finish(loaded, r, plan, res, steps, outp, force, command, start)
+        plan = make_plan(r, loaded.model)  # inside the step: a bad plan is the only line printed
+    res = pipeline(loaded, r, plan, against, run)
+    return finish(loaded, r, plan, res, run)
 
 
 @dataclass
@@ -468,32 +436,32 @@ class Results:
     splits: Splits
 
 
-def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Steps) -> Results:
+def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) -> Results:
     """Steps a-e: reference, keep sets, slice + LoRA per selector, evaluation rows."""
     from .lora import load_reference
 
     orig, tok = loaded.model, loaded.tokenizer
     bs = r.train.eval_batch_size
-    with steps("data"):
+    with run.step("data"):
         splits = build_splits(r.data)
         task = task_cases(splits, tok, r.cna.limit)
-    with steps("reference LoRA" if against is None else "reference (--against)"):
+    with run.step("reference LoRA" if against is None else "reference (--against)"):
         ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train, splits)
         ref = load_reference(against, orig) if against else merged_copy(ref_fit.model)
-    with steps("evaluate original + reference"):
+    with run.step("evaluate original + reference"):
         rows = _reference_rows(orig, ref, ref_fit, against, tok, splits, bs)
     keeps, cert = {}, None
-    with steps(f"select ({plan.selectors[0]})"):
+    with run.step(f"select ({plan.selectors[0]})"):
         keeps[plan.selectors[0]], sc = _main_keep(plan.selectors[0], orig, ref, tok, task, plan, r)
         cert = float(sc.certified.float().mean()) if sc is not None else None
     del ref, ref_fit
     budget = {l: len(v) for l, v in keeps[plan.selectors[0]].items()}
     for name in plan.selectors[1:]:
-        with steps(f"select ({name})"):
+        with run.step(f"select ({name})"):
             keeps[name] = baseline_keep(name, orig, tok, task, budget, r.seed)
     fits, merged = {}, {}
     for name in plan.selectors:
-        with steps(f"slice + LoRA + evaluate ({name})"):
+        with run.step(f"slice + LoRA + evaluate ({name})"):
             _, fit = prune_and_train(orig, tok, keeps[name], r, plan, splits)
             m = merged_copy(fit.model)
             rows.append(evaluate_row(f"{name}-pruned + LoRA", m, tok, splits, bs,
@@ -523,35 +491,26 @@ def _reference_rows(orig, ref, ref_fit, against, tok, splits, bs) -> list[dict]:
                          lora_params(ref_fit) if ref_fit else 0, ref_fit.lr if ref_fit else None)]
 
 
-def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, steps: Steps, out: Path, force: bool,
-           command: str, start: float) -> Report:
+def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report:
     """Step f: report + plots + export of the main selector's model; reload check."""
     from .recipe import to_dict
     from .report import make
 
     main = plan.selectors[0]
-    md = markdown(r, plan, res.rows, res.keeps, res.width, steps, out, loaded.name, command, res.cna_certified)
+    md = markdown(r, plan, res.rows, res.keeps, res.width, run, loaded.name, res.cna_certified)
     results = {"rows": res.rows, "kept": {s: {l: len(v) for l, v in k.items()} for s, k in res.keeps.items()},
                "kept_indices": res.keeps[main], "lora_layer": plan.lora_layer, "layers": plan.layers,
                "cna_certified_fraction": res.cna_certified, "lr": {s: f.lr for s, f in res.fits.items()},
-               "val_acc": {s: f.val_acc for s, f in res.fits.items()}, "steps_seconds": steps.seconds,
+               "val_acc": {s: f.val_acc for s, f in res.fits.items()}, "steps_seconds": run.seconds,
                "data": {"train": len(res.splits.train), "validation": len(res.splits.validation),
                         "test": len(res.splits.test), "one_digit": len(res.splits.one_digit)}}
-    data = make("prune", loaded.describe(), to_dict(r), results, time.time() - start)
-    extra = {"report.json": _json(data), "report.md": md + "\n", **plots(res.rows, res.keeps[main], res.width)}
-    with steps("export"):
-        check = export_checkpoint(res.fits[main], res.merged[main], loaded.tokenizer, out, force, r, plan,
+    data = make("prune", loaded.describe(), to_dict(r), results, run.elapsed())
+    extra = {"report.json": json_text(data), "report.md": md + "\n", **plots(res.rows, res.keeps[main], res.width)}
+    with run.step("export"):
+        check = export_checkpoint(res.fits[main], res.merged[main], loaded.tokenizer, run.out, run.force, r, plan,
                                   res.keeps[main], loaded.name, extra)
     if not check["widths_match"] or check["max_logit_diff"] > 1e-3:
         raise RuntimeError(f"exported checkpoint does not match the in-memory model: {check}")
     data["results"]["reload"] = check
     md += f"\n\nReloaded with transformers: widths match kept counts, max |logit diff| {check['max_logit_diff']:.2e}"
-    return Report(data, md, [out])
-
-
-def _json(data: dict) -> str:
-    import json
-
-    from .report import _jsonable
-
-    return json.dumps(data, indent=2, default=_jsonable) + "\n"
+    return Report(data, md, [run.out])

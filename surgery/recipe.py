@@ -75,6 +75,19 @@ def load(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, .
     return build(schema, raw, where=path.name)
 
 
+def resolve(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, ...] = (), quick: bool = False,
+            profile: str | None = None, **flags) -> T:
+    """`load`, then the command's explicit flags on top (None = keep the recipe's value), re-validated."""
+    r = load(name_or_path, schema, overrides, quick, profile)
+    given = {k: v for k, v in flags.items() if v is not None}
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key, value in given.items():  # errors name the flag the user typed, not the recipe key
+        what = "--" + key.replace("_", "-")
+        _within(_check(value, hints[key], what), fields[key].metadata.get("rules"), what)
+    return build(schema, merge(to_dict(r), given), where=find(name_or_path).name) if given else r
+
+
 def dotted(item: str) -> dict:
     """'lora.rank=8' -> {'lora': {'rank': 8}} (the value parsed as YAML: numbers, lists, booleans)."""
     key, sep, value = item.partition("=")

@@ -78,8 +78,13 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def json_text(data) -> str:
+    """The report JSON text (tensors and paths made plain)."""
+    return json.dumps(data, indent=2, default=_jsonable) + "\n"
+
+
 def write_json(path: Path, data) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+    return write_text_atomic(path, json_text(data))
 
 
 def _jsonable(x):

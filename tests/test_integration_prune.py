@@ -70,7 +70,7 @@ def test_reloaded_checkpoint_answers_like_report(pruned):
 
 
 def test_lora_sweep_quick(tmp_path, smol):
-    from surgery.lora import sweep
+    from surgery.lora_sweep import run as sweep
 
     out = tmp_path / "sweep"
     rep = sweep(out=str(out), quick=True, layers="8", overrides=SMALL + ["cna.limit=4", "sweep.top=5"])

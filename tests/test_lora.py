@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset
 
 from conftest import VOCAB, make_tiny
-from surgery import lora, training
+from surgery import lora, lora_sweep, training
 from surgery.arch import ModelView
 from surgery.errors import UsageError
 from surgery.batching import predict_cases
@@ -121,6 +121,6 @@ def test_problem_predictions_equal_per_case_predictions():
 
 
 def test_layer_groups_cover_every_layer():
-    groups = lora._layer_groups(30, 4)
+    groups = lora_sweep._layer_groups(30, 4)
     assert groups[0][0] == 0 and groups[-1][1] == 29
     assert sum(hi - lo + 1 for lo, hi in groups) == 30

@@ -10,6 +10,7 @@ import torch
 from conftest import ARCHS, VOCAB, make_tiny, tiny_inputs
 from surgery import prune
 from surgery.arch import ModelView
+from surgery.context import Run
 from surgery.errors import UsageError
 from surgery.slicing import dense_equivalent
 
@@ -59,8 +60,8 @@ def test_recipe_loads_quick_and_rejects_unknown_keys():
 def test_existing_out_needs_force(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(UsageError, match="--force"):
-        prune.check_out(tmp_path / "x", False, "d")
-    assert prune.check_out(tmp_path / "x", True, "d") == tmp_path / "x"
+        Run("prune", tmp_path / "x", False, "d")
+    assert Run("prune", tmp_path / "x", True, "d").out == tmp_path / "x"
 
 
 @pytest.mark.parametrize("argv", [
