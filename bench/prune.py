@@ -93,12 +93,14 @@ def main() -> None:
     from surgery import export
     from surgery.cna import parse_layers
     from surgery.models import load_model
-    from surgery.prune import global_budget, magnitude_scores, sliced_copy
+    from surgery.arch import ModelView
+    from surgery.prune import global_budget, sliced_copy
+    from surgery.selectors import Inputs, magnitude
     from surgery.slicing import ffn_param_count
 
     dense = load_model(a.model)
     view_layers = parse_layers("deep", dense.model.config.num_hidden_layers)
-    keep = global_budget(magnitude_scores(dense.model, view_layers), a.keep)
+    keep = global_budget(magnitude(Inputs(ModelView(dense.model), view_layers, 0)), a.keep)
     sliced = sliced_copy(dense.model, keep)
     n_before, n_after = (sum(p.numel() for p in m.parameters()) for m in (dense.model, sliced))
     ffn_before, ffn_after = ffn_param_count(dense.model), ffn_param_count(sliced)

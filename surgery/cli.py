@@ -11,6 +11,7 @@ import importlib
 import sys
 from typing import Callable
 
+from . import selectors
 from .errors import UsageError
 
 
@@ -105,7 +106,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--recipe",), dict(default="arithmetic-prune", help="recipe name in recipes/ or a YAML path")),
         (("--keep",), dict(default=None, help="topN (per-case top-N union) or P%% (global budget)")),
         (("--layers",), dict(default=None, help="'deep' or A-B")),
-        (("--selector",), dict(default=None, choices=["cna", "random", "magnitude", "activation", "taylor"])),
+        (("--selector",), dict(default=None, choices=selectors.names("task"))),
         (("--lora-layer",), dict(type=int, default=None)),
         (("--against",), dict(default=None, help="reference adapter/checkpoint for CNA instead of training one")),
         (("--layout",), dict(default=None, choices=["sliced", "padded"])),
@@ -113,7 +114,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
     "debias": ("surgery.debias:run", MODEL + OUT + FORCE + RECIPE + [
         (("--recipe",), dict(default="gender-debias", help="recipe name in recipes/ or a YAML path")),
         (("--neurons",), dict(type=int, default=None, help="how many neurons to edit")),
-        (("--method",), dict(default=None, choices=["cna", "random", "activation-diff"])),
+        (("--method",), dict(default=None, choices=selectors.names("contrast"))),
         (("--edit",), dict(default=None, choices=["zero", "remove"])),
     ]),
     "lora-sweep": ("surgery.lora_sweep:run", MODEL + OUT + FORCE + RECIPE + [

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import recipe as recipes
+from . import selectors
 from .recipe import rules
 from . import report as rep
 from .arch import ModelView
@@ -34,9 +35,9 @@ from .context import Run
 from .errors import UsageError
 from .batching import continuation_ids, device_of, left_pad, pad_id, position_ids, predict_cases
 from .hooks import Hooks
-from .selection import Neuron, by_layer, mean_coefficients, random_scores, top_n, zero_scales
+from .selection import Neuron, by_layer, mean_coefficients, top_n, zero_scales
 
-METHODS = ("cna", "random", "activation-diff")
+METHODS = selectors.names("contrast")  # cna, random, activation-diff, and any registered later
 EDITS = ("zero", "remove")
 TARGETS = ("first", "all")
 ORIENTATIONS = ("label", "measured")
@@ -173,56 +174,12 @@ def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[s
 
 # ---- selection methods: each returns a score per neuron (higher = edit first) ---------------------------------
 @torch.no_grad()
-def select_cna(view: ModelView, cases: Cases, layers: list[int], pad: int, batch_size: int = 16,
-               candidates: int = 128) -> tuple[dict[int, Tensor], dict]:
-    """Summed oriented CNA deltas imp(A) - imp(B) per neuron over all cases, {layer: [N]}, and how they were got.
-
-    Pass 1 screens every neuron with the first-order score (cna.Scorer.first_order, O(N d) per case) summed over
-    cases; pass 2 rescores the top `candidates` of that screen exactly (the paper's score) in every case. The
-    returned sums are exact for the candidates and first-order elsewhere, so the top N (N <= candidates) are
-    ranked by exact sums."""
-    fo = {l: torch.zeros(view.ffn_width(l)) for l in layers}
-    for a, b in _case_scorers(view, cases, layers, pad, batch_size, "cna screen"):
-        for l in layers:
-            fo[l] += (a.first_order(l) - b.first_order(l)).sum(0)
-    cand = by_layer(top_n(fo, min(candidates, sum(len(v) for v in fo.values()))))
-    exact = {l: torch.zeros(len(idx)) for l, idx in cand.items()}
-    for a, b in _case_scorers(view, cases, sorted(cand), pad, batch_size, "cna exact"):
-        for l, idx in cand.items():
-            i = torch.tensor(idx)
-            rows = a.shared_rows(l, i)  # one model: the rows serve both prompts
-            exact[l] += (a.exact_same(l, i, rows) - b.exact_same(l, i, rows)).sum(0)
-    total = copy.deepcopy(fo)
-    for l, idx in cand.items():
-        total[l][idx] = exact[l]
-    screen = torch.cat([fo[l][idx] for l, idx in cand.items()])
-    ex = torch.cat(list(exact.values()))
-    return total, {"cases": len(cases.targets), "screen": "first-order", "rescored_exactly": len(ex),
-                   "screen_exact_corr": float(torch.corrcoef(torch.stack([screen, ex]))[0, 1]) if len(ex) > 1 else None}
-
-
-def _case_scorers(view: ModelView, cases: Cases, layers: list[int], pad: int, batch_size: int, desc: str):
-    """(Scorer A, Scorer B) per batch of cases: each prompt with its own sigma, both with A's target."""
-    from .cna import Scorer, collect
-
-    for s in tqdm(range(0, len(cases.targets), batch_size), desc=desc, unit="batch"):
-        w = torch.tensor(cases.targets[s:s + batch_size])
-        sa = collect(view, *left_pad(cases.seqs_a[s:s + batch_size], pad), layers)
-        sb = collect(view, *left_pad(cases.seqs_b[s:s + batch_size], pad), layers)
-        yield (Scorer(view, sa, view.final_sigma(sa.hfin), w), Scorer(view, sb, view.final_sigma(sb.hfin), w))
-
-
 def gender_prompts(tokenizer, templates: Sequence[str], professions: Sequence[str]) -> dict[str, list[list[int]]]:
     """Token ids of every selection prompt, per gender ({"woman": [...], "man": [...]})."""
     from surgery.evals import gender_bias as gb
 
     return {g: [tokenizer(gb.prompt_for(t, g, p)[0]).input_ids for t in templates for p in professions]
             for g in gb.GENDERS}
-
-
-def select_activation_diff(means: dict[str, dict[int, Tensor]]) -> dict[int, Tensor]:
-    """|mean m_k(woman) - mean m_k(man)| per neuron."""
-    return {l: (means["woman"][l] - means["man"][l]).abs() for l in means["woman"]}
 
 
 # ---- edits ---------------------------------------------------------------------------------------------------
@@ -418,16 +375,18 @@ def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], p
     means = {g: mean_coefficients(view, prompts[g], layers, pad, r.batch_size) for g in prompts}
     scores: dict[str, dict[int, Tensor]] = {}
     cna_info = None
-    if "cna" in methods:
-        fav = favoured_genders(view.model, tokenizer, templates, professions) if r.orientation == "measured" else None
-        cases = selection_cases(tokenizer, templates, professions, r.target, fav)
-        scores["cna"], cna_info = select_cna(view, cases, layers, pad, r.batch_size,
-                                             max([r.candidates, r.neurons, *r.sweep.ns]))
-    if "activation-diff" in methods:
-        scores["activation-diff"] = select_activation_diff(means)
-    if "random" in methods:
-        scores["random"] = random_scores(view, layers, r.seed)
-    return Selection({m: scores[m] for m in methods}, means, cna_info, templates)
+    for m in methods:
+        if m == "cna":  # pairs: the stereotyped-gender prompt (A) vs the other gender (B), profession target
+            fav = favoured_genders(view.model, tokenizer, templates, professions) if r.orientation == "measured" else None
+            cases = selection_cases(tokenizer, templates, professions, r.target, fav)
+            inp = selectors.Inputs(view, layers, pad, cases.seqs_a, cases.targets, cases.seqs_b,
+                                   batch_size=r.batch_size, candidates=max([r.candidates, r.neurons, *r.sweep.ns]))
+        else:  # every selection prompt, woman (A) vs man (B)
+            inp = selectors.Inputs(view, layers, pad, prompts["woman"], None, prompts["man"], seed=r.seed,
+                                   batch_size=r.batch_size)
+        scores[m] = selectors.score("contrast", m, inp)
+        cna_info = inp.info if m == "cna" else cna_info
+    return Selection(scores, means, cna_info, templates)
 
 
 def neuron_rows(view: ModelView, tokenizer, neurons: Sequence[Neuron], sel: Selection, method: str,

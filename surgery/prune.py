@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from . import recipe as recipes
+from . import selectors
+from .batching import pad_id
 from .recipe import rules
 from .arch import ModelView
 from .errors import UsageError
@@ -32,7 +34,7 @@ from .training import TrainSpec
 from .context import Run
 from .report import Report, json_text, md_table, png_bytes
 
-SELECTORS = ("cna", "random", "magnitude", "activation", "taylor")
+SELECTORS = selectors.names("task")  # cna, random, magnitude, activation, taylor, and any registered later
 
 
 # ---- the recipe --------------------------------------------------------------------------------------------
@@ -184,71 +186,11 @@ def global_budget(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list
     return {l: kept.get(l, []) for l in sorted(scores)}
 
 
-def by_budget(scores: dict[int, torch.Tensor], budget: dict[int, int]) -> dict[int, list[int]]:
-    """The budget[l] highest-scoring neurons of each layer."""
-    return {l: sorted(scores[l].float().topk(n).indices.tolist()) if n else [] for l, n in budget.items()}
-
-
-@torch.no_grad()
-def magnitude_scores(model: nn.Module, layers: list[int]) -> dict[int, torch.Tensor]:
-    """prod ||key rows|| * ||value vector|| per neuron (gate and up both count for gated FFNs)."""
-    view, out = ModelView(model), {}
-    for l in layers:
-        s = view.values(l).float().norm(dim=1)
-        for k in view.keys(l):
-            s = s * k.float().norm(dim=1)
-        out[l] = s.cpu()
-    return out
-
-
-def activation_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Mean |m_k| at the answer position over the task cases."""
-    from .batching import pad_id
-    from .selection import mean_coefficients
-
-    return mean_coefficients(ModelView(model), task.seqs, layers, pad_id(tokenizer), absolute=True)
-
-
-def taylor_scores(model: nn.Module, tokenizer, task: TaskCases, layers: list[int],
-                  batch_size: int = 16) -> dict[int, torch.Tensor]:
-    """Mean |m_k * dL/dm_k| over the task cases, L = cross-entropy of the correct answer token."""
-    from .batching import batches, device_of, left_pad, pad_id, position_ids
-    from .hooks import Hooks
-
-    view, dev = ModelView(model), device_of(model)
-    sums = {l: torch.zeros(view.ffn_width(l)) for l in layers}
-    for idx in batches(len(task.seqs), batch_size):
-        ids, mask = (t.to(dev) for t in left_pad([task.seqs[i] for i in idx], pad_id(tokenizer)))
-        with torch.enable_grad(), Hooks(view) as h:
-            h.capture("m", layers=layers, positions=None, keep_grad=True)  # a slice would not be on the graph
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                           logits_to_keep=1, use_cache=False).logits[:, -1].float()
-            tgt = torch.tensor([task.targets[i] for i in idx], device=dev)
-            loss = nn.functional.cross_entropy(logits, tgt, reduction="sum")
-            ms = [h.store["m", l] for l in layers]
-            grads = torch.autograd.grad(loss, ms)
-        for l, m, g in zip(layers, ms, grads):
-            sums[l] += (m.detach()[:, -1] * g[:, -1]).float().abs().sum(0).cpu()
-    return {l: s / len(task.seqs) for l, s in sums.items()}
-
-
 def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget: dict[int, int],
                   seed: int) -> dict[int, list[int]]:
-    """Keep set of a baseline selector at the same per-layer budget as the main selector."""
-    layers = sorted(budget)
-    if name == "random":
-        from .selection import random_scores
-
-        scores = random_scores(ModelView(orig), layers, seed)
-    elif name == "magnitude":
-        scores = magnitude_scores(orig, layers)
-    elif name == "activation":
-        scores = activation_scores(orig, tokenizer, task, layers)
-    elif name == "taylor":
-        scores = taylor_scores(orig, tokenizer, task, layers)
-    else:
-        raise UsageError(f"unknown selector {name!r}; use one of {', '.join(SELECTORS)}")
-    return by_budget(scores, budget)
+    """Keep set of a registered task selector at the given per-layer budget (the main selector's)."""
+    inp = selectors.Inputs(ModelView(orig), sorted(budget), pad_id(tokenizer), task.seqs, task.targets, seed=seed)
+    return selectors.by_budget(selectors.score("task", name, inp), budget)
 
 
 # ---- slicing + fresh LoRA ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 
 from conftest import make_tiny, tiny_config
-from surgery import debias as D
+from surgery import debias as D, selectors
 from surgery.selection import mean_coefficients, random_scores
 from surgery.arch import ModelView
 from surgery.cli import main as cli_main
@@ -132,7 +132,8 @@ def test_select_cna_sums_exact_deltas_of_its_candidates():
     view = ModelView(model)
     cases = D.Cases([[5, 6, 7], [8, 9, 10, 11], [12, 13]], [[5, 14, 7], [8, 15, 10, 11], [16, 13]], [20, 21, 22],
                     ["x"] * 3, ["t"] * 3)
-    total, info = D.select_cna(view, cases, [0, 1, 2], pad=0, batch_size=2, candidates=10)
+    inp = selectors.Inputs(view, [0, 1, 2], 0, cases.seqs_a, cases.targets, cases.seqs_b, batch_size=2, candidates=10)
+    total, info = selectors.score("contrast", "cna", inp), inp.info
     ref = {l: torch.zeros(48) for l in range(3)}
     for s in range(3):  # exhaustive exact delta, one case at a time, each prompt with its own sigma
         sa = collect(view, *left_pad([cases.seqs_a[s]], 0), [0, 1, 2])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ARCHS, VOCAB, make_tiny, tiny_inputs
-from surgery import prune
+from surgery import prune, selectors
 from surgery.arch import ModelView
 from surgery.context import Run
 from surgery.errors import UsageError
@@ -116,7 +116,7 @@ def test_taylor_equals_finite_difference_first_order():
 
     model, t = make_tiny("llama"), task()
     t = prune.TaskCases(t.seqs[:1], t.targets[:1])
-    s = prune.taylor_scores(model, TOK, t, [1])[1]
+    s = selectors.taylor(selectors.Inputs(ModelView(model), [1], 0, t.seqs, t.targets))[1]
     k = int(s.argmax())
 
     def loss(scale: float) -> float:
@@ -135,7 +135,7 @@ def test_taylor_equals_finite_difference_first_order():
 def test_global_budget_and_by_budget():
     scores = {3: torch.tensor([0.1, 5.0, 0.2]), 4: torch.tensor([4.0, 0.0, 3.0, 0.3])}
     assert prune.global_budget(scores, 100 * 3 / 7) == {3: [1], 4: [0, 2]}
-    assert prune.by_budget(scores, {3: 2, 4: 1}) == {3: [1, 2], 4: [0]}
+    assert selectors.by_budget(scores, {3: 2, 4: 1}) == {3: [1, 2], 4: [0]}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
