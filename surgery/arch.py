@@ -317,7 +317,7 @@ class ModelView:
             return list(mods[0].weight.chunk(2, dim=0))
         return [m.weight.T if self.arch.conv1d else m.weight for m in mods]
 
-    # ---- the frozen-norm unembedding (DESIGN.md section 3) -------------------------------------------
+    # ---- the frozen-norm unembedding (docs/design.md section 1) -------------------------------------------
     def final_sigma(self, h: Tensor) -> Tensor:
         """sigma of the final norm for final hidden states h [..., d]: RMS (RMSNorm) or std (LayerNorm)."""
         eps = _norm_eps(self.final_norm)

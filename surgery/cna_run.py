@@ -19,7 +19,12 @@ import torch
 from . import cna
 from . import report as rep
 from .arch import ModelView
+from .batching import pad_id
 from .errors import UsageError
+from .evals import arithmetic
+from .models import load_model
+from .validate import markdown as vmd
+from .validate import run_validations
 
 
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
@@ -32,7 +37,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     the frozen final norm and unembedding) for every FFN neuron, and CNA: the change of that importance between
     setting A and B. The reported top neurons are certified equal to an exhaustive ranking. --validate runs the
     paper's checks (mask: Table 5, pe: Table 6, fe: Table 8) with random-neuron controls."""
-    from .models import load_model
 
     t0 = time.time()
     outdir = rep.check_out_dir(out)
@@ -54,7 +58,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
                   against=against, layers=layers, top=top, exhaustive=exhaustive, task=None if prompt else task,
                   digits=list(digits), ops=list(ops) if ops else None, limit=limit, seed=seed)
     if validate:
-        from .validate import run_validations
 
         data["validations"] = run_validations(loaded, va, data, validate, digits, ops, templates, limit, seed,
                                               tuple(ablate_head or ()), batch_size)
@@ -64,7 +67,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
                          rep.write_text_atomic(outdir / "cna.md", report.markdown),
                          layer_plot(data, outdir / "cna_layers.png", va.n_layers)]
     return report
-
 
 def _check(prompt, prompt_b, against, ablate_head, task, validate) -> None:
     settings = sum(x is not None and x != () for x in (prompt_b, against, ablate_head))
@@ -78,10 +80,8 @@ def _check(prompt, prompt_b, against, ablate_head, task, validate) -> None:
     if bad:
         raise UsageError(f"unknown --validate {sorted(bad)}; use mask, pe, fe")
 
-
 def _against(loaded, path: str) -> ModelView:
     """The B model: a checkpoint folder, or a PEFT adapter applied (merged) to a copy of the base."""
-    from .models import load_model
 
     p = Path(path)
     if (p / "adapter_config.json").exists():
@@ -102,7 +102,6 @@ def _against(loaded, path: str) -> ModelView:
                          "CNA compares the same neurons, so use a model of the same base")
     return other
 
-
 def _single(loaded, va, vb, layers, prompt, prompt_b, tgt, ablate, top, exhaustive) -> dict:
     tok = loaded.tokenizer
     ids = torch.tensor([tok(prompt).input_ids])
@@ -121,7 +120,6 @@ def _single(loaded, va, vb, layers, prompt, prompt_b, tgt, ablate, top, exhausti
             "certified": bool(res.top.certified[0]), "rescored": res.top.rescored, "neurons": rows,
             "per_layer_top": _per_layer(rows, va.n_layers)}
 
-
 def _row(loaded, va, res: cna.Comparison, layer: int, idx: int, score: float) -> dict:
     """One neuron of a single-prompt result: exact importance in A (and B), coefficients, top tokens."""
     ix = torch.tensor([[idx]])
@@ -135,7 +133,6 @@ def _row(loaded, va, res: cna.Comparison, layer: int, idx: int, score: float) ->
     row["top_tokens"] = cna.top_tokens(va, loaded.tokenizer, layer, idx, sign=coef_a)
     return row
 
-
 def _kind(vb, prompt_b, ablate) -> str | None:
     if ablate:
         return "ablate-head " + ",".join(f"{l}.{h}" for l, h in ablate)
@@ -143,11 +140,8 @@ def _kind(vb, prompt_b, ablate) -> str | None:
         return "against"
     return "prompt-b" if prompt_b is not None else None
 
-
 def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt) -> dict:
     """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
-    from .evals import arithmetic
-    from .batching import pad_id
 
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or ("calculate",)), seed=seed,
@@ -179,20 +173,17 @@ def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_
             "rescored": sc.rescored, "neurons": rows, "per_case_top": per_case,
             "per_layer_top": _per_layer(rows, va.n_layers)}
 
-
 def _hit_counts(sc: cna.Scan) -> dict[tuple[int, int], int]:
     out: dict[tuple[int, int], int] = {}
     for l, i in zip(sc.top_layer.flatten().tolist(), sc.top_index.flatten().tolist()):
         out[(l, i)] = out.get((l, i), 0) + 1
     return out
 
-
 def _per_layer(rows: list[dict], n_layers: int) -> list[int]:
     counts = [0] * n_layers
     for r in rows:
         counts[r["layer"]] += 1
     return counts
-
 
 def markdown(data: dict, config: dict) -> str:
     """Table 4 form: neuron, importance (A, B, delta), coefficients, top tokens."""
@@ -213,15 +204,12 @@ def markdown(data: dict, config: dict) -> str:
                  r.get("coef_b_mean", ""), _tokens(r["top_tokens"])] for r in data["neurons"][:config["top"]]]
     body = rep.md_table(cols, rows)
     if "validations" in data:
-        from .validate import markdown as vmd
 
         body += "\n\n" + vmd(data["validations"])
     return head + body + "\n"
 
-
 def _tokens(toks: list[str]) -> str:
     return ", ".join(repr(t)[1:-1].replace("|", "\\|") for t in toks)
-
 
 def layer_plot(data: dict, path: Path, n_layers: int) -> Path:
     """Where the top neurons sit: count per layer."""

@@ -9,8 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from . import report as rep
 from .batching import predict_cases
 from .errors import UsageError
+from .evals import arithmetic, perplexity
+from .evals import gender_bias as gb
+from .models import load_model
 
 TASKS = ("arithmetic", "gender-bias", "perplexity")
 DEFAULT_TEMPLATES = ("calculate",)  # the measured baseline's template; pass more for a broader view
@@ -19,7 +23,6 @@ DEFAULT_TEMPLATES = ("calculate",)  # the measured baseline's template; pass mor
 def check_options(digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None,
                   limit: int | None, task: str) -> None:
     """UsageError for any bad evaluate() option, naming the valid values."""
-    from surgery.evals import arithmetic
 
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
@@ -32,20 +35,16 @@ def check_options(digits: Sequence[int], ops: Sequence[str] | None, templates: S
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be >= 1, got {limit}")
 
-
 def eval_arithmetic(loaded, digits, ops, templates, limit, batch_size, seed) -> dict:
     """Teacher-forced per-token accuracy and full-answer accuracy on arithmetic problems."""
-    from surgery.evals import arithmetic
 
     problems = arithmetic.build(digits=digits, ops=ops, templates=templates, seed=seed, limit=limit)
     cases = arithmetic.cases(problems, loaded.tokenizer)
     preds = predict_cases(loaded.model, loaded.tokenizer, cases, batch_size=batch_size)
     return arithmetic.score(cases, preds["correct"])
 
-
 def eval_gender_bias(loaded, limit, batch_size) -> dict:
     """Profession log-prob gap between genders, factual controls, and Wino-test pro-stereotype rate."""
-    from surgery.evals import gender_bias as gb
 
     ds = gb.build("eval")
     lp = gb.continuation_logprobs(loaded.model, loaded.tokenizer, ds["prompt"], ds["continuation"], batch_size)
@@ -53,14 +52,11 @@ def eval_gender_bias(loaded, limit, batch_size) -> dict:
     return {**gb.score(ds, lp), "controls": gb.control_logprobs(loaded.model, loaded.tokenizer, batch_size),
             "wino": gb.wino_score(loaded.model, loaded.tokenizer, wino, batch_size)}
 
-
 def eval_perplexity(loaded, limit, batch_size) -> dict:
     """Token-weighted perplexity on a fixed XSum sample (limit = number of documents, default 50)."""
-    from surgery.evals import perplexity
 
     ds = perplexity.build(n_docs=limit or 50)
     return perplexity.perplexity(loaded.model, loaded.tokenizer, ds, batch_size=min(batch_size, 8))
-
 
 def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[str] | None = None,
              templates: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 64,
@@ -87,10 +83,8 @@ def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[s
               "batch_size": batch_size, "seed": seed, "seconds": round(time.time() - start, 2)}
     return {"config": config, "results": results}
 
-
 def fmt_ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
 
 def arithmetic_lines(res: dict) -> list[str]:
     """Rows group | acc | ci95 | n | full-answer acc | problems, for groups, overall, templates, case types."""
@@ -103,7 +97,6 @@ def arithmetic_lines(res: dict) -> list[str]:
                      f"{e['full_answer_acc']:>8.3f}{e['n_problems']:>7}")
     return lines
 
-
 def gender_lines(res: dict) -> list[str]:
     """Rows of the mean |log p(prof|woman) - log p(prof|man)| and the Wino pro-stereotype rate."""
     lines = [f"{'bias |dlogp|':<18}{'mean':>7}  {'ci95':<16}{'n':>6}"]
@@ -113,7 +106,6 @@ def gender_lines(res: dict) -> list[str]:
         w = res["wino"]
         lines.append(f"{'wino pro-stereo':<18}{w['pro_rate']:>7.3f}  {fmt_ci(w['ci95']):<16}{w['n']:>6}")
     return lines
-
 
 def format_table(results: dict) -> str:
     """A compact text table of evaluate()'s results (or of its "results" part) for the terminal."""
@@ -128,15 +120,12 @@ def format_table(results: dict) -> str:
         lines.append(f"perplexity {p['ppl']:.3f} (nll {p['nll']:.4f}, {p['tokens']} tokens, {p['docs']} docs)")
     return "\n".join(lines)
 
-
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
         digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,
         limit: int | None = None, batch_size: int = 64, seed: int = 0, out: str | None = None):
     """Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digits, template and case type,
     95% Wilson intervals), gender bias (profession log-prob gap, factual controls, Wino-test) or perplexity
     (XSum sample). Prints a table; with --out writes DIR/report.json and DIR/report.md."""
-    from surgery import report as rep
-    from surgery.models import load_model
 
     outdir = rep.check_out_dir(out)
     check_options(tuple(digits), ops, templates, limit, task)  # before loading anything

@@ -36,9 +36,11 @@ from tqdm.auto import tqdm
 
 from . import report as rep
 from .arch import ModelView
+from .batching import device_of, left_pad, pad_id, position_ids
 from .errors import UsageError
-from .batching import device_of, position_ids
+from .evals import arithmetic
 from .hooks import Hooks, run_from
+from .models import load_model
 
 Head = tuple[int, int]
 DEFAULT_TEMPLATES = ("calculate",)
@@ -65,14 +67,12 @@ class Batch:
         return dict(input_ids=rep_(self.input_ids), attention_mask=rep_(self.attention_mask),
                     position_ids=rep_(self.position_ids), logits_to_keep=self.keep, use_cache=False)
 
-
 def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size: int, pad_id: int = 0,
          window: int | None = None) -> list[Batch]:
     """Group cases whose context is a prefix of another case's context (same sequence, earlier position) and
     batch the sequences, `batch_size` per batch, in lexicographic order. Exactly one case per (sequence, position).
     Rows are laid out as shared prefix | left padding | suffix (positions count real tokens), so the tokens every
     row of a batch starts with (`share`) can be run once per ablation."""
-    from .batching import left_pad
 
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
     seqs: list[list[int]] = []
@@ -103,14 +103,12 @@ def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size:
                          torch.tensor([c[1] for c in cs]), keep, max(P, 0)))
     return out
 
-
 def _common_prefix(seqs: list[list[int]]) -> int:
     n = min(len(s) for s in seqs)
     for j in range(n):
         if any(s[j] != seqs[0][j] for s in seqs):
             return j
     return n
-
 
 # ---- the engine -------------------------------------------------------------------------------------------
 def _score(logits: Tensor, b: Batch, copies: int) -> tuple[Tensor, Tensor]:
@@ -123,7 +121,6 @@ def _score(logits: Tensor, b: Batch, copies: int) -> tuple[Tensor, Tensor]:
     lp = picked.log_softmax(-1).gather(-1, tgt[..., None])[..., 0]
     return (picked.argmax(-1) == tgt).cpu(), lp.cpu()
 
-
 @torch.no_grad()
 def clean(view: ModelView, b: Batch, layers: Sequence[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
     """The unablated model on b: (correct [n], log-prob [n], residual input of each of `layers` [B, T, d])."""
@@ -133,7 +130,6 @@ def clean(view: ModelView, b: Batch, layers: Sequence[int] = ()) -> tuple[Tensor
         logits = view.model(**b.inputs(_device(view))).logits
     ok, lp = _score(logits, b, 1)
     return ok[0], lp[0], {l: h.store["resid_in", l] for l in layers}
-
 
 @torch.no_grad()
 def ablated(view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: Tensor,
@@ -161,7 +157,6 @@ def ablated(view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: 
             logits = view.model(**inp).logits
     return _score(logits, b, G)
 
-
 def _tail_cache(config, first: int):
     """A DynamicCache that only layers >= `first` fill (prefix reuse); questions the model's forward asks about
     lower layers (past length, mask sizes) are answered by the first filled layer of the same kind."""
@@ -182,10 +177,8 @@ def _tail_cache(config, first: int):
 
     return TailCache(config=config)
 
-
 def _device(view: ModelView) -> torch.device:
     return device_of(view.model)
-
 
 def _stop_at(view: ModelView, b: Batch, layer: int) -> Tensor:
     """The clean residual input of `layer` only, running layers below it and no further."""
@@ -208,7 +201,6 @@ def _stop_at(view: ModelView, b: Batch, layer: int) -> Tensor:
         hd.remove()
     return box["h"]
 
-
 class Residuals:
     """Clean residual inputs per (batch, layer): all cached after one forward per batch when they fit in
     RESID_CACHE_BYTES, else recomputed per layer (only the layers below it run)."""
@@ -225,7 +217,6 @@ class Residuals:
             self.cache[i] = clean(self.view, self.batches[i], range(self.view.n_layers))[2]
         return self.cache[i][layer]
 
-
 @torch.no_grad()
 def head_means(view: ModelView, batches: list[Batch]) -> Tensor:
     """Mean head output z [L, H, dh] over every non-pad position of every sequence (mean ablation)."""
@@ -240,7 +231,6 @@ def head_means(view: ModelView, batches: list[Batch]) -> Tensor:
             total[l] += (h.store["z", l].cpu().double() * m).sum((0, 1))
         count += int(b.attention_mask.sum())
     return (total / count).float()
-
 
 def attribution(view: ModelView, batches: list[Batch], means: Tensor | None = None) -> Tensor:
     """First-order change of the summed target log-prob when each head is ablated, [L, H]:
@@ -259,7 +249,6 @@ def attribution(view: ModelView, batches: list[Batch], means: Tensor | None = No
             out[l] += (g * delta).sum((0, 1, 3)).double().cpu()
     return out.float()
 
-
 # ---- units of work, sharding and resumable state ----------------------------------------------------------
 def units(view: ModelView, heads: Sequence[Head], group: int) -> list[tuple[int, tuple[int, ...]]]:
     """(layer, heads) work units: each layer's heads in scan order, `group` per unit."""
@@ -268,11 +257,9 @@ def units(view: ModelView, heads: Sequence[Head], group: int) -> list[tuple[int,
         per_layer[l].append(h)
     return [(l, tuple(per_layer[l][i:i + group])) for l in sorted(per_layer) for i in range(0, len(per_layer[l]), group)]
 
-
 def group_size(n_heads: int, batch_rows: int, max_rows: int = 2048) -> int:
     """Heads stacked per forward: all heads of a layer when rows (batch x heads) stay within max_rows."""
     return max(1, min(n_heads, max_rows // max(batch_rows, 1)))
-
 
 def load_partial(out: Path, fingerprint: str) -> dict[Head, dict]:
     """Finished head rows persisted by earlier (maybe interrupted) runs with the same configuration."""
@@ -286,7 +273,6 @@ def load_partial(out: Path, fingerprint: str) -> dict[Head, dict]:
             if row.get("fingerprint") == fingerprint:
                 done[(row["layer"], row["head"])] = row
     return done
-
 
 def scan(view: ModelView, batches: list[Batch], n_cases: int, heads: Sequence[Head], repl: Tensor | None = None,
          done: dict[Head, dict] | None = None, sink=None, rank: int = 0, world: int = 1,
@@ -313,7 +299,6 @@ def scan(view: ModelView, batches: list[Batch], n_cases: int, heads: Sequence[He
             sink(rows)
     return results
 
-
 # ---- summaries ---------------------------------------------------------------------------------------------
 def keys_of(labels: dict[str, list]) -> dict[str, np.ndarray]:
     """Masks for the keys accuracy is reported under: overall, each op, each group (1D+), each case type."""
@@ -324,18 +309,15 @@ def keys_of(labels: dict[str, list]) -> dict[str, np.ndarray]:
             out[v] = np.asarray(labels[col]) == v
     return out
 
-
 def summary(correct, logprob, masks: dict[str, np.ndarray]) -> dict:
     c, lp = np.asarray(correct, bool), np.asarray(logprob, float)
     return {"acc": {k: float(c[m].mean()) if m.any() else float("nan") for k, m in masks.items()},
             "n": {k: int(m.sum()) for k, m in masks.items()}, "logprob": float(lp.mean())}
 
-
 def head_row(layer: int, head: int, s: dict, base: dict) -> dict:
     drop = {k: round(base["acc"][k] - a, 6) for k, a in s["acc"].items()}
     return {"layer": layer, "head": head, "acc": {k: round(a, 6) for k, a in s["acc"].items()}, "drop": drop,
             "n": s["n"], "logprob_drop": round(base["logprob"] - s["logprob"], 6)}
-
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
@@ -355,7 +337,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
 
-
 # ---- the command ----------------------------------------------------------------------------------------------
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
         digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,
@@ -369,8 +350,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     all heads by a first-order attribution and exact-scans the top --verify K. Resumes from DIR after an
     interruption; `accelerate launch -m surgery heads ...` splits the heads across processes."""
     from accelerate import PartialState
-
-    from .models import load_model
 
     t0 = time.time()
     _check_options(task, ablation, mode)
@@ -405,7 +384,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     rows = load_partial(outdir, fp)
     return _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, time.time() - t0)
 
-
 def _check_options(task: str, ablation: str, mode: str) -> None:
     if task != "arithmetic":
         raise UsageError(f"surgery heads supports --task arithmetic, got {task!r}")
@@ -414,7 +392,6 @@ def _check_options(task: str, ablation: str, mode: str) -> None:
     if mode not in ("exact", "screen"):
         raise UsageError(f"unknown --mode {mode!r}; use exact or screen")
 
-
 def _heads(view: ModelView, only: Sequence[Head] | None) -> list[Head]:
     if only is None:
         return [(l, h) for l in range(view.n_layers) for h in range(view.n_heads)]
@@ -422,10 +399,7 @@ def _heads(view: ModelView, only: Sequence[Head] | None) -> list[Head]:
         view.check_head(l, h)
     return list(dict.fromkeys((int(l), int(h)) for l, h in only))
 
-
 def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[dict, list[Batch]]:
-    from .evals import arithmetic
-    from .batching import pad_id
 
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or DEFAULT_TEMPLATES), seed=seed,
@@ -437,12 +411,10 @@ def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[d
     window = getattr(loaded.model.config, "sliding_window", None)
     return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer), window)
 
-
 def _fingerprint(loaded, config: dict, heads) -> str:
     keep = {k: v for k, v in config.items() if k not in ("mode", "verify", "processes")}
     blob = json.dumps([loaded.source, str(next(loaded.model.parameters()).dtype), keep], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
 
 def _sink(path: Path, fp: str):
     def write(rows: dict[Head, dict]) -> None:
@@ -454,13 +426,11 @@ def _sink(path: Path, fp: str):
             f.flush()
     return write
 
-
 def _baseline(view: ModelView, batches: list[Batch], n: int) -> tuple[Tensor, Tensor]:
     ok, lp = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
     for b in batches:
         ok[b.case_idx], lp[b.case_idx] = clean(view, b)[:2]
     return ok, lp
-
 
 def _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, seconds) -> rep.Report:
     masks = keys_of(labels)
@@ -478,7 +448,6 @@ def _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, 
     files.append(heatmap(results, outdir / "heads.png", title=f"{loaded.name}: accuracy drop per head ({config['ablation']} ablation)"))
     return rep.Report(data=data, markdown=md, files=files)
 
-
 def _screen_summary(screen: Tensor, table: list[dict]) -> dict:
     """Screen scores for every head (predicted drop of the mean target log-prob) and agreement on the verified set."""
     pred = {(r["layer"], r["head"]): -float(screen[r["layer"], r["head"]]) for r in table}
@@ -489,19 +458,15 @@ def _screen_summary(screen: Tensor, table: list[dict]) -> dict:
             "spearman_vs_exact_acc_drop": _r(spearman([pred[k] for k in keys], [ex[k]["drop"]["overall"] for k in keys])),
             "spearman_vs_exact_logprob_drop": _r(spearman([pred[k] for k in keys], [ex[k]["logprob_drop"] for k in keys]))}
 
-
 def _r(x: float) -> float | None:
     return None if x != x else round(x, 4)
-
 
 # ---- rendering ---------------------------------------------------------------------------------------------------
 def _pts(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:+.1f}"
 
-
 def _name(r: dict) -> str:
     return f"{r['layer']}.{r['head']}"
-
 
 def markdown(data: dict, top: int = 10) -> str:
     """The paper's tables: top heads x ops (Table 1), the top head per op and digit count (Table 2), memorize vs
@@ -539,7 +504,6 @@ def markdown(data: dict, top: int = 10) -> str:
                   f"Spearman(screen, exact) on them: accuracy drop {s['spearman_vs_exact_acc_drop']}, "
                   f"target log-prob drop {s['spearman_vs_exact_logprob_drop']}. Every head named above has exact numbers.", ""]
     return "\n".join(lines)
-
 
 def heatmap(results: dict, path: Path, title: str = "") -> Path:
     """Layer x head heatmaps of the accuracy drop: overall, then one panel per op (unscanned heads blank)."""

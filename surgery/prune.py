@@ -23,16 +23,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import export, selectors
 from . import recipe as recipes
-from . import selectors
-from .batching import pad_id
-from .recipe import rules
 from .arch import ModelView
-from .errors import UsageError
-from .lora import DataSpec, Fit, LoraSpec, Splits, accuracy, build_splits, fit_lora, merged_copy
-from .training import TrainSpec
+from .batching import pad_id
+from .cna import parse_layers, scan
 from .context import Run
-from .report import Report, json_text, md_table, png_bytes
+from .errors import UsageError
+from .evals import arithmetic
+from .evals.arithmetic import DataSpec, Splits, accuracy, build_splits
+from .lora import Fit, LoraSpec, fit_lora, load_reference, merged_copy
+from .models import load_model
+from .recipe import rules, to_dict
+from .report import Report, json_text, make, md_table, png_bytes
+from .selection import by_layer, top_n
+from .slicing import base_width, ffn_param_count, slice_ffn
+from .training import TrainSpec
 
 SELECTORS = selectors.names("task")  # cna, random, magnitude, activation, taylor, and any registered later
 
@@ -46,13 +52,11 @@ class CnaSpec:
     exact_top: int = field(default=100, metadata=rules(min=1))  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
     score: str = field(default="delta", metadata=rules(choices=("delta", "reference")))  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
 
-
 @dataclass
 class SweepSpec:
     layers: str | None = None  # lora-sweep: layers to try (None: every layer)
     groups: int = field(default=4, metadata=rules(min=1))  # layer groups for the coefficient-amplification table
     top: int = field(default=50, metadata=rules(min=1))  # CNA top-N per case whose coefficients are compared (paper Tables 9-10)
-
 
 @dataclass
 class PruneRecipe:
@@ -75,13 +79,11 @@ class PruneRecipe:
     cna: CnaSpec = field(default_factory=CnaSpec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
-
 def load_recipe(name: str, quick: bool = False, overrides: list[str] | None = None, profile: str | None = None,
                 **flags) -> PruneRecipe:
     """The recipe with its profile (--quick / --profile), --set overrides, then the explicit CLI flags
     (None = recipe's); every value validated."""
     return recipes.resolve(name, PruneRecipe, list(overrides or []), quick, profile, **flags)
-
 
 # ---- validation (all before any expensive work) -----------------------------------------------------------
 @dataclass
@@ -92,7 +94,6 @@ class Plan:
     lora_layer: int
     selectors: list[str]
 
-
 def parse_keep(spec: str) -> tuple[str, float]:
     """'top500' -> ('top', 500); '5%' -> ('pct', 5.0); anything else is a one-line error."""
     s = str(spec).strip().lower()
@@ -102,17 +103,14 @@ def parse_keep(spec: str) -> tuple[str, float]:
         return "pct", float(m.group(1))
     raise UsageError(f"bad --keep {spec!r}; use topN (e.g. top500) or P% (e.g. 5%)")
 
-
 def _check_keep_syntax(spec: str) -> None:
     """The model-independent part of the keep check, done before loading anything."""
     kind, value = parse_keep(spec)
     if (kind == "top" and value < 1) or (kind == "pct" and not 0 < value <= 100):
         raise UsageError(f"--keep {spec}: use top1 or more, or a percentage in (0, 100]")
 
-
 def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     """Check keep, layers, lora layer and selectors against the model; one-line UsageError otherwise."""
-    from .cna import parse_layers
 
     view = ModelView(model)
     if not str(r.layers).strip():
@@ -137,17 +135,14 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     selectors = [r.selector] + [s for s in r.baselines if s != r.selector]
     return Plan(layers, kind, value, lora_layer, selectors)
 
-
 # ---- task cases (1-digit, the CNA set) ---------------------------------------------------------------------
 @dataclass
 class TaskCases:
     seqs: list[list[int]]
     targets: list[int]
 
-
 def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
     """Every per-token case of the 1-digit problems (or the first `limit` problems, stratified)."""
-    from surgery.evals import arithmetic
 
     probs = splits.one_digit
     if limit is not None and limit < len(probs):
@@ -156,15 +151,12 @@ def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
     cases = arithmetic.cases(probs, tokenizer)
     return TaskCases(list(cases["input_ids"]), list(cases["target"]))
 
-
 # ---- selectors ---------------------------------------------------------------------------------------------
 def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: Plan, batch_size: int,
              max_rescore: int = 8192, exact_top: int = 100, score: str = "delta"):
     """Keep set from CNA (correct answer token): topN per-case union, or P% global by the score summed over
     cases (each case's `exact_top` neurons scored exactly, the rest by bound midpoints). score 'delta' compares
     the reference with the original (the paper); 'reference' ranks by importance in the reference alone."""
-    from .cna import scan
-    from .batching import pad_id
 
     if score not in ("delta", "reference"):
         raise UsageError(f"cna.score {score!r}: use delta (the paper) or reference")
@@ -176,15 +168,12 @@ def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: 
         return {l: sorted(s) for l, s in sc.per_case_sets().items()}, sc
     return global_budget(sc.total, plan.keep_value), sc
 
-
 def global_budget(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list[int]]:
     """The pct% highest-scoring neurons over all layers together, as kept indices per layer."""
-    from .selection import by_layer, top_n
 
     n = max(1, round(pct / 100 * sum(len(v) for v in scores.values())))
     kept = by_layer(top_n(scores, n))
     return {l: kept.get(l, []) for l in sorted(scores)}
-
 
 def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget: dict[int, int],
                   seed: int) -> dict[int, list[int]]:
@@ -192,48 +181,46 @@ def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget
     inp = selectors.Inputs(ModelView(orig), sorted(budget), pad_id(tokenizer), task.seqs, task.targets, seed=seed)
     return selectors.by_budget(selectors.score("task", name, inp), budget)
 
-
 # ---- slicing + fresh LoRA ----------------------------------------------------------------------------------
 def sliced_copy(orig: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
     """A deep copy of `orig` with each listed layer's FFN physically cut to the kept neurons."""
-    from .slicing import slice_ffn
 
     m = copy.deepcopy(orig)
     slice_ffn(m, keep)
     return m.eval()
 
-
 def prune_and_train(orig: nn.Module, tokenizer, keep: dict[int, list[int]], r: PruneRecipe, plan: Plan,
                     splits: Splits) -> tuple[nn.Module, Fit]:
     """Slice a copy, attach a fresh LoRA at the plan's layer, train it (lr chosen on validation)."""
     sliced = sliced_copy(orig, keep)
-    return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, splits)
+    return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, *training_data(r, splits, tokenizer))
 
+def training_data(r: PruneRecipe, splits: Splits, tokenizer):
+    """(encoded 2-digit training rows, the lr-selection scorer: full-answer accuracy on the validation split)."""
+    def validate(model: nn.Module) -> float:
+        return accuracy(model, tokenizer, splits.validation, r.train.eval_batch_size)["overall"]["full_answer_acc"]
+
+    return arithmetic.encode(splits.train, tokenizer), validate if len(splits.validation) else None
 
 # ---- evaluation --------------------------------------------------------------------------------------------
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
 def evaluate_row(name: str, model: nn.Module, tokenizer, splits: Splits, batch_size: int, kept: int | None,
                  extra_params: int = 0, lr: float | None = None) -> dict:
     """One table row: 2-digit test and 1-digit accuracy (per token and full answer, 95% CIs), params."""
-    from .slicing import ffn_param_count
 
     two = accuracy(model, tokenizer, splits.test, batch_size)["overall"]
     one = accuracy(model, tokenizer, splits.one_digit, batch_size)["overall"]
     return {"name": name, "test2": two, "one_digit": one, "kept": kept, "lr": lr,
             "params": param_count(model) + extra_params, "ffn_params": ffn_param_count(model)}
 
-
 def lora_params(fit: Fit) -> int:
     return sum(p.numel() for n, p in fit.model.named_parameters() if "lora_" in n)
-
 
 # ---- report ------------------------------------------------------------------------------------------------
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
-
 
 def results_table(rows: list[dict], deep_total: int) -> str:
     """The Table 11 form: one row per model, 95% Wilson intervals, kept neurons and params."""
@@ -248,13 +235,11 @@ def results_table(rows: list[dict], deep_total: int) -> str:
     return md_table(["model", "2-digit test acc % [95% CI]", "n", "2-digit token acc %", "1-digit acc % [95% CI]",
                      "kept deep FFN neurons", "params"], out)
 
-
 def kept_table(keeps: dict[str, dict[int, list[int]]], width: dict[int, int]) -> str:
     """Kept count and fraction per layer, per selector (all selectors share the budget)."""
     main = next(iter(keeps.values()))
     rows = [[l, len(main[l]), width[l], f"{100 * len(main[l]) / width[l]:.1f}%"] for l in sorted(main)]
     return md_table(["layer", "kept", "width", "fraction"], rows)
-
 
 def plots(rows: list[dict], keep: dict[int, list[int]], width: dict[int, int]) -> dict[str, bytes]:
     """accuracy.png (2-digit test accuracy with 95% CIs per model) and kept.png (kept neurons per layer)."""
@@ -280,10 +265,8 @@ def plots(rows: list[dict], keep: dict[int, list[int]], width: dict[int, int]) -
     out["kept.png"] = _png(fig)
     return out
 
-
 def _png(fig) -> bytes:
     return png_bytes(fig, dpi=100)
-
 
 def _cna_line(r: PruneRecipe, certified: float | None) -> str:
     if r.selector != "cna" or certified is None:
@@ -293,7 +276,6 @@ def _cna_line(r: PruneRecipe, certified: float | None) -> str:
     return (f"CNA: {what}, correct answer token; "
             f"{100 * certified:.0f}% of cases have a certified exact top-k (max_rescore {r.cna.max_rescore}; "
             "the others use the best exact scores found)")
-
 
 def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: dict, run: Run,
              model_name: str, certified: float | None = None) -> str:
@@ -312,13 +294,10 @@ def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: d
         f"Checkpoint: `{run.out}` ({r.layout} layout)",
     ])
 
-
 # ---- export ------------------------------------------------------------------------------------------------
 def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: bool, r: PruneRecipe,
                       plan: Plan, keep: dict[int, list[int]], base: str, extra: dict) -> dict:
     """Write the chosen model (LoRA merged) with provenance, then reload it and compare logits."""
-    from . import export
-    from .recipe import to_dict
 
     prov = {"recipe": to_dict(r), "seed": r.seed, "base": base, "selector": r.selector,
             "lora_layer": plan.lora_layer, "layers": {l: {"kept": keep[l]} for l in sorted(keep)}}
@@ -326,13 +305,10 @@ def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: 
                 adapter_model=fit.model, merge=True, extra_files=extra)
     return check_reload(out, merged, keep, r.layout)
 
-
 @torch.no_grad()
 def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]], layout: str = "sliced") -> dict:
     """Reload the checkpoint with transformers; sliced widths must equal the kept counts (padded: the base
     width) and logits must match the in-memory model."""
-    from . import export
-    from .slicing import base_width
 
     back = export.load(out)
     widths = ModelView(back).ffn_widths()
@@ -341,7 +317,6 @@ def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]], layou
     ids = torch.tensor([[1, 44345, 42, 216, 33, 34, 27, 35, 36, 45]]) % back.config.vocab_size
     diff = float((back(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max())
     return {"widths_match": ok_widths, "max_logit_diff": diff, "widths": widths}
-
 
 # ---- the command -------------------------------------------------------------------------------------------
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
@@ -352,7 +327,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
     chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
     taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots."""
-    from .models import load_model
 
     r = load_recipe(recipe, quick, overrides, profile, keep=keep, layers=layers, selector=selector,
                     lora_layer=lora_layer, layout=layout)
@@ -366,7 +340,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     res = pipeline(loaded, r, plan, against, run)
     return finish(loaded, r, plan, res, run)
 
-
 @dataclass
 class Results:
     rows: list[dict]
@@ -377,10 +350,8 @@ class Results:
     cna_certified: float | None
     splits: Splits
 
-
 def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) -> Results:
     """Steps a-e: reference, keep sets, slice + LoRA per selector, evaluation rows."""
-    from .lora import load_reference
 
     orig, tok = loaded.model, loaded.tokenizer
     bs = r.train.eval_batch_size
@@ -388,7 +359,8 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) 
         splits = build_splits(r.data)
         task = task_cases(splits, tok, r.cna.limit)
     with run.step("reference LoRA" if against is None else "reference (--against)"):
-        ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train, splits)
+        ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train,
+                                                *training_data(r, splits, tok))
         ref = load_reference(against, orig) if against else merged_copy(ref_fit.model)
     with run.step("evaluate original + reference"):
         rows = _reference_rows(orig, ref, ref_fit, against, tok, splits, bs)
@@ -413,7 +385,6 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) 
     width = {l: ModelView(orig).ffn_width(l) for l in plan.layers}
     return Results(rows, keeps, fits, merged, width, cert, splits)
 
-
 def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneRecipe):
     """The main selector's keep set (it defines the budget); CNA also returns its scan."""
     if name == "cna":
@@ -425,18 +396,14 @@ def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneR
     share = {l: max(1, min(view.ffn_width(l), round(total / len(plan.layers)))) for l in plan.layers}
     return baseline_keep(name, orig, tok, task, share, r.seed), None
 
-
 def _reference_rows(orig, ref, ref_fit, against, tok, splits, bs) -> list[dict]:
     """Rows 'original' and 'LoRA only' (the trained reference; or the --against model)."""
     return [evaluate_row("original", orig, tok, splits, bs, None),
             evaluate_row("LoRA only" if against is None else "reference (--against)", ref, tok, splits, bs, None,
                          lora_params(ref_fit) if ref_fit else 0, ref_fit.lr if ref_fit else None)]
 
-
 def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report:
     """Step f: report + plots + export of the main selector's model; reload check."""
-    from .recipe import to_dict
-    from .report import make
 
     main = plan.selectors[0]
     md = markdown(r, plan, res.rows, res.keeps, res.width, run, loaded.name, res.cna_certified)

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 from .arch import ModelView
+from .batching import device_of, left_pad, position_ids
+from .hooks import Hooks
 
 Neuron = tuple[int, int]  # (layer, index)
 
@@ -25,14 +27,12 @@ def top_n(scores: dict[int, Tensor], n: int) -> list[Neuron]:
     li = torch.bucketize(idx, offsets[1:], right=True)
     return [(layers[int(a)], int(i - offsets[a])) for a, i in zip(li, idx)]
 
-
 def by_layer(neurons: Sequence[Neuron]) -> dict[int, list[int]]:
     """{layer: sorted indices}."""
     out: dict[int, list[int]] = {}
     for l, i in neurons:
         out.setdefault(l, []).append(i)
     return {l: sorted(v) for l, v in sorted(out.items())}
-
 
 def zero_scales(view: ModelView, neurons: Sequence[Neuron]) -> dict[int, Tensor]:
     """Per-layer coefficient scales [N] that zero `neurons` (1 elsewhere), for `Hooks.scale_neurons`."""
@@ -41,21 +41,17 @@ def zero_scales(view: ModelView, neurons: Sequence[Neuron]) -> dict[int, Tensor]
         scales.setdefault(l, torch.ones(view.ffn_width(l)))[i] = 0.0
     return scales
 
-
 def random_scores(view: ModelView, layers: list[int], seed: int) -> dict[int, Tensor]:
     """Seeded uniform scores: the top N of them is a uniform random N-subset (nested across N); the paper's
     random baseline (LoRA9-r)."""
     g = torch.Generator().manual_seed(seed)
     return {l: torch.rand(view.ffn_width(l), generator=g) for l in layers}
 
-
 @torch.no_grad()
 def mean_coefficients(view: ModelView, seqs: Sequence[Sequence[int]], layers: list[int], pad: int,
                       batch_size: int = 32, absolute: bool = False) -> dict[int, Tensor]:
     """Mean coefficient m_k (or |m_k|) at the last position over `seqs` (duplicates counted, each distinct
     sequence run once), {layer: [N]}."""
-    from .batching import device_of, left_pad, position_ids
-    from .hooks import Hooks
 
     uniq = sorted({tuple(s) for s in seqs})
     count: dict[tuple, int] = {}

@@ -2,7 +2,7 @@
 
 Keeping neuron set K of layer l means: key rows K (gate/up, fc1; fused gate_up rows K and N+K), key bias K,
 value columns K (down/fc2; GPT-2 Conv1D: rows). The sliced model computes exactly what the dense model computes
-with every other neuron zeroed (DESIGN.md section 3), and is smaller and faster.
+with every other neuron zeroed (docs/design.md section 1), and is smaller and faster.
 
 Like nanoGPT's `crop_block_size`, the structural edit updates weights AND config together: `config.ffn_widths`
 (every layer), `config.per_layer_config` (transformers' per-layer overrides of the width attribute, only where a

@@ -10,6 +10,7 @@ from datasets import Dataset
 
 from conftest import VOCAB, make_tiny
 from surgery import lora, lora_sweep, training
+from surgery.evals import arithmetic
 from surgery.arch import ModelView
 from surgery.errors import UsageError
 from surgery.batching import predict_cases
@@ -116,7 +117,7 @@ def test_problem_predictions_equal_per_case_predictions():
     pred = predict_cases(model, TOK, cases, progress=False)["pred"]
     cases = cases.map(lambda r, i: {"target": int(pred[i]) if i % 2 == 0 else r["target"]}, with_indices=True)
     want = predict_cases(model, TOK, cases, progress=False)["correct"]
-    got = lora.problem_predictions(model, TOK, cases, batch_size=2)
+    got = arithmetic.problem_predictions(model, TOK, cases, batch_size=2)
     assert got.tolist() == want.tolist() and got.any()
 
 
