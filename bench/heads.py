@@ -27,10 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from surgery.evals import arithmetic  # noqa: E402
 
 from surgery import heads as H  # noqa: E402
 from surgery.arch import ModelView  # noqa: E402
-from surgery.evals import arithmetic  # noqa: E402
 from surgery.models import load_model  # noqa: E402
 
 

@@ -91,9 +91,9 @@ def main() -> None:
         return child(a.child, a.batch, a.seq)
 
     from surgery import export
+    from surgery.arch import ModelView
     from surgery.cna import parse_layers
     from surgery.models import load_model
-    from surgery.arch import ModelView
     from surgery.prune import global_budget, sliced_copy
     from surgery.selectors import Inputs, magnitude
     from surgery.slicing import ffn_param_count

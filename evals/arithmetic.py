@@ -27,9 +27,10 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from surgery.batching import batches, forward_logits, left_pad, pad_id
+from surgery.batching import batches, continuation_ids, forward_logits, left_pad, pad_id
 from surgery.errors import UsageError
 from surgery.recipe import rules
+from surgery.report import wilson
 
 OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
@@ -39,6 +40,7 @@ TEMPLATES = {
     "words": "{A} {opw} {B} is",
     "question": "Question: What is {a}{op}{b}? Answer:",
 }
+DEFAULT_TEMPLATES = ("calculate",)  # the measured baseline's template; pass more for a broader view
 SPLITS = ("train", "validation", "test", "all")
 DIVISION_RULES = ("exact", "inverse")
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
@@ -229,13 +231,9 @@ def build(digits: Sequence[int] = (1,), ops: Sequence[str] = tuple(OPS), templat
 
 
 def answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of prompt+answer and where the answer starts; the prompt's ids must be a prefix."""
-    p_ids = tokenizer(prompt).input_ids
-    full = tokenizer(prompt + answer).input_ids
-    if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
-        raise UsageError(f"tokenizer merges the prompt {prompt!r} with its answer {answer!r}; "
-                         "end the template with '=' or a space-separated word")
-    return full, len(p_ids)
+    """Token ids of prompt+answer and where the answer starts (`batching.continuation_ids`)."""
+    full, n = continuation_ids(tokenizer, prompt, answer, fix="end the template with '=' or a space-separated word")
+    return full, len(full) - n
 
 
 def token_cases(tokenizer, full: list[int], start: int, answer: str, labels: list[str]) -> list[dict]:
@@ -271,15 +269,6 @@ def cases(problems: Dataset, tokenizer) -> Dataset:
         for c in token_cases(tokenizer, full, start, p["answer"], labels):
             rows.append(dict(p, **c))
     return Dataset.from_list(rows)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """Wilson score interval for k successes out of n (sane at 0, n and small n)."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))]
 
 
 def summarize(correct: list[bool], problem_ok: list[bool]) -> dict:

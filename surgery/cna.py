@@ -28,6 +28,7 @@ from .batching import device_of, left_pad, position_ids
 from .errors import UsageError
 from .hooks import Hooks
 from .models import home
+from .selection import offsets_of, unflatten
 
 HeadList = tuple[tuple[int, int], ...]
 
@@ -256,7 +257,7 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
     layer (exact where rescored, the middle of the certified interval elsewhere) for aggregation."""
     layers = a.s.layers
     est, hi, lo = _stack_bounds(a, b, layers)
-    offsets = torch.tensor([0] + [a.view.ffn_width(l) for l in layers]).cumsum(0)
+    offsets = offsets_of([a.view.ffn_width(l) for l in layers])
     B, total = est.shape
     exact = torch.full((B, total), float("nan"))
     order = hi.argsort(dim=1, descending=True)
@@ -270,10 +271,9 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
     left = hi.masked_fill(~exact.isnan(), float("-inf")).amax(1)
     certified = (top.values[:, -1] >= left) & bound_ok | ~exact.isnan().any(1)
     dense = torch.where(exact.isnan(), est, exact)
-    layer_of = torch.bucketize(top.indices.contiguous(), offsets[1:], right=True)
     per_layer = {l: dense[:, offsets[i]:offsets[i + 1]] for i, l in enumerate(layers)}
     spent = int((~exact.isnan()).sum())
-    return TopK(torch.tensor(layers)[layer_of], top.indices - offsets[layer_of], top.values, certified, spent), per_layer
+    return TopK(*unflatten(top.indices, layers, offsets), top.values, certified, spent), per_layer
 
 def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(estimate, hi, lo) [B, sum N] over the chosen layers, for a score or a delta a - b."""
@@ -448,10 +448,8 @@ def _exhaustive(a: Scorer, b: Scorer | None, layers: list[int], k: int, w: Tenso
     ea = {l: a.exhaustive(l) for l in layers}
     delta = {l: ea[l] - b.exhaustive(l) for l in layers} if b else ea
     flat = torch.cat([delta[l] for l in layers], 1)
-    widths = torch.tensor([0] + [a.view.ffn_width(l) for l in layers]).cumsum(0)
     top = flat.topk(min(k, flat.shape[1]), dim=1)
-    lo = torch.bucketize(top.indices.contiguous(), widths[1:], right=True)
-    tk = TopK(torch.tensor(layers)[lo], top.indices - widths[lo], top.values,
+    tk = TopK(*unflatten(top.indices, layers, offsets_of([a.view.ffn_width(l) for l in layers])), top.values,
               torch.ones(flat.shape[0], dtype=torch.bool), flat.numel())
     return Comparison(tk, w.cpu(), _cpu(a.s.m), _cpu(b.s.m) if b else None, ea, delta, a, b)
 

@@ -23,6 +23,7 @@ from .batching import pad_id
 from .errors import UsageError
 from .evals import arithmetic
 from .models import load_model
+from .selection import offsets_of, unflatten
 from .validate import markdown as vmd
 from .validate import run_validations
 
@@ -144,20 +145,18 @@ def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_
     """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
 
     kw = dict(ops=tuple(ops)) if ops else {}
-    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or ("calculate",)), seed=seed,
+    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
                                 limit=limit, **kw)
     cases = arithmetic.cases(problems, loaded.tokenizer)
     targets = None if tgt is None else [tgt] * len(cases)
     sc = cna.scan(va, list(cases["input_ids"]), layers, top, pad_id(loaded.tokenizer), view_b=vb,
                   ablate_b=ablate, targets=targets, batch_size=batch_size)
     flat = torch.cat([sc.total[l] for l in layers])
-    widths = torch.tensor([0] + [va.ffn_width(l) for l in layers]).cumsum(0)
     best = flat.topk(min(top, len(flat)))
+    where = unflatten(best.indices, layers, offsets_of([va.ffn_width(l) for l in layers]))
     hits = _hit_counts(sc)
     rows = []
-    for s, f in zip(best.values.tolist(), best.indices.tolist()):
-        li = int(torch.bucketize(torch.tensor(f), widths[1:], right=True))
-        layer, idx = layers[li], f - int(widths[li])
+    for s, layer, idx in zip(best.values.tolist(), *(w.tolist() for w in where)):
         coef_a = float(sc.coef_a[layer][idx])
         row = {"neuron": cna.neuron_name(layer, idx), "layer": layer, "index": idx, "score_sum": round(s, 5),
                "score_mean": round(s / len(cases), 6), "in_case_topk": hits.get((layer, idx), 0),

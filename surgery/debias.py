@@ -266,7 +266,7 @@ def eval_data(tokenizer, r: DebiasRecipe, professions: Sequence[str]) -> EvalDat
     """Build the evaluation sets of recipe `r` (eval templates only; selection templates never appear)."""
 
     c = r.collateral
-    problems = arithmetic.build(digits=(1,), templates=("calculate",), limit=c.arithmetic_limit, seed=r.seed)
+    problems = arithmetic.build(digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES, limit=c.arithmetic_limit, seed=r.seed)
     wino = gb.wino_items()
     return EvalData(gb.build(r.eval_templates, professions), perplexity.build(n_docs=c.perplexity_docs),
                     arithmetic.cases(problems, tokenizer), wino[:c.wino_limit] if c.wino_limit else wino,

@@ -17,7 +17,6 @@ from .evals import gender_bias as gb
 from .models import load_model
 
 TASKS = ("arithmetic", "gender-bias", "perplexity")
-DEFAULT_TEMPLATES = ("calculate",)  # the measured baseline's template; pass more for a broader view
 
 
 def check_options(digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None,
@@ -70,7 +69,7 @@ def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[s
     digits, ops = tuple(digits), None if ops is None else tuple(ops)
     templates = None if templates is None else ((templates,) if isinstance(templates, str) else tuple(templates))
     check_options(digits, ops, templates, limit, task)
-    ops, templates = ops or ("+", "-", "*", "/"), templates or DEFAULT_TEMPLATES
+    ops, templates = ops or ("+", "-", "*", "/"), templates or arithmetic.DEFAULT_TEMPLATES
     start = time.time()
     if task == "arithmetic":
         results = {"arithmetic": eval_arithmetic(loaded, digits, ops, templates, limit, batch_size, seed)}

@@ -43,7 +43,6 @@ from .hooks import Hooks, run_from
 from .models import load_model
 
 Head = tuple[int, int]
-DEFAULT_TEMPLATES = ("calculate",)
 RESID_CACHE_BYTES = 2 << 30  # keep every batch's clean residuals in memory up to this size; else recompute
 
 
@@ -364,7 +363,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     if mode == "screen" and verify > len(heads):
         raise UsageError(f"--verify {verify} is more than the {len(heads)} heads scanned; use at most {len(heads)}")
     labels, batches = _dataset(loaded, digits, ops, templates, limit, seed, batch_size)
-    config = dict(task=task, digits=list(digits), ops=sorted(set(labels["op"])), templates=list(templates or DEFAULT_TEMPLATES),
+    config = dict(task=task, digits=list(digits), ops=sorted(set(labels["op"])), templates=list(templates or arithmetic.DEFAULT_TEMPLATES),
                   limit=limit, seed=seed, ablation=ablation, mode=mode, verify=verify if mode == "screen" else None,
                   batch_size=batch_size, n_cases=len(labels["op"]), processes=state.num_processes)
     fp = _fingerprint(loaded, config, heads)
@@ -402,7 +401,7 @@ def _heads(view: ModelView, only: Sequence[Head] | None) -> list[Head]:
 def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[dict, list[Batch]]:
 
     kw = dict(ops=tuple(ops)) if ops else {}
-    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or DEFAULT_TEMPLATES), seed=seed,
+    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
                                 limit=limit, **kw)
     if len(problems) == 0:
         raise UsageError("no arithmetic problems for these options; widen --digits/--ops or raise --limit")

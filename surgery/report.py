@@ -129,14 +129,15 @@ def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval for k successes in n trials."""
+    """95% Wilson score interval for k successes out of n (sane at 0, n and small n); [0, 1] when n = 0.
+    The one interval every accuracy in every report uses."""
     if n == 0:
         return [0.0, 1.0]
     p = k / n
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
+    return [max(0.0, mid - half), min(1.0, mid + half)]
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -18,14 +18,24 @@ from .hooks import Hooks
 Neuron = tuple[int, int]  # (layer, index)
 
 
+def offsets_of(widths: Sequence[int]) -> Tensor:
+    """[0, w0, w0 + w1, ...]: where each layer starts when the layers' neurons are concatenated."""
+    return torch.tensor([0, *widths]).cumsum(0)
+
+
+def unflatten(flat: Tensor, layers: Sequence[int], offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat neuron indices over concatenated layers -> (layer, index within its layer), same shape as `flat`."""
+    offsets = offsets.to(flat.device)
+    pos = torch.bucketize(flat.contiguous(), offsets[1:], right=True)
+    return torch.tensor(list(layers), device=flat.device)[pos], flat - offsets[pos]
+
+
 def top_n(scores: dict[int, Tensor], n: int) -> list[Neuron]:
     """The n highest-scoring (layer, index) pairs over all layers, best first."""
     layers = sorted(scores)
     flat = torch.cat([scores[l].float() for l in layers])
-    offsets = torch.tensor([0] + [len(scores[l]) for l in layers]).cumsum(0)
-    idx = flat.topk(n).indices
-    li = torch.bucketize(idx, offsets[1:], right=True)
-    return [(layers[int(a)], int(i - offsets[a])) for a, i in zip(li, idx)]
+    li, ix = unflatten(flat.topk(n).indices, layers, offsets_of([len(scores[l]) for l in layers]))
+    return list(zip(li.tolist(), ix.tolist()))
 
 def by_layer(neurons: Sequence[Neuron]) -> dict[int, list[int]]:
     """{layer: sorted indices}."""

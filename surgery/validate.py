@@ -36,7 +36,7 @@ def run_validations(loaded, view: ModelView, data: dict, which: Sequence[str], d
     """Run the requested validations on the task cases; returns {name: results}."""
 
     kw = dict(ops=tuple(ops)) if ops else {}
-    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or ("calculate",)), seed=seed,
+    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
                                 limit=limit, **kw)
     cases = arithmetic.cases(problems, loaded.tokenizer)
     top = [(r["layer"], r["index"]) for r in data["neurons"]]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny, tiny_inputs
 
 from surgery.arch import ArchError, ModelView, supported
 from surgery.hooks import Hooks
-from conftest import make_tiny, tiny_inputs
 
 ATOL = 1e-5
 

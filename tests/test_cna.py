@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS, make_tiny, tiny_inputs
 
 from surgery import cna
 from surgery.arch import ModelView
 from surgery.errors import UsageError
-from conftest import ARCHS, make_tiny, tiny_inputs
 
 
 def lively(arch: str):

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-
 from conftest import make_tiny, tiny_config
-from surgery import debias as D, selectors
-from surgery.selection import mean_coefficients, random_scores
+from surgery.evals import gender_bias as gb
+
+from surgery import debias as D
+from surgery import selectors
 from surgery.arch import ModelView
+from surgery.batching import left_pad
 from surgery.cli import main as cli_main
 from surgery.cna import Scorer, collect
 from surgery.errors import UsageError
-from surgery.evals import gender_bias as gb
-from surgery.batching import left_pad
+from surgery.selection import mean_coefficients, random_scores
 
 SMOL = Path("checkpoints/base/smollm2-135m")
 needs_tok = pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="needs the SmolLM2 tokenizer files")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny
+
 from surgery import cna, selection, training
 from surgery.arch import ModelView
 from surgery.training import TrainSpec, train_args

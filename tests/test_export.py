@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCHS, N, make_tiny, tiny_inputs
 
 from surgery import export
 from surgery.arch import ModelView
 from surgery.cli import main as cli_main
 from surgery.errors import UsageError
 from surgery.slicing import slice_ffn
-from conftest import ARCHS, N, make_tiny, tiny_inputs
 
 ATOL = 1e-5
 HERE = Path(__file__).parent

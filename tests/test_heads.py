@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCHS, VOCAB, make_tiny
 
 from surgery import heads as H
 from surgery.arch import ModelView
 from surgery.hooks import Hooks, run_from
-from conftest import ARCHS, VOCAB, make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "checkpoints" / "base" / "smollm2-135m"

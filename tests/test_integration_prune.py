@@ -58,8 +58,9 @@ def test_checkpoint_widths_and_reload(pruned):
 
 def test_reloaded_checkpoint_answers_like_report(pruned):
     """The exported model scores the 1-digit set exactly as the in-memory model did."""
-    from surgery import export
     from surgery.evals.arithmetic import DataSpec, accuracy, build_splits
+
+    from surgery import export
     from surgery.models import load_model
 
     out, rep = pruned

@@ -6,14 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import Dataset
-
 from conftest import VOCAB, make_tiny
-from surgery import lora, lora_sweep, training
+from datasets import Dataset
 from surgery.evals import arithmetic
+
+from surgery import lora, lora_sweep, training
 from surgery.arch import ModelView
-from surgery.errors import UsageError
 from surgery.batching import predict_cases
+from surgery.errors import UsageError
 
 TOK = SimpleNamespace(pad_token_id=0, eos_token_id=2)
 

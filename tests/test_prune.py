@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import ARCHS, VOCAB, make_tiny, tiny_inputs
+
 from surgery import prune, selectors
 from surgery.arch import ModelView
 from surgery.context import Run
@@ -169,8 +169,8 @@ def test_cna_keep_topn_and_pct_on_tiny():
 def test_cna_keep_topn_is_the_union_of_exhaustive_per_case_tops(score):
     """topN == the union of each case's exhaustive top-N: of the delta (reference - original), or of the
     importance in the reference alone (cna.score=reference)."""
-    from surgery.cna import compare
     from surgery.batching import left_pad
+    from surgery.cna import compare
 
     orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
     keep, _ = prune.cna_keep(orig, ref, TOK, t, prune.Plan([1, 2], "top", 3, 1, ["cna"]), batch_size=2,

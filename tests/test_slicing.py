@@ -6,12 +6,20 @@ import copy
 
 import pytest
 import torch
+from conftest import ARCHS, N, make_tiny, tiny_inputs
 
 from surgery.arch import ModelView
 from surgery.errors import UsageError
-from surgery.slicing import (base_width, dense_equivalent, ffn_param_count, keep_to_mask, kept_indices,
-                             mask_to_keep, removed, slice_ffn)
-from conftest import ARCHS, N, make_tiny, tiny_inputs
+from surgery.slicing import (
+    base_width,
+    dense_equivalent,
+    ffn_param_count,
+    keep_to_mask,
+    kept_indices,
+    mask_to_keep,
+    removed,
+    slice_ffn,
+)
 
 ATOL = 1e-5
 
