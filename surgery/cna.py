@@ -46,6 +46,7 @@ class State:
     hfin: Tensor
     logits: Tensor
 
+
 @torch.no_grad()
 def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: list[int],
             ablate: HeadList = (), neuron_scale: dict[int, Tensor] | None = None) -> State:
@@ -66,6 +67,7 @@ def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: 
     r = {l: (h.store["resid", l] - h.store["ffn", l]).float() for l in layers}
     return State(list(layers), m, r, c, h.store["resid", last].float(), out.logits[:, -1].float())
 
+
 def _post_scale(view: ModelView, layer: int, m: Tensor) -> Tensor | None:
     if view.post_ffn_norm(layer) is None:
         return None
@@ -73,12 +75,14 @@ def _post_scale(view: ModelView, layer: int, m: Tensor) -> Tensor | None:
     b = view.ffn_out_bias(layer)
     return view.ffn_post_scale(layer, y + (b.float() if b is not None else 0))
 
+
 def _head_masks(view: ModelView, heads: HeadList) -> dict[int, Tensor]:
     masks: dict[int, Tensor] = {}
     for layer, head in heads:
         view.check_head(layer, head)
         masks.setdefault(layer, torch.ones(view.n_heads))[head] = 0.0
     return masks
+
 
 # ---- the score ------------------------------------------------------------------------------------------
 class Scorer:
@@ -233,6 +237,7 @@ class Scorer:
         return torch.cat([self.exact(layer, torch.arange(s, min(s + self.chunk, n)).expand(B, -1))
                           for s in range(0, n, self.chunk)], dim=1)
 
+
 # ---- certified top-k over all chosen layers -----------------------------------------------------------------
 @dataclass
 class TopK:
@@ -243,6 +248,7 @@ class TopK:
     score: Tensor  # [B, k] exact scores (or exact deltas)
     certified: Tensor  # [B] bool
     rescored: int  # exact evaluations spent
+
 
 @torch.no_grad()
 def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
@@ -275,6 +281,7 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
     spent = int((~exact.isnan()).sum())
     return TopK(*unflatten(top.indices, layers, offsets), top.values, certified, spent), per_layer
 
+
 def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """(estimate, hi, lo) [B, sum N] over the chosen layers, for a score or a delta a - b."""
     est, hi, lo = [], [], []
@@ -287,6 +294,7 @@ def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tenso
         hi.append(ha), lo.append(la)
         est.append(torch.where(la.isinf(), ha, (la + ha) / 2))
     return torch.cat(est, 1), torch.cat(hi, 1), torch.cat(lo, 1)
+
 
 def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, want: Tensor, cand: Tensor,
              exact: Tensor) -> None:
@@ -304,6 +312,7 @@ def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, wa
         vals = a.exact(layer, idx) - (b.exact(layer, idx) if b is not None else 0.0)
         keep = ~pad
         exact[torch.arange(idx.shape[0])[:, None].expand_as(idx)[keep], (idx + offsets[i])[keep]] = vals[keep]
+
 
 def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
     """Exact per-neuron max/min of W_U (g * centre(v_k)) over the vocabulary (the paper's N x V x d product, once).
@@ -326,6 +335,7 @@ def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
         w._surgery_vocab_range = hit
     return hit[1], hit[2]
 
+
 def _fingerprint(d: Tensor, sc: Scorer) -> str:
     """sha256 of the value vectors, the unembedding and the final gain (what the vocabulary range depends on)."""
     wu = sc.view.unembed_matrix()
@@ -340,6 +350,7 @@ def _fingerprint(d: Tensor, sc: Scorer) -> str:
     h.update(d.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
+
 def _save_quietly(path: Path, obj) -> None:
     """Best-effort cache write (atomic); a read-only disk only costs recomputation."""
     try:
@@ -349,6 +360,7 @@ def _save_quietly(path: Path, obj) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
 
 def _ragged(rows: Tensor, vals: Tensor, B: int) -> tuple[Tensor, Tensor]:
     """Group vals by row into a padded [B, C] tensor (pad with the row's first value) and its pad mask."""
@@ -361,6 +373,7 @@ def _ragged(rows: Tensor, vals: Tensor, B: int) -> tuple[Tensor, Tensor]:
     pad[rows, pos] = False
     return out, pad
 
+
 # ---- vocabulary projection ----------------------------------------------------------------------------------
 @torch.no_grad()
 def top_tokens(view: ModelView, tokenizer, layer: int, index: int, sign: float = 1.0, n: int = 10) -> list[str]:
@@ -370,6 +383,7 @@ def top_tokens(view: ModelView, tokenizer, layer: int, index: int, sign: float =
     logits = view.readout(v[None], torch.ones(1, 1, device=v.device))[0]
     ids = (logits * (1.0 if sign >= 0 else -1.0)).topk(n).indices
     return [tokenizer.decode([int(i)]) for i in ids]
+
 
 # ---- settings and comparisons -------------------------------------------------------------------------------
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -394,6 +408,7 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
         raise UsageError(f"layer range {spec!r} is outside the model (layers 0..{n_layers - 1})")
     return layers
 
+
 def target_id(tokenizer, text: str) -> int:
     """The single token id of `text`, or one clear error."""
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -401,6 +416,7 @@ def target_id(tokenizer, text: str) -> int:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise UsageError(f"target {text!r} is {len(ids)} tokens {pieces}; give one token, e.g. {pieces[:1]}")
     return ids[0]
+
 
 @dataclass
 class Comparison:
@@ -414,6 +430,7 @@ class Comparison:
     delta: dict[int, Tensor]
     scorer_a: Scorer
     scorer_b: Scorer | None = None
+
 
 @torch.no_grad()
 def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int], k: int,
@@ -441,8 +458,10 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
     imp_a = dense if b is None else {l: (sum(a.bounds(l)) / 2).cpu() for l in layers}
     return Comparison(top, w.cpu(), _cpu(sa.m), _cpu(b.s.m) if b else None, imp_a, dense, a, b)
 
+
 def _cpu(d: dict[int, Tensor]) -> dict[int, Tensor]:
     return {k: v.cpu() for k, v in d.items()}
+
 
 def _exhaustive(a: Scorer, b: Scorer | None, layers: list[int], k: int, w: Tensor) -> Comparison:
     ea = {l: a.exhaustive(l) for l in layers}
@@ -453,12 +472,15 @@ def _exhaustive(a: Scorer, b: Scorer | None, layers: list[int], k: int, w: Tenso
               torch.ones(flat.shape[0], dtype=torch.bool), flat.numel())
     return Comparison(tk, w.cpu(), _cpu(a.s.m), _cpu(b.s.m) if b else None, ea, delta, a, b)
 
+
 def neuron_name(layer: int, index: int) -> str:
     """Paper notation: 28_3696."""
     return f"{layer}_{index}"
 
+
 def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
 
 # ---- dataset mode ---------------------------------------------------------------------------------------------
 @dataclass
@@ -483,6 +505,7 @@ class Scan:
         for l, i in zip(self.top_layer.flatten().tolist(), self.top_index.flatten().tolist()):
             keep[l].add(i)
         return keep
+
 
 def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),

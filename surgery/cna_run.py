@@ -8,8 +8,6 @@ Writes DIR/cna.json, DIR/cna.md (the paper's Table 4 form) and DIR/cna_layers.pn
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +20,7 @@ from .arch import ModelView
 from .batching import pad_id
 from .errors import UsageError
 from .evals import arithmetic
+from .lora import load_against
 from .models import load_model
 from .selection import offsets_of, unflatten
 from .validate import markdown as vmd
@@ -47,7 +46,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     chosen = cna.parse_layers(layers, va.n_layers)
     for lh in ablate_head or ():
         va.check_head(*lh)
-    vb = _against(loaded, against) if against else None
+    vb = ModelView(load_against(against, loaded)) if against else None
     tgt = cna.target_id(loaded.tokenizer, target) if target else None
     rank = max(top, 99) if "mask" in validate else top  # Table 5 masks up to the top-99
     if prompt is not None:
@@ -69,6 +68,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
                          layer_plot(data, outdir / "cna_layers.png", va.n_layers)]
     return report
 
+
 def _check(prompt, prompt_b, against, ablate_head, task, validate) -> None:
     settings = sum(x is not None and x != () for x in (prompt_b, against, ablate_head))
     if settings > 1:
@@ -81,27 +81,6 @@ def _check(prompt, prompt_b, against, ablate_head, task, validate) -> None:
     if bad:
         raise UsageError(f"unknown --validate {sorted(bad)}; use mask, pe, fe")
 
-def _against(loaded, path: str) -> ModelView:
-    """The B model: a checkpoint folder, or a PEFT adapter applied (merged) to a copy of the base."""
-
-    p = Path(path)
-    if (p / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base_id = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
-        if base_id and base_id not in (loaded.source, loaded.name, loaded.model.config.name_or_path):
-            raise UsageError(f"adapter {path} was trained on {base_id!r}, not {loaded.name!r}; use its base model")
-        try:
-            merged = PeftModel.from_pretrained(copy.deepcopy(loaded.model), str(p)).merge_and_unload()
-        except (RuntimeError, ValueError) as e:
-            raise UsageError(f"adapter {path} does not fit {loaded.name} ({str(e).splitlines()[0][:120]})") from e
-        return ModelView(merged.eval())
-    other = ModelView(load_model(path).model)
-    base = ModelView(loaded.model)
-    if other.ffn_widths() != base.ffn_widths() or other.model.config.vocab_size != base.model.config.vocab_size:
-        raise UsageError(f"--against {path} has other FFN widths or vocabulary than {loaded.name}; "
-                         "CNA compares the same neurons, so use a model of the same base")
-    return other
 
 def _single(loaded, va, vb, layers, prompt, prompt_b, tgt, ablate, top, exhaustive) -> dict:
     tok = loaded.tokenizer
@@ -121,6 +100,7 @@ def _single(loaded, va, vb, layers, prompt, prompt_b, tgt, ablate, top, exhausti
             "certified": bool(res.top.certified[0]), "rescored": res.top.rescored, "neurons": rows,
             "per_layer_top": _per_layer(rows, va.n_layers)}
 
+
 def _row(loaded, va, res: cna.Comparison, layer: int, idx: int, score: float) -> dict:
     """One neuron of a single-prompt result: exact importance in A (and B), coefficients, top tokens."""
     ix = torch.tensor([[idx]])
@@ -134,12 +114,14 @@ def _row(loaded, va, res: cna.Comparison, layer: int, idx: int, score: float) ->
     row["top_tokens"] = cna.top_tokens(va, loaded.tokenizer, layer, idx, sign=coef_a)
     return row
 
+
 def _kind(vb, prompt_b, ablate) -> str | None:
     if ablate:
         return "ablate-head " + ",".join(f"{l}.{h}" for l, h in ablate)
     if vb is not None:
         return "against"
     return "prompt-b" if prompt_b is not None else None
+
 
 def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt) -> dict:
     """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
@@ -172,17 +154,20 @@ def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_
             "rescored": sc.rescored, "neurons": rows, "per_case_top": per_case,
             "per_layer_top": _per_layer(rows, va.n_layers)}
 
+
 def _hit_counts(sc: cna.Scan) -> dict[tuple[int, int], int]:
     out: dict[tuple[int, int], int] = {}
     for l, i in zip(sc.top_layer.flatten().tolist(), sc.top_index.flatten().tolist()):
         out[(l, i)] = out.get((l, i), 0) + 1
     return out
 
+
 def _per_layer(rows: list[dict], n_layers: int) -> list[int]:
     counts = [0] * n_layers
     for r in rows:
         counts[r["layer"]] += 1
     return counts
+
 
 def markdown(data: dict, config: dict) -> str:
     """Table 4 form: neuron, importance (A, B, delta), coefficients, top tokens."""
@@ -207,8 +192,10 @@ def markdown(data: dict, config: dict) -> str:
         body += "\n\n" + vmd(data["validations"])
     return head + body + "\n"
 
+
 def _tokens(toks: list[str]) -> str:
     return ", ".join(repr(t)[1:-1].replace("|", "\\|") for t in toks)
+
 
 def layer_plot(data: dict, path: Path, n_layers: int) -> Path:
     """Where the top neurons sit: count per layer."""

@@ -6,6 +6,7 @@ command line that made it, and the report it returns.
         ...
     run.seconds  # {"load": 3.1, ...}, for the report's timing table
 
+
 A step logs ONE line to stderr when it finishes (`[prune] load: 3.1s`), never when it starts: an error raised
 inside a step is then the only line the user sees.
 """

@@ -61,12 +61,14 @@ class Sweep:
     ns: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 18, 50], metadata=rules(min=1, nonempty=True))
     methods: list[str] = field(default_factory=lambda: list(METHODS), metadata=rules(choices=METHODS, nonempty=True))
 
+
 @dataclass
 class Collateral:
     perplexity_docs: int = field(default=6, metadata=rules(min=1))  # XSum documents (first in file order)
     perplexity_tokens: int = field(default=128, metadata=rules(min=2))  # tokens per document
     arithmetic_limit: int | None = field(default=60, metadata=rules(min=1))  # 1-digit problems (calculate template); None = all 287
     wino_limit: int | None = field(default=300, metadata=rules(min=1))  # Wino-test items; None = all
+
 
 @dataclass
 class DebiasRecipe:
@@ -86,6 +88,7 @@ class DebiasRecipe:
     sweep: Sweep = field(default_factory=Sweep)
     collateral: Collateral = field(default_factory=Collateral)
 
+
 def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, neurons: int | None = None,
                 method: str | None = None, edit: str | None = None, profile: str | None = None) -> DebiasRecipe:
     """The resolved recipe: file, profile (--quick / --profile), --set overrides, then the CLI flags; validated."""
@@ -93,6 +96,7 @@ def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, n
                         edit=edit)
     check_recipe(r)
     return r
+
 
 def check_recipe(r: DebiasRecipe) -> None:
     """One-line UsageErrors for every option that does not need the model."""
@@ -117,6 +121,7 @@ def check_recipe(r: DebiasRecipe) -> None:
     if set(gb.template_set(r.selection_templates)[1]) & set(gb.template_set(r.eval_templates)[1]):
         raise UsageError("selection and evaluation templates overlap; keep them disjoint so the evaluation is fair")
 
+
 def check_neurons(r: DebiasRecipe, view: ModelView, layers: list[int]) -> None:
     """--neurons (and every sweep N) must fit in the selection layers."""
     total = sum(view.ffn_width(l) for l in layers)
@@ -124,6 +129,7 @@ def check_neurons(r: DebiasRecipe, view: ModelView, layers: list[int]) -> None:
     if worst > total:
         raise UsageError(f"asked to edit {worst} neurons but the selection layers hold only {total}; "
                          f"use --neurons (and sweep.ns) <= {total}")
+
 
 # ---- selection cases ----------------------------------------------------------------------------------------
 @dataclass
@@ -136,13 +142,16 @@ class Cases:
     profession: list[str]
     template: list[str]
 
+
 def _pair(gender: str) -> tuple[str, str]:
     return (gender, "man" if gender == "woman" else "woman")
+
 
 def stereotype(profession: str) -> tuple[str, str]:
     """(stereotyped gender, other gender) of a biased profession."""
 
     return ("woman", "man") if gb.PROFESSIONS[profession] == "woman-biased" else ("man", "woman")
+
 
 def favoured_genders(model: nn.Module, tokenizer, templates: Sequence[str], professions: Sequence[str]
                      ) -> dict[str, str]:
@@ -152,6 +161,7 @@ def favoured_genders(model: nn.Module, tokenizer, templates: Sequence[str], prof
     ds = gb.build(list(templates), professions)
     diffs = gb.pair_diffs(ds, prefix_logprobs(model, tokenizer, ds["prompt"], ds["continuation"]))
     return {pid: "woman" if d > 0 else "man" for pid, d in diffs.items()}
+
 
 def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[str], target: str = "first",
                     favoured: dict[str, str] | None = None) -> Cases:
@@ -169,6 +179,7 @@ def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[s
                 out.targets.append(fa[len(fa) - ka + j]), out.profession.append(p), out.template.append(t)
     return out
 
+
 # ---- selection methods: each returns a score per neuron (higher = edit first) ---------------------------------
 @torch.no_grad()
 def gender_prompts(tokenizer, templates: Sequence[str], professions: Sequence[str]) -> dict[str, list[list[int]]]:
@@ -176,6 +187,7 @@ def gender_prompts(tokenizer, templates: Sequence[str], professions: Sequence[st
 
     return {g: [tokenizer(gb.prompt_for(t, g, p)[0]).input_ids for t in templates for p in professions]
             for g in gb.GENDERS}
+
 
 # ---- edits ---------------------------------------------------------------------------------------------------
 @contextmanager
@@ -189,6 +201,7 @@ def zeroed(model: nn.Module, neurons: Sequence[Neuron]) -> Iterator[None]:
         for l, s in zero_scales(view, neurons).items():
             h.scale_neurons(l, s)
         yield
+
 
 def edit_weights(model: nn.Module, neurons: Sequence[Neuron], edit: str, inplace: bool = False) -> nn.Module:
     """The model with the neurons' key and value weights zeroed (edit zero) or sliced out (edit remove); a deep
@@ -204,10 +217,12 @@ def edit_weights(model: nn.Module, neurons: Sequence[Neuron], edit: str, inplace
         slice_ffn(out, {l: _kept(view, l, idx) for l, idx in groups.items()})
     return out
 
+
 def _kept(view: ModelView, layer: int, idx: Sequence[int]) -> Tensor:
     keep = torch.ones(view.ffn_width(layer), dtype=torch.bool)
     keep[list(idx)] = False
     return keep.nonzero().flatten()
+
 
 # ---- scoring with a shared prompt prefix ------------------------------------------------------------------------
 @torch.no_grad()
@@ -233,6 +248,7 @@ def prefix_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], continu
         total[rows] += _continue(model, out.past_key_values, mask, group[rows], [conts[r] for r in rows], dev)
     return total
 
+
 def _continue(model: nn.Module, cache, prompt_mask: Tensor, group: Tensor, conts: list[list[int]], dev) -> Tensor:
     """Log-prob of tokens 1.. of each continuation, run on a copy of the cached prompts selected per row."""
     c = copy.deepcopy(cache)
@@ -251,6 +267,7 @@ def _continue(model: nn.Module, cache, prompt_mask: Tensor, group: Tensor, conts
         tgt[i, :len(x) - 1] = torch.tensor(x[1:])
     return (logits.gather(2, tgt[..., None])[..., 0] * cmask).sum(1)
 
+
 # ---- evaluation -------------------------------------------------------------------------------------------------
 @dataclass
 class EvalData:
@@ -262,6 +279,7 @@ class EvalData:
     wino: list[dict]
     ppl_tokens: int
 
+
 def eval_data(tokenizer, r: DebiasRecipe, professions: Sequence[str]) -> EvalData:
     """Build the evaluation sets of recipe `r` (eval templates only; selection templates never appear)."""
 
@@ -272,10 +290,12 @@ def eval_data(tokenizer, r: DebiasRecipe, professions: Sequence[str]) -> EvalDat
                     arithmetic.cases(problems, tokenizer), wino[:c.wino_limit] if c.wino_limit else wino,
                     c.perplexity_tokens)
 
+
 def bias_score(model: nn.Module, tokenizer, ds) -> dict:
     """gender_bias.score of the model on the rows of `ds` (prefix-shared scoring)."""
 
     return gb.score(ds, prefix_logprobs(model, tokenizer, ds["prompt"], ds["continuation"]))
+
 
 def collateral(model: nn.Module, tokenizer, data: EvalData, batch_size: int = 32) -> dict:
     """Perplexity on the XSum sample, 1-digit arithmetic accuracy, factual-control log-probs."""
@@ -286,6 +306,7 @@ def collateral(model: nn.Module, tokenizer, data: EvalData, batch_size: int = 32
     return {"perplexity": ppl["ppl"], "perplexity_tokens": ppl["tokens"], "arithmetic_acc": acc["acc"],
             "arithmetic_full_answer_acc": acc["full_answer_acc"], "arithmetic_n": acc["n"],
             "controls": gb.control_logprobs(model, tokenizer, batch_size)}
+
 
 def evaluate_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data: EvalData,
                    wino: bool = False) -> dict:
@@ -298,10 +319,12 @@ def evaluate_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data:
             out["wino"] = gb.wino_score(model, tokenizer, data.wino)
     return out
 
+
 def control_changes(base: list[dict], after: list[dict]) -> list[dict]:
     """Per factual control: log-prob before, after, change (a debias edit should keep these near 0)."""
     return [dict(prompt=b["prompt"], continuation=b["continuation"], before=b["logprob"], after=a["logprob"],
                  change=a["logprob"] - b["logprob"]) for b, a in zip(base, after)]
+
 
 def summary(point: dict, base: dict) -> dict:
     """One sweep row: bias totals, relative reduction, collateral and its change vs the base model."""
@@ -313,12 +336,14 @@ def summary(point: dict, base: dict) -> dict:
             "perplexity": point["perplexity"], "arithmetic_acc": point["arithmetic_acc"],
             "control_mean_change": sum(ch) / len(ch), "control_min_change": min(ch)}
 
+
 def sweep(model: nn.Module, tokenizer, scores: dict[str, dict[int, Tensor]], ns: Sequence[int], data: EvalData
           ) -> dict[tuple[str, int], dict]:
     """For each method and N: zero the top N by hooks and measure bias and collateral ({(method, N): point})."""
     grid = [(m, n) for m in scores for n in sorted(set(ns))]
     return {(m, n): evaluate_point(model, tokenizer, top_n(scores[m], n), data)
             for m, n in tqdm(grid, desc="sweep", unit="point")}
+
 
 def wino_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data: EvalData) -> dict | None:
     """Wino-test pro-stereotype rate with `neurons` zeroed by hooks (None without items)."""
@@ -327,6 +352,7 @@ def wino_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data: Eva
         return None
     with zeroed(model, neurons):
         return gb.wino_score(model, tokenizer, data.wino)
+
 
 # ---- selection orchestration --------------------------------------------------------------------------------------
 @dataclass
@@ -337,6 +363,7 @@ class Selection:
     means: dict[str, dict[int, Tensor]]
     cna: dict | None
     templates: list[str]
+
 
 def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], professions: Sequence[str],
                methods: Sequence[str]) -> Selection:
@@ -361,6 +388,7 @@ def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], p
         cna_info = inp.info if m == "cna" else cna_info
     return Selection(scores, means, cna_info, templates)
 
+
 def neuron_rows(view: ModelView, tokenizer, neurons: Sequence[Neuron], sel: Selection, method: str,
                 n_tokens: int = 10) -> list[dict]:
     """Table 12 rows: name, layer, index, selection score, coefficient for woman vs man prompts, top tokens."""
@@ -374,6 +402,7 @@ def neuron_rows(view: ModelView, tokenizer, neurons: Sequence[Neuron], sel: Sele
                      "top_tokens": top_tokens(view, tokenizer, l, i, sign=sign, n=n_tokens)})
     return rows
 
+
 @torch.no_grad()
 def probe_logits(model: nn.Module, tokenizer, prompts: Sequence[str], neurons: Sequence[Neuron] = ()) -> Tensor:
     """Logits [B, T, V] of a left-padded prompt batch (neurons zeroed by hooks): compares edits with the sweep."""
@@ -383,12 +412,14 @@ def probe_logits(model: nn.Module, tokenizer, prompts: Sequence[str], neurons: S
         return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
                      use_cache=False).logits.float().cpu()
 
+
 # ---- report --------------------------------------------------------------------------------------------------------
 def bias_table(before: dict, after: dict) -> list[dict]:
     """Table 13 rows: total / woman-biased / man-biased bias before, after, relative reduction."""
     return [{"group": g, "before": before[g]["mean"], "after": after[g]["mean"],
              "reduction": 1 - after[g]["mean"] / before[g]["mean"] if before[g]["mean"] else None, "n": before[g]["n"]}
             for g in ("total", "woman-biased", "man-biased")]
+
 
 def profession_rows(before: dict, after: dict) -> list[dict]:
     """Per profession: group, signed and absolute bias before and after."""
@@ -398,6 +429,7 @@ def profession_rows(before: dict, after: dict) -> list[dict]:
         rows.append({"profession": p, "group": b["bias_group"], "before": b["abs_diff"], "after": a["abs_diff"],
                      "signed_before": b["signed_diff"], "signed_after": a["signed_diff"]})
     return rows
+
 
 def plot_sweep(rows: dict[str, list[dict]], base: dict) -> dict[str, bytes]:
     """bias_vs_n.png and collateral_vs_n.png (PNG bytes by file name)."""
@@ -426,6 +458,7 @@ def plot_sweep(rows: dict[str, list[dict]], base: dict) -> dict[str, bytes]:
     axes[0].legend()
     out["collateral_vs_n.png"] = png(fig)
     return out
+
 
 def markdown(d: dict) -> str:
     """report.md: the headline (Table 13 form), methods at N, neurons (Table 12 form), sweep, collateral."""
@@ -460,6 +493,7 @@ def markdown(d: dict) -> str:
              f"Time {d['timing']['seconds']:.0f} s."]
     return "\n".join(lines)
 
+
 def _methods_table(res: dict) -> str:
     base = res["base"]
     rows = [["base (no edit)", base["bias_total"], base["bias_woman"], base["bias_man"], "", base["perplexity"],
@@ -470,14 +504,17 @@ def _methods_table(res: dict) -> str:
     return rep.md_table(["method", "bias total", "woman-biased", "man-biased", "reduction", "perplexity",
                          "arith acc", "controls dlogp", "Wino pro-stereo rate"], rows)
 
+
 def _wino(w: dict | None) -> str:
     return f"{w['pro_rate']:.3f} (n={w['n']})" if w else "-"
+
 
 def _sweep_table(sw: dict[str, list[dict]]) -> str:
     rows = [[m, r["n"], r["bias_total"], f"{100 * r['reduction']:.1f}%", r["perplexity"], r["arithmetic_acc"],
              r["control_mean_change"], r["control_min_change"]] for m, rs in sw.items() for r in rs]
     return rep.md_table(["method", "N", "bias total", "reduction", "perplexity", "arith acc", "controls mean dlogp",
                          "controls min dlogp"], rows)
+
 
 # ---- the command ----------------------------------------------------------------------------------------------------
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
@@ -513,6 +550,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     data_ = rep.make(cmd, loaded.describe(), config, results, run.elapsed())
     return _export(loaded, edited, r, chosen, data_, run.out, force)
 
+
 def edit_and_check(model: nn.Module, tokenizer, chosen: list[Neuron], edit: str, probe: Sequence[str]
                    ) -> tuple[nn.Module, float]:
     """Edit the weights in place (every hook-based measurement is done by now) and return the edited model with
@@ -520,6 +558,7 @@ def edit_and_check(model: nn.Module, tokenizer, chosen: list[Neuron], edit: str,
     hooked = probe_logits(model, tokenizer, probe, chosen)
     edited = edit_weights(model, chosen, edit, inplace=True)
     return edited, float((probe_logits(edited, tokenizer, probe) - hooked).abs().max())
+
 
 def _results(r: DebiasRecipe, sel: Selection, base: dict, points: dict, wino: dict, table: list[dict],
              check: float, professions: list[str]) -> dict:
@@ -540,12 +579,14 @@ def _results(r: DebiasRecipe, sel: Selection, base: dict, points: dict, wino: di
                            "after": {k: after[k] for k in ("perplexity", "arithmetic_acc", "arithmetic_n")}},
             "controls": control_changes(base["controls"], after["controls"]), "edit_check": check}
 
+
 def _command(model: str, recipe: str, r: DebiasRecipe, profile: str | None, overrides: Sequence[str],
              out: Path) -> str:
     parts = ["surgery debias", f"--model {model}", f"--recipe {recipe}", f"--neurons {r.neurons}",
              f"--method {r.method}", f"--edit {r.edit}", *([f"--profile {profile}"] if profile else []),
              *[f"--set {o}" for o in overrides], f"--out {out}"]
     return " ".join(parts)
+
 
 def _export(loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], data: dict, outdir: Path,
             force: bool) -> rep.Report:
@@ -565,6 +606,7 @@ def _export(loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], da
                 provenance=prov, force=force, extra_files=extra)
     files = [outdir / name for name in extra]
     return rep.Report(data, md, files=files)
+
 
 def _base_point(data: dict) -> dict:
     b = data["results"]["base"]

@@ -34,6 +34,7 @@ def check_options(digits: Sequence[int], ops: Sequence[str] | None, templates: S
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be >= 1, got {limit}")
 
+
 def eval_arithmetic(loaded, digits, ops, templates, limit, batch_size, seed) -> dict:
     """Teacher-forced per-token accuracy and full-answer accuracy on arithmetic problems."""
 
@@ -41,6 +42,7 @@ def eval_arithmetic(loaded, digits, ops, templates, limit, batch_size, seed) -> 
     cases = arithmetic.cases(problems, loaded.tokenizer)
     preds = predict_cases(loaded.model, loaded.tokenizer, cases, batch_size=batch_size)
     return arithmetic.score(cases, preds["correct"])
+
 
 def eval_gender_bias(loaded, limit, batch_size) -> dict:
     """Profession log-prob gap between genders, factual controls, and Wino-test pro-stereotype rate."""
@@ -51,11 +53,13 @@ def eval_gender_bias(loaded, limit, batch_size) -> dict:
     return {**gb.score(ds, lp), "controls": gb.control_logprobs(loaded.model, loaded.tokenizer, batch_size),
             "wino": gb.wino_score(loaded.model, loaded.tokenizer, wino, batch_size)}
 
+
 def eval_perplexity(loaded, limit, batch_size) -> dict:
     """Token-weighted perplexity on a fixed XSum sample (limit = number of documents, default 50)."""
 
     ds = perplexity.build(n_docs=limit or 50)
     return perplexity.perplexity(loaded.model, loaded.tokenizer, ds, batch_size=min(batch_size, 8))
+
 
 def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[str] | None = None,
              templates: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 64,
@@ -82,8 +86,10 @@ def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[s
               "batch_size": batch_size, "seed": seed, "seconds": round(time.time() - start, 2)}
     return {"config": config, "results": results}
 
+
 def fmt_ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
 
 def arithmetic_lines(res: dict) -> list[str]:
     """Rows group | acc | ci95 | n | full-answer acc | problems, for groups, overall, templates, case types."""
@@ -96,6 +102,7 @@ def arithmetic_lines(res: dict) -> list[str]:
                      f"{e['full_answer_acc']:>8.3f}{e['n_problems']:>7}")
     return lines
 
+
 def gender_lines(res: dict) -> list[str]:
     """Rows of the mean |log p(prof|woman) - log p(prof|man)| and the Wino pro-stereotype rate."""
     lines = [f"{'bias |dlogp|':<18}{'mean':>7}  {'ci95':<16}{'n':>6}"]
@@ -105,6 +112,7 @@ def gender_lines(res: dict) -> list[str]:
         w = res["wino"]
         lines.append(f"{'wino pro-stereo':<18}{w['pro_rate']:>7.3f}  {fmt_ci(w['ci95']):<16}{w['n']:>6}")
     return lines
+
 
 def format_table(results: dict) -> str:
     """A compact text table of evaluate()'s results (or of its "results" part) for the terminal."""
@@ -118,6 +126,7 @@ def format_table(results: dict) -> str:
         p = results["perplexity"]
         lines.append(f"perplexity {p['ppl']:.3f} (nll {p['nll']:.4f}, {p['tokens']} tokens, {p['docs']} docs)")
     return "\n".join(lines)
+
 
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
         digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,

@@ -70,6 +70,7 @@ def save(model: nn.Module, tokenizer, out: str | Path, *, layout: str, provenanc
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Report(data=manifest, markdown=_save_markdown(out, manifest), files=[out])
 
+
 def load(path: str | Path, dtype: str | torch.dtype | None = None, **kwargs) -> nn.Module:
     """Plain `from_pretrained`, with trust_remote_code only for the sliced layout (its generated modeling file)."""
     from transformers import AutoModelForCausalLM
@@ -84,6 +85,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, **kwargs) -> 
         model.surgery_kept = _kept_from(manifest, model)
     return model
 
+
 def _check_layout(model: nn.Module, layout: str, kept: dict[int, list[int]]) -> None:
     view = ModelView(model)
     sliced = [i for i, w in enumerate(view.ffn_widths()) if w != base_width(model)]
@@ -94,11 +96,13 @@ def _check_layout(model: nn.Module, layout: str, kept: dict[int, list[int]]) -> 
         raise UsageError(f"--layout padded needs the kept neuron indices of sliced layers {missing}; pass "
                          "provenance={'layers': {l: {'kept': [...]}}} or slice with surgery.slicing.slice_ffn")
 
+
 def _kept_from(prov: dict, model: nn.Module) -> dict[int, list[int]]:
     """Kept indices per sliced layer (base numbering): the provenance's, else what slice_ffn recorded."""
     layers = prov.get("layers") or {}
     kept = {int(k): list(map(int, v["kept"])) for k, v in layers.items() if isinstance(v, dict) and "kept" in v}
     return kept or kept_indices(model)
+
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
@@ -107,6 +111,7 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
 
 def _parse_size(size: str | int) -> int:
     if isinstance(size, int):
@@ -117,6 +122,7 @@ def _parse_size(size: str | int) -> int:
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(m.group(1)) * mult)
+
 
 # ---- tensors -------------------------------------------------------------------------------------------------
 def named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -131,6 +137,7 @@ def named_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
             t = load_offloaded_parameter(model, name)
         yield name, t.detach()
+
 
 def _padding_plan(model: nn.Module, kept: dict[int, list[int]]) -> dict[str, tuple[Tensor, int, int]]:
     """{tensor name: (kept idx, axis, base size)} for every FFN tensor of a sliced layer (padded layout)."""
@@ -148,10 +155,12 @@ def _padding_plan(model: nn.Module, kept: dict[int, list[int]]) -> dict[str, tup
         plan[f"{a.layers}.{layer}.{a.ffn_out}.weight"] = (k, 0 if a.conv1d else 1, n)
     return plan
 
+
 def _pad(t: Tensor, idx: Tensor, axis: int, size: int) -> Tensor:
     shape = list(t.shape)
     shape[axis] = size
     return torch.zeros(shape, dtype=t.dtype).index_copy_(axis, idx, t)
+
 
 def write_tensors(model: nn.Module, folder: Path, layout: str, kept: dict[int, list[int]],
                   dtype: torch.dtype | None, shard_bytes: int) -> list[str]:
@@ -172,6 +181,7 @@ def write_tensors(model: nn.Module, folder: Path, layout: str, kept: dict[int, l
     shards.append(_flush(model, folder, len(shards), current, layout != "sliced"))
     return _name_shards(folder, shards)
 
+
 def _flush(model: nn.Module, folder: Path, i: int, tensors: dict[str, Tensor], native: bool) -> dict[str, None]:
     """Write one shard now (so at most one shard is in memory); returns the names written. Native layouts use the
     checkpoint's original tensor names, as save_pretrained does (e.g. NeoX `embed_out`); the sliced layout keeps
@@ -188,6 +198,7 @@ def _flush(model: nn.Module, folder: Path, i: int, tensors: dict[str, Tensor], n
     save_file(tensors, str(folder / f".shard-{i:05d}.safetensors"), metadata={"format": "pt"})
     return dict.fromkeys(tensors)
 
+
 def _name_shards(folder: Path, shards: list[dict]) -> list[str]:
     if len(shards) == 1:
         os.replace(folder / ".shard-00000.safetensors", folder / SINGLE)
@@ -203,6 +214,7 @@ def _name_shards(folder: Path, shards: list[dict]) -> list[str]:
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return names
 
+
 # ---- config, modeling file, side files -------------------------------------------------------------------------
 def _write_config(model: nn.Module, folder: Path, layout: str, dtype: torch.dtype | None) -> None:
     d = json.loads(model.config.to_json_string(use_diff=False))
@@ -217,6 +229,7 @@ def _write_config(model: nn.Module, folder: Path, layout: str, dtype: torch.dtyp
         d["dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
 
+
 def _sliced_config(model: nn.Module, widths: list[int]) -> dict:
     view, n = ModelView(model), base_width(model)
     a = view.arch
@@ -227,6 +240,7 @@ def _sliced_config(model: nn.Module, widths: list[int]) -> dict:
             "surgery_ffn": {"layers": a.layers, "ffn": a.ffn, "ffn_in": list(a.ffn_in), "ffn_out": a.ffn_out,
                             "ffn_kind": a.ffn_kind, "conv1d": a.conv1d}}
 
+
 def _base_class(model: nn.Module) -> type:
     """The transformers class the model is an instance of (our generated subclass resolves to its parent)."""
     import transformers
@@ -235,6 +249,7 @@ def _base_class(model: nn.Module) -> type:
         if getattr(transformers, cls.__name__, None) is cls:
             return cls
     raise UsageError(f"{type(model).__name__} is not a transformers model class; export a transformers model")
+
 
 _MODELING_TEMPLATE = '''"""Generated by surgery {version}: {base} whose layer i has config.ffn_widths[i] FFN neurons.
 
@@ -253,6 +268,7 @@ def _get(root, path):
         root = getattr(root, part)
     return root
 
+
 def _rebuilt(old, in_features, out_features, conv1d):
     w = old.weight
     if conv1d:
@@ -260,6 +276,7 @@ def _rebuilt(old, in_features, out_features, conv1d):
     else:
         new = nn.Linear(in_features, out_features, bias=getattr(old, "bias", None) is not None)
     return new.to(device=w.device, dtype=w.dtype)
+
 
 def _resize_ffn(layer, spec, width):
     conv1d = spec["conv1d"]
@@ -275,6 +292,7 @@ def _resize_ffn(layer, spec, width):
     for attr in ("intermediate_size", "ffn_dim", "n_inner"):
         if isinstance(getattr(ffn, attr, None), int):
             setattr(ffn, attr, width)
+
 
 class {cls}(_Base):
     """{base} with per-layer FFN widths (a model sliced by surgery)."""
@@ -295,6 +313,7 @@ def modeling_source(model: nn.Module) -> str:
     name = _base_class(model).__name__
     return _MODELING_TEMPLATE.format(version=__version__, base=name, cls=name)
 
+
 def _write_side_files(model: nn.Module, tokenizer, folder: Path, extra: dict[str, str | bytes]) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
@@ -307,6 +326,7 @@ def _write_side_files(model: nn.Module, tokenizer, folder: Path, extra: dict[str
             raise UsageError(f"extra file {name!r} escapes the checkpoint folder; use a relative name")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+
 
 # ---- provenance ---------------------------------------------------------------------------------------------
 def _manifest(model, folder: Path, layout: str, prov: dict, kept: dict, dtype, tensor_files: list[str],
@@ -325,6 +345,7 @@ def _manifest(model, folder: Path, layout: str, prov: dict, kept: dict, dtype, t
               "tensor_files": tensor_files, "files": file_hashes(folder)})
     return m
 
+
 def file_hashes(folder: Path) -> dict[str, dict]:
     """{relative path: {sha256, bytes}} of every file in the folder except the manifest itself."""
     out = {}
@@ -332,6 +353,7 @@ def file_hashes(folder: Path) -> dict[str, dict]:
         if p.is_file() and p.name != MANIFEST:
             out[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return out
+
 
 def base_identity(base: str | Path) -> dict:
     """{id, path, sha256}: the base model's name and one hash over its tensor files (sorted by name)."""
@@ -343,9 +365,11 @@ def base_identity(base: str | Path) -> dict:
             h.update(p.name.encode() + sha256_file(p).encode())
     return {"id": name, "path": str(where), "sha256": h.hexdigest() if isinstance(where, Path) else None}
 
+
 def _lora_settings(adapter_model) -> dict:
     cfgs = getattr(adapter_model, "peft_config", {}) or {}
     return {name: json.loads(json.dumps(c.to_dict(), default=str)) for name, c in cfgs.items()}
+
 
 def _save_markdown(out: Path, m: dict) -> str:
     w = m["ffn"]["widths"]
@@ -353,10 +377,12 @@ def _save_markdown(out: Path, m: dict) -> str:
             f"FFN widths {min(w)}..{max(w)} (base {m['ffn']['base_width']}), files {len(m['files'])}\n\n"
             f"{load_instructions(out, m['layout'])}\n")
 
+
 def load_instructions(path: Path | str, layout: str) -> str:
     trc = ", trust_remote_code=True" if layout == "sliced" else ""
     return (f"Load: `AutoModelForCausalLM.from_pretrained('{path}'{trc})` or "
             f"`pipeline('text-generation', model='{path}'{trc})`")
+
 
 # ==== inspect ===============================================================================================
 def inspect(path: str) -> Report:
@@ -375,6 +401,7 @@ def inspect(path: str) -> Report:
             "problems": problems, "ok": not problems}
     return Report(data=data, markdown=_inspect_markdown(data), exit_code=1 if problems else 0)
 
+
 def _verify_files(folder: Path, files: dict) -> list[str]:
     problems = []
     for name, meta in files.items():
@@ -389,6 +416,7 @@ def _verify_files(folder: Path, files: dict) -> list[str]:
         if p.name not in files:
             problems.append(f"{p.name}: tensor file not listed in {MANIFEST}")
     return problems
+
 
 def _verify_safetensors(folder: Path) -> list[str]:
     """Each tensor file must parse and be as long as its header says (catches truncation without a manifest)."""
@@ -405,6 +433,7 @@ def _verify_safetensors(folder: Path) -> list[str]:
             problems.append(f"{p.name}: truncated ({p.stat().st_size} bytes < {8 + n + end} the header needs)")
     return problems
 
+
 def _safetensors_header(p: Path) -> dict:
     with p.open("rb") as f:
         raw = f.read(8)
@@ -417,6 +446,7 @@ def _safetensors_header(p: Path) -> dict:
             return json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"bad header: {e}") from None
+
 
 def _inspect_markdown(d: dict) -> str:
     ffn = d.get("ffn") or {}
@@ -431,6 +461,7 @@ def _inspect_markdown(d: dict) -> str:
              f"- files verified: {d['files_checked']}", ""]
     lines += [f"PROBLEM: {p}" for p in d["problems"]] or ["All hashes match."]
     return "\n".join(lines)
+
 
 # ==== diff ==================================================================================================
 class _Weights:
@@ -465,8 +496,10 @@ class _Weights:
         h = self._open[next(iter(self._open))]
         return h.get_tensor(next(iter(h.keys()))).dtype
 
+
 def _tol(dtype: torch.dtype) -> float:
     return {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-6)
+
 
 def diff(base: str, other: str, out: str | None = None) -> Report:
     """Which FFN neurons and attention heads were removed, zeroed or scaled, and which other tensors changed,
@@ -493,9 +526,11 @@ def diff(base: str, other: str, out: str | None = None) -> Report:
     report = Report(data=data, markdown=_diff_markdown(data))
     return save_report(report, out_dir, stem="diff")
 
+
 def _ffn_names(a: Arch, l: int) -> list[str]:
     pre = f"{a.layers}.{l}."
     return [pre + p + s for p in a.ffn_in for s in (".weight", ".bias")] + [pre + a.ffn_out + ".weight"]
+
 
 def _ffn_mats(a: Arch, W: _Weights, l: int) -> tuple[Tensor, Tensor] | None:
     """(keys [N, k*d (+biases)], values [N, d]) of layer l, in one row per neuron."""
@@ -512,6 +547,7 @@ def _ffn_mats(a: Arch, W: _Weights, l: int) -> tuple[Tensor, Tensor] | None:
         parts += list(w.chunk(chunks, 0)) + ([c.unsqueeze(1) for c in b.chunk(chunks, 0)] if b is not None else [])
     return torch.cat(parts, 1), values
 
+
 def _match_rows(ko: Tensor, kb: Tensor, tol: float) -> Tensor:
     """For each row of ko, the index of the (near-)identical row of kb, or -1: how sliced widths are recovered."""
     idx = torch.full((ko.shape[0],), -1, dtype=torch.long)
@@ -525,6 +561,7 @@ def _match_rows(ko: Tensor, kb: Tensor, tol: float) -> Tensor:
         idx[s:s + 1024] = torch.where(ok, best, torch.full_like(best, -1))
     return idx
 
+
 def _diff_layer(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: float) -> dict:
     rec: dict = {"layer": l}
     mb, mo = _ffn_mats(a, B, l), _ffn_mats(a, O, l)
@@ -532,6 +569,7 @@ def _diff_layer(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: fl
         rec.update(_diff_neurons(mb, mo, tol))
     rec.update(_diff_heads(a, B, O, l, n_heads, tol))
     return rec
+
 
 def _diff_neurons(mb: tuple[Tensor, Tensor], mo: tuple[Tensor, Tensor], tol: float) -> dict:
     (kb, vb), (ko, vo) = mb, mo
@@ -555,6 +593,7 @@ def _diff_neurons(mb: tuple[Tensor, Tensor], mo: tuple[Tensor, Tensor], tol: flo
     rec["amplified"] = [s["neuron"] for s in rec["scaled"] if abs(s["factor"]) > 1]
     rec["modified"] = sorted(set(i[(key_changed & ~key_zero & ~zero) | value_changed].tolist()))
     return rec
+
 
 def _diff_heads(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: float) -> dict:
     name = f"{a.layers}.{l}.{a.attn_out}.weight"
@@ -581,6 +620,7 @@ def _diff_heads(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: fl
             modified.append(h)
     return {"heads_zeroed": zeroed, "heads_scaled": scaled, "heads_modified": modified}
 
+
 def _renamed(B: _Weights, O: _Weights, covered: set[str]) -> dict[str, str]:
     """{base name: other name} for tensors saved under another name with identical values (e.g. NeoX
     `embed_out` vs `lm_head`: checkpoint vs in-memory naming)."""
@@ -594,6 +634,7 @@ def _renamed(B: _Weights, O: _Weights, covered: set[str]) -> dict[str, str]:
                 pairs[nb] = no
                 break
     return pairs
+
 
 def _diff_others(B: _Weights, O: _Weights, covered: set[str], tol: float) -> list[dict]:
     out = []
@@ -612,6 +653,7 @@ def _diff_others(B: _Weights, O: _Weights, covered: set[str], tol: float) -> lis
                 out.append({"tensor": name, "change": "values", "max_abs_diff": d})
     return out
 
+
 def _diff_summary(layers: list[dict], others: list[dict]) -> dict:
     def total(key):
         return sum(len(r.get(key, [])) for r in layers)
@@ -620,6 +662,7 @@ def _diff_summary(layers: list[dict], others: list[dict]) -> dict:
             "scaled": total("scaled"), "amplified": total("amplified"), "modified": total("modified"),
             "heads_zeroed": total("heads_zeroed"), "heads_scaled": total("heads_scaled"),
             "heads_modified": total("heads_modified"), "other_tensors_changed": len(others)}
+
 
 def _diff_markdown(d: dict) -> str:
     rows = []
@@ -644,6 +687,7 @@ def _diff_markdown(d: dict) -> str:
         lines.append(f"- {o['tensor']}: {o['change']}" + (f" (max |diff| {o['max_abs_diff']:.3g})"
                                                              if "max_abs_diff" in o else ""))
     return "\n".join(lines)
+
 
 def _short(xs: list[int]) -> str:
     return ",".join(map(str, xs[:8])) + ("..." if len(xs) > 8 else "")

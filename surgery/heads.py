@@ -2,6 +2,7 @@
 
     surgery heads --model smollm2-135m --task arithmetic --digits 1 [--ablation zero|mean] [--mode exact|screen]
 
+
 Exact and fast, without ever copying the model:
 - teacher-forced cases that are prefixes of one another (the answer tokens of one problem) share one sequence;
   sequences are left-padded so every case's logits sit in the last `keep` positions;
@@ -66,6 +67,7 @@ class Batch:
         return dict(input_ids=rep_(self.input_ids), attention_mask=rep_(self.attention_mask),
                     position_ids=rep_(self.position_ids), logits_to_keep=self.keep, use_cache=False)
 
+
 def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size: int, pad_id: int = 0,
          window: int | None = None) -> list[Batch]:
     """Group cases whose context is a prefix of another case's context (same sequence, earlier position) and
@@ -102,12 +104,14 @@ def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size:
                          torch.tensor([c[1] for c in cs]), keep, max(P, 0)))
     return out
 
+
 def _common_prefix(seqs: list[list[int]]) -> int:
     n = min(len(s) for s in seqs)
     for j in range(n):
         if any(s[j] != seqs[0][j] for s in seqs):
             return j
     return n
+
 
 # ---- the engine -------------------------------------------------------------------------------------------
 def _score(logits: Tensor, b: Batch, copies: int) -> tuple[Tensor, Tensor]:
@@ -120,6 +124,7 @@ def _score(logits: Tensor, b: Batch, copies: int) -> tuple[Tensor, Tensor]:
     lp = picked.log_softmax(-1).gather(-1, tgt[..., None])[..., 0]
     return (picked.argmax(-1) == tgt).cpu(), lp.cpu()
 
+
 @torch.no_grad()
 def clean(view: ModelView, b: Batch, layers: Sequence[int] = ()) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
     """The unablated model on b: (correct [n], log-prob [n], residual input of each of `layers` [B, T, d])."""
@@ -129,6 +134,7 @@ def clean(view: ModelView, b: Batch, layers: Sequence[int] = ()) -> tuple[Tensor
         logits = view.model(**b.inputs(_device(view))).logits
     ok, lp = _score(logits, b, 1)
     return ok[0], lp[0], {l: h.store["resid_in", l] for l in layers}
+
 
 @torch.no_grad()
 def ablated(view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: Tensor,
@@ -156,6 +162,7 @@ def ablated(view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: 
             logits = view.model(**inp).logits
     return _score(logits, b, G)
 
+
 def _tail_cache(config, first: int):
     """A DynamicCache that only layers >= `first` fill (prefix reuse); questions the model's forward asks about
     lower layers (past length, mask sizes) are answered by the first filled layer of the same kind."""
@@ -176,8 +183,10 @@ def _tail_cache(config, first: int):
 
     return TailCache(config=config)
 
+
 def _device(view: ModelView) -> torch.device:
     return device_of(view.model)
+
 
 def _stop_at(view: ModelView, b: Batch, layer: int) -> Tensor:
     """The clean residual input of `layer` only, running layers below it and no further."""
@@ -200,6 +209,7 @@ def _stop_at(view: ModelView, b: Batch, layer: int) -> Tensor:
         hd.remove()
     return box["h"]
 
+
 class Residuals:
     """Clean residual inputs per (batch, layer): all cached after one forward per batch when they fit in
     RESID_CACHE_BYTES, else recomputed per layer (only the layers below it run)."""
@@ -216,6 +226,7 @@ class Residuals:
             self.cache[i] = clean(self.view, self.batches[i], range(self.view.n_layers))[2]
         return self.cache[i][layer]
 
+
 @torch.no_grad()
 def head_means(view: ModelView, batches: list[Batch]) -> Tensor:
     """Mean head output z [L, H, dh] over every non-pad position of every sequence (mean ablation)."""
@@ -230,6 +241,7 @@ def head_means(view: ModelView, batches: list[Batch]) -> Tensor:
             total[l] += (h.store["z", l].cpu().double() * m).sum((0, 1))
         count += int(b.attention_mask.sum())
     return (total / count).float()
+
 
 def attribution(view: ModelView, batches: list[Batch], means: Tensor | None = None) -> Tensor:
     """First-order change of the summed target log-prob when each head is ablated, [L, H]:
@@ -248,6 +260,7 @@ def attribution(view: ModelView, batches: list[Batch], means: Tensor | None = No
             out[l] += (g * delta).sum((0, 1, 3)).double().cpu()
     return out.float()
 
+
 # ---- units of work, sharding and resumable state ----------------------------------------------------------
 def units(view: ModelView, heads: Sequence[Head], group: int) -> list[tuple[int, tuple[int, ...]]]:
     """(layer, heads) work units: each layer's heads in scan order, `group` per unit."""
@@ -256,9 +269,11 @@ def units(view: ModelView, heads: Sequence[Head], group: int) -> list[tuple[int,
         per_layer[l].append(h)
     return [(l, tuple(per_layer[l][i:i + group])) for l in sorted(per_layer) for i in range(0, len(per_layer[l]), group)]
 
+
 def group_size(n_heads: int, batch_rows: int, max_rows: int = 2048) -> int:
     """Heads stacked per forward: all heads of a layer when rows (batch x heads) stay within max_rows."""
     return max(1, min(n_heads, max_rows // max(batch_rows, 1)))
+
 
 def load_partial(out: Path, fingerprint: str) -> dict[Head, dict]:
     """Finished head rows persisted by earlier (maybe interrupted) runs with the same configuration."""
@@ -272,6 +287,7 @@ def load_partial(out: Path, fingerprint: str) -> dict[Head, dict]:
             if row.get("fingerprint") == fingerprint:
                 done[(row["layer"], row["head"])] = row
     return done
+
 
 def scan(view: ModelView, batches: list[Batch], n_cases: int, heads: Sequence[Head], repl: Tensor | None = None,
          done: dict[Head, dict] | None = None, sink=None, rank: int = 0, world: int = 1,
@@ -298,6 +314,7 @@ def scan(view: ModelView, batches: list[Batch], n_cases: int, heads: Sequence[He
             sink(rows)
     return results
 
+
 # ---- summaries ---------------------------------------------------------------------------------------------
 def keys_of(labels: dict[str, list]) -> dict[str, np.ndarray]:
     """Masks for the keys accuracy is reported under: overall, each op, each group (1D+), each case type."""
@@ -308,15 +325,18 @@ def keys_of(labels: dict[str, list]) -> dict[str, np.ndarray]:
             out[v] = np.asarray(labels[col]) == v
     return out
 
+
 def summary(correct, logprob, masks: dict[str, np.ndarray]) -> dict:
     c, lp = np.asarray(correct, bool), np.asarray(logprob, float)
     return {"acc": {k: float(c[m].mean()) if m.any() else float("nan") for k, m in masks.items()},
             "n": {k: int(m.sum()) for k, m in masks.items()}, "logprob": float(lp.mean())}
 
+
 def head_row(layer: int, head: int, s: dict, base: dict) -> dict:
     drop = {k: round(base["acc"][k] - a, 6) for k, a in s["acc"].items()}
     return {"layer": layer, "head": head, "acc": {k: round(a, 6) for k, a in s["acc"].items()}, "drop": drop,
             "n": s["n"], "logprob_drop": round(base["logprob"] - s["logprob"], 6)}
+
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
@@ -335,6 +355,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
     return float(np.corrcoef(ra, rb)[0, 1])
+
 
 # ---- the command ----------------------------------------------------------------------------------------------
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
@@ -383,6 +404,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     rows = load_partial(outdir, fp)
     return _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, time.time() - t0)
 
+
 def _check_options(task: str, ablation: str, mode: str) -> None:
     if task != "arithmetic":
         raise UsageError(f"surgery heads supports --task arithmetic, got {task!r}")
@@ -391,12 +413,14 @@ def _check_options(task: str, ablation: str, mode: str) -> None:
     if mode not in ("exact", "screen"):
         raise UsageError(f"unknown --mode {mode!r}; use exact or screen")
 
+
 def _heads(view: ModelView, only: Sequence[Head] | None) -> list[Head]:
     if only is None:
         return [(l, h) for l in range(view.n_layers) for h in range(view.n_heads)]
     for l, h in only:
         view.check_head(l, h)
     return list(dict.fromkeys((int(l), int(h)) for l, h in only))
+
 
 def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[dict, list[Batch]]:
 
@@ -410,10 +434,12 @@ def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[d
     window = getattr(loaded.model.config, "sliding_window", None)
     return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer), window)
 
+
 def _fingerprint(loaded, config: dict, heads) -> str:
     keep = {k: v for k, v in config.items() if k not in ("mode", "verify", "processes")}
     blob = json.dumps([loaded.source, str(next(loaded.model.parameters()).dtype), keep], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
 
 def _sink(path: Path, fp: str):
     def write(rows: dict[Head, dict]) -> None:
@@ -425,11 +451,13 @@ def _sink(path: Path, fp: str):
             f.flush()
     return write
 
+
 def _baseline(view: ModelView, batches: list[Batch], n: int) -> tuple[Tensor, Tensor]:
     ok, lp = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
     for b in batches:
         ok[b.case_idx], lp[b.case_idx] = clean(view, b)[:2]
     return ok, lp
+
 
 def _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, seconds) -> rep.Report:
     masks = keys_of(labels)
@@ -447,6 +475,7 @@ def _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, 
     files.append(heatmap(results, outdir / "heads.png", title=f"{loaded.name}: accuracy drop per head ({config['ablation']} ablation)"))
     return rep.Report(data=data, markdown=md, files=files)
 
+
 def _screen_summary(screen: Tensor, table: list[dict]) -> dict:
     """Screen scores for every head (predicted drop of the mean target log-prob) and agreement on the verified set."""
     pred = {(r["layer"], r["head"]): -float(screen[r["layer"], r["head"]]) for r in table}
@@ -457,15 +486,19 @@ def _screen_summary(screen: Tensor, table: list[dict]) -> dict:
             "spearman_vs_exact_acc_drop": _r(spearman([pred[k] for k in keys], [ex[k]["drop"]["overall"] for k in keys])),
             "spearman_vs_exact_logprob_drop": _r(spearman([pred[k] for k in keys], [ex[k]["logprob_drop"] for k in keys]))}
 
+
 def _r(x: float) -> float | None:
     return None if x != x else round(x, 4)
+
 
 # ---- rendering ---------------------------------------------------------------------------------------------------
 def _pts(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:+.1f}"
 
+
 def _name(r: dict) -> str:
     return f"{r['layer']}.{r['head']}"
+
 
 def markdown(data: dict, top: int = 10) -> str:
     """The paper's tables: top heads x ops (Table 1), the top head per op and digit count (Table 2), memorize vs
@@ -503,6 +536,7 @@ def markdown(data: dict, top: int = 10) -> str:
                   f"Spearman(screen, exact) on them: accuracy drop {s['spearman_vs_exact_acc_drop']}, "
                   f"target log-prob drop {s['spearman_vs_exact_logprob_drop']}. Every head named above has exact numbers.", ""]
     return "\n".join(lines)
+
 
 def heatmap(results: dict, path: Path, title: str = "") -> Path:
     """Layer x head heatmaps of the accuracy drop: overall, then one panel per op (unscanned heads blank)."""

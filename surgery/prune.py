@@ -32,7 +32,7 @@ from .context import Run
 from .errors import UsageError
 from .evals import arithmetic
 from .evals.arithmetic import DataSpec, Splits, accuracy, build_splits
-from .lora import Fit, LoraSpec, fit_lora, load_reference, merged_copy
+from .lora import Fit, LoraSpec, fit_lora, load_against, merged_copy
 from .models import load_model
 from .recipe import rules, to_dict
 from .report import Report, json_text, make, md_table, png_bytes
@@ -52,11 +52,13 @@ class CnaSpec:
     exact_top: int = field(default=100, metadata=rules(min=1))  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
     score: str = field(default="delta", metadata=rules(choices=("delta", "reference")))  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
 
+
 @dataclass
 class SweepSpec:
     layers: str | None = None  # lora-sweep: layers to try (None: every layer)
     groups: int = field(default=4, metadata=rules(min=1))  # layer groups for the coefficient-amplification table
     top: int = field(default=50, metadata=rules(min=1))  # CNA top-N per case whose coefficients are compared (paper Tables 9-10)
+
 
 @dataclass
 class PruneRecipe:
@@ -79,11 +81,13 @@ class PruneRecipe:
     cna: CnaSpec = field(default_factory=CnaSpec)
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
+
 def load_recipe(name: str, quick: bool = False, overrides: list[str] | None = None, profile: str | None = None,
                 **flags) -> PruneRecipe:
     """The recipe with its profile (--quick / --profile), --set overrides, then the explicit CLI flags
     (None = recipe's); every value validated."""
     return recipes.resolve(name, PruneRecipe, list(overrides or []), quick, profile, **flags)
+
 
 # ---- validation (all before any expensive work) -----------------------------------------------------------
 @dataclass
@@ -94,6 +98,7 @@ class Plan:
     lora_layer: int
     selectors: list[str]
 
+
 def parse_keep(spec: str) -> tuple[str, float]:
     """'top500' -> ('top', 500); '5%' -> ('pct', 5.0); anything else is a one-line error."""
     s = str(spec).strip().lower()
@@ -103,11 +108,13 @@ def parse_keep(spec: str) -> tuple[str, float]:
         return "pct", float(m.group(1))
     raise UsageError(f"bad --keep {spec!r}; use topN (e.g. top500) or P% (e.g. 5%)")
 
+
 def _check_keep_syntax(spec: str) -> None:
     """The model-independent part of the keep check, done before loading anything."""
     kind, value = parse_keep(spec)
     if (kind == "top" and value < 1) or (kind == "pct" and not 0 < value <= 100):
         raise UsageError(f"--keep {spec}: use top1 or more, or a percentage in (0, 100]")
+
 
 def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     """Check keep, layers, lora layer and selectors against the model; one-line UsageError otherwise."""
@@ -135,11 +142,13 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     selectors = [r.selector] + [s for s in r.baselines if s != r.selector]
     return Plan(layers, kind, value, lora_layer, selectors)
 
+
 # ---- task cases (1-digit, the CNA set) ---------------------------------------------------------------------
 @dataclass
 class TaskCases:
     seqs: list[list[int]]
     targets: list[int]
+
 
 def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
     """Every per-token case of the 1-digit problems (or the first `limit` problems, stratified)."""
@@ -150,6 +159,7 @@ def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
         probs = probs.filter(lambda p: p["problem_id"] in keep)
     cases = arithmetic.cases(probs, tokenizer)
     return TaskCases(list(cases["input_ids"]), list(cases["target"]))
+
 
 # ---- selectors ---------------------------------------------------------------------------------------------
 def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: Plan, batch_size: int,
@@ -168,6 +178,7 @@ def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: 
         return {l: sorted(s) for l, s in sc.per_case_sets().items()}, sc
     return global_budget(sc.total, plan.keep_value), sc
 
+
 def global_budget(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list[int]]:
     """The pct% highest-scoring neurons over all layers together, as kept indices per layer."""
 
@@ -175,11 +186,13 @@ def global_budget(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list
     kept = by_layer(top_n(scores, n))
     return {l: kept.get(l, []) for l in sorted(scores)}
 
+
 def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget: dict[int, int],
                   seed: int) -> dict[int, list[int]]:
     """Keep set of a registered task selector at the given per-layer budget (the main selector's)."""
     inp = selectors.Inputs(ModelView(orig), sorted(budget), pad_id(tokenizer), task.seqs, task.targets, seed=seed)
     return selectors.by_budget(selectors.score("task", name, inp), budget)
+
 
 # ---- slicing + fresh LoRA ----------------------------------------------------------------------------------
 def sliced_copy(orig: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
@@ -189,11 +202,13 @@ def sliced_copy(orig: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
     slice_ffn(m, keep)
     return m.eval()
 
+
 def prune_and_train(orig: nn.Module, tokenizer, keep: dict[int, list[int]], r: PruneRecipe, plan: Plan,
                     splits: Splits) -> tuple[nn.Module, Fit]:
     """Slice a copy, attach a fresh LoRA at the plan's layer, train it (lr chosen on validation)."""
     sliced = sliced_copy(orig, keep)
     return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, *training_data(r, splits, tokenizer))
+
 
 def training_data(r: PruneRecipe, splits: Splits, tokenizer):
     """(encoded 2-digit training rows, the lr-selection scorer: full-answer accuracy on the validation split)."""
@@ -202,9 +217,11 @@ def training_data(r: PruneRecipe, splits: Splits, tokenizer):
 
     return arithmetic.encode(splits.train, tokenizer), validate if len(splits.validation) else None
 
+
 # ---- evaluation --------------------------------------------------------------------------------------------
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
 
 def evaluate_row(name: str, model: nn.Module, tokenizer, splits: Splits, batch_size: int, kept: int | None,
                  extra_params: int = 0, lr: float | None = None) -> dict:
@@ -215,12 +232,15 @@ def evaluate_row(name: str, model: nn.Module, tokenizer, splits: Splits, batch_s
     return {"name": name, "test2": two, "one_digit": one, "kept": kept, "lr": lr,
             "params": param_count(model) + extra_params, "ffn_params": ffn_param_count(model)}
 
+
 def lora_params(fit: Fit) -> int:
     return sum(p.numel() for n, p in fit.model.named_parameters() if "lora_" in n)
+
 
 # ---- report ------------------------------------------------------------------------------------------------
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
+
 
 def results_table(rows: list[dict], deep_total: int) -> str:
     """The Table 11 form: one row per model, 95% Wilson intervals, kept neurons and params."""
@@ -235,11 +255,13 @@ def results_table(rows: list[dict], deep_total: int) -> str:
     return md_table(["model", "2-digit test acc % [95% CI]", "n", "2-digit token acc %", "1-digit acc % [95% CI]",
                      "kept deep FFN neurons", "params"], out)
 
+
 def kept_table(keeps: dict[str, dict[int, list[int]]], width: dict[int, int]) -> str:
     """Kept count and fraction per layer, per selector (all selectors share the budget)."""
     main = next(iter(keeps.values()))
     rows = [[l, len(main[l]), width[l], f"{100 * len(main[l]) / width[l]:.1f}%"] for l in sorted(main)]
     return md_table(["layer", "kept", "width", "fraction"], rows)
+
 
 def plots(rows: list[dict], keep: dict[int, list[int]], width: dict[int, int]) -> dict[str, bytes]:
     """accuracy.png (2-digit test accuracy with 95% CIs per model) and kept.png (kept neurons per layer)."""
@@ -265,8 +287,10 @@ def plots(rows: list[dict], keep: dict[int, list[int]], width: dict[int, int]) -
     out["kept.png"] = _png(fig)
     return out
 
+
 def _png(fig) -> bytes:
     return png_bytes(fig, dpi=100)
+
 
 def _cna_line(r: PruneRecipe, certified: float | None) -> str:
     if r.selector != "cna" or certified is None:
@@ -276,6 +300,7 @@ def _cna_line(r: PruneRecipe, certified: float | None) -> str:
     return (f"CNA: {what}, correct answer token; "
             f"{100 * certified:.0f}% of cases have a certified exact top-k (max_rescore {r.cna.max_rescore}; "
             "the others use the best exact scores found)")
+
 
 def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: dict, run: Run,
              model_name: str, certified: float | None = None) -> str:
@@ -294,6 +319,7 @@ def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: d
         f"Checkpoint: `{run.out}` ({r.layout} layout)",
     ])
 
+
 # ---- export ------------------------------------------------------------------------------------------------
 def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: bool, r: PruneRecipe,
                       plan: Plan, keep: dict[int, list[int]], base: str, extra: dict) -> dict:
@@ -304,6 +330,7 @@ def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: 
     export.save(fit.model.get_base_model(), tokenizer, out, layout=r.layout, provenance=prov, force=force,
                 adapter_model=fit.model, merge=True, extra_files=extra)
     return check_reload(out, merged, keep, r.layout)
+
 
 @torch.no_grad()
 def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]], layout: str = "sliced") -> dict:
@@ -317,6 +344,7 @@ def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]], layou
     ids = torch.tensor([[1, 44345, 42, 216, 33, 34, 27, 35, 36, 45]]) % back.config.vocab_size
     diff = float((back(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max())
     return {"widths_match": ok_widths, "max_logit_diff": diff, "widths": widths}
+
 
 # ---- the command -------------------------------------------------------------------------------------------
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
@@ -340,6 +368,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     res = pipeline(loaded, r, plan, against, run)
     return finish(loaded, r, plan, res, run)
 
+
 @dataclass
 class Results:
     rows: list[dict]
@@ -349,6 +378,7 @@ class Results:
     width: dict[int, int]
     cna_certified: float | None
     splits: Splits
+
 
 def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) -> Results:
     """Steps a-e: reference, keep sets, slice + LoRA per selector, evaluation rows."""
@@ -361,7 +391,7 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) 
     with run.step("reference LoRA" if against is None else "reference (--against)"):
         ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train,
                                                 *training_data(r, splits, tok))
-        ref = load_reference(against, orig) if against else merged_copy(ref_fit.model)
+        ref = load_against(against, loaded) if against else merged_copy(ref_fit.model)
     with run.step("evaluate original + reference"):
         rows = _reference_rows(orig, ref, ref_fit, against, tok, splits, bs)
     keeps, cert = {}, None
@@ -385,6 +415,7 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) 
     width = {l: ModelView(orig).ffn_width(l) for l in plan.layers}
     return Results(rows, keeps, fits, merged, width, cert, splits)
 
+
 def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneRecipe):
     """The main selector's keep set (it defines the budget); CNA also returns its scan."""
     if name == "cna":
@@ -396,11 +427,13 @@ def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneR
     share = {l: max(1, min(view.ffn_width(l), round(total / len(plan.layers)))) for l in plan.layers}
     return baseline_keep(name, orig, tok, task, share, r.seed), None
 
+
 def _reference_rows(orig, ref, ref_fit, against, tok, splits, bs) -> list[dict]:
     """Rows 'original' and 'LoRA only' (the trained reference; or the --against model)."""
     return [evaluate_row("original", orig, tok, splits, bs, None),
             evaluate_row("LoRA only" if against is None else "reference (--against)", ref, tok, splits, bs, None,
                          lora_params(ref_fit) if ref_fit else 0, ref_fit.lr if ref_fit else None)]
+
 
 def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report:
     """Step f: report + plots + export of the main selector's model; reload check."""

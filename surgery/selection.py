@@ -37,12 +37,14 @@ def top_n(scores: dict[int, Tensor], n: int) -> list[Neuron]:
     li, ix = unflatten(flat.topk(n).indices, layers, offsets_of([len(scores[l]) for l in layers]))
     return list(zip(li.tolist(), ix.tolist()))
 
+
 def by_layer(neurons: Sequence[Neuron]) -> dict[int, list[int]]:
     """{layer: sorted indices}."""
     out: dict[int, list[int]] = {}
     for l, i in neurons:
         out.setdefault(l, []).append(i)
     return {l: sorted(v) for l, v in sorted(out.items())}
+
 
 def zero_scales(view: ModelView, neurons: Sequence[Neuron]) -> dict[int, Tensor]:
     """Per-layer coefficient scales [N] that zero `neurons` (1 elsewhere), for `Hooks.scale_neurons`."""
@@ -51,11 +53,13 @@ def zero_scales(view: ModelView, neurons: Sequence[Neuron]) -> dict[int, Tensor]
         scales.setdefault(l, torch.ones(view.ffn_width(l)))[i] = 0.0
     return scales
 
+
 def random_scores(view: ModelView, layers: list[int], seed: int) -> dict[int, Tensor]:
     """Seeded uniform scores: the top N of them is a uniform random N-subset (nested across N); the paper's
     random baseline (LoRA9-r)."""
     g = torch.Generator().manual_seed(seed)
     return {l: torch.rand(view.ffn_width(l), generator=g) for l in layers}
+
 
 @torch.no_grad()
 def mean_coefficients(view: ModelView, seqs: Sequence[Sequence[int]], layers: list[int], pad: int,

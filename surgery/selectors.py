@@ -7,6 +7,7 @@ Two kinds, by what the selection is about:
     scores = selectors.score("task", "taylor", Inputs(view, layers, pad, seqs=..., targets=...))
     # {layer: [N] tensor on the CPU}; higher = keep (task) / edit (contrast)
 
+
 `prune --selector`, its baselines, `debias --method` and the CLI's choices all read `names(kind)`. A new selector
 is one function decorated with `@register(kind, name)`.
 """

@@ -3,6 +3,7 @@
     rows = [{"input_ids": prompt + answer ids, "labels": -100 on the prompt, answer ids after}]
     trainer = answer_trainer(model, rows, TrainSpec(), lr=1e-3, out_dir=tmp, pad_id=pad)
 
+
 Batches are LEFT-padded (`Collator`), so every answer sits at the end of its row and `answer_loss` computes
 logits for the answer positions only. Used by LoRA recovery (`surgery.lora`) and by any other fine-tuning.
 """

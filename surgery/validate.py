@@ -31,6 +31,7 @@ KS = (10, 20, 30, 50, 99)
 NUMBER_WORDS = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "hundred", "plus", "minus", "times", "divided", "sum", "equals"}
 
+
 def run_validations(loaded, view: ModelView, data: dict, which: Sequence[str], digits, ops, templates, limit,
                     seed: int, ablate, batch_size: int) -> dict:
     """Run the requested validations on the task cases; returns {name: results}."""
@@ -49,6 +50,7 @@ def run_validations(loaded, view: ModelView, data: dict, which: Sequence[str], d
     if "fe" in which:
         out["fe"] = feature_enhancing(ctx, top)
     return out
+
 
 class _Ctx:
     """What every validation needs: model, cases, a seeded RNG and cached baselines."""
@@ -94,6 +96,7 @@ class _Ctx:
                 sums[l] += st.m[l].sum(0).cpu()
         return {l: v / len(seqs) for l, v in sums.items()}
 
+
 def mask(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
     """Table 5: zero top-k / keep only top-k in the deep layers, each vs random; coefficient drop under ablation."""
     n = ctx.view.n_layers
@@ -114,11 +117,13 @@ def mask(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
         out["coefficient_drop"] = _coef_drop(ctx, top[:KS[0]], ablate)
     return out
 
+
 def _keep_only(ctx: _Ctx, keep: list[Neuron], layers: list[int]) -> dict[int, Tensor]:
     scales = {l: torch.zeros(ctx.view.ffn_width(l)) for l in layers}
     for l, i in keep:
         scales[l][i] = 1.0
     return scales
+
 
 def _coef_drop(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
     """Relative change of mean coefficients when the heads are ablated: top neurons vs random ones."""
@@ -126,10 +131,12 @@ def _coef_drop(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
     return {"top_relative_change": _mean_abs_change(clean, abl, top),
             "random_relative_change": _mean_abs_change(clean, abl, ctx.random_like(top)), "k": len(top)}
 
+
 def _mean_abs_change(clean: dict[int, Tensor], after: dict[int, Tensor], ns: Sequence[Neuron]) -> float:
     """(mean |m| after - mean |m| before) / mean |m| before over neurons ns: stable when some m are near 0."""
     before = sum(float(clean[l][i].abs()) for l, i in ns)
     return (sum(float(after[l][i].abs()) for l, i in ns) - before) / max(before, 1e-9)
+
 
 def prediction_enhancing(ctx: _Ctx, top: list[Neuron]) -> dict:
     """Table 6 (PE-DAG): lowest top neuron's value vs upper top neurons' keys, and the effect of zeroing it."""
@@ -148,10 +155,12 @@ def prediction_enhancing(ctx: _Ctx, top: list[Neuron]) -> dict:
             "cos_value_key_random_upper": cos(rnd_upper), "upper_coef_change_zero_lowest": _mean_abs_change(clean, zero_low, upper),
             "upper_coef_change_zero_random_same_layer": _mean_abs_change(clean, zero_rnd, upper)}
 
+
 def _key_cos(view: ModelView, value: Tensor, n: Neuron) -> float:
     """Cosine between a value vector and neuron n's (first) key: the gate for gated FFNs, fc1 for plain ones."""
     key = view.keys(n[0])[0][n[1]].float()
     return float(torch.nn.functional.cosine_similarity(value, key, dim=0))
+
 
 @torch.no_grad()
 def feature_enhancing(ctx: _Ctx, top: list[Neuron], candidates: int = 512, ms: Sequence[int] = (1, 2, 3)) -> dict:
@@ -179,12 +188,14 @@ def feature_enhancing(ctx: _Ctx, top: list[Neuron], candidates: int = 512, ms: S
         out["examples"] = [f"{l}_{i}" for l, i in fe[:10]]
     return out
 
+
 def _fe_candidates(v: ModelView, coef: dict[int, Tensor], top: list[Neuron], mid: int, n: int) -> list[Neuron]:
     shallow_top = [x for x in top if x[0] < mid]
     scored = [(float(coef[l].abs()[i] * v.values(l)[i].norm()), (l, i))
               for l in range(mid) for i in range(v.ffn_width(l))]
     best = [x for _, x in sorted(scored, reverse=True)[:n]]
     return list(dict.fromkeys(shallow_top + best))
+
 
 _OV_CACHE: dict[tuple[int, int, int], Tensor] = {}
 
@@ -200,6 +211,7 @@ def _summed_ov(v: ModelView, start: int, stop: int) -> Tensor:
         _OV_CACHE[key] = total if start < stop else torch.eye(v.hidden_size, device=dev)
     return _OV_CACHE[key]
 
+
 def _number_tokens(tok) -> set[int]:
     ids = set()
     for i in range(len(tok)):
@@ -207,6 +219,7 @@ def _number_tokens(tok) -> set[int]:
         if s and (re.fullmatch(r"[0-9]+|[+\-*/=×÷]", s) or s in NUMBER_WORDS):
             ids.add(i)
     return ids
+
 
 def markdown(v: dict) -> str:
     """The validations as Markdown tables."""
