@@ -188,7 +188,6 @@ def pronoun_logprobs(model: torch.nn.Module, tokenizer, items: Sequence[dict], b
 def wino_score(model: torch.nn.Module, tokenizer, items: Sequence[dict] | None = None,
                batch_size: int = 32) -> dict:
     """Fraction of items where log p(" pro") > log p(" anti") after the prompt, with a Wilson 95% interval."""
-
     items = wino_items() if items is None else list(items)
     if not items:
         raise UsageError("wino_score got no items; pass wino_items() or a non-empty slice of it")

@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import selectors
 from .errors import UsageError
+from .evaluate import SUITES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +67,7 @@ MODEL = [
     (("--device",), dict(default="cpu", help="cpu | cuda | auto (accelerate device_map for big models)")),
 ]
 TASK = [
-    (("--task",), dict(default="arithmetic", help="arithmetic | gender-bias | perplexity")),
+    (("--task",), dict(default="arithmetic", help=" | ".join(SUITES))),
     (("--digits",), dict(type=ints, default=(1,), help="digit counts, e.g. 1,2")),
     (("--ops",), dict(type=strs, default=None, help="operations, e.g. +,-,*,/ (default all)")),
     (("--templates",), dict(type=strs, default=None, help="prompt templates: plain,calculate,words,question")),

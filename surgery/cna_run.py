@@ -37,7 +37,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     the frozen final norm and unembedding) for every FFN neuron, and CNA: the change of that importance between
     setting A and B. The reported top neurons are certified equal to an exhaustive ranking. --validate runs the
     paper's checks (mask: Table 5, pe: Table 6, fe: Table 8) with random-neuron controls."""
-
     t0 = time.time()
     outdir = rep.check_out_dir(out)
     _check(prompt, prompt_b, against, ablate_head, task, validate)
@@ -125,7 +124,6 @@ def _kind(vb, prompt_b, ablate) -> str | None:
 
 def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt) -> dict:
     """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
-
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
                                 limit=limit, **kw)

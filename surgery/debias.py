@@ -100,7 +100,6 @@ def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, n
 
 def check_recipe(r: DebiasRecipe) -> None:
     """One-line UsageErrors for every option that does not need the model."""
-
     if r.neurons < 1:
         raise UsageError(f"--neurons must be >= 1, got {r.neurons}")
     for what, value, allowed in (("--method", r.method, METHODS), ("--edit", r.edit, EDITS),
@@ -149,7 +148,6 @@ def _pair(gender: str) -> tuple[str, str]:
 
 def stereotype(profession: str) -> tuple[str, str]:
     """(stereotyped gender, other gender) of a biased profession."""
-
     return ("woman", "man") if gb.PROFESSIONS[profession] == "woman-biased" else ("man", "woman")
 
 
@@ -157,7 +155,6 @@ def favoured_genders(model: nn.Module, tokenizer, templates: Sequence[str], prof
                      ) -> dict[str, str]:
     """The gender the MODEL favours for each (template, profession) pair ("template|profession" -> gender), from
     its own log p(profession | woman) - log p(profession | man) on those (selection) templates."""
-
     ds = gb.build(list(templates), professions)
     diffs = gb.pair_diffs(ds, prefix_logprobs(model, tokenizer, ds["prompt"], ds["continuation"]))
     return {pid: "woman" if d > 0 else "man" for pid, d in diffs.items()}
@@ -167,7 +164,6 @@ def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[s
                     favoured: dict[str, str] | None = None) -> Cases:
     """One case per (template, profession) (target first) or per profession token (target all). A is the
     stereotyped gender (orientation label) or the gender the model favours (`favoured`, orientation measured)."""
-
     out = Cases([], [], [], [], [])
     for t in templates:
         for p in professions:
@@ -184,7 +180,6 @@ def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[s
 @torch.no_grad()
 def gender_prompts(tokenizer, templates: Sequence[str], professions: Sequence[str]) -> dict[str, list[list[int]]]:
     """Token ids of every selection prompt, per gender ({"woman": [...], "man": [...]})."""
-
     return {g: [tokenizer(gb.prompt_for(t, g, p)[0]).input_ids for t in templates for p in professions]
             for g in gb.GENDERS}
 
@@ -206,7 +201,6 @@ def zeroed(model: nn.Module, neurons: Sequence[Neuron]) -> Iterator[None]:
 def edit_weights(model: nn.Module, neurons: Sequence[Neuron], edit: str, inplace: bool = False) -> nn.Module:
     """The model with the neurons' key and value weights zeroed (edit zero) or sliced out (edit remove); a deep
     copy unless `inplace` (big models: no second copy in memory)."""
-
     out = model if inplace else copy.deepcopy(model)
     view = ModelView(out)
     groups = by_layer(neurons)
@@ -282,7 +276,6 @@ class EvalData:
 
 def eval_data(tokenizer, r: DebiasRecipe, professions: Sequence[str]) -> EvalData:
     """Build the evaluation sets of recipe `r` (eval templates only; selection templates never appear)."""
-
     c = r.collateral
     problems = arithmetic.build(digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES, limit=c.arithmetic_limit, seed=r.seed)
     wino = gb.wino_items()
@@ -293,13 +286,11 @@ def eval_data(tokenizer, r: DebiasRecipe, professions: Sequence[str]) -> EvalDat
 
 def bias_score(model: nn.Module, tokenizer, ds) -> dict:
     """gender_bias.score of the model on the rows of `ds` (prefix-shared scoring)."""
-
     return gb.score(ds, prefix_logprobs(model, tokenizer, ds["prompt"], ds["continuation"]))
 
 
 def collateral(model: nn.Module, tokenizer, data: EvalData, batch_size: int = 32) -> dict:
     """Perplexity on the XSum sample, 1-digit arithmetic accuracy, factual-control log-probs."""
-
     ppl = perplexity.perplexity(model, tokenizer, data.docs, data.ppl_tokens, batch_size=8, progress=False)
     pred = predict_cases(model, tokenizer, data.arithmetic, batch_size=64, progress=False)
     acc = arithmetic.score(data.arithmetic, pred["correct"])["overall"]
@@ -311,7 +302,6 @@ def collateral(model: nn.Module, tokenizer, data: EvalData, batch_size: int = 32
 def evaluate_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data: EvalData,
                    wino: bool = False) -> dict:
     """Bias + collateral (+ Wino-test) with `neurons` zeroed by hooks (none: the base model)."""
-
     with zeroed(model, neurons):
         out = {"n": len(neurons), "bias": bias_score(model, tokenizer, data.bias),
                **collateral(model, tokenizer, data)}
@@ -347,7 +337,6 @@ def sweep(model: nn.Module, tokenizer, scores: dict[str, dict[int, Tensor]], ns:
 
 def wino_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data: EvalData) -> dict | None:
     """Wino-test pro-stereotype rate with `neurons` zeroed by hooks (None without items)."""
-
     if not data.wino:
         return None
     with zeroed(model, neurons):
@@ -368,7 +357,6 @@ class Selection:
 def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], professions: Sequence[str],
                methods: Sequence[str]) -> Selection:
     """Scores of every requested method on the selection templates (the coefficients are always computed)."""
-
     pad = pad_id(tokenizer)
     templates = list(gb.template_set(r.selection_templates)[1])
     prompts = gender_prompts(tokenizer, templates, professions)
@@ -526,7 +514,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     --neurons, and write a checkpoint with report.json/report.md/plots: bias before/after on disjoint evaluation
     templates (total, woman-/man-biased, per profession), the random and activation-diff baselines, a sweep over N,
     collateral (XSum perplexity, 1-digit arithmetic, factual gender controls) and the Wino-test rate."""
-
     r = load_recipe(recipe, overrides, quick, neurons, method, edit, profile)
     run = Run("debias", out, force, default=f"debias-{r.method}-{r.neurons}")
     loaded = load_model(model, dtype=dtype, device=device)
@@ -591,7 +578,6 @@ def _command(model: str, recipe: str, r: DebiasRecipe, profile: str | None, over
 def _export(loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], data: dict, outdir: Path,
             force: bool) -> rep.Report:
     """Write the checkpoint (zeroed: native; remove: sliced) with report.json, report.md and the plots inside."""
-
     md = markdown(data)
     pngs = plot_sweep(data["results"]["sweep"], _base_point(data))
     groups = by_layer(chosen)

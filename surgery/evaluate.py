@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 from . import report as rep
 from .batching import predict_cases
@@ -16,75 +18,37 @@ from .evals import arithmetic, perplexity
 from .evals import gender_bias as gb
 from .models import load_model
 
-TASKS = ("arithmetic", "gender-bias", "perplexity")
+
+@dataclass(frozen=True)
+class Options:
+    """The eval options every suite receives (each reads what it needs)."""
+
+    digits: tuple[int, ...]
+    ops: tuple[str, ...]
+    templates: tuple[str, ...]
+    limit: int | None
+    batch_size: int
+    seed: int
 
 
-def check_options(digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None,
-                  limit: int | None, task: str) -> None:
-    """UsageError for any bad evaluate() option, naming the valid values."""
+@dataclass(frozen=True)
+class Suite:
+    """One eval suite: `run(loaded, options) -> results`, stored under `key`, shown by `lines(results)`."""
 
-    if task not in TASKS:
-        raise UsageError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
-    if not digits or not set(digits) <= {1, 2, 3}:
-        raise UsageError(f"digits must be a non-empty subset of 1,2,3; got {list(digits)}")
-    if ops is not None and (not ops or not set(ops) <= set(arithmetic.OPS)):
-        raise UsageError(f"ops must be a non-empty subset of + - * /; got {list(ops)}")
-    if templates is not None and (not templates or not set(templates) <= set(arithmetic.TEMPLATES)):
-        raise UsageError(f"unknown template(s) {list(templates)}; use some of {', '.join(arithmetic.TEMPLATES)}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"limit must be >= 1, got {limit}")
+    run: Callable[[object, Options], dict]
+    key: str
+    lines: Callable[[dict], list[str]]
 
 
-def eval_arithmetic(loaded, digits, ops, templates, limit, batch_size, seed) -> dict:
-    """Teacher-forced per-token accuracy and full-answer accuracy on arithmetic problems."""
-
-    problems = arithmetic.build(digits=digits, ops=ops, templates=templates, seed=seed, limit=limit)
-    cases = arithmetic.cases(problems, loaded.tokenizer)
-    preds = predict_cases(loaded.model, loaded.tokenizer, cases, batch_size=batch_size)
-    return arithmetic.score(cases, preds["correct"])
+SUITES: dict[str, Suite] = {}
 
 
-def eval_gender_bias(loaded, limit, batch_size) -> dict:
-    """Profession log-prob gap between genders, factual controls, and Wino-test pro-stereotype rate."""
-
-    ds = gb.build("eval")
-    lp = gb.continuation_logprobs(loaded.model, loaded.tokenizer, ds["prompt"], ds["continuation"], batch_size)
-    wino = gb.wino_items()[:limit]
-    return {**gb.score(ds, lp), "controls": gb.control_logprobs(loaded.model, loaded.tokenizer, batch_size),
-            "wino": gb.wino_score(loaded.model, loaded.tokenizer, wino, batch_size)}
-
-
-def eval_perplexity(loaded, limit, batch_size) -> dict:
-    """Token-weighted perplexity on a fixed XSum sample (limit = number of documents, default 50)."""
-
-    ds = perplexity.build(n_docs=limit or 50)
-    return perplexity.perplexity(loaded.model, loaded.tokenizer, ds, batch_size=min(batch_size, 8))
-
-
-def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[str] | None = None,
-             templates: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 64,
-             seed: int = 0) -> dict:
-    """Run one eval suite on a loaded model: {"config": {...}, "results": {<suite>: {...}}}.
-
-    Arithmetic defaults to all four ops and the "calculate" template only (the measured baseline's prompt);
-    pass templates=arithmetic.TEMPLATES for all of them. `limit` caps problems (arithmetic), Wino-test items
-    (gender-bias) or documents (perplexity).
-    """
-    digits, ops = tuple(digits), None if ops is None else tuple(ops)
-    templates = None if templates is None else ((templates,) if isinstance(templates, str) else tuple(templates))
-    check_options(digits, ops, templates, limit, task)
-    ops, templates = ops or ("+", "-", "*", "/"), templates or arithmetic.DEFAULT_TEMPLATES
-    start = time.time()
-    if task == "arithmetic":
-        results = {"arithmetic": eval_arithmetic(loaded, digits, ops, templates, limit, batch_size, seed)}
-    elif task == "gender-bias":
-        results = {"gender_bias": eval_gender_bias(loaded, limit, batch_size)}
-    else:
-        results = {"perplexity": eval_perplexity(loaded, limit, batch_size)}
-    config = {"model": loaded.describe() if hasattr(loaded, "describe") else str(loaded), "task": task,
-              "digits": list(digits), "ops": list(ops), "templates": list(templates), "limit": limit,
-              "batch_size": batch_size, "seed": seed, "seconds": round(time.time() - start, 2)}
-    return {"config": config, "results": results}
+def suite(name: str, key: str, lines: Callable[[dict], list[str]]):
+    """Register an eval suite under --task `name`: the only place a new suite is added."""
+    def add(fn: Callable[[object, Options], dict]) -> Callable[[object, Options], dict]:
+        SUITES[name] = Suite(fn, key, lines)
+        return fn
+    return add
 
 
 def fmt_ci(ci: Sequence[float]) -> str:
@@ -114,18 +78,80 @@ def gender_lines(res: dict) -> list[str]:
     return lines
 
 
+def perplexity_lines(p: dict) -> list[str]:
+    return [f"perplexity {p['ppl']:.3f} (nll {p['nll']:.4f}, {p['tokens']} tokens, {p['docs']} docs)"]
+
+
+@suite("arithmetic", "arithmetic", arithmetic_lines)
+def eval_arithmetic(loaded, o: Options) -> dict:
+    """Teacher-forced per-token accuracy and full-answer accuracy on arithmetic problems."""
+    problems = arithmetic.build(digits=o.digits, ops=o.ops, templates=o.templates, seed=o.seed, limit=o.limit)
+    cases = arithmetic.cases(problems, loaded.tokenizer)
+    preds = predict_cases(loaded.model, loaded.tokenizer, cases, batch_size=o.batch_size)
+    return arithmetic.score(cases, preds["correct"])
+
+
+@suite("gender-bias", "gender_bias", gender_lines)
+def eval_gender_bias(loaded, o: Options) -> dict:
+    """Profession log-prob gap between genders, factual controls, and Wino-test pro-stereotype rate."""
+    ds = gb.build("eval")
+    lp = gb.continuation_logprobs(loaded.model, loaded.tokenizer, ds["prompt"], ds["continuation"], o.batch_size)
+    wino = gb.wino_items()[:o.limit]
+    return {**gb.score(ds, lp), "controls": gb.control_logprobs(loaded.model, loaded.tokenizer, o.batch_size),
+            "wino": gb.wino_score(loaded.model, loaded.tokenizer, wino, o.batch_size)}
+
+
+@suite("perplexity", "perplexity", perplexity_lines)
+def eval_perplexity(loaded, o: Options) -> dict:
+    """Token-weighted perplexity on a fixed XSum sample (limit = number of documents, default 50)."""
+    ds = perplexity.build(n_docs=o.limit or 50)
+    return perplexity.perplexity(loaded.model, loaded.tokenizer, ds, batch_size=min(o.batch_size, 8))
+
+
+TASKS = tuple(SUITES)
+
+
+def check_options(digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None,
+                  limit: int | None, task: str) -> None:
+    """UsageError for any bad evaluate() option, naming the valid values."""
+    if task not in SUITES:
+        raise UsageError(f"unknown task {task!r}; use one of {', '.join(SUITES)}")
+    if not digits or not set(digits) <= {1, 2, 3}:
+        raise UsageError(f"digits must be a non-empty subset of 1,2,3; got {list(digits)}")
+    if ops is not None and (not ops or not set(ops) <= set(arithmetic.OPS)):
+        raise UsageError(f"ops must be a non-empty subset of + - * /; got {list(ops)}")
+    if templates is not None and (not templates or not set(templates) <= set(arithmetic.TEMPLATES)):
+        raise UsageError(f"unknown template(s) {list(templates)}; use some of {', '.join(arithmetic.TEMPLATES)}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"limit must be >= 1, got {limit}")
+
+
+def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[str] | None = None,
+             templates: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 64,
+             seed: int = 0) -> dict:
+    """Run one eval suite on a loaded model: {"config": {...}, "results": {<suite>: {...}}}.
+
+    Arithmetic defaults to all four ops and the "calculate" template only (the measured baseline's prompt);
+    pass templates=arithmetic.TEMPLATES for all of them. `limit` caps problems (arithmetic), Wino-test items
+    (gender-bias) or documents (perplexity).
+    """
+    digits, ops = tuple(digits), None if ops is None else tuple(ops)
+    templates = None if templates is None else ((templates,) if isinstance(templates, str) else tuple(templates))
+    check_options(digits, ops, templates, limit, task)
+    ops, templates = ops or ("+", "-", "*", "/"), templates or arithmetic.DEFAULT_TEMPLATES
+    start = time.time()
+    s = SUITES[task]
+    results = {s.key: s.run(loaded, Options(digits, ops, templates, limit, batch_size, seed))}
+    config = {"model": loaded.describe() if hasattr(loaded, "describe") else str(loaded), "task": task,
+              "digits": list(digits), "ops": list(ops), "templates": list(templates), "limit": limit,
+              "batch_size": batch_size, "seed": seed, "seconds": round(time.time() - start, 2)}
+    return {"config": config, "results": results}
+
+
 def format_table(results: dict) -> str:
     """A compact text table of evaluate()'s results (or of its "results" part) for the terminal."""
     results = results.get("results", results)
-    lines: list[str] = []
-    if "arithmetic" in results:
-        lines += arithmetic_lines(results["arithmetic"])
-    if "gender_bias" in results:
-        lines += gender_lines(results["gender_bias"])
-    if "perplexity" in results:
-        p = results["perplexity"]
-        lines.append(f"perplexity {p['ppl']:.3f} (nll {p['nll']:.4f}, {p['tokens']} tokens, {p['docs']} docs)")
-    return "\n".join(lines)
+    return "\n".join(line for s in SUITES.values() if s.key in results for line in s.lines(results[s.key]))
 
 
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
@@ -134,7 +160,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     """Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digits, template and case type,
     95% Wilson intervals), gender bias (profession log-prob gap, factual controls, Wino-test) or perplexity
     (XSum sample). Prints a table; with --out writes DIR/report.json and DIR/report.md."""
-
     outdir = rep.check_out_dir(out)
     check_options(tuple(digits), ops, templates, limit, task)  # before loading anything
     start = time.time()

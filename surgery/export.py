@@ -357,7 +357,6 @@ def file_hashes(folder: Path) -> dict[str, dict]:
 
 def base_identity(base: str | Path) -> dict:
     """{id, path, sha256}: the base model's name and one hash over its tensor files (sorted by name)."""
-
     name, where = resolve(str(base))
     h = hashlib.sha256()
     if isinstance(where, Path):

@@ -74,7 +74,6 @@ def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size:
     batch the sequences, `batch_size` per batch, in lexicographic order. Exactly one case per (sequence, position).
     Rows are laid out as shared prefix | left padding | suffix (positions count real tokens), so the tokens every
     row of a batch starts with (`share`) can be run once per ablation."""
-
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
     seqs: list[list[int]] = []
     home: dict[tuple, int] = {}  # every prefix of a sequence -> that sequence

@@ -118,7 +118,6 @@ def _check_keep_syntax(spec: str) -> None:
 
 def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     """Check keep, layers, lora layer and selectors against the model; one-line UsageError otherwise."""
-
     view = ModelView(model)
     if not str(r.layers).strip():
         raise UsageError("empty --layers; use 'deep', A-B or a list like 3,5,7")
@@ -152,7 +151,6 @@ class TaskCases:
 
 def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
     """Every per-token case of the 1-digit problems (or the first `limit` problems, stratified)."""
-
     probs = splits.one_digit
     if limit is not None and limit < len(probs):
         keep = {p["problem_id"] for p in arithmetic.stratified_order(list(probs), 0)[:limit]}
@@ -167,7 +165,6 @@ def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: 
     """Keep set from CNA (correct answer token): topN per-case union, or P% global by the score summed over
     cases (each case's `exact_top` neurons scored exactly, the rest by bound midpoints). score 'delta' compares
     the reference with the original (the paper); 'reference' ranks by importance in the reference alone."""
-
     if score not in ("delta", "reference"):
         raise UsageError(f"cna.score {score!r}: use delta (the paper) or reference")
     k = int(plan.keep_value) if plan.keep_kind == "top" else exact_top
@@ -181,7 +178,6 @@ def cna_keep(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, plan: 
 
 def global_budget(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list[int]]:
     """The pct% highest-scoring neurons over all layers together, as kept indices per layer."""
-
     n = max(1, round(pct / 100 * sum(len(v) for v in scores.values())))
     kept = by_layer(top_n(scores, n))
     return {l: kept.get(l, []) for l in sorted(scores)}
@@ -197,7 +193,6 @@ def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget
 # ---- slicing + fresh LoRA ----------------------------------------------------------------------------------
 def sliced_copy(orig: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
     """A deep copy of `orig` with each listed layer's FFN physically cut to the kept neurons."""
-
     m = copy.deepcopy(orig)
     slice_ffn(m, keep)
     return m.eval()
@@ -226,7 +221,6 @@ def param_count(model: nn.Module) -> int:
 def evaluate_row(name: str, model: nn.Module, tokenizer, splits: Splits, batch_size: int, kept: int | None,
                  extra_params: int = 0, lr: float | None = None) -> dict:
     """One table row: 2-digit test and 1-digit accuracy (per token and full answer, 95% CIs), params."""
-
     two = accuracy(model, tokenizer, splits.test, batch_size)["overall"]
     one = accuracy(model, tokenizer, splits.one_digit, batch_size)["overall"]
     return {"name": name, "test2": two, "one_digit": one, "kept": kept, "lr": lr,
@@ -324,7 +318,6 @@ def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: d
 def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: bool, r: PruneRecipe,
                       plan: Plan, keep: dict[int, list[int]], base: str, extra: dict) -> dict:
     """Write the chosen model (LoRA merged) with provenance, then reload it and compare logits."""
-
     prov = {"recipe": to_dict(r), "seed": r.seed, "base": base, "selector": r.selector,
             "lora_layer": plan.lora_layer, "layers": {l: {"kept": keep[l]} for l in sorted(keep)}}
     export.save(fit.model.get_base_model(), tokenizer, out, layout=r.layout, provenance=prov, force=force,
@@ -336,7 +329,6 @@ def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: 
 def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]], layout: str = "sliced") -> dict:
     """Reload the checkpoint with transformers; sliced widths must equal the kept counts (padded: the base
     width) and logits must match the in-memory model."""
-
     back = export.load(out)
     widths = ModelView(back).ffn_widths()
     base = base_width(merged) if layout == "padded" else None
@@ -355,7 +347,6 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
     chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
     taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots."""
-
     r = load_recipe(recipe, quick, overrides, profile, keep=keep, layers=layers, selector=selector,
                     lora_layer=lora_layer, layout=layout)
     run = Run("prune", out, force, default=f"prune-{Path(model).name}")
@@ -382,7 +373,6 @@ class Results:
 
 def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) -> Results:
     """Steps a-e: reference, keep sets, slice + LoRA per selector, evaluation rows."""
-
     orig, tok = loaded.model, loaded.tokenizer
     bs = r.train.eval_batch_size
     with run.step("data"):
@@ -437,7 +427,6 @@ def _reference_rows(orig, ref, ref_fit, against, tok, splits, bs) -> list[dict]:
 
 def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report:
     """Step f: report + plots + export of the main selector's model; reload check."""
-
     main = plan.selectors[0]
     md = markdown(r, plan, res.rows, res.keeps, res.width, run, loaded.name, res.cna_certified)
     results = {"rows": res.rows, "kept": {s: {l: len(v) for l, v in k.items()} for s, k in res.keeps.items()},

@@ -66,7 +66,6 @@ def mean_coefficients(view: ModelView, seqs: Sequence[Sequence[int]], layers: li
                       batch_size: int = 32, absolute: bool = False) -> dict[int, Tensor]:
     """Mean coefficient m_k (or |m_k|) at the last position over `seqs` (duplicates counted, each distinct
     sequence run once), {layer: [N]}."""
-
     uniq = sorted({tuple(s) for s in seqs})
     count: dict[tuple, int] = {}
     for s in seqs:

@@ -35,7 +35,6 @@ NUMBER_WORDS = {"zero", "one", "two", "three", "four", "five", "six", "seven", "
 def run_validations(loaded, view: ModelView, data: dict, which: Sequence[str], digits, ops, templates, limit,
                     seed: int, ablate, batch_size: int) -> dict:
     """Run the requested validations on the task cases; returns {name: results}."""
-
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
                                 limit=limit, **kw)
@@ -85,7 +84,6 @@ class _Ctx:
 
     def coefficients(self, ablate=(), scales: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
         """Mean coefficient m [N] per layer at the answer position over all cases."""
-
         seqs = list(self.cases["input_ids"])
         layers = list(range(self.view.n_layers))
         sums = {l: torch.zeros(self.view.ffn_width(l)) for l in layers}
