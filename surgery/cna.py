@@ -54,7 +54,7 @@ def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: 
     last = view.n_layers - 1
     dev = device_of(view.model)
     with Hooks(view) as h:
-        for layer, mask in _head_masks(view, ablate).items():
+        for layer, mask in head_masks(view, ablate).items():
             h.ablate_heads(layer, mask)
         for layer, s in (neuron_scale or {}).items():
             h.scale_neurons(layer, s)
@@ -76,7 +76,8 @@ def _post_scale(view: ModelView, layer: int, m: Tensor) -> Tensor | None:
     return view.ffn_post_scale(layer, y + (b.float() if b is not None else 0))
 
 
-def _head_masks(view: ModelView, heads: HeadList) -> dict[int, Tensor]:
+def head_masks(view: ModelView, heads: HeadList) -> dict[int, Tensor]:
+    """{layer: [H] mask} zeroing `heads` (checked against the model), for `Hooks.ablate_heads`."""
     masks: dict[int, Tensor] = {}
     for layer, head in heads:
         view.check_head(layer, head)

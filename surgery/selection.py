@@ -63,9 +63,10 @@ def random_scores(view: ModelView, layers: list[int], seed: int) -> dict[int, Te
 
 @torch.no_grad()
 def mean_coefficients(view: ModelView, seqs: Sequence[Sequence[int]], layers: list[int], pad: int,
-                      batch_size: int = 32, absolute: bool = False) -> dict[int, Tensor]:
+                      batch_size: int = 32, absolute: bool = False, head_masks: dict[int, Tensor] | None = None,
+                      scales: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
     """Mean coefficient m_k (or |m_k|) at the last position over `seqs` (duplicates counted, each distinct
-    sequence run once), {layer: [N]}."""
+    sequence run once), {layer: [N]}; optionally with heads masked and neurons scaled (`Hooks` settings)."""
     uniq = sorted({tuple(s) for s in seqs})
     count: dict[tuple, int] = {}
     for s in seqs:
@@ -76,6 +77,10 @@ def mean_coefficients(view: ModelView, seqs: Sequence[Sequence[int]], layers: li
     for i in range(0, len(uniq), batch_size):
         ids, mask = left_pad(uniq[i:i + batch_size], pad)
         with Hooks(view) as h:
+            for layer, hm in (head_masks or {}).items():
+                h.ablate_heads(layer, hm)
+            for layer, s in (scales or {}).items():
+                h.scale_neurons(layer, s)
             h.capture("m", layers, positions=-1)
             view.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
                        logits_to_keep=1, use_cache=False)

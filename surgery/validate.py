@@ -19,13 +19,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import cna
 from . import report as rep
 from .arch import ModelView
-from .batching import left_pad, pad_id, predict_cases
+from .batching import pad_id, predict_cases
+from .cna import head_masks
 from .evals import arithmetic
 from .hooks import Hooks
-from .selection import Neuron, zero_scales
+from .selection import Neuron, mean_coefficients, zero_scales
 
 KS = (10, 20, 30, 50, 99)
 NUMBER_WORDS = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -84,15 +84,9 @@ class _Ctx:
 
     def coefficients(self, ablate=(), scales: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
         """Mean coefficient m [N] per layer at the answer position over all cases."""
-        seqs = list(self.cases["input_ids"])
-        layers = list(range(self.view.n_layers))
-        sums = {l: torch.zeros(self.view.ffn_width(l)) for l in layers}
-        for s in range(0, len(seqs), self.batch_size):
-            st = cna.collect(self.view, *left_pad(seqs[s:s + self.batch_size], pad_id(self.loaded.tokenizer)),
-                             layers, ablate=ablate, neuron_scale=scales)
-            for l in layers:
-                sums[l] += st.m[l].sum(0).cpu()
-        return {l: v / len(seqs) for l, v in sums.items()}
+        return mean_coefficients(self.view, list(self.cases["input_ids"]), list(range(self.view.n_layers)),
+                                 pad_id(self.loaded.tokenizer), self.batch_size,
+                                 head_masks=head_masks(self.view, ablate), scales=scales)
 
 
 def mask(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
