@@ -570,7 +570,7 @@ def check_out(out: str | None, r: DebiasRecipe, force: bool) -> Path:
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
         force: bool = False, quick: bool = False, overrides: Sequence[str] = (), recipe: str = "gender-debias",
         neurons: int | None = None, method: str | None = None, edit: str | None = None,
-        profile: str | None = None) -> rep.Report:
+        profile: str | None = None, trust_remote_code: bool = False) -> rep.Report:
     """Find the FFN neurons behind gender-biased profession predictions (CNA between "A woman ..." and "A man ..."
     prompts on selection templates), zero (--edit zero, native checkpoint) or remove (--edit remove, sliced) the top
     --neurons, and write a checkpoint with report.json/report.md/plots: bias before/after on disjoint evaluation
@@ -583,7 +583,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     t0 = time.time()
     r = load_recipe(recipe, overrides, quick, neurons, method, edit, profile)
     outdir = check_out(out, r, force)
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     view, tok = ModelView(loaded.model), loaded.tokenizer
     layers = parse_layers(None if r.layers == "all" else r.layers, view.n_layers)
     check_neurons(r, view, layers)
@@ -661,7 +661,7 @@ def _export(loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], da
 
     extra = {"report.json": json.dumps(data, indent=2, default=rep._jsonable) + "\n", "report.md": md + "\n", **pngs}
     export.save(edited, loaded.tokenizer, outdir, layout="zeroed" if r.edit == "zero" else "sliced",
-                provenance=prov, force=force, extra_files=extra)
+                provenance=prov, force=force, extra_files=extra, base=loaded.source)
     files = [outdir / name for name in extra]
     return rep.Report(data, md, files=files)
 

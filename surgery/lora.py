@@ -105,7 +105,7 @@ def merged_copy(peft_model) -> nn.Module:
     return copy.deepcopy(peft_model).merge_and_unload().eval()
 
 
-def load_reference(path: str, base: nn.Module) -> nn.Module:
+def load_reference(path: str, base: nn.Module, trust_remote_code: bool = False) -> nn.Module:
     """A reference model for CNA: a PEFT adapter folder (merged into a copy of `base`) or a full checkpoint."""
     from .models import load_model
 
@@ -115,7 +115,7 @@ def load_reference(path: str, base: nn.Module) -> nn.Module:
 
         folder = p if (p / "adapter_config.json").exists() else p / "adapter"
         return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).merge_and_unload().eval()
-    ref = load_model(str(path)).model
+    ref = load_model(str(path), trust_remote_code=trust_remote_code).model
     if ModelView(ref).ffn_widths() != ModelView(base).ffn_widths():
         raise UsageError(f"--against {path} has other FFN widths than the model; give an unsliced checkpoint")
     return ref
@@ -243,7 +243,8 @@ def amplification(orig: nn.Module, tuned: nn.Module, tokenizer, seqs: list[list[
 # ---- the sweep (paper Figure 2, Tables 9-10) ----------------------------------------------------------------
 def sweep(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
           force: bool = False, quick: bool = False, overrides: list[str] | None = None,
-          recipe: str = "arithmetic-prune", layers: str | None = None, profile: str | None = None):
+          recipe: str = "arithmetic-prune", layers: str | None = None, profile: str | None = None,
+          trust_remote_code: bool = False):
     """Train one LoRA per layer on 2-digit arithmetic, report test accuracy per layer (paper Figure 2, PNG) and
     the coefficient amplification of each LoRA model's CNA top neurons per layer group vs the original
     (paper Tables 9-10)."""
@@ -255,7 +256,7 @@ def sweep(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cp
     r = load_recipe(recipe, quick, overrides, profile)
     outp = check_out(out, force, f"lora-sweep-{Path(model).name}")
     with steps("load"):
-        loaded = load_model(model, dtype, device)
+        loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
     spec = layers if layers is not None else r.sweep.layers
     if spec is not None and not str(spec).strip():
         raise UsageError("empty --layers; use A-B or a list like 3,5,7")

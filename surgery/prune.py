@@ -406,10 +406,10 @@ def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: 
     from . import export
     from .recipe import to_dict
 
-    prov = {"recipe": to_dict(r), "seed": r.seed, "base": base, "selector": r.selector,
+    prov = {"recipe": to_dict(r), "seed": r.seed, "selector": r.selector,
             "lora_layer": plan.lora_layer, "layers": {l: {"kept": keep[l]} for l in sorted(keep)}}
     export.save(fit.model.get_base_model(), tokenizer, out, layout=r.layout, provenance=prov, force=force,
-                adapter_model=fit.model, merge=True, extra_files=extra)
+                adapter_model=fit.model, merge=True, extra_files=extra, base=base)
     return check_reload(out, merged, keep, r.layout)
 
 
@@ -434,7 +434,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         force: bool = False, quick: bool = False, overrides: list[str] | None = None,
         recipe: str = "arithmetic-prune", keep: str | None = None, layers: str | None = None,
         selector: str | None = None, lora_layer: int | None = None, against: str | None = None,
-        layout: str | None = None, profile: str | None = None) -> Report:
+        layout: str | None = None, profile: str | None = None, trust_remote_code: bool = False) -> Report:
     """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
     chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
     taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots."""
@@ -448,9 +448,9 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     if against is not None and not Path(against).exists():
         raise UsageError(f"--against {against} does not exist; give a PEFT adapter folder or a checkpoint folder")
     with steps("load"):
-        loaded = load_model(model, dtype, device)
+        loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
     plan = make_plan(r, loaded.model)
-    res = pipeline(loaded, r, plan, against, steps)
+    res = pipeline(loaded, r, plan, against, steps, trust_remote_code)
     command = "surgery prune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["prune"] else "surgery.prune.run"
     return finish(loaded, r, plan, res, steps, outp, force, command, start)
 
@@ -466,7 +466,8 @@ class Results:
     splits: Splits
 
 
-def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Steps) -> Results:
+def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Steps,
+             trust_remote_code: bool = False) -> Results:
     """Steps a-e: reference, keep sets, slice + LoRA per selector, evaluation rows."""
     from .lora import load_reference
 
@@ -477,7 +478,7 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, steps: Ste
         task = task_cases(splits, tok, r.cna.limit)
     with steps("reference LoRA" if against is None else "reference (--against)"):
         ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train, splits)
-        ref = load_reference(against, orig) if against else merged_copy(ref_fit.model)
+        ref = load_reference(against, orig, trust_remote_code) if against else merged_copy(ref_fit.model)
     with steps("evaluate original + reference"):
         rows = _reference_rows(orig, ref, ref_fit, against, tok, splits, bs)
     keeps, cert = {}, None
@@ -539,7 +540,7 @@ def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, steps: Steps, out: 
     extra = {"report.json": _json(data), "report.md": md + "\n", **plots(res.rows, res.keeps[main], res.width)}
     with steps("export"):
         check = export_checkpoint(res.fits[main], res.merged[main], loaded.tokenizer, out, force, r, plan,
-                                  res.keeps[main], loaded.name, extra)
+                                  res.keeps[main], loaded.source, extra)
     if not check["widths_match"] or check["max_logit_diff"] > 1e-3:
         raise RuntimeError(f"exported checkpoint does not match the in-memory model: {check}")
     data["results"]["reload"] = check
