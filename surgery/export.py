@@ -79,7 +79,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_
 
     path = Path(path)
     kw = dict(trust_remote_code=trust.remote_code(path, trust_remote_code), **kwargs)
-    manifest = trust._json(path / MANIFEST) if (path / MANIFEST).exists() else None
+    manifest = trust.read_json(path / MANIFEST) if (path / MANIFEST).exists() else None
     manifest = manifest if isinstance(manifest, dict) else {}
     if dtype is not None:
         kw["dtype"] = _dtype(dtype)

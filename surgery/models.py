@@ -154,8 +154,8 @@ def check_config(path: Path) -> None:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelNotFound(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
-    if not isinstance(d, dict) or "model_type" not in d:
-        raise ModelNotFound(f"{path} is not a model config (a JSON object with model_type); the checkpoint is corrupt")
+    if not isinstance(d, dict):
+        raise ModelNotFound(f"{path} is a JSON {type(d).__name__}, not a model config; the checkpoint is corrupt")
 
 
 def hub_offline() -> bool:
@@ -175,14 +175,15 @@ def check_hub(repo_id: str, timeout: float = 3.0) -> None:
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return
     if hub_offline():
-        raise ModelNotFound(f"{repo_id!r} is not in the local Hugging Face cache and offline mode is on "
-                            "(HF_HUB_OFFLINE); download it first or give a registry name or local folder")
+        raise ModelNotFound(f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and offline "
+                            "mode is on (HF_HUB_OFFLINE); download it first or give a registry name or local folder")
     host = urlparse(hub.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as e:
-        raise ModelNotFound(f"{repo_id!r} is not in the local cache and {host} cannot be reached ({e}); "
-                            "download it first or give a registry name or local folder") from None
+        raise ModelNotFound(f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and {host} "
+                            f"cannot be reached ({e}); download it first or give a registry name or local folder"
+                            ) from None
 
 
 @contextmanager

@@ -106,7 +106,8 @@ def expected_modeling(config: dict) -> str | None:
     return modeling_text(base)
 
 
-def _json(path: Path):
+def read_json(path: Path):
+    """A JSON file's content, or None when it is missing or not JSON."""
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -117,7 +118,7 @@ def custom_code(folder: Path) -> list[str]:
     """The files of `folder` that ask transformers to run the folder's own code (an `auto_map`)."""
     found = []
     for name in _CODE_CONFIGS:
-        d = _json(folder / name) if (folder / name).is_file() else None
+        d = read_json(folder / name) if (folder / name).is_file() else None
         if isinstance(d, dict) and d.get("auto_map"):
             found.append(f"{name} auto_map")
     return found
@@ -125,10 +126,10 @@ def custom_code(folder: Path) -> list[str]:
 
 def not_ours(folder: Path) -> str | None:
     """Why `folder`'s code is not provably this version's sliced-layout modeling file (None when it is)."""
-    manifest = _json(folder / MANIFEST)
+    manifest = read_json(folder / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("layout") != "sliced":
         return f"it is not a sliced checkpoint written by surgery ({MANIFEST} does not say layout 'sliced')"
-    config = _json(folder / "config.json")
+    config = read_json(folder / "config.json")
     expected = expected_modeling(config) if isinstance(config, dict) else None
     if expected is None:
         return "its config.json auto_map is not the one surgery writes"

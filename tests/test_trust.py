@@ -203,10 +203,6 @@ def test_inspect_unreadable_checkpoint_is_one_line_exit_2(sliced, case, capfd):
         assert "does not exist" in err[0]
 
 
-def test_inspect_cli_subprocess_missing_path(tmp_path):
-    one_line_error(cli("inspect", str(tmp_path / "nope")), "does not exist")
-
-
 # ---- 3. one manifest writer: every kind inspects and diffs ------------------------------------------------------
 def _prune_like(tmp_path: Path) -> Path:
     """A checkpoint written by prune's own export step (LoRA merged, adapter/ saved, sliced) on a tiny model."""
@@ -283,11 +279,20 @@ def _corrupt(folder: Path, what: str) -> None:
         (folder / "config.json").write_text("[]")
 
 
-@pytest.mark.parametrize("what", ["truncated-weights", "garbage-weights", "bad-config"])
-def test_corrupt_model_is_one_line_for_eval(tmp_path, what):
+def test_corrupt_model_is_one_line_for_eval(tmp_path):
+    folder = plain_folder(tmp_path / "m")
+    _corrupt(folder, "truncated-weights")
+    one_line_error(cli("eval", "--model", str(folder), "--task", "arithmetic", "--limit", "4"), str(folder))
+
+
+@pytest.mark.parametrize("what", ["garbage-weights", "bad-config", "config-list"])
+def test_corrupt_model_is_one_line_for_eval_in_process(tmp_path, what, capfd):
     folder = plain_folder(tmp_path / "m")
     _corrupt(folder, what)
-    one_line_error(cli("eval", "--model", str(folder), "--task", "arithmetic", "--limit", "4"), str(folder))
+    capfd.readouterr()
+    assert cli_main(["eval", "--model", str(folder), "--task", "arithmetic", "--limit", "4"]) == 2
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("surgery: error:") and str(folder) in err[0], err
 
 
 @pytest.mark.parametrize("what", ["truncated-weights", "garbage-weights", "bad-config", "config-list"])
