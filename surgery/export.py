@@ -3,7 +3,8 @@
 Layouts (DESIGN.md section 4):
 - sliced: per-layer FFN widths. config.json keeps the base `model_type`, records `ffn_widths` and transformers'
   `per_layer_config`, and maps AutoModelForCausalLM (`auto_map`) to a generated `modeling_surgery.py` that
-  subclasses the base class and rebuilds each layer's FFN at its width. Needs `trust_remote_code=True`.
+  subclasses the base class and rebuilds each layer's FFN at its width (template in trust.py). Needs
+  `trust_remote_code=True`; surgery's own loaders pass it only when that file is byte-identical to the template.
 - padded: base shapes, removed neurons all-zero: native everywhere, no speed-up.
 - zeroed: base shapes with in-place edits (debias): native.
 Every folder is built in a temp dir beside the target and renamed into place (`report.atomic_dir`): a killed

@@ -229,7 +229,7 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str =
         kwargs["device_map"] = "auto"
     try:
         with quiet_transformers():
-            m = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
+            m, info = AutoModelForCausalLM.from_pretrained(str(where), output_loading_info=True, **kwargs)
             tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
         if isinstance(e, UsageError):
@@ -237,6 +237,10 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str =
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelNotFound(f"cannot load {model!r} ({first}); check the name, or the folder's weights and "
                             "config are corrupt or truncated") from e
+    missing = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if missing:  # transformers would fill them with random values; its warning is silenced above, so refuse
+        raise ModelNotFound(f"{model!r} lacks {len(missing)} weight tensors or has them in other shapes "
+                            f"(e.g. {missing[0]}); the checkpoint is incomplete or does not match its config.json")
     arch_for(m.config)  # unsupported architectures fail here, with the supported list
     if device == "cuda":
         m = m.to("cuda")

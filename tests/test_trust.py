@@ -409,3 +409,16 @@ def test_reports_get_normal_permissions(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and md.stat().st_mode & 0o777 == 0o644
+
+
+def test_checkpoint_missing_tensors_is_refused_not_random_filled(tmp_path):
+    """transformers would random-initialise absent tensors (its warning is silenced on our load path): refuse."""
+    from safetensors.torch import load_file, save_file
+
+    folder = plain_folder(tmp_path / "m")
+    tensors = load_file(str(folder / "model.safetensors"))
+    victim = next(k for k in tensors if "mlp.down_proj" in k)
+    save_file({k: v for k, v in tensors.items() if k != victim}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="lacks 1 weight"):
+        load_model(str(folder))
