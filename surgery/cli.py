@@ -65,6 +65,8 @@ MODEL = [
     (("--model",), dict(default="smollm2-135m", help="registry name, local HF folder, or hub id")),
     (("--dtype",), dict(default="float32", help="float32 | bfloat16 | float16")),
     (("--device",), dict(default="cpu", help="cpu | cuda | auto (accelerate device_map for big models)")),
+    (("--trust-remote-code",), dict(action="store_true", help="run the model folder's own Python code (auto_map); "
+                                    "only for authors you trust (surgery's own sliced checkpoints need no flag)")),
 ]
 TASK = [
     (("--task",), dict(default="arithmetic", help=" | ".join(SUITES))),

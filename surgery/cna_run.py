@@ -32,7 +32,8 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         limit: int | None = None, batch_size: int = 16, seed: int = 0, out: str | None = None,
         prompt: str | None = None, prompt_b: str | None = None, target: str | None = None,
         ablate_head: Sequence[tuple[int, int]] | None = None, against: str | None = None,
-        layers: str | None = None, top: int = 20, exhaustive: bool = False, validate: Sequence[str] = ()):
+        layers: str | None = None, top: int = 20, exhaustive: bool = False, validate: Sequence[str] = (),
+        trust_remote_code: bool = False):
     """Neuron importance (the paper's log-prob increase of the target when a neuron's subvalue is added, through
     the frozen final norm and unembedding) for every FFN neuron, and CNA: the change of that importance between
     setting A and B. The reported top neurons are certified equal to an exhaustive ranking. --validate runs the
@@ -40,12 +41,12 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     t0 = time.time()
     outdir = rep.check_out_dir(out)
     _check(prompt, prompt_b, against, ablate_head, task, validate)
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     va = ModelView(loaded.model)
     chosen = cna.parse_layers(layers, va.n_layers)
     for lh in ablate_head or ():
         va.check_head(*lh)
-    vb = ModelView(load_against(against, loaded)) if against else None
+    vb = ModelView(load_against(against, loaded, trust_remote_code)) if against else None
     tgt = cna.target_id(loaded.tokenizer, target) if target else None
     rank = max(top, 99) if "mask" in validate else top  # Table 5 masks up to the top-99
     if prompt is not None:

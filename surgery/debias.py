@@ -508,7 +508,7 @@ def _sweep_table(sw: dict[str, list[dict]]) -> str:
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
         force: bool = False, quick: bool = False, overrides: Sequence[str] = (), recipe: str = "gender-debias",
         neurons: int | None = None, method: str | None = None, edit: str | None = None,
-        profile: str | None = None) -> rep.Report:
+        profile: str | None = None, trust_remote_code: bool = False) -> rep.Report:
     """Find the FFN neurons behind gender-biased profession predictions (CNA between "A woman ..." and "A man ..."
     prompts on selection templates), zero (--edit zero, native checkpoint) or remove (--edit remove, sliced) the top
     --neurons, and write a checkpoint with report.json/report.md/plots: bias before/after on disjoint evaluation
@@ -516,7 +516,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     collateral (XSum perplexity, 1-digit arithmetic, factual gender controls) and the Wino-test rate."""
     r = load_recipe(recipe, overrides, quick, neurons, method, edit, profile)
     run = Run("debias", out, force, default=f"debias-{r.method}-{r.neurons}")
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     view, tok = ModelView(loaded.model), loaded.tokenizer
     layers = parse_layers(None if r.layers == "all" else r.layers, view.n_layers)
     check_neurons(r, view, layers)
@@ -589,7 +589,7 @@ def _export(loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], da
                           for l, idx in groups.items()}
     extra = {"report.json": rep.json_text(data), "report.md": md + "\n", **pngs}
     export.save(edited, loaded.tokenizer, outdir, layout="zeroed" if r.edit == "zero" else "sliced",
-                provenance=prov, force=force, extra_files=extra)
+                provenance=prov, force=force, extra_files=extra, base=loaded.source)
     files = [outdir / name for name in extra]
     return rep.Report(data, md, files=files)
 

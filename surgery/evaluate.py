@@ -156,14 +156,15 @@ def format_table(results: dict) -> str:
 
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", task: str = "arithmetic",
         digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,
-        limit: int | None = None, batch_size: int = 64, seed: int = 0, out: str | None = None):
+        limit: int | None = None, batch_size: int = 64, seed: int = 0, out: str | None = None,
+        trust_remote_code: bool = False):
     """Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digits, template and case type,
     95% Wilson intervals), gender bias (profession log-prob gap, factual controls, Wino-test) or perplexity
     (XSum sample). Prints a table; with --out writes DIR/report.json and DIR/report.md."""
     outdir = rep.check_out_dir(out)
     check_options(tuple(digits), ops, templates, limit, task)  # before loading anything
     start = time.time()
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     res = evaluate(loaded, task, digits=digits, ops=ops, templates=templates, limit=limit,
                    batch_size=batch_size, seed=seed)
     data = rep.make(f"eval --task {task}", loaded.describe(), res["config"], res["results"], time.time() - start)

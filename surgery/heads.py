@@ -361,7 +361,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,
         limit: int | None = None, batch_size: int = 64, seed: int = 0, out: str | None = None,
         ablation: str = "zero", mode: str = "exact", verify: int = 20,
-        only_heads: Sequence[Head] | None = None) -> rep.Report:
+        only_heads: Sequence[Head] | None = None, trust_remote_code: bool = False) -> rep.Report:
     """Ablate each attention head and measure arithmetic accuracy per operation (the paper's head scan).
 
     Writes DIR/heads.json (baseline + one row per head: acc, drop, n per op / group / case type), DIR/heads.md
@@ -375,7 +375,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     outdir = rep.check_out_dir(out) or Path("checkpoints") / "heads"
     state = PartialState(cpu=device == "cpu")  # cpu: gloo process group across CPU processes
     per_rank_gpu = device == "cuda" and state.num_processes > 1  # one GPU per process under accelerate launch
-    loaded = load_model(model, dtype, "cpu" if per_rank_gpu else device)
+    loaded = load_model(model, dtype, "cpu" if per_rank_gpu else device, trust_remote_code=trust_remote_code)
     if per_rank_gpu:
         loaded.model.to(state.device)
     view = ModelView(loaded.model)

@@ -65,7 +65,7 @@ def merged_copy(peft_model) -> nn.Module:
     return copy.deepcopy(peft_model).merge_and_unload().eval()
 
 
-def load_against(path: str | Path, loaded) -> nn.Module:
+def load_against(path: str | Path, loaded, trust_remote_code: bool = False) -> nn.Module:
     """The comparison model of `--against`: a PEFT adapter folder (merged into a copy of the loaded base; its
     recorded base must be that model) or a full checkpoint with the same FFN widths and vocabulary (CNA
     compares the same neurons). One definition for every command that takes --against."""
@@ -80,7 +80,7 @@ def load_against(path: str | Path, loaded) -> nn.Module:
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"adapter {path} does not fit {loaded.name} ({str(e).splitlines()[0][:120]})") from e
         return merged.eval()
-    other = load_model(str(path)).model
+    other = load_model(str(path), trust_remote_code=trust_remote_code).model
     a, b = ModelView(other), ModelView(loaded.model)
     if a.ffn_widths() != b.ffn_widths() or other.config.vocab_size != loaded.model.config.vocab_size:
         raise UsageError(f"--against {path} has other FFN widths or vocabulary than {loaded.name}; "

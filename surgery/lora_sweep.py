@@ -45,8 +45,9 @@ def amplification(orig: nn.Module, tuned: nn.Module, tokenizer, seqs: list[list[
 
 # ---- the sweep (paper Figure 2, Tables 9-10) ----------------------------------------------------------------
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
-          force: bool = False, quick: bool = False, overrides: list[str] | None = None,
-          recipe: str = "arithmetic-prune", layers: str | None = None, profile: str | None = None):
+        force: bool = False, quick: bool = False, overrides: list[str] | None = None,
+        recipe: str = "arithmetic-prune", layers: str | None = None, profile: str | None = None,
+        trust_remote_code: bool = False) -> Report:
     """Train one LoRA per layer on 2-digit arithmetic, report test accuracy per layer (paper Figure 2, PNG) and
     the coefficient amplification of each LoRA model's CNA top neurons per layer group vs the original
     (paper Tables 9-10)."""
@@ -56,7 +57,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     if spec is not None and not str(spec).strip():
         raise UsageError("empty --layers; use A-B or a list like 3,5,7")
     with run.step("load"):
-        loaded = load_model(model, dtype, device)
+        loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
         which = parse_layers(spec, ModelView(loaded.model).n_layers)
     with run.step("data"):
         splits = build_splits(r.data)

@@ -10,13 +10,20 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
+from . import trust
 from .arch import arch_for
 from .errors import UsageError
 
@@ -134,6 +141,7 @@ def resolve(model: str) -> tuple[str, str | Path]:
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelNotFound(f"folder {model} has no config.json; point --model at a Hugging Face model folder")
+        check_config(path / "config.json")
         return path.name, path
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return model, model  # a hub id, for users with internet
@@ -141,12 +149,71 @@ def resolve(model: str) -> tuple[str, str | Path]:
                         "a local model folder, or a hub id like org/name")
 
 
-def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu") -> Loaded:
-    """Load a causal LM and its tokenizer, in eval mode. device 'auto' spreads it with accelerate's device_map."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_config(path: Path) -> None:
+    """config.json must be a JSON object: a corrupt one is one line here, not a traceback inside transformers."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelNotFound(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    if not isinstance(d, dict):
+        raise ModelNotFound(f"{path} is a JSON {type(d).__name__}, not a model config; the checkpoint is corrupt")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as set now (huggingface_hub reads them once, at import)."""
+    import huggingface_hub.constants as hub
+
+    flags = [os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    return bool(hub.HF_HUB_OFFLINE) or any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def check_hub(repo_id: str, timeout: float = 3.0) -> None:
+    """A hub id must be in the local cache, or the hub reachable: fail in seconds with one line, not after a minute
+    of retries."""
+    import huggingface_hub.constants as hub
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    if hub_offline():
+        raise ModelNotFound(f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and offline "
+                            "mode is on (HF_HUB_OFFLINE); download it first or give a registry name or local folder")
+    host = urlparse(hub.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        raise ModelNotFound(f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and {host} "
+                            f"cannot be reached ({e}); download it first or give a registry name or local folder"
+                            ) from None
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' and huggingface_hub's own warnings and progress bars off while loading: the user sees our
+    one-line errors and our progress bars only."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
+    levels = hf_logging.get_verbosity(), hub_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own progress bars only; errors stay one line
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
+
+
+def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False) -> Loaded:
+    """Load a causal LM and its tokenizer, in eval mode. device 'auto' spreads it with accelerate's device_map.
+    A folder's own Python code runs only when `trust.remote_code` proves it is surgery's sliced-layout file or
+    trust_remote_code=True (--trust-remote-code); otherwise such a folder is refused with one line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -155,15 +222,25 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str =
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible; use --device cpu")
     name, where = resolve(model)
-    remote = isinstance(where, Path) and (where / "surgery.json").exists()  # our own sliced checkpoints
-    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=remote)
+    if not isinstance(where, Path):
+        check_hub(str(where))
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust.remote_code(where, trust_remote_code))
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
-        m = AutoModelForCausalLM.from_pretrained(str(where), **kwargs)
-        tok = AutoTokenizer.from_pretrained(str(where))
-    except OSError as e:
-        raise ModelNotFound(f"cannot load {model!r} ({str(e).splitlines()[0]}); check the name or folder") from e
+        with quiet_transformers():
+            m, info = AutoModelForCausalLM.from_pretrained(str(where), output_loading_info=True, **kwargs)
+            tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+        if isinstance(e, UsageError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelNotFound(f"cannot load {model!r} ({first}); check the name, or the folder's weights and "
+                            "config are corrupt or truncated") from e
+    missing = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if missing:  # transformers would fill them with random values; its warning is silenced above, so refuse
+        raise ModelNotFound(f"{model!r} lacks {len(missing)} weight tensors or has them in other shapes "
+                            f"(e.g. {missing[0]}); the checkpoint is incomplete or does not match its config.json")
     arch_for(m.config)  # unsupported architectures fail here, with the supported list
     if device == "cuda":
         m = m.to("cuda")

@@ -318,10 +318,10 @@ def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: d
 def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: bool, r: PruneRecipe,
                       plan: Plan, keep: dict[int, list[int]], base: str, extra: dict) -> dict:
     """Write the chosen model (LoRA merged) with provenance, then reload it and compare logits."""
-    prov = {"recipe": to_dict(r), "seed": r.seed, "base": base, "selector": r.selector,
+    prov = {"recipe": to_dict(r), "seed": r.seed, "selector": r.selector,
             "lora_layer": plan.lora_layer, "layers": {l: {"kept": keep[l]} for l in sorted(keep)}}
     export.save(fit.model.get_base_model(), tokenizer, out, layout=r.layout, provenance=prov, force=force,
-                adapter_model=fit.model, merge=True, extra_files=extra)
+                adapter_model=fit.model, merge=True, extra_files=extra, base=base)
     return check_reload(out, merged, keep, r.layout)
 
 
@@ -343,7 +343,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         force: bool = False, quick: bool = False, overrides: list[str] | None = None,
         recipe: str = "arithmetic-prune", keep: str | None = None, layers: str | None = None,
         selector: str | None = None, lora_layer: int | None = None, against: str | None = None,
-        layout: str | None = None, profile: str | None = None) -> Report:
+        layout: str | None = None, profile: str | None = None, trust_remote_code: bool = False) -> Report:
     """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
     chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
     taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots."""
@@ -354,9 +354,9 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     if against is not None and not Path(against).exists():
         raise UsageError(f"--against {against} does not exist; give a PEFT adapter folder or a checkpoint folder")
     with run.step("load"):
-        loaded = load_model(model, dtype, device)
+        loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
         plan = make_plan(r, loaded.model)  # inside the step: a bad plan is the only line printed
-    res = pipeline(loaded, r, plan, against, run)
+    res = pipeline(loaded, r, plan, against, run, trust_remote_code)
     return finish(loaded, r, plan, res, run)
 
 
@@ -371,7 +371,8 @@ class Results:
     splits: Splits
 
 
-def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) -> Results:
+def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run,
+             trust_remote_code: bool = False) -> Results:
     """Steps a-e: reference, keep sets, slice + LoRA per selector, evaluation rows."""
     orig, tok = loaded.model, loaded.tokenizer
     bs = r.train.eval_batch_size
@@ -381,7 +382,7 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run) 
     with run.step("reference LoRA" if against is None else "reference (--against)"):
         ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train,
                                                 *training_data(r, splits, tok))
-        ref = load_against(against, loaded) if against else merged_copy(ref_fit.model)
+        ref = load_against(against, loaded, trust_remote_code) if against else merged_copy(ref_fit.model)
     with run.step("evaluate original + reference"):
         rows = _reference_rows(orig, ref, ref_fit, against, tok, splits, bs)
     keeps, cert = {}, None
@@ -439,7 +440,7 @@ def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report
     extra = {"report.json": json_text(data), "report.md": md + "\n", **plots(res.rows, res.keeps[main], res.width)}
     with run.step("export"):
         check = export_checkpoint(res.fits[main], res.merged[main], loaded.tokenizer, run.out, run.force, r, plan,
-                                  res.keeps[main], loaded.name, extra)
+                                  res.keeps[main], loaded.source, extra)
     if not check["widths_match"] or check["max_logit_diff"] > 1e-3:
         raise RuntimeError(f"exported checkpoint does not match the in-memory model: {check}")
     data["results"]["reload"] = check

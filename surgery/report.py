@@ -7,6 +7,8 @@ Schema (stable, like lm-eval-harness results):
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -72,15 +74,24 @@ def write_text_atomic(path: Path, text: str) -> Path:
     """Write a file via a temp file + rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file (0644 usually)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
 def json_text(data) -> str:
     """The report JSON text (tensors and paths made plain)."""
     return json.dumps(data, indent=2, default=_jsonable) + "\n"
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data) -> Path:
@@ -107,24 +118,89 @@ def save(report: Report, out: Path | None, stem: str = "report") -> Report:
 def atomic_dir(target: Path, force: bool = False) -> Iterator[Path]:
     """Build a folder in a temp dir beside `target`, then rename it into place; nothing partial survives.
 
-    An existing target needs force=True (it is replaced only after the new one is complete)."""
+    The temp dir is `.NAME.tmp.PID.*`: leftovers of the same target whose writer died (kill -9) are removed on
+    the next run. An existing target needs force=True and is replaced only after the new one is complete, by an
+    atomic exchange (Linux renameat2 RENAME_EXCHANGE) so the name always holds a complete folder; where that is
+    unavailable, by two renames via `.NAME.old.PID`, and a next run puts back an old folder that a kill left
+    between them."""
     target = Path(target)
+    recover_stale(target)
     if target.exists() and not force:
         raise UsageError(f"{target} already exists; pass --force to overwrite it or choose another --out")
     check_out_dir(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.{os.getpid()}.", dir=target.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+        tmp.chmod(0o777 & ~_umask())
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            pass  # tmp now holds the old folder; removed below
         else:
-            tmp.rename(target)
+            old = target.with_name(f".{target.name}.old.{os.getpid()}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the C library or file system cannot."""
+    fn = getattr(_libc(), "renameat2", None) if _libc() is not None else None
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _stale(target: Path, kind: str) -> list[Path]:
+    """`.NAME.<kind>.PID[.*]` siblings of `target` whose writer process is gone."""
+    prefix = f".{target.name}.{kind}."
+    out = []
+    if not target.parent.is_dir():
+        return out
+    for p in target.parent.iterdir():
+        if p.name.startswith(prefix):
+            pid = p.name[len(prefix):].split(".", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                out.append(p)
+    return out
+
+
+def recover_stale(target: Path) -> None:
+    """Clean up after a writer of `target` that was killed: put back an old folder a --force replacement had moved
+    aside if the name is empty, delete the rest (old folders and half-built temp folders)."""
+    for old in sorted(_stale(target, "old")):
+        if not target.exists():
+            os.rename(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in _stale(target, "tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -81,3 +81,17 @@ def test_lora_sweep_quick(tmp_path, smol):
     assert len(amp) == 4 and sum(a["neurons"] for a in amp) >= 5  # the union of per-case top-5 lists
     assert all(a["ratio"] > 0 and a["orig"] > 0 for a in amp if a["neurons"])  # mean |m| of real neurons
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG" and (out / "report.md").exists()
+
+
+def test_prune_checkpoint_inspects_and_diffs(pruned, capsys):
+    """prune's checkpoint goes through the one manifest writer: base id + sha256, inspect exit 0, diff reads it."""
+    from surgery import export
+    from surgery.cli import main as cli_main
+
+    out, rep = pruned
+    m = json.loads((out / "surgery.json").read_text())
+    assert m["base"]["id"] == "smollm2-135m" and len(m["base"]["sha256"]) == 64
+    assert cli_main(["inspect", str(out)]) == 0 and "All hashes match" in capsys.readouterr().out
+    d = export.diff("smollm2-135m", str(out))
+    kept = rep.data["results"]["kept_indices"]
+    assert all(d.data["summary"]["widths"][int(l)] == len(k) for l, k in kept.items())
