@@ -54,9 +54,19 @@ def test_dataset_mode_with_validations(tiny_dir, tmp_path):
     assert res["mode"] == "dataset" and res["certified"] == res["n_cases"]
     assert len(res["per_case_top"]) == res["n_cases"]
     v = res["validations"]
-    assert v["mask"]["rows"] and "coefficient_drop" in v["mask"]
-    assert "cos_value_key_upper" in v["pe"] or "skipped" in v["pe"]
-    assert v["fe"]["candidates"] > 0
+    rows = v["mask"]["rows"]
+    assert len(res["neurons"]) == 99 and [r["k"] for r in rows] == [10, 20, 30, 50, 99]  # --validate mask ranks 99
+    for r in rows:  # drops are differences of accuracies measured on the same cases
+        assert all(-1 <= r[key] <= 1 for key in ("zero_top_drop", "zero_random_drop", "keep_top_deep_drop"))
+        assert 0 <= r["kept_in_deep"] <= r["k"]
+    assert v["mask"]["coefficient_drop"]["k"] == 10
+    layers = {n["layer"] for n in res["neurons"][:30]}
+    if len(layers) == 1:  # PE needs a lower and an upper layer among the top neurons
+        assert v["pe"] == {"skipped": "all top neurons sit in one layer"}
+    else:
+        assert v["pe"]["n_upper"] == sum(n["layer"] > min(layers) for n in res["neurons"][:30])
+        assert -1 <= v["pe"]["cos_value_key_upper"] <= 1
+    assert v["fe"]["candidates"] > 0 and v["fe"]["layers"] == "0-1"
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -1,0 +1,94 @@
+"""Every bad input found by trying the CLI as a new user: exit 2, exactly ONE stderr line (unfiltered: nothing
+from transformers, no step log before it), nothing written. Model-free cases fail before any model loads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from surgery.cli import main
+
+SMOL = Path("checkpoints/base/smollm2-135m")
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse errors
+        return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with the real SmolLM2 tokenizer, saved as a HF folder (loads in a second)."""
+    if not (SMOL / "tokenizer.json").exists():
+        pytest.skip("needs the converted SmolLM2 tokenizer (make setup)")
+    import transformers as T
+
+    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SMOL / f, d / f)
+    return d
+
+
+@pytest.fixture
+def bad_profile(tmp_path):
+    p = tmp_path / "recipe.yaml"
+    p.write_text("name: x\nprofiles:\n  quick: 3\n")
+    return p
+
+
+CASES = [  # (argv, a phrase the one line must contain)
+    (["prune", "--set", "train.lrs=[]"], "'train.lrs' must not be empty"),
+    (["prune", "--set", "train.batch_size=0"], "'train.batch_size' must be >= 1"),
+    (["prune", "--set", "lora.rank=true"], "'lora.rank' must be a number"),
+    (["prune", "--set", "cna.batch_size=0"], "'cna.batch_size' must be >= 1"),
+    (["prune", "--set", "baselines=[cna,bogus]"], "'bogus' is not one of"),
+    (["prune", "--set", "train.warmup_ratio=2"], "'train.warmup_ratio' must be <= 1"),
+    (["lora-sweep", "--set", "train.lrs=[]"], "'train.lrs' must not be empty"),
+    (["debias", "--set", "batch_size=0"], "'batch_size' must be >= 1"),
+    (["debias", "--set", "candidates=0"], "'candidates' must be >= 1"),
+    (["debias", "--neurons", "0"], "--neurons must be >= 1"),
+    (["debias", "--set", "sweep.ns=[]"], "'sweep.ns' must not be empty"),
+    (["cna", "--prompt", ""], "--prompt: must not be empty"),
+    (["cna", "--prompt", "x", "--prompt-b", " "], "--prompt-b: must not be empty"),
+    (["cna", "--prompt", "x", "--target", ""], "--target: must not be empty"),
+    (["cna", "--prompt", "x", "--ablate-head", ""], "--ablate-head"),
+    (["heads", "--heads", ""], "--heads"),
+    (["eval", "--ops", ""], "--ops"),
+    (["eval", "--digits", ","], "--digits"),
+]
+
+
+@pytest.mark.parametrize("argv, phrase", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_model_free_bad_input(argv, phrase, tmp_path, capfd):
+    out = tmp_path / "out"
+    rc = _run([*argv, "--out", str(out)])
+    err = capfd.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and phrase in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_profile_that_is_not_a_mapping(bad_profile, tmp_path, capfd):
+    assert _run(["prune", "--recipe", str(bad_profile), "--quick", "--out", str(tmp_path / "o")]) == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "profile 'quick' must be a mapping" in err, err
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["cna", "--prompt", "Calculate: 3+5=", "--layers", "3-1"], "layer range 3-1 is empty; write the lower layer first: 1-3"),
+    (["cna", "--prompt", "Calculate: 3+5=", "--layers", "9"], "outside the model"),
+    (["cna", "--prompt", "Calculate: 3+5=", "--target", " nursery rhymes"], "is 2 tokens"),
+])
+def test_bad_input_after_loading_is_still_one_line(tiny_dir, argv, phrase, tmp_path, capfd):
+    out = tmp_path / "out"
+    assert _run([*argv, "--model", str(tiny_dir), "--out", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and phrase in err, err
+    assert not out.exists()
