@@ -89,11 +89,11 @@ class DebiasRecipe:
     collateral: Collateral = field(default_factory=Collateral)
 
 
-def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, neurons: int | None = None,
-                method: str | None = None, edit: str | None = None, profile: str | None = None) -> DebiasRecipe:
-    """The resolved recipe: file, profile (--quick / --profile), --set overrides, then the CLI flags; validated."""
-    r = recipes.resolve(name, DebiasRecipe, list(overrides), quick, profile, neurons=neurons, method=method,
-                        edit=edit)
+def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, profile: str | None = None,
+                **flags) -> DebiasRecipe:
+    """The resolved recipe: file, profile (--quick / --profile), --set overrides, then the CLI flags (None =
+    the recipe's); validated (same signature as prune.load_recipe)."""
+    r = recipes.resolve(name, DebiasRecipe, list(overrides), quick, profile, **flags)
     check_recipe(r)
     return r
 
@@ -514,7 +514,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     --neurons, and write a checkpoint with report.json/report.md/plots: bias before/after on disjoint evaluation
     templates (total, woman-/man-biased, per profession), the random and activation-diff baselines, a sweep over N,
     collateral (XSum perplexity, 1-digit arithmetic, factual gender controls) and the Wino-test rate."""
-    r = load_recipe(recipe, overrides, quick, neurons, method, edit, profile)
+    r = load_recipe(recipe, overrides, quick, profile, neurons=neurons, method=method, edit=edit)
     run = Run("debias", out, force, default=f"debias-{r.method}-{r.neurons}")
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     view, tok = ModelView(loaded.model), loaded.tokenizer

@@ -51,7 +51,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     """Train one LoRA per layer on 2-digit arithmetic, report test accuracy per layer (paper Figure 2, PNG) and
     the coefficient amplification of each LoRA model's CNA top neurons per layer group vs the original
     (paper Tables 9-10)."""
-    r = load_recipe(recipe, quick, overrides, profile)
+    r = load_recipe(recipe, overrides or (), quick, profile)
     run = Run("lora-sweep", out, force, default=f"lora-sweep-{Path(model).name}")
     spec = layers if layers is not None else r.sweep.layers
     if spec is not None and not str(spec).strip():

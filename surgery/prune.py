@@ -19,6 +19,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ class PruneRecipe:
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
 
-def load_recipe(name: str, quick: bool = False, overrides: list[str] | None = None, profile: str | None = None,
+def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, profile: str | None = None,
                 **flags) -> PruneRecipe:
     """The recipe with its profile (--quick / --profile), --set overrides, then the explicit CLI flags
     (None = recipe's); every value validated."""
@@ -347,7 +348,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
     chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
     taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots."""
-    r = load_recipe(recipe, quick, overrides, profile, keep=keep, layers=layers, selector=selector,
+    r = load_recipe(recipe, overrides or (), quick, profile, keep=keep, layers=layers, selector=selector,
                     lora_layer=lora_layer, layout=layout)
     run = Run("prune", out, force, default=f"prune-{Path(model).name}")
     _check_keep_syntax(r.keep)

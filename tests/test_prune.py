@@ -51,10 +51,10 @@ def test_plan_rejects_bad_input(kw, msg):
 
 
 def test_recipe_loads_quick_and_rejects_unknown_keys():
-    r = prune.load_recipe("arithmetic-prune", True, ["lora.rank=4"], keep="3%", layers=None)
+    r = prune.load_recipe("arithmetic-prune", ["lora.rank=4"], True, keep="3%", layers=None)
     assert r.keep == "3%" and r.layers == "deep" and r.lora.rank == 4 and r.train.max_steps > 0
     with pytest.raises(UsageError, match="lora.rnak"):
-        prune.load_recipe("arithmetic-prune", False, ["lora.rnak=4"])
+        prune.load_recipe("arithmetic-prune", ["lora.rnak=4"])
 
 
 def test_existing_out_needs_force(tmp_path):
