@@ -409,15 +409,22 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run,
 
 
 def _main_keep(name: str, orig, ref, tok, task: TaskCases, plan: Plan, r: PruneRecipe):
-    """The main selector's keep set (it defines the budget); CNA also returns its scan."""
-    if name == "cna":
-        return cna_keep(orig, ref, tok, task, plan, r.cna.batch_size, r.cna.max_rescore, r.cna.exact_top,
-                        r.cna.score)
-    view = ModelView(orig)
-    n = sum(view.ffn_width(l) for l in plan.layers)
-    total = int(plan.keep_value) * len(task.seqs) if plan.keep_kind == "top" else round(plan.keep_value / 100 * n)
-    share = {l: max(1, min(view.ffn_width(l), round(total / len(plan.layers)))) for l in plan.layers}
-    return baseline_keep(name, orig, tok, task, share, r.seed), None
+    """The main selector's keep set; its per-layer counts are the budget every other selector gets. CNA also
+    returns its scan.
+
+    P%: the main selector's global top P% over the chosen layers. topN: CNA's rule (the union of each case's N
+    most important neurons per layer) sets the per-layer budget whichever selector is main, because only CNA has
+    per-case rankings; a non-CNA main selector then keeps its own best neurons at those counts."""
+    cna = None
+    if name == "cna" or plan.keep_kind == "top":
+        cna = cna_keep(orig, ref, tok, task, plan, r.cna.batch_size, r.cna.max_rescore, r.cna.exact_top,
+                       r.cna.score)
+        if name == "cna":
+            return cna
+        budget = {l: len(v) for l, v in cna[0].items()}
+        return baseline_keep(name, orig, tok, task, budget, r.seed), None
+    inp = selectors.Inputs(ModelView(orig), plan.layers, pad_id(tok), task.seqs, task.targets, seed=r.seed)
+    return global_budget(selectors.score("task", name, inp), plan.keep_value), None
 
 
 def _reference_rows(orig, ref, ref_fit, against, tok, splits, bs) -> list[dict]:

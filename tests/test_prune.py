@@ -185,3 +185,24 @@ def test_cna_keep_topn_is_the_union_of_exhaustive_per_case_tops(score):
     assert {l: set(v) for l, v in keep.items()} == want
     with pytest.raises(UsageError, match="cna.score"):
         prune.cna_keep(orig, ref, TOK, t, prune.Plan([1, 2], "top", 3, 1, ["cna"]), batch_size=2, score="abs")
+
+
+@pytest.mark.parametrize("main", ["cna", "random", "magnitude", "activation", "taylor"])
+@pytest.mark.parametrize("keep", [("top", 3), ("pct", 20)])
+def test_every_selector_gets_the_main_selectors_per_layer_budget(main, keep):
+    """Whichever selector is main, the baselines keep exactly its per-layer counts, and the cut is real: topN is
+    CNA's per-case union (not N x cases spread over the layers, which kept every layer whole), P% is P% of the
+    chosen layers."""
+    orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
+    plan = prune.Plan([1, 2], keep[0], keep[1], 1, [main])
+    r = prune.PruneRecipe(cna=prune.CnaSpec(batch_size=2))
+    kept, _ = prune._main_keep(main, orig, ref, TOK, t, plan, r)
+    cna_kept, _ = prune.cna_keep(orig, ref, TOK, t, plan, batch_size=2)
+    budget = {l: len(v) for l, v in kept.items()}
+    if keep[0] == "top":
+        assert budget == {l: len(v) for l, v in cna_kept.items()}  # CNA's rule sets the topN budget
+    else:
+        assert sum(budget.values()) == round(0.2 * 96)
+    assert sum(budget.values()) < 96  # something is pruned
+    for other in ["random", "magnitude", "activation", "taylor"]:
+        assert {l: len(v) for l, v in prune.baseline_keep(other, orig, TOK, t, budget, 0).items()} == budget
