@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Callable
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import set_seed
 
 from .arch import ModelView
 from .batching import device_of, pad_id
@@ -90,18 +92,17 @@ def load_against(path: str | Path, loaded, trust_remote_code: bool = False) -> n
 
 # ---- training ---------------------------------------------------------------------------------------------
 def train_lora(model: nn.Module, tokenizer, rows: list[dict], layer: int, lora: LoraSpec, spec: TrainSpec,
-               lr: float):
-    """Fresh LoRA at `layer` on a copy of `model`, trained with transformers.Trainer; returns (peft_model, log)."""
-    import tempfile
-
-    from transformers import set_seed
+               lr: float, teacher: nn.Module | None = None):
+    """Fresh LoRA at `layer` on a copy of `model`, trained with transformers.Trainer (distilled from `teacher`
+    when spec.distill > 0); returns (peft_model, log)."""
 
     if not rows:
         raise UsageError("no training problems; raise data.per_op or lower data.test_size")
     set_seed(spec.seed)
     pm = attach(model, [layer], lora)
     with tempfile.TemporaryDirectory(prefix="surgery-lora-") as tmp:
-        trainer = answer_trainer(pm, rows, spec, lr, tmp, pad_id(tokenizer), device=str(device_of(model)))
+        trainer = answer_trainer(pm, rows, spec, lr, tmp, pad_id(tokenizer), teacher,
+                                 device=str(device_of(model)))
         trainer.train()
     return pm.eval(), log_of(trainer)
 
@@ -118,14 +119,15 @@ class Fit:
 
 
 def fit_lora(model: nn.Module, tokenizer, layer: int, lora: LoraSpec, spec: TrainSpec, rows: list[dict],
-             validate: Callable[[nn.Module], float] | None = None, lrs: list[float] | None = None) -> Fit:
+             validate: Callable[[nn.Module], float] | None = None, lrs: list[float] | None = None,
+             teacher: nn.Module | None = None) -> Fit:
     """Train one LoRA per candidate lr on encoded `rows`, keep the best by `validate(model)` (higher is better;
     the paper picks lr from 1e-3, 5e-4, 1e-4 on a validation split). One candidate or no `validate`: the first
     lr, no validation pass."""
     start, lrs = time.time(), list(lrs or spec.lrs)
     best, scores = None, {}
     for lr in lrs:
-        pm, log = train_lora(model, tokenizer, rows, layer, lora, spec, lr)
+        pm, log = train_lora(model, tokenizer, rows, layer, lora, spec, lr, teacher)
         acc = validate(pm) if len(lrs) > 1 and validate is not None else None
         scores[lr] = acc
         if best is None or (acc is not None and acc > best[2]):

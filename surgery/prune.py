@@ -185,9 +185,11 @@ def global_budget(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list
 
 
 def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget: dict[int, int],
-                  seed: int) -> dict[int, list[int]]:
-    """Keep set of a registered task selector at the given per-layer budget (the main selector's)."""
-    inp = selectors.Inputs(ModelView(orig), sorted(budget), pad_id(tokenizer), task.seqs, task.targets, seed=seed)
+                  seed: int, reference: nn.Module | None = None) -> dict[int, list[int]]:
+    """Keep set of a registered task selector at the given per-layer budget (the main selector's); `reference`
+    is the tuned model CNA compares with."""
+    inp = selectors.Inputs(ModelView(orig), sorted(budget), pad_id(tokenizer), task.seqs, task.targets, seed=seed,
+                           reference=ModelView(reference) if reference is not None else None)
     return selectors.by_budget(selectors.score("task", name, inp), budget)
 
 
@@ -200,10 +202,12 @@ def sliced_copy(orig: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
 
 
 def prune_and_train(orig: nn.Module, tokenizer, keep: dict[int, list[int]], r: PruneRecipe, plan: Plan,
-                    splits: Splits) -> tuple[nn.Module, Fit]:
-    """Slice a copy, attach a fresh LoRA at the plan's layer, train it (lr chosen on validation)."""
+                    splits: Splits, teacher: nn.Module | None = None) -> tuple[nn.Module, Fit]:
+    """Slice a copy, attach a fresh LoRA at the plan's layer, train it (lr chosen on validation; distilled from
+    `teacher` when train.distill > 0)."""
     sliced = sliced_copy(orig, keep)
-    return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, *training_data(r, splits, tokenizer))
+    return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, *training_data(r, splits, tokenizer),
+                            teacher=teacher)
 
 
 def training_data(r: PruneRecipe, splits: Splits, tokenizer):
@@ -390,15 +394,16 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run,
     with run.step(f"select ({plan.selectors[0]})"):
         keeps[plan.selectors[0]], sc = _main_keep(plan.selectors[0], orig, ref, tok, task, plan, r)
         cert = float(sc.certified.float().mean()) if sc is not None else None
-    del ref, ref_fit
     budget = {l: len(v) for l, v in keeps[plan.selectors[0]].items()}
     for name in plan.selectors[1:]:
         with run.step(f"select ({name})"):
-            keeps[name] = baseline_keep(name, orig, tok, task, budget, r.seed)
+            keeps[name] = baseline_keep(name, orig, tok, task, budget, r.seed, ref)
+    teacher = ref if r.train.distill > 0 else None  # the unpruned LoRA model teaches the pruned ones
+    del ref, ref_fit
     fits, merged = {}, {}
     for name in plan.selectors:
         with run.step(f"slice + LoRA + evaluate ({name})"):
-            _, fit = prune_and_train(orig, tok, keeps[name], r, plan, splits)
+            _, fit = prune_and_train(orig, tok, keeps[name], r, plan, splits, teacher)
             m = merged_copy(fit.model)
             rows.append(evaluate_row(f"{name}-pruned + LoRA", m, tok, splits, bs,
                                      sum(len(v) for v in keeps[name].values()), lora_params(fit), fit.lr))

@@ -32,6 +32,8 @@ class TrainSpec:
     warmup_ratio: float = field(default=0.05, metadata=rules(min=0, max=1))
     weight_decay: float = field(default=0.0, metadata=rules(min=0))
     seed: int = 0
+    distill: float = field(default=0.0, metadata=rules(min=0))  # weight of KL(teacher || student); 0 = off
+    temperature: float = field(default=1.0, metadata=rules(min=0.01))  # distillation temperature T
 
 
 class Collator:
@@ -56,17 +58,39 @@ class Collator:
                 "position_ids": position_ids(mask)}
 
 
-def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy of the labelled (answer) tokens of a left-padded batch, computing logits only for the
-    positions that predict them; equal to the HF causal-LM loss of the same batch."""
+def _answer_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [B, K, V] of the positions that predict labelled tokens and their labels [B, K]) of a left-padded
+    batch: only the last K + 1 positions are computed."""
     labels = batch["labels"]
     labelled = (labels != -100).any(0).nonzero()
     keep = labels.shape[1] - int(labelled[0]) + 1 if len(labelled) else 2
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, -keep:-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, -keep + 1:].reshape(-1),
-                                       ignore_index=-100)
+    return out.logits[:, -keep:-1].float(), labels[:, -keep + 1:]
+
+
+def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of the labelled (answer) tokens of a left-padded batch, computing logits only for the
+    positions that predict them; equal to the HF causal-LM loss of the same batch."""
+    logits, labels = _answer_logits(model, batch)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def distill_loss(model: nn.Module, teacher: nn.Module, batch: dict, weight: float,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Answer cross-entropy + weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)), the KL averaged over
+    the labelled (answer) positions: recovery that also matches the teacher's whole answer distribution."""
+    logits, labels = _answer_logits(model, batch)
+    ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    if weight == 0:
+        return ce
+    with torch.no_grad():
+        t_logits, _ = _answer_logits(teacher, batch)
+    on = labels != -100
+    log_s = (logits[on] / temperature).log_softmax(-1)
+    log_t = (t_logits[on] / temperature).log_softmax(-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    return ce + weight * temperature ** 2 * kl
 
 
 def _trainer_class():
@@ -74,8 +98,15 @@ def _trainer_class():
     from transformers import Trainer
 
     class AnswerTrainer(Trainer):
+        teacher: nn.Module | None = None  # set for distillation
+        distill: float = 0.0
+        temperature: float = 1.0
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = answer_loss(model, inputs)
+            if self.teacher is not None and self.distill > 0:
+                loss = distill_loss(model, self.teacher, inputs, self.distill, self.temperature)
+            else:
+                loss = answer_loss(model, inputs)
             return (loss, None) if return_outputs else loss
 
     return AnswerTrainer
@@ -101,10 +132,14 @@ def _accelerated(device: str | None) -> bool:
 
 
 def answer_trainer(model: nn.Module, rows: list[dict], spec: TrainSpec, lr: float, out_dir: str, pad_id: int,
-                   **kwargs):
-    """A transformers.Trainer over `rows` with the answer-only loss and `spec`'s settings."""
-    return _trainer_class()(model=model, args=train_args(spec, lr, out_dir, len(rows), **kwargs),
-                            train_dataset=rows, data_collator=Collator(pad_id))
+                   teacher: nn.Module | None = None, **kwargs):
+    """A transformers.Trainer over `rows` with the answer-only loss and `spec`'s settings; with a `teacher` and
+    spec.distill > 0 the loss adds the distillation term (`distill_loss`)."""
+    trainer = _trainer_class()(model=model, args=train_args(spec, lr, out_dir, len(rows), **kwargs),
+                               train_dataset=rows, data_collator=Collator(pad_id))
+    if teacher is not None and spec.distill > 0:
+        trainer.teacher, trainer.distill, trainer.temperature = teacher.eval(), spec.distill, spec.temperature
+    return trainer
 
 
 def log_of(trainer) -> list[dict]:

@@ -125,3 +125,41 @@ def test_layer_groups_cover_every_layer():
     groups = lora_sweep._layer_groups(30, 4)
     assert groups[0][0] == 0 and groups[-1][1] == 29
     assert sum(hi - lo + 1 for lo, hi in groups) == 30
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("weight, temperature", [(0.0, 1.0), (0.5, 1.0), (2.0, 2.5)])
+def test_distill_loss_equals_its_definition(arch, weight, temperature):
+    """CE of the answer tokens (the HF loss) + w T^2 KL(teacher_T || student_T) over the answer positions, from
+    full-sequence logits of both models."""
+    student, teacher = make_tiny(arch), make_tiny(arch, seed=5)
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+            {"input_ids": [9, 10, 11], "labels": [-100, -100, 11]}]
+    batch = training.Collator(0)(rows)
+    got = training.distill_loss(student, teacher, batch, weight, temperature)
+    fwd = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+    s, t = student(**fwd).logits[:, :-1].float(), teacher(**fwd).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    on = labels != -100
+    ce = torch.nn.functional.cross_entropy(s[on], labels[on])
+    ls, lt = (s[on] / temperature).log_softmax(-1), (t[on] / temperature).log_softmax(-1)
+    kl = (lt.exp() * (lt - ls)).sum(-1).mean()
+    torch.testing.assert_close(got, ce + weight * temperature ** 2 * kl, atol=1e-5, rtol=1e-5)
+    assert weight == 0 or float(kl) > 0  # two different models: the KL term is really there
+
+
+def test_distillation_pulls_the_student_toward_the_teacher(tmp_path):
+    """Same rows, steps and lr: training with the KL term ends closer to the teacher than training without."""
+    teacher = make_tiny("llama", seed=5)
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}] * 8
+    batch = training.Collator(0)(rows[:2])
+
+    def trained_kl(distill: float) -> float:
+        student = make_tiny("llama")
+        spec = training.TrainSpec(max_steps=20, batch_size=4, lrs=[1e-2], distill=distill, warmup_ratio=0.0)
+        training.answer_trainer(student, rows, spec, 1e-2, str(tmp_path / str(distill)), 0, teacher=teacher,
+                                device="cpu").train()
+        with torch.no_grad():
+            return float(training.distill_loss(student, teacher, batch, 1.0) - training.answer_loss(student, batch))
+
+    assert trained_kl(5.0) < trained_kl(0.0)
