@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -44,22 +45,38 @@ class LoraSpec:
     alpha: int = field(default=16, metadata=rules(min=1))
     dropout: float = field(default=0.0, metadata=rules(min=0, max=1))
     targets: list[str] | None = None
+    ffn: bool = False  # recovery LoRA also on the FFN projections of the pruned layers (the paper: attention only)
 
 
 # ---- attaching --------------------------------------------------------------------------------------------
-def peft_config(view: ModelView, layers: list[int], spec: LoraSpec):
-    """A PEFT LoraConfig on the attention projections of `layers` only."""
-    for layer in layers:
+def peft_config(view: ModelView, layers: list[int], spec: LoraSpec, ffn_layers: Sequence[int] = ()):
+    """A PEFT LoraConfig on the attention projections of `layers`, and on the FFN projections (keys and values)
+    of `ffn_layers` when given (one regex over module names: PEFT's layers_to_transform takes one module list)."""
+    for layer in [*layers, *ffn_layers]:
         view.check_layer(layer)
-    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
-                      target_modules=list(spec.targets or view.arch.lora_targets), layers_to_transform=list(layers),
-                      layers_pattern=view.arch.layers.rpartition(".")[2], task_type="CAUSAL_LM")
+    common = dict(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none", task_type="CAUSAL_LM")
+    attn = list(spec.targets or view.arch.lora_targets)
+    if not ffn_layers:
+        return LoraConfig(target_modules=attn, layers_to_transform=list(layers),
+                          layers_pattern=view.arch.layers.rpartition(".")[2], **common)
+    return LoraConfig(target_modules=f"{_modules_regex(view, layers, attn)}|"
+                                     f"{_modules_regex(view, ffn_layers, [*view.arch.ffn_in, view.arch.ffn_out])}",
+                      **common)
 
 
-def attach(model: nn.Module, layers: list[int], spec: LoraSpec, copy_model: bool = True):
-    """A PeftModel with fresh LoRA adapters at `layers` (on a deep copy of `model` unless copy_model=False)."""
+def _modules_regex(view: ModelView, layers: Sequence[int], suffixes: Sequence[str]) -> str:
+    """Full module names `<layers>.<i>.<...>.<suffix>` for i in layers (PEFT fullmatches it against names)."""
+    idx = "|".join(str(l) for l in layers)
+    ends = "|".join(re.escape(s) for s in suffixes)
+    return rf"(?:.*\.)?{re.escape(view.arch.layers)}\.(?:{idx})\.(?:.*\.)?(?:{ends})"
+
+
+def attach(model: nn.Module, layers: list[int], spec: LoraSpec, copy_model: bool = True,
+           ffn_layers: Sequence[int] = ()):
+    """A PeftModel with fresh LoRA adapters at `layers`' attention (and `ffn_layers`' FFN), on a deep copy of
+    `model` unless copy_model=False."""
     base = copy.deepcopy(model) if copy_model else model
-    return get_peft_model(base, peft_config(ModelView(model), layers, spec))
+    return get_peft_model(base, peft_config(ModelView(model), layers, spec, ffn_layers))
 
 
 def merged_copy(peft_model) -> nn.Module:
@@ -92,14 +109,14 @@ def load_against(path: str | Path, loaded, trust_remote_code: bool = False) -> n
 
 # ---- training ---------------------------------------------------------------------------------------------
 def train_lora(model: nn.Module, tokenizer, rows: list[dict], layer: int, lora: LoraSpec, spec: TrainSpec,
-               lr: float, teacher: nn.Module | None = None):
+               lr: float, teacher: nn.Module | None = None, ffn_layers: Sequence[int] = ()):
     """Fresh LoRA at `layer` on a copy of `model`, trained with transformers.Trainer (distilled from `teacher`
     when spec.distill > 0); returns (peft_model, log)."""
 
     if not rows:
         raise UsageError("no training problems; raise data.per_op or lower data.test_size")
     set_seed(spec.seed)
-    pm = attach(model, [layer], lora)
+    pm = attach(model, [layer], lora, ffn_layers=ffn_layers)
     with tempfile.TemporaryDirectory(prefix="surgery-lora-") as tmp:
         trainer = answer_trainer(pm, rows, spec, lr, tmp, pad_id(tokenizer), teacher,
                                  device=str(device_of(model)))
@@ -120,14 +137,14 @@ class Fit:
 
 def fit_lora(model: nn.Module, tokenizer, layer: int, lora: LoraSpec, spec: TrainSpec, rows: list[dict],
              validate: Callable[[nn.Module], float] | None = None, lrs: list[float] | None = None,
-             teacher: nn.Module | None = None) -> Fit:
+             teacher: nn.Module | None = None, ffn_layers: Sequence[int] = ()) -> Fit:
     """Train one LoRA per candidate lr on encoded `rows`, keep the best by `validate(model)` (higher is better;
     the paper picks lr from 1e-3, 5e-4, 1e-4 on a validation split). One candidate or no `validate`: the first
     lr, no validation pass."""
     start, lrs = time.time(), list(lrs or spec.lrs)
     best, scores = None, {}
     for lr in lrs:
-        pm, log = train_lora(model, tokenizer, rows, layer, lora, spec, lr, teacher)
+        pm, log = train_lora(model, tokenizer, rows, layer, lora, spec, lr, teacher, ffn_layers)
         acc = validate(pm) if len(lrs) > 1 and validate is not None else None
         scores[lr] = acc
         if best is None or (acc is not None and acc > best[2]):

@@ -206,8 +206,9 @@ def prune_and_train(orig: nn.Module, tokenizer, keep: dict[int, list[int]], r: P
     """Slice a copy, attach a fresh LoRA at the plan's layer, train it (lr chosen on validation; distilled from
     `teacher` when train.distill > 0)."""
     sliced = sliced_copy(orig, keep)
+    ffn = sorted(keep) if r.lora.ffn else ()  # lora.ffn: the recovery LoRA also adapts the pruned FFNs
     return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, *training_data(r, splits, tokenizer),
-                            teacher=teacher)
+                            teacher=teacher, ffn_layers=ffn)
 
 
 def training_data(r: PruneRecipe, splits: Splits, tokenizer):

@@ -163,3 +163,21 @@ def test_distillation_pulls_the_student_toward_the_teacher(tmp_path):
             return float(training.distill_loss(student, teacher, batch, 1.0) - training.answer_loss(student, batch))
 
     assert trained_kl(5.0) < trained_kl(0.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "gpt_neox"])
+def test_lora_on_attention_and_the_pruned_ffns(arch):
+    """lora.ffn: adapters on the attention of the LoRA layer AND on every FFN projection of the listed layers,
+    nothing else; on a sliced model too."""
+    from surgery.slicing import slice_ffn
+
+    model = make_tiny(arch)
+    slice_ffn(model, {2: [0, 3, 5]})
+    a = ModelView(model).arch
+    pm = lora.attach(model, [0], lora.LoraSpec(rank=2), ffn_layers=[2])
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in pm.named_modules() if n.endswith("lora_A")}
+    attn = {n for n, _ in model.named_modules()
+            if n.startswith(f"{a.layers}.0.") and any(n.endswith("." + t) for t in a.lora_targets)}
+    want = attn | {f"{a.layers}.2.{p}" for p in (*a.ffn_in, a.ffn_out)}
+    assert len(attn) == len(a.lora_targets)
+    assert {w.removeprefix("base_model.model.") for w in wrapped} == want
