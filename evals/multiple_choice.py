@@ -26,8 +26,9 @@ def _options(text: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2).strip()) for m in re.finditer(r"(?m)^\s*([A-E])\.\s*(.+?)\s*$", text)]
 
 
-def build(task: str, n: int = 200) -> Dataset:
-    """The first n questions of `task` (mmlu | csqa): columns question, options (list), answer (index)."""
+def build(task: str, n: int = 200, max_chars: int = 400) -> Dataset:
+    """The first n questions of `task` (mmlu | csqa) whose question has at most max_chars characters (bounds the
+    cost of a CPU run; MMLU has page-long questions): columns question, options (list), answer (index)."""
     if task not in FILES:
         raise UsageError(f"unknown multiple-choice task {task!r}; use {', '.join(FILES)}")
     if n < 1:
@@ -39,7 +40,7 @@ def build(task: str, n: int = 200) -> Dataset:
             opts = _options(r.get("options", ""))
             letter = str(r.get("answer", "")).strip()[:1]
             letters = [o[0] for o in opts]
-            if len(opts) < 2 or letter not in letters:
+            if len(opts) < 2 or letter not in letters or len(r["question"]) > max_chars:
                 continue
             rows.append({"question": r["question"].strip(), "options": [o[1] for o in opts],
                          "answer": letters.index(letter)})
