@@ -632,8 +632,8 @@ def _diff_heads(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: fl
 def _diff_qkv(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, n_kv: int, tol: float,
               covered: set[str]) -> dict:
     """Query heads whose query rows changed and key/value heads whose key/value rows changed (precise fine-tuning
-    edits exactly these), read through the arch table's q/k/v layout. Adds the tensors it explains to `covered`
-    when every change in them falls inside some head's rows."""
+    edits exactly these), read through the arch table's q/k/v layout; the tensors stay listed under
+    other_tensors as well (`covered` is not extended)."""
     pre = f"{a.layers}.{l}."
     names = [pre + p + s for p in a.attn_qkv for s in (".weight", ".bias")]
     pairs = {n: (B.get(n), O.get(n)) for n in names}
@@ -665,18 +665,17 @@ def _diff_qkv(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, n_kv: int
                     q_heads.add(h)
                 if kv_part:
                     kv_heads.add(h // group)
-    if all(not (changed[n] & ~explained[n]).any() for n in changed):
-        covered |= set(pairs)
-    return {"heads_q_modified": sorted(q_heads), "kv_heads_modified": sorted(kv_heads)}
+    outside = any(bool((changed[n] & ~explained[n]).any()) for n in changed)
+    return {"heads_q_modified": sorted(q_heads), "kv_heads_modified": sorted(kv_heads), "qkv_outside_heads": outside}
 
 
 def _diff_ffn_out_bias(a: Arch, B: _Weights, O: _Weights, l: int, tol: float, covered: set[str]) -> dict:
-    """The FFN output bias belongs to no neuron but to the MLP: a change marks the MLP as changed."""
+    """The FFN output bias belongs to no neuron but to the MLP: a change marks the MLP as changed (the tensor
+    stays listed under other_tensors too)."""
     name = f"{a.layers}.{l}.{a.ffn_out}.bias"
     b, o = B.get(name), O.get(name)
     if b is None or o is None or b.shape != o.shape:
         return {}
-    covered.add(name)
     return {"ffn_out_bias_changed": bool(_changed_entries(b, o, tol).any())}
 
 

@@ -44,7 +44,13 @@ def test_diff_reports_exactly_the_trained_components(arch, tmp_path):
     n_kv = getattr(base.config, "num_key_value_heads", None) or base.config.num_attention_heads
     group = base.config.num_attention_heads // n_kv
     assert got["kv_heads"] == [f"0.{1 // group}", f"2.{3 // group}"]
-    assert d["other_tensors"] == []  # nothing outside the components changed
+    from surgery.arch import ModelView
+
+    a = ModelView(base).arch
+    qkv = {f"{a.layers}.{l}.{p}.{w}" for l in (0, 2) for p in a.attn_qkv for w in ("weight", "bias")}
+    qkv.add(f"{a.layers}.1.{a.ffn_out}.bias")
+    assert {o["tensor"] for o in d["other_tensors"]} <= qkv  # nothing outside the components changed
+    assert not any(r.get("qkv_outside_heads") for r in d["layers"])
     m = json.loads((tmp_path / "ft" / "surgery.json").read_text())
     assert m["finetune"]["heads"] == ["0.1", "2.3"]
 
