@@ -66,3 +66,22 @@ def test_finetune_bad_inputs_write_nothing(tmp_path):
         with pytest.raises(UsageError, match=msg):
             run(out=str(out), quick=True, **kw)
     assert not out.exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_plan_rows_same_k_random_control_disjoint_and_sweep():
+    from surgery.finetune import FinetuneRecipe, plan_rows
+
+    r = FinetuneRecipe(sweep=[1, 2, 3, 9])
+    comps = Components([(2, 3), (0, 1), (1, 0)], [])
+    rows = plan_rows(r, comps, [1], (3, 4), 2)
+    names = [x.name for x in rows]
+    assert names[0] == "base" and "full fine-tuning" in names and any(n.startswith("LoRA") for n in names)
+    main = next(x for x in rows if x.name == "precise, 2 heads")
+    rnd = next(x for x in rows if "random" in x.name)
+    assert main.comps.heads == [(2, 3), (0, 1)] and len(rnd.comps.heads) == 2
+    assert not set(rnd.comps.heads) & set(main.comps.heads)
+    mlp = next(x for x in rows if "MLPs" in x.name)
+    assert mlp.comps.heads == main.comps.heads and mlp.comps.mlps == [1]
+    sweep = [len(x.comps.heads) for x in rows if x.name.startswith("precise, ") and "random" not in x.name
+             and "MLPs" not in x.name]
+    assert sweep == [2, 1, 3]  # K=9 dropped: only 3 heads ranked
