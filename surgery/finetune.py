@@ -386,7 +386,11 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     shape = shape_of(AutoConfig.from_pretrained(str(where)), name)
     given = parse(components, shape) if components is not None else None
     if given is not None:
-        take(given, k)  # K larger than the heads given: an error before any weights load
+        if not given.heads:
+            raise UsageError("--components names no heads; precise SFT trains heads (add LAYER.HEAD entries, "
+                             "MLPs are optional)")
+        k = top_heads or min(r.top_heads, len(given.heads))  # a short list without --top-heads: all of it
+        take(given, k)  # an explicit K larger than the heads given: an error before any weights load
     _log(f"loading {model}")
     loaded = load_model(model, dtype, device)
     base, tok = loaded.model, loaded.tokenizer

@@ -61,7 +61,7 @@ def test_finetune_bad_inputs_write_nothing(tmp_path):
     out = tmp_path / "o"
     for kw, msg in [(dict(components="99.0"), "outside"), (dict(components=""), "empty"),
                     (dict(components="1.1,2.2", top_heads=3), "at most 2"),
-                    (dict(components="mlp.40"), "outside"),
+                    (dict(components="mlp.40"), "outside"), (dict(components="mlp.3"), "no heads"),
                     (dict(overrides=["train.weight_decay=0.1"]), "weight_decay")]:
         with pytest.raises(UsageError, match=msg):
             run(out=str(out), quick=True, **kw)
