@@ -29,6 +29,9 @@ class ArchError(UsageError):
 
 FfnKind = Literal["gated", "fused", "plain"]
 NormKind = Literal["rms", "rms1p", "layer"]  # rms1p: Gemma's x * (1 + w)
+# separate: q/k/v Linears, rows per head; rows: one Linear, rows [q | k | v]; cols: GPT-2 Conv1D, columns [q | k | v];
+# heads: NeoX query_key_value, rows grouped per head as [q_h | k_h | v_h]
+QkvLayout = Literal["separate", "rows", "cols", "heads"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class Arch:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections (PEFT names)
     attn_v: str | None = "self_attn.v_proj"  # value projection; fused ones give where V sits (see attn_v_fused)
     attn_v_fused: str | None = None  # "qkv_rows": Linear rows [q | k | v]; "qkv_cols": Conv1D columns [q | k | v]
+    attn_qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # q, k, v projections
+    qkv_layout: QkvLayout = "separate"  # how head h's query/key/value features sit in attn_qkv (see qkv_slices)
 
 
 _LLAMA = Arch(
@@ -73,7 +78,8 @@ ARCHS: dict[str, Arch] = {
     "qwen2": _LLAMA,
     # Phi-3: Llama with fused qkv and gate_up projections
     "phi3": replace(_LLAMA, ffn_in=("mlp.gate_up_proj",), ffn_kind="fused", attn_v="self_attn.qkv_proj",
-                    attn_v_fused="qkv_rows", lora_targets=("qkv_proj", "o_proj")),
+                    attn_v_fused="qkv_rows", lora_targets=("qkv_proj", "o_proj"), attn_qkv=("self_attn.qkv_proj",),
+                    qkv_layout="rows"),
     # Gemma 3: Llama with norms around the FFN, (1 + w) RMS norms and final logit soft-capping
     "gemma3_text": replace(_LLAMA, pre_ffn_norm="pre_feedforward_layernorm",
                            post_ffn_norm="post_feedforward_layernorm", norm_kind="rms1p",
@@ -83,6 +89,8 @@ ARCHS: dict[str, Arch] = {
         attn_out="attn.c_proj",
         attn_v="attn.c_attn",
         attn_v_fused="qkv_cols",
+        attn_qkv=("attn.c_attn",),
+        qkv_layout="cols",
         ffn="mlp",
         ffn_in=("mlp.c_fc",),
         ffn_out="mlp.c_proj",
@@ -98,6 +106,7 @@ ARCHS: dict[str, Arch] = {
         layers="transformer.h",
         attn_out="attn.out_proj",
         attn_v="attn.v_proj",
+        attn_qkv=("attn.q_proj", "attn.k_proj", "attn.v_proj"),
         ffn="mlp",
         ffn_in=("mlp.fc_in",),
         ffn_out="mlp.fc_out",
@@ -113,6 +122,8 @@ ARCHS: dict[str, Arch] = {
         layers="gpt_neox.layers",
         attn_out="attention.dense",
         attn_v=None,  # query_key_value interleaves heads; the OV map is not read from it
+        attn_qkv=("attention.query_key_value",),
+        qkv_layout="heads",
         ffn="mlp",
         ffn_in=("mlp.dense_h_to_4h",),
         ffn_out="mlp.dense_4h_to_h",
@@ -139,6 +150,21 @@ def arch_for(config) -> Arch:
     if mt not in ARCHS:
         raise ArchError(f"unsupported architecture {mt!r}; supported: {', '.join(supported())}")
     return ARCHS[mt]
+
+
+def qkv_slices(arch: Arch, n_heads: int, n_kv: int, head_dim: int, head: int) -> list[tuple[str, int, Tensor]]:
+    """(layer-relative module path, axis of its weight, indices) of query head `head`'s query features and of the
+    key/value features of its key/value head (head // (n_heads / n_kv): under GQA shared with the group), in the
+    q/k/v projection weights. Biases use the same indices on axis 0. Pure table arithmetic (diff uses it on files)."""
+    dh, kv = head_dim, head // (n_heads // n_kv)
+    q, k = torch.arange(head * dh, (head + 1) * dh), torch.arange(kv * dh, (kv + 1) * dh)
+    if arch.qkv_layout == "separate":
+        return [(arch.attn_qkv[0], 0, q), (arch.attn_qkv[1], 0, k), (arch.attn_qkv[2], 0, k)]
+    if arch.qkv_layout == "heads":  # NeoX: view(..., H, 3 * dh) then chunk(3): head h owns rows h*3dh..(h+1)*3dh
+        base = head * 3 * dh
+        return [(arch.attn_qkv[0], 0, torch.arange(base, base + 3 * dh))]
+    idx = torch.cat([q, n_heads * dh + k, (n_heads + n_kv) * dh + k])
+    return [(arch.attn_qkv[0], 1 if arch.qkv_layout == "cols" else 0, idx)]
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -201,6 +227,10 @@ class ModelView:
     def softcap(self) -> float | None:
         attr = self.arch.softcap_attr
         return getattr(self.config, attr, None) if attr else None
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
 
     def ffn_width(self, layer: int) -> int:
         """Number of FFN neurons in `layer` (per-layer: sliced models differ)."""
@@ -288,6 +318,27 @@ class ModelView:
             kv = h // group
             total += self.head_out_weight(layer, h).float() @ wv[kv * self.head_dim:(kv + 1) * self.head_dim]
         return total
+
+    def head_param_slices(self, layer: int, head: int) -> list[tuple[str, int, Tensor]]:
+        """(parameter name, axis, indices) of every weight/bias entry owned by query head (layer, head): its query
+        rows, its key/value head's key and value rows (shared with the rest of its GQA group) and its attention
+        output-projection input features. The output-projection bias belongs to no head."""
+        self.check_head(layer, head)
+        pre = f"{self.arch.layers}.{layer}."
+        out = []
+        for path, axis, idx in qkv_slices(self.arch, self.n_heads, self.n_kv_heads, self.head_dim, head):
+            mod = _get(self.layer(layer), path)
+            out.append((f"{pre}{path}.weight", axis, idx))
+            if getattr(mod, "bias", None) is not None:
+                out.append((f"{pre}{path}.bias", 0, idx))
+        cols = torch.arange(head * self.head_dim, (head + 1) * self.head_dim)
+        out.append((f"{pre}{self.arch.attn_out}.weight", 0 if self.arch.conv1d else 1, cols))
+        return out
+
+    def ffn_param_names(self, layer: int) -> list[str]:
+        """Names of every parameter of the FFN of `layer` (keys, values and their biases; norms excluded)."""
+        pre = f"{self.arch.layers}.{self.check_layer(layer)}.{self.arch.ffn}."
+        return [pre + n for n, _ in self.ffn(layer).named_parameters()]
 
     def attn_out_bias(self, layer: int) -> Tensor | None:
         return getattr(self.attn_out(layer), "bias", None)

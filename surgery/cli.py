@@ -93,6 +93,10 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--mode",), dict(default="exact", choices=["exact", "screen"])),
         (("--verify",), dict(type=positive, default=20, help="screen mode: exact-scan the top K screened heads")),
         (("--heads",), dict(dest="only_heads", type=heads, default=None, help="scan only these heads L.H,...")),
+        (("--method",), dict(default="ablation", choices=["ablation", "path-patch"],
+                             help="ablation (accuracy drop) or path-patch (Zhang et al., relative logit effect)")),
+        (("--counterfactual",), dict(default="null-operator", choices=["null-operator"],
+                                     help="path-patch: operator token replaced by ' nothing'")),
     ]),
     "cna": ("surgery.cna_run:run", MODEL + TASK + OUT + [
         (("--prompt",), dict(type=text, default=None, help="single-prompt mode: the input text")),
@@ -123,6 +127,12 @@ COMMANDS: dict[str, tuple[str, list]] = {
     "lora-sweep": ("surgery.lora_sweep:run", MODEL + OUT + FORCE + RECIPE + [
         (("--recipe",), dict(default="arithmetic-prune")),
         (("--layers",), dict(default=None, help="layers to try, A-B or list (default: every layer)")),
+    ]),
+    "finetune": ("surgery.finetune:run", MODEL + OUT + FORCE + RECIPE + [
+        (("--recipe",), dict(default="precise-sft", help="recipe name in recipes/ or a YAML path")),
+        (("--components",), dict(default=None, help="heads.json, circuit.json, or a list like '14.2, 1.4, mlp.20' "
+                                                    "(default: the recipe's own head scan)")),
+        (("--top-heads",), dict(type=positive, default=None, help="train the first K heads of --components")),
     ]),
     "inspect": ("surgery.export:inspect", [(("path",), dict(help="checkpoint folder"))]),
     "diff": ("surgery.export:diff", [

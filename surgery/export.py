@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from . import __version__, trust
-from .arch import Arch, ModelView, arch_for
+from .arch import Arch, ModelView, arch_for, qkv_slices
 from .errors import UsageError
 from .models import DTYPES, resolve, sha256_file
 from .report import Report, atomic_dir, check_out_dir, md_table, now
@@ -598,9 +598,14 @@ def _diff(B: _Weights, O: _Weights, cfg, arch: Arch, base_dir: Path, other_dir: 
     layers = [_diff_layer(arch, B, O, l, n_heads, tol) for l in range(n_layers)]
     covered = {k for l in range(n_layers) for k in _ffn_names(arch, l)}
     covered |= {f"{arch.layers}.{l}.{arch.attn_out}.weight" for l in range(n_layers)}
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    for l, rec in enumerate(layers):
+        rec.update(_diff_qkv(arch, B, O, l, n_heads, n_kv, tol, covered))
+        rec.update(_diff_ffn_out_bias(arch, B, O, l, tol, covered))
     others = _diff_others(B, O, covered, tol)
     data = {"base": str(base_dir), "other": str(other_dir), "arch": cfg.model_type, "tolerance": tol,
-            "layers": layers, "other_tensors": others, "summary": _diff_summary(layers, others)}
+            "layers": layers, "other_tensors": others, "summary": _diff_summary(layers, others),
+            "changed_components": changed_components(layers)}
     report = Report(data=data, markdown=_diff_markdown(data))
     return save_report(report, out_dir, stem="diff")
 
@@ -699,6 +704,84 @@ def _diff_heads(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, tol: fl
     return {"heads_zeroed": zeroed, "heads_scaled": scaled, "heads_modified": modified}
 
 
+def _diff_qkv(a: Arch, B: _Weights, O: _Weights, l: int, n_heads: int, n_kv: int, tol: float,
+              covered: set[str]) -> dict:
+    """Query heads whose query rows changed and key/value heads whose key/value rows changed (precise fine-tuning
+    edits exactly these), read through the arch table's q/k/v layout; the tensors stay listed under
+    other_tensors as well (`covered` is not extended)."""
+    pre = f"{a.layers}.{l}."
+    names = [pre + p + s for p in a.attn_qkv for s in (".weight", ".bias")]
+    pairs = {n: (B.get(n), O.get(n)) for n in names}
+    pairs = {n: (b, o) for n, (b, o) in pairs.items() if b is not None and o is not None and b.shape == o.shape}
+    if not pairs:
+        return {}
+    wname = next(n for n in names if n.endswith(".weight"))
+    if wname not in pairs:
+        return {}
+    ow = B.get(pre + a.attn_out + ".weight")
+    dh = (ow.shape[0] if a.conv1d else ow.shape[1]) // n_heads
+    changed = {n: _changed_entries(b, o, tol) for n, (b, o) in pairs.items()}
+    explained = {n: torch.zeros_like(c) for n, c in changed.items()}
+    q_heads, kv_heads = set(), set()
+    group = n_heads // n_kv
+    for h in range(n_heads):
+        for path, axis, idx in qkv_slices(a, n_heads, n_kv, dh, h):
+            for suffix in (".weight", ".bias"):
+                n = pre + path + suffix
+                if n not in changed:
+                    continue
+                ax = axis if suffix == ".weight" else 0
+                sub = changed[n].index_select(ax, idx)
+                explained[n].index_fill_(ax, idx, True)
+                if not sub.any():
+                    continue
+                q_part, kv_part = _qkv_parts(a, path, sub, ax, dh)
+                if q_part:
+                    q_heads.add(h)
+                if kv_part:
+                    kv_heads.add(h // group)
+    outside = any(bool((changed[n] & ~explained[n]).any()) for n in changed)
+    return {"heads_q_modified": sorted(q_heads), "kv_heads_modified": sorted(kv_heads), "qkv_outside_heads": outside}
+
+
+def _diff_ffn_out_bias(a: Arch, B: _Weights, O: _Weights, l: int, tol: float, covered: set[str]) -> dict:
+    """The FFN output bias belongs to no neuron but to the MLP: a change marks the MLP as changed (the tensor
+    stays listed under other_tensors too)."""
+    name = f"{a.layers}.{l}.{a.ffn_out}.bias"
+    b, o = B.get(name), O.get(name)
+    if b is None or o is None or b.shape != o.shape:
+        return {}
+    return {"ffn_out_bias_changed": bool(_changed_entries(b, o, tol).any())}
+
+
+def _changed_entries(b: Tensor, o: Tensor, tol: float) -> Tensor:
+    return (o - b).abs() > 10 * tol * b.abs().max().clamp_min(1e-12)
+
+
+def _qkv_parts(a: Arch, path: str, sub: Tensor, axis: int, dh: int) -> tuple[bool, bool]:
+    """Whether the changed entries of one head's q/k/v slice touch its query part and its key/value part
+    (slices are [q] or [k] or [v] for separate projections, [q | k | v] of dh each for fused ones)."""
+    if a.qkv_layout == "separate":
+        return (True, False) if path == a.attn_qkv[0] else (False, True)
+    parts = sub.split(dh, dim=axis)
+    return bool(parts[0].any()), any(bool(p.any()) for p in parts[1:])
+
+
+def changed_components(layers: list[dict]) -> dict:
+    """The components a change touches: heads (o_proj input columns or query rows changed), key/value heads,
+    and MLPs (any FFN neuron's keys or values changed)."""
+    heads, kv, mlps = set(), set(), set()
+    for r in layers:
+        l = r["layer"]
+        hs = r.get("heads_zeroed", []) + [s["head"] for s in r.get("heads_scaled", [])] + r.get("heads_modified", [])
+        heads |= {(l, h) for h in hs + r.get("heads_q_modified", [])}
+        kv |= {(l, h) for h in r.get("kv_heads_modified", [])}
+        if r.get("zeroed") or r.get("scaled") or r.get("modified") or r.get("removed") or r.get("ffn_out_bias_changed"):
+            mlps.add(l)
+    return {"heads": [f"{l}.{h}" for l, h in sorted(heads)], "kv_heads": [f"{l}.{h}" for l, h in sorted(kv)],
+            "mlps": sorted(mlps)}
+
+
 def _renamed(B: _Weights, O: _Weights, covered: set[str]) -> dict[str, str]:
     """{base name: other name} for tensors saved under another name with identical values (e.g. NeoX
     `embed_out` vs `lm_head`: checkpoint vs in-memory naming)."""
@@ -757,6 +840,10 @@ def _diff_markdown(d: dict) -> str:
              "tensors changed.", ""]
     lines += [md_table(["layer", "width", "removed", "zeroed", "scaled", "modified", "heads"], rows)] if rows \
         else ["No FFN neuron or head changes."]
+    cc = d.get("changed_components")
+    if cc:
+        lines += ["", f"Changed components: heads {', '.join(cc['heads']) or 'none'}; key/value heads "
+                      f"{', '.join(cc['kv_heads']) or 'none'}; MLPs {', '.join(map(str, cc['mlps'])) or 'none'}."]
     for r in d["layers"]:
         if r.get("amplified"):
             f = {x["neuron"]: x["factor"] for x in r["scaled"]}

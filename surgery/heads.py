@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import path_patch
 from . import report as rep
 from .arch import ModelView
 from .batching import device_of, left_pad, pad_id, position_ids
@@ -361,14 +362,23 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         digits: Sequence[int] = (1,), ops: Sequence[str] | None = None, templates: Sequence[str] | None = None,
         limit: int | None = None, batch_size: int = 64, seed: int = 0, out: str | None = None,
         ablation: str = "zero", mode: str = "exact", verify: int = 20,
-        only_heads: Sequence[Head] | None = None, trust_remote_code: bool = False) -> rep.Report:
+        only_heads: Sequence[Head] | None = None, trust_remote_code: bool = False, method: str = "ablation",
+        counterfactual: str = "null-operator") -> rep.Report:
     """Ablate each attention head and measure arithmetic accuracy per operation (the paper's head scan).
 
     Writes DIR/heads.json (baseline + one row per head: acc, drop, n per op / group / case type), DIR/heads.md
     (Tables 1-3 of the paper) and DIR/heads.png (layer x head heatmaps of the accuracy drop). --mode screen ranks
     all heads by a first-order attribution and exact-scans the top --verify K. Resumes from DIR after an
-    interruption; `accelerate launch -m surgery heads ...` splits the heads across processes."""
+    interruption; `accelerate launch -m surgery heads ...` splits the heads across processes.
+    --method path-patch: Zhang et al.'s path patching with a null-operator counterfactual instead (see
+    surgery.path_patch; --digits defaults to the given digits, key heads have an effect below -5%)."""
     from accelerate import PartialState
+
+    if method == "path-patch":
+        return path_patch.run(model, dtype, device, digits, ops, templates, limit, seed, out, counterfactual,
+                              only_heads, trust_remote_code)
+    if method != "ablation":
+        raise UsageError(f"unknown --method {method!r}; use ablation or path-patch")
 
     t0 = time.time()
     _check_options(task, ablation, mode)
