@@ -53,6 +53,15 @@ def heads(s: str) -> tuple[tuple[int, int], ...]:
         raise argparse.ArgumentTypeError(f"expected heads as LAYER.HEAD[,LAYER.HEAD], got {s!r}")
 
 
+def registered(kind: str) -> Callable[[str], str]:
+    """A selector name of `kind`, checked against the registry when the command line is parsed."""
+    def check(s: str) -> str:
+        if s not in selectors.names(kind):
+            raise argparse.ArgumentTypeError(f"unknown selector {s!r}; use one of {', '.join(selectors.names(kind))}")
+        return s
+    return check
+
+
 def positive(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -113,7 +122,8 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--recipe",), dict(default="arithmetic-prune", help="recipe name in recipes/ or a YAML path")),
         (("--keep",), dict(default=None, help="topN (per-case top-N union) or P%% (global budget)")),
         (("--layers",), dict(default=None, help="'deep' or A-B")),
-        (("--selector",), dict(default=None, choices=selectors.names("task"))),
+        (("--selector",), dict(default=None, type=registered("task"), help=f"{' | '.join(selectors.names('task'))} "
+                               "(or any selector registered with surgery.selectors.register)")),
         (("--lora-layer",), dict(type=int, default=None)),
         (("--against",), dict(default=None, help="reference adapter/checkpoint for CNA instead of training one")),
         (("--layout",), dict(default=None, choices=["sliced", "padded"])),
@@ -121,7 +131,8 @@ COMMANDS: dict[str, tuple[str, list]] = {
     "debias": ("surgery.debias:run", MODEL + OUT + FORCE + RECIPE + [
         (("--recipe",), dict(default="gender-debias", help="recipe name in recipes/ or a YAML path")),
         (("--neurons",), dict(type=int, default=None, help="how many neurons to edit")),
-        (("--method",), dict(default=None, choices=selectors.names("contrast"))),
+        (("--method",), dict(default=None, type=registered("contrast"),
+                             help=f"{' | '.join(selectors.names('contrast'))} (or any registered contrast selector)")),
         (("--edit",), dict(default=None, choices=["zero", "remove"])),
     ]),
     "lora-sweep": ("surgery.lora_sweep:run", MODEL + OUT + FORCE + RECIPE + [

@@ -49,7 +49,6 @@ from .report import png_bytes as png
 from .selection import Neuron, by_layer, mean_coefficients, top_n, zero_scales
 from .slicing import slice_ffn
 
-METHODS = selectors.names("contrast")  # cna, random, activation-diff, and any registered later
 EDITS = ("zero", "remove")
 TARGETS = ("first", "all")
 ORIENTATIONS = ("label", "measured")
@@ -59,7 +58,8 @@ ORIENTATIONS = ("label", "measured")
 @dataclass
 class Sweep:
     ns: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 18, 50], metadata=rules(min=1, nonempty=True))
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata=rules(choices=METHODS, nonempty=True))
+    methods: list[str] = field(default_factory=lambda: ["cna", "random", "activation-diff"],
+                               metadata=rules(choices=selectors.known("contrast"), nonempty=True))
 
 
 @dataclass
@@ -102,13 +102,13 @@ def check_recipe(r: DebiasRecipe) -> None:
     """One-line UsageErrors for every option that does not need the model."""
     if r.neurons < 1:
         raise UsageError(f"--neurons must be >= 1, got {r.neurons}")
-    for what, value, allowed in (("--method", r.method, METHODS), ("--edit", r.edit, EDITS),
+    for what, value, allowed in (("--method", r.method, selectors.names("contrast")), ("--edit", r.edit, EDITS),
                                  ("target", r.target, TARGETS), ("orientation", r.orientation, ORIENTATIONS)):
         if value not in allowed:
             raise UsageError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
-    bad = [m for m in r.sweep.methods if m not in METHODS]
+    bad = [m for m in r.sweep.methods if m not in selectors.names("contrast")]
     if bad or not r.sweep.methods:
-        raise UsageError(f"sweep.methods must be a non-empty subset of {', '.join(METHODS)}; got {r.sweep.methods}")
+        raise UsageError(f"sweep.methods must be a non-empty subset of {', '.join(selectors.names('contrast'))}; got {r.sweep.methods}")
     if not r.sweep.ns or min(r.sweep.ns) < 1:
         raise UsageError(f"sweep.ns must be a non-empty list of counts >= 1; got {r.sweep.ns}")
     if r.professions is not None and not r.professions:

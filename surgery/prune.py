@@ -41,8 +41,6 @@ from .selection import by_layer, top_n
 from .slicing import base_width, ffn_param_count, slice_ffn
 from .training import TrainSpec
 
-SELECTORS = selectors.names("task")  # cna, random, magnitude, activation, taylor, and any registered later
-
 
 # ---- the recipe --------------------------------------------------------------------------------------------
 @dataclass
@@ -69,9 +67,9 @@ class PruneRecipe:
     description: str = ""
     keep: str = "top500"  # topN (per-case top-N, union per layer) | P% (global budget of the range)
     layers: str = "deep"  # 'deep' (second half) | A-B | list
-    selector: str = field(default="cna", metadata=rules(choices=SELECTORS))  # the selector whose model is exported
+    selector: str = field(default="cna", metadata=rules(choices=selectors.known("task")))  # the selector whose model is exported
     baselines: list[str] = field(default_factory=lambda: ["random", "magnitude", "activation", "taylor"],
-                                 metadata=rules(choices=SELECTORS))
+                                 metadata=rules(choices=selectors.known("task")))
     lora_layer: int | None = None  # None: round(lora_depth * n_layers)
     lora_depth: float = field(default=0.28125, metadata=rules(min=0, max=1))  # the paper's layer 9 of 32
     layout: str = field(default="sliced", metadata=rules(choices=("sliced", "padded")))
@@ -132,15 +130,15 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     lora_layer = r.lora_layer if r.lora_layer is not None else round(r.lora_depth * view.n_layers)
     if not 0 <= lora_layer < view.n_layers:
         raise UsageError(f"--lora-layer {lora_layer} is outside the model (layers 0..{view.n_layers - 1})")
-    bad = [s for s in [r.selector, *r.baselines] if s not in SELECTORS]
+    bad = [s for s in [r.selector, *r.baselines] if s not in selectors.names("task")]
     if bad:
-        raise UsageError(f"unknown selector(s) {bad}; use some of {', '.join(SELECTORS)}")
+        raise UsageError(f"unknown selector(s) {bad}; use some of {', '.join(selectors.names('task'))}")
     if r.cna.score not in ("delta", "reference"):
         raise UsageError(f"cna.score {r.cna.score!r}: use delta (the paper) or reference")
     if r.layout not in ("sliced", "padded"):
         raise UsageError(f"--layout {r.layout!r}: use sliced or padded")
-    selectors = [r.selector] + [s for s in r.baselines if s != r.selector]
-    return Plan(layers, kind, value, lora_layer, selectors)
+    order = [r.selector] + [s for s in r.baselines if s != r.selector]
+    return Plan(layers, kind, value, lora_layer, order)
 
 
 # ---- task cases (1-digit, the CNA set) ---------------------------------------------------------------------

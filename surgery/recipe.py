@@ -107,10 +107,9 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def rules(*, min: float | None = None, max: float | None = None, choices: tuple | None = None,
-          nonempty: bool = False) -> dict:
-    """Field metadata checked by `build`: numeric range (inclusive), allowed values, non-empty lists.
-    A list field's min/max/choices apply to each element."""
+def rules(*, min: float | None = None, max: float | None = None, choices=None, nonempty: bool = False) -> dict:
+    """Field metadata checked by `build`: numeric range (inclusive), allowed values (a tuple, or a function
+    returning one at check time, for registries), non-empty lists. A list field's rules apply to each element."""
     return {"rules": {"min": min, "max": max, "choices": choices, "nonempty": nonempty}}
 
 
@@ -142,9 +141,10 @@ def _within(value: Any, rule: dict | None, what: str) -> Any:
     items = value if isinstance(value, (list, tuple)) else [value]
     if rule["nonempty"] and isinstance(value, (list, tuple)) and not value:
         raise UsageError(f"{what} must not be empty")
+    choices = rule["choices"]() if callable(rule["choices"]) else rule["choices"]
     for v in items:
-        if rule["choices"] is not None and v not in rule["choices"]:
-            raise UsageError(f"{what}: {v!r} is not one of {', '.join(map(str, rule['choices']))}")
+        if choices is not None and v not in choices:
+            raise UsageError(f"{what}: {v!r} is not one of {', '.join(map(str, choices))}")
         if rule["min"] is not None and v < rule["min"]:
             raise UsageError(f"{what} must be >= {rule['min']}, got {v!r}")
         if rule["max"] is not None and v > rule["max"]:

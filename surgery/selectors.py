@@ -65,6 +65,11 @@ def names(kind: str) -> tuple[str, ...]:
     return tuple(REGISTRY[kind])
 
 
+def known(kind: str) -> Callable[[], tuple[str, ...]]:
+    """The names of `kind` as read at check time (recipe rules and the CLI accept selectors registered later)."""
+    return lambda: names(kind)
+
+
 def score(kind: str, name: str, inputs: Inputs) -> Scores:
     """Scores {layer: [N]} of selector `name` of `kind`, or one error listing the known ones."""
     if name not in REGISTRY[kind]:

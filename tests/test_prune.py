@@ -206,3 +206,24 @@ def test_every_selector_gets_the_main_selectors_per_layer_budget(main, keep):
     assert sum(budget.values()) < 96  # something is pruned
     for other in ["random", "magnitude", "activation", "taylor"]:
         assert {l: len(v) for l, v in prune.baseline_keep(other, orig, TOK, t, budget, 0).items()} == budget
+
+
+def test_a_registered_selector_is_usable_everywhere(tmp_path, capfd):
+    """A new selector is one decorated function: the recipe, prune's baselines and the CLI accept it."""
+    from surgery.cli import build_parser
+
+    @selectors.register("task", "first-index")
+    def first_index(inp):
+        return {l: -torch.arange(inp.view.ffn_width(l), dtype=torch.float32) for l in inp.layers}
+
+    try:
+        r = prune.load_recipe("arithmetic-prune", ["baselines=[random,first-index]"], selector="first-index")
+        assert r.selector == "first-index" and "first-index" in r.baselines
+        keep = prune.baseline_keep("first-index", make_tiny("llama"), TOK, task(), {1: 3, 2: 2}, seed=0)
+        assert keep == {1: [0, 1, 2], 2: [0, 1]}
+        assert build_parser().parse_args(["prune", "--selector", "first-index"]).selector == "first-index"
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["prune", "--selector", "nope"])
+        assert "unknown selector 'nope'" in capfd.readouterr().err
+    finally:
+        del selectors.REGISTRY["task"]["first-index"]
