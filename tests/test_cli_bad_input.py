@@ -86,7 +86,7 @@ def test_profile_that_is_not_a_mapping(bad_profile, tmp_path, capfd):
     (["cna", "--prompt", "Calculate: 3+5=", "--layers", "9"], "outside the model"),
     (["cna", "--prompt", "Calculate: 3+5=", "--target", " nursery rhymes"], "is 2 tokens"),
     (["lora-sweep", "--quick", "--layers", "7"], "outside the model"),  # no step log line before the error
-    (["prune", "--quick", "--lora-layer", "9"], "outside the model"),
+    (["prune", "--quick", "--keep", "top5", "--lora-layer", "9"], "--lora-layer 9 is outside the model"),
 ])
 def test_bad_input_after_loading_is_still_one_line(tiny_dir, argv, phrase, tmp_path, capfd):
     out = tmp_path / "out"
