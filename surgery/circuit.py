@@ -202,9 +202,11 @@ def recall(screen: Sequence[float], exact: Sequence[float], k: int = 20) -> floa
     return len(top(screen) & top(exact)) / k if k else float("nan")
 
 
-def nl(view: ModelView, batches: Batches, circuit: P.Circuit) -> float:
-    """Mean normalized logit of the correct first answer token with everything outside `circuit` mean-ablated."""
-    vals = [P.normalized_logit(P.ablated(view, pr.clean, g.means, circuit), pr.r) for g, pr in batches]
+def nl(view: ModelView, batches: Batches, circuit: P.Circuit, metric: str = "nl") -> float:
+    """Mean NL (or P, with --metric prob) of the correct first answer token with everything outside `circuit`
+    mean-ablated."""
+    score = P.METRICS[metric]
+    vals = [score(P.ablated(view, pr.clean, g.means, circuit), pr.r) for g, pr in batches]
     return float(torch.cat(vals).mean())
 
 
@@ -213,8 +215,8 @@ def knee(ns: Sequence[int], fs: Sequence[float], total: int) -> int:
     return int(ns[int(np.argmax([f - n / total for n, f in zip(ns, fs)]))])
 
 
-def head_curve(view: ModelView, batches: Batches, order: list[tuple[int, int]], ends: tuple[float, float]
-               ) -> tuple[list[int], list[float]]:
+def head_curve(view: ModelView, batches: Batches, order: list[tuple[int, int]], ends: tuple[float, float],
+               metric: str = "nl") -> tuple[list[int], list[float]]:
     """Faithfulness with all MLPs and the first n heads of `order` kept, for n on the grid."""
     total = len(order)
     ns = sorted({n for n in HEAD_GRID if n < total} | {total})
@@ -223,12 +225,12 @@ def head_curve(view: ModelView, batches: Batches, order: list[tuple[int, int]], 
         c = P.Circuit(torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool))
         for l, h in order[:n]:
             c.heads[l, h] = True
-        fs.append(P.faithfulness(nl(view, batches, c), *ends))
+        fs.append(P.faithfulness(nl(view, batches, c, metric), *ends))
     return ns, fs
 
 
 def neuron_curve(view: ModelView, batches: Batches, heads: list[tuple[int, int]], ranking: dict[int, list[int]],
-                 ends: tuple[float, float]) -> tuple[list[int], list[float]]:
+                 ends: tuple[float, float], metric: str = "nl") -> tuple[list[int], list[float]]:
     """Faithfulness with the circuit's heads, all MLPs, and in each ranked layer only the top-k neurons at the
     last position (the rest mean-ablated there), for k on the grid."""
     width = min(view.ffn_width(l) for l in ranking)
@@ -242,7 +244,7 @@ def neuron_curve(view: ModelView, batches: Batches, heads: list[tuple[int, int]]
             keep = torch.zeros(view.ffn_width(l), dtype=torch.bool)
             keep[order[:k]] = True
             c.neurons[l] = keep
-        fs.append(P.faithfulness(nl(view, batches, c), *ends))
+        fs.append(P.faithfulness(nl(view, batches, c, metric), *ends))
     return ks, fs
 
 
@@ -251,7 +253,7 @@ def first_reaching(xs: Sequence[int], fs: Sequence[float], target: float) -> int
 
 
 def study_op(view: ModelView, batches: Batches, mode: str, verify: int, neuron_layers: list[int], rescore: int,
-             target: float | None, max_rows: int) -> dict:
+             target: float | None, max_rows: int, metric: str = "nl") -> dict:
     """Everything for one operator: effects (screen + exact), the head circuit, the neuron ranking and curves."""
     acts = [(P.run(view, pr.clean, neurons=True), P.run(view, pr.cf, neurons=True)) for _, pr in batches]
     s = screen_mean(view, batches, acts)
@@ -263,13 +265,13 @@ def study_op(view: ModelView, batches: Batches, mode: str, verify: int, neuron_l
     head_score = {(c.layer, c.index): max(effect[P.Component("head", c.layer, c.index, r)] for r in range(len(P.ROLES)))
                   for c in comps if c.kind == "head"}
     order = sorted(head_score, key=lambda lh: -head_score[lh])
-    ends = (nl(view, batches, P.Circuit.full(view)), nl(view, batches, P.Circuit.empty(view)))
-    ns, fs = head_curve(view, batches, order, ends)
+    ends = (nl(view, batches, P.Circuit.full(view), metric), nl(view, batches, P.Circuit.empty(view), metric))
+    ns, fs = head_curve(view, batches, order, ends, metric)
     n_heads = first_reaching(ns, fs, target) if target is not None else knee(ns, fs, len(order))
     n_heads = len(order) if n_heads is None else n_heads
     heads = order[:n_heads]
     ranking, neuron_exact = rank_neurons(view, batches, acts, s["neuron"], neuron_layers, rescore, max_rows)
-    ks, nfs = neuron_curve(view, batches, heads, ranking, ends)
+    ks, nfs = neuron_curve(view, batches, heads, ranking, ends, metric)
     k_needed = first_reaching(ks, nfs, target if target is not None else 0.9)
     out = {"n_prompts": sum(pr.n for _, pr in batches), "nl_model": ends[0], "nl_empty": ends[1],
            "components": [{"name": c.name(), "kind": c.kind, "layer": c.layer, "index": c.index,
@@ -363,7 +365,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         ops: Sequence[str] | None = None, operands: str = "0-9", templates: Sequence[str] | None = None,
         limit: int = 50, batch_size: int = 32, seed: int = 0, out: str | None = None, force: bool = False,
         faithfulness: float | None = None, mode: str = "screen", verify: int = 60, neuron_from: int | None = None,
-        rescore: int = 16, max_rows: int = 1024, agree: bool = True) -> rep.Report:
+        rescore: int = 16, max_rows: int = 1024, agree: bool = True, metric: str = "nl") -> rep.Report:
     """Find the arithmetic circuit per operator by activation patching (Eq. 1) and faithfulness (Eq. 2).
 
     Writes DIR/circuit.json (top-level "circuit": {"heads": ["L.H"], "mlps": [L]} = union over operators, "per_op"
@@ -375,6 +377,8 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
 
     t0 = time.time()
     template = check_options(task, faithfulness, mode, limit, verify, rescore, templates)
+    if metric not in P.METRICS:
+        raise UsageError(f"unknown --metric {metric!r}; use {' or '.join(P.METRICS)}")
     lo_hi = parse_operands(operands)
     ops = tuple(ops) if ops else ("+", "-", "*", "/")
     probs = problems(ops, lo_hi, template, seed)
@@ -394,7 +398,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     layers = list(range(nfrom, view.n_layers))
     per_op = {}
     for op in tqdm(ops, desc="operators"):
-        per_op[op] = study_op(view, chosen[op], mode, verify, layers, rescore, faithfulness, max_rows)
+        per_op[op] = study_op(view, chosen[op], mode, verify, layers, rescore, faithfulness, max_rows, metric)
         per_op[op]["circuit"] = {"heads": per_op[op]["heads"], "mlps": list(range(view.n_layers))}
     union = sorted({h for r in per_op.values() for h in r["heads"]}, key=lambda s: tuple(map(int, s.split("."))))
     union_set = {tuple(map(int, h.split("."))) for h in union}
@@ -404,11 +408,11 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         for l, h in union_set:
             c.heads[l, h] = True
         r = per_op[op]
-        r["union_faithfulness"] = round(P.faithfulness(nl(view, chosen[op], c), r["nl_model"], r["nl_empty"]), 4)
+        r["union_faithfulness"] = round(P.faithfulness(nl(view, chosen[op], c, metric), r["nl_model"], r["nl_empty"]), 4)
     neurons = {(int(l), i) for r in per_op.values() for l, idx in r["neurons"].items() for i in idx}
     config = dict(task=task, ops=list(ops), operands=list(lo_hi), template=template, limit=limit, seed=seed,
                   faithfulness=faithfulness, mode=mode, verify=verify, neuron_from=nfrom, rescore=rescore,
-                  batch_size=batch_size, scoring="first answer token")
+                  batch_size=batch_size, scoring="first answer token", metric=metric)
     results = {"per_op": per_op, "union": {"heads": union, "n_neurons": len(neurons)}}
     if agree:
         all_b = [b for op in ops for b in chosen[op]]
@@ -432,7 +436,7 @@ def markdown(data: dict) -> str:
     res, cfg = data["results"], data["config"]
     lines = [f"# Circuit: {data['model']['name']}, operands {cfg['operands'][0]}-{cfg['operands'][1]} "
              f"({cfg['mode']} mode, scored by the first answer token)", "",
-             rep.md_table(["op", "prompts", "NL model", "NL empty", "heads", "faithfulness", "union F",
+             rep.md_table(["op", "prompts", f"{cfg['metric']} model", f"{cfg['metric']} empty", "heads", "faithfulness", "union F",
                            "neurons/layer for F", "screen recall@20"],
                           [[op, r["n_prompts"], round(r["nl_model"], 3), round(r["nl_empty"], 3), len(r["heads"]),
                             r["faithfulness"], r["union_faithfulness"], r["neurons_per_layer_needed"],

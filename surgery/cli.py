@@ -124,6 +124,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--rescore",), dict(type=positive, default=16, help="neurons per layer re-measured exactly")),
         (("--max-rows",), dict(type=positive, default=1024, help="rows per stacked forward")),
         (("--no-agree",), dict(dest="agree", action="store_false", help="skip the heads/cna agreement")),
+        (("--metric",), dict(default="nl", choices=["nl", "prob"], help="inside Eq. 2: nl (paper) or prob")),
     ]),
     "heuristics": ("surgery.heuristics:run", OUT + FORCE + [
         (("--circuit",), dict(required=True, help="a folder written by `surgery circuit`")),

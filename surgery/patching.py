@@ -214,12 +214,14 @@ def screen(view: ModelView, pairs: Pairs, cf: Acts, neurons: bool = False) -> di
 # ---- mean ablation and faithfulness -----------------------------------------------------------------------
 @dataclass
 class Means:
-    """Mean activations over many prompts of one token layout: z [T, H, dh], ffn [T, d], m [T, N] per layer."""
+    """Mean activations over many prompts of one token layout: z [T, H, dh], ffn [T, d], m [T, N] per layer;
+    and, as a by-product of the same forwards, each prompt's last-position logits' argmax (pred [n])."""
 
     z: dict[int, Tensor]
     ffn: dict[int, Tensor]
     m: dict[int, Tensor]
     count: int
+    pred: Tensor | None = None
 
 
 @torch.no_grad()
@@ -227,18 +229,19 @@ def means(view: ModelView, ids: Tensor, batch_size: int = 64) -> Means:
     """Means over all rows of ids [N, T] (one layout), accumulated in float64."""
     L = range(view.n_layers)
     tot: dict[str, dict[int, Tensor]] = {"z": {}, "ffn": {}, "m": {}}
+    pred = []
     for s in range(0, ids.shape[0], batch_size):
         with Hooks(view) as h:
             for w in tot:
                 h.capture(w, positions=None)
-            view.model(**_inputs(view, ids[s:s + batch_size]))
+            pred.append(view.model(**_inputs(view, ids[s:s + batch_size])).logits[:, -1].argmax(-1).cpu())
         for w in tot:
             for l in L:
                 x = h.store[w, l].double().sum(0)
                 tot[w][l] = tot[w][l] + x if l in tot[w] else x
     n = ids.shape[0]
     f = {w: {l: (t / n).float() for l, t in d.items()} for w, d in tot.items()}
-    return Means(f["z"], f["ffn"], f["m"], n)
+    return Means(f["z"], f["ffn"], f["m"], n, torch.cat(pred))
 
 
 @dataclass
@@ -280,6 +283,14 @@ def normalized_logit(logits: Tensor, r: Tensor) -> Tensor:
     """NL per prompt [B]: logit of the correct token / the largest logit (their Eq. 2)."""
     logits = _wide(logits)
     return (logits.gather(1, r.to(logits.device)[:, None])[:, 0] / logits.max(-1).values).double().cpu()
+
+
+def answer_prob(logits: Tensor, r: Tensor) -> Tensor:
+    """P(correct token) per prompt [B]: a better-conditioned stand-in for NL in Eq. 2 (see the README)."""
+    return _wide(logits).softmax(-1).gather(1, r.to(logits.device)[:, None])[:, 0].double().cpu()
+
+
+METRICS = {"nl": normalized_logit, "prob": answer_prob}
 
 
 def faithfulness(nl_c: float, nl_model: float, nl_empty: float) -> float:
