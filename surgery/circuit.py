@@ -43,8 +43,8 @@ from .errors import UsageError
 
 MIN_MEAN = 8  # problems an operator needs in the operand range for a mean worth ablating with
 TEMPLATES_OK = ("calculate", "plain")  # templates whose answer follows '=' directly, with named operand slots
-HEAD_GRID = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 150, 200)
-NEURON_GRID = (0, 5, 10, 20, 50, 100, 200, 400, 800)
+HEAD_GRID = (0, 2, 4, 6, 8, 10, 15, 20, 30, 50, 80, 130, 200)
+NEURON_GRID = (0, 10, 25, 50, 100, 200, 400, 800)
 
 
 # ---- prompts ----------------------------------------------------------------------------------------------
@@ -273,7 +273,9 @@ def study_op(view: ModelView, batches: Batches, mode: str, verify: int, neuron_l
     ranking, neuron_exact = rank_neurons(view, batches, acts, s["neuron"], neuron_layers, rescore, max_rows)
     ks, nfs = neuron_curve(view, batches, heads, ranking, ends, metric)
     k_needed = first_reaching(ks, nfs, target if target is not None else 0.9)
+    paper = ends if metric == "nl" else (nl(view, batches, P.Circuit.full(view)), nl(view, batches, P.Circuit.empty(view)))
     out = {"n_prompts": sum(pr.n for _, pr in batches), "nl_model": ends[0], "nl_empty": ends[1],
+           "paper_nl_model": paper[0], "paper_nl_empty": paper[1],
            "components": [{"name": c.name(), "kind": c.kind, "layer": c.layer, "index": c.index,
                            "role": P.ROLES[c.role], "effect": round(effect[c], 6), "screen": round(v, 6),
                            "exact": c in ex} for c, v in zip(comps, sv)],
