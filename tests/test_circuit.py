@@ -96,3 +96,18 @@ def test_heuristics_bad_input(tmp_path, capsys):
     assert "was made with model smollm2-135m" in capsys.readouterr().err
     assert main(["heuristics", "--circuit", str(folder), "--threshold", "0", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_circuit_on_smollm2_writes_the_finetune_keys(smol, tmp_path):
+    out = tmp_path / "c"
+    assert main(["circuit", "--ops", "+", "--operands", "0-4", "--limit", "4", "--verify", "4", "--rescore", "2",
+                 "--no-agree", "--out", str(out)]) == 0
+    data = json.loads((out / "circuit.json").read_text())
+    assert set(data["model"]) >= {"name", "arch", "n_layers", "n_heads"} and data["model"]["n_layers"] == 30
+    assert data["circuit"]["mlps"] == list(range(30))
+    assert all(h.count(".") == 1 for h in data["circuit"]["heads"])
+    assert data["per_op"]["+"]["heads"] == data["results"]["per_op"]["+"]["heads"]
+    for f in ("circuit.md", "effects.png", "faithfulness.png"):
+        assert (out / f).stat().st_size > 0
