@@ -274,7 +274,7 @@ def study_op(view: ModelView, gs: list[C.Group], op_result: dict, families, thre
     abl = ablations(view, correct, labels, sets, order, sorted(neurons), rng, batch_size, max_heuristics,
                     max_prompts) if labels else None
     return {"neurons": len(table), "labelled": len(labels), "classified_fraction": round(len(labels) / max(len(table), 1), 4),
-            "table": table, "ablations": abl, "maps": {"a": a, "b": b, "act": act, "labels": labels, "table": table}}
+            "table": table, "ablations": abl, "maps": {"a": a, "b": b, "activation": act, "direct": direct, "table": table}}
 
 
 # ---- rendering ------------------------------------------------------------------------------------------------
@@ -299,7 +299,8 @@ def markdown(data: dict) -> str:
 
 
 def gallery_png(per_op: dict, operands: tuple[int, int], n: int = 6) -> bytes:
-    """Activation maps (op1 x op2) of the best-matching neurons per operator, titled with their labels."""
+    """Maps (op1 x op2; the activation or direct map that matched) of the best-matching neurons per operator,
+    titled with their labels."""
     plt = C._plt()
     ops = list(per_op)
     fig, axes = plt.subplots(len(ops), n, figsize=(2.1 * n, 2.2 * len(ops)), squeeze=False)
@@ -310,9 +311,9 @@ def gallery_png(per_op: dict, operands: tuple[int, int], n: int = 6) -> bytes:
         for ax, t in zip(row, best):
             l, k = (int(x) for x in t["neuron"].split("."))
             grid = np.full((hi - lo + 1, hi - lo + 1), np.nan)
-            grid[m["a"] - lo, m["b"] - lo] = m["act"][l, k]
+            grid[m["a"] - lo, m["b"] - lo] = m[t["map"]][l, k]
             ax.imshow(grid, origin="lower", cmap="viridis", extent=(lo - .5, hi + .5, lo - .5, hi + .5))
-            ax.set_title(f"{op} {t['neuron']}\n{t['label'] or '(none)'} {t['score']:.2f}", fontsize=6)
+            ax.set_title(f"{op} {t['neuron']} ({t['map']})\n{t['label'] or '(none)'} {t['score']:.2f}", fontsize=6)
             ax.tick_params(labelsize=5)
         for ax in row[len(best):]:
             ax.axis("off")
