@@ -478,12 +478,13 @@ def effects_png(data: dict, n_layers: int) -> bytes:
         for c in r["components"]:
             col = P.ROLES.index(c["role"]) + (0 if c["kind"] == "mlp" else R)
             grid[c["layer"], col] = max(grid[c["layer"], col], c["effect"])
-        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+        shown = np.sign(grid) * np.log10(1 + np.abs(grid))  # Eq. 1 spans decades (1 / P(r') can be huge)
+        im = ax.imshow(shown, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-np.abs(shown).max(), vmax=np.abs(shown).max())
         ax.set_xticks(range(2 * R), [f"mlp {x}" for x in P.ROLES] + [f"head {x}" for x in P.ROLES], rotation=90, fontsize=7)
         ax.set_title(op)
         fig.colorbar(im, ax=ax, shrink=0.7)
     axes[0][0].set_ylabel("layer")
-    fig.suptitle("Eq. 1 effect (best head per layer and role)", fontsize=9)
+    fig.suptitle("Eq. 1 effect, sign(E) log10(1 + |E|) (best head per layer and role)", fontsize=9)
     return rep.png_bytes(fig)
 
 
