@@ -289,7 +289,9 @@ def study_op(view: ModelView, batches: Batches, mode: str, verify: int, neuron_l
     if mode == "exact":
         out["screen_recall_top20"] = recall(sv, [ex[c] for c in comps])
     else:
-        out["screen_recall_top20_of_verified"] = recall([sv[comps.index(c)] for c in todo], [ex[c] for c in todo])
+        # among the verified only (the screen's top), so k is at most half of them to mean anything
+        out["screen_recall_of_verified"] = recall([sv[comps.index(c)] for c in todo], [ex[c] for c in todo],
+                                                  min(20, len(todo) // 2))
     return out
 
 
@@ -442,7 +444,7 @@ def markdown(data: dict) -> str:
                            "neurons/layer for F", "screen recall@20"],
                           [[op, r["n_prompts"], round(r["nl_model"], 3), round(r["nl_empty"], 3), len(r["heads"]),
                             r["faithfulness"], r["union_faithfulness"], r["neurons_per_layer_needed"],
-                            r.get("screen_recall_top20", r.get("screen_recall_top20_of_verified"))]
+                            r.get("screen_recall_top20", r.get("screen_recall_of_verified"))]
                            for op, r in res["per_op"].items()]), "",
              f"Union circuit: {len(res['union']['heads'])} heads ({', '.join(res['union']['heads'][:30])}), all "
              f"{data['model']['n_layers']} MLPs, {res['union']['n_neurons']} neurons.", ""]
