@@ -65,9 +65,11 @@ def digit_range(digits: int) -> tuple[int, int]:
     return (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
 
 
-def candidate_pairs(digits: int, op: str, negative: bool, division: str) -> np.ndarray:
-    """All (a, b) pairs of one op at `digits`, as an [N, 2] array in (a, b) order."""
-    lo, hi = digit_range(digits)
+def candidate_pairs(digits: int, op: str, negative: bool, division: str,
+                    operands: tuple[int, int] | None = None) -> np.ndarray:
+    """All (a, b) pairs of one op at `digits` (or with both operands in the inclusive range `operands`), as an
+    [N, 2] array in (a, b) order."""
+    lo, hi = digit_range(digits) if operands is None else operands
     if op == "/" and division == "inverse":
         b, q = np.meshgrid(np.arange(max(lo, 1), hi + 1), np.arange(lo, hi + 1), indexing="ij")
         return np.stack([(b * q).ravel(), b.ravel()], 1)
@@ -78,9 +80,10 @@ def candidate_pairs(digits: int, op: str, negative: bool, division: str) -> np.n
     return np.stack([a[keep], b[keep]], 1)
 
 
-def sample_pairs(digits: int, op: str, *, negative: bool, division: str, per_op: int, seed: int) -> list[tuple]:
+def sample_pairs(digits: int, op: str, *, negative: bool, division: str, per_op: int, seed: int,
+                 operands: tuple[int, int] | None = None) -> list[tuple]:
     """All pairs for 1 digit; for more, a seeded sample of at most `per_op`, sorted for a stable order."""
-    pairs = candidate_pairs(digits, op, negative, division)
+    pairs = candidate_pairs(digits, op, negative, division, operands)
     if digits > 1 and len(pairs) > per_op:
         rng = np.random.default_rng([seed, digits, ord(op)])
         pairs = pairs[np.sort(rng.choice(len(pairs), per_op, replace=False))]
@@ -209,18 +212,25 @@ def split_problems(problems: list[dict], split: str, test_size: float | int | No
 def build(digits: Sequence[int] = (1,), ops: Sequence[str] = tuple(OPS), templates: Sequence[str] = tuple(TEMPLATES),
           seed: int = 0, negative: bool = False, split: str = "all", test_size: float | int | None = None,
           limit: int | None = None, per_op: int = 10_000, division: str = "exact",
-          validation_size: float | int | None = None) -> Dataset:
+          validation_size: float | int | None = None, operands: tuple[int, int] | None = None) -> Dataset:
     """Arithmetic PROBLEMS x templates, one row each (see the module docstring for ranges and rules).
 
     split/test_size (default 0.1)/validation_size (default none) pick a part by problem; `limit` keeps the first N problems of a seeded,
     group-stratified shuffle (all their templates). Rows are ordered by problem, then template.
+    `operands=(lo, hi)` replaces the n-digit ranges: both operands range over lo..hi (one group, `digits` = the
+    digit count of hi), e.g. (0, 99) for the circuit studies.
     """
     digits, ops, templates = tuple(digits), tuple(ops), (templates,) if isinstance(templates, str) else tuple(templates)
+    if operands is not None:
+        if not 0 <= operands[0] <= operands[1]:
+            raise UsageError(f"operand range {operands[0]}-{operands[1]} is empty or negative; use LO-HI with 0 <= LO <= HI")
+        digits = (len(str(operands[1])),)
     validate(digits, ops, templates, split, division)
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be >= 1, got {limit}")
     problems = [problem_row(d, op, a, b) for d in digits for op in ops
-                for a, b in sample_pairs(d, op, negative=negative, division=division, per_op=per_op, seed=seed)]
+                for a, b in sample_pairs(d, op, negative=negative, division=division, per_op=per_op, seed=seed,
+                                         operands=operands)]
     problems = split_problems(problems, split, test_size, validation_size, seed)
     if limit is not None:
         keep = {p["problem_id"] for p in stratified_order(problems, seed)[:limit]}

@@ -56,6 +56,7 @@ class Hooks:
         self.view = model if isinstance(model, ModelView) else ModelView(model)
         self.head_masks: dict[int, tuple[Tensor, Tensor | None]] = {}
         self.neuron_scales: dict[int, Tensor] = {}
+        self.patches: dict[tuple[What, int], tuple[Tensor, Tensor]] = {}
         self.captures: dict[tuple[What, int], tuple[Positions, bool]] = {}
         self.store: dict[tuple[What, int], Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -77,6 +78,15 @@ class Hooks:
         if scale.shape[-1] != self.view.ffn_width(layer):
             raise ValueError(f"neuron scale has {scale.shape[-1]} entries, layer {layer} has {self.view.ffn_width(layer)}")
         self.neuron_scales[layer] = scale
+        return self._refresh()
+
+    def patch(self, what: What, layer: int, donor: Tensor, where: Tensor) -> "Hooks":
+        """Replace `what` ("z", "m" or "ffn") of `layer` by `donor` wherever `where` is True (activation patching,
+        mean ablation). where: [B, T, H] for z, [B, T, N] for m, [B, T] for ffn; donor broadcasts against
+        [B, T, H, dh] / [B, T, N] / [B, T, d]. Applied after head masks / neuron scales, before captures."""
+        if what not in ("z", "m", "ffn"):
+            raise ValueError(f"patch supports z, m and ffn, not {what!r}")
+        self.patches[(what, self.view.check_layer(layer))] = (donor, where)
         return self._refresh()
 
     def capture(self, what: What, layers: Iterable[int] | None = None, positions: Positions = -1,
@@ -117,8 +127,9 @@ class Hooks:
         per_layer: dict[int, set[What]] = defaultdict(set)
         for what, layer in self.captures:
             per_layer[layer].add(what)
-        for layer in set(per_layer) | set(self.head_masks) | set(self.neuron_scales):
-            wants = per_layer[layer]
+        patched = {layer for _, layer in self.patches}
+        for layer in set(per_layer) | set(self.head_masks) | set(self.neuron_scales) | patched:
+            wants = per_layer[layer] | {w for w, l in self.patches if l == layer}
             if layer in self.head_masks or "z" in wants:
                 self._pre(v.attn_out(layer), self._z_hook(layer))
             if layer in self.neuron_scales or "m" in wants:
@@ -128,7 +139,7 @@ class Hooks:
             if "resid" in wants:
                 self._post(v.layer(layer), self._recorder("resid", layer))
             if "ffn" in wants:
-                self._post(v.ffn_contribution_module(layer), self._recorder("ffn", layer))
+                self._post(v.ffn_contribution_module(layer), self._ffn_hook(layer))
             if "attn" in wants:
                 self._post(v.attn_out(layer), self._recorder("attn", layer))
 
@@ -156,6 +167,9 @@ class Hooks:
                 mask, repl = self.head_masks[layer]
                 mk = _rowwise(mask.to(x), x.shape[0])[:, None, :, None]  # [B, 1, H, 1]
                 z = z * mk if repl is None else z * mk + (1 - mk) * repl.to(x)
+            if ("z", layer) in self.patches:
+                donor, where = self.patches["z", layer]
+                z = torch.where(where.to(x.device)[..., None], donor.to(x), z)
             self._save("z", layer, z)
             return (z.reshape(x.shape), *args[1:])
 
@@ -166,10 +180,26 @@ class Hooks:
             m = args[0]
             if layer in self.neuron_scales:
                 m = m * _rowwise(self.neuron_scales[layer].to(m), m.shape[0])[:, None, :]
+            if ("m", layer) in self.patches:
+                donor, where = self.patches["m", layer]
+                m = torch.where(where.to(m.device), donor.to(m), m)
             self._save("m", layer, m)
             return (m, *args[1:])
 
         return hook
+
+    def _ffn_hook(self, layer: int) -> Callable:
+        """F^l: patched where asked (the returned output replaces the module's), then recorded."""
+        def post(mod, args, out):
+            y = _hidden(out)
+            if ("ffn", layer) in self.patches:
+                donor, where = self.patches["ffn", layer]
+                y = torch.where(where.to(y.device)[..., None], donor.to(y), y)
+                out = (y, *out[1:]) if isinstance(out, tuple) else y
+            self._save("ffn", layer, y)
+            return out
+
+        return post
 
     def _recorder(self, what: What, layer: int) -> Callable:
         if what == "resid_in":

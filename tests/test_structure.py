@@ -8,8 +8,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"surgery": ROOT / "surgery", "surgery.evals": ROOT / "evals"}
-COMMANDS = {"surgery.cli", "surgery.__main__", "surgery.evaluate", "surgery.heads", "surgery.cna_run", "surgery.finetune",
-            "surgery.validate", "surgery.prune", "surgery.debias", "surgery.lora_sweep"}
+COMMANDS = {"surgery.cli", "surgery.__main__", "surgery.evaluate", "surgery.heads", "surgery.cna_run",
+            "surgery.validate", "surgery.prune", "surgery.debias", "surgery.lora_sweep", "surgery.finetune",
+            "surgery.circuit", "surgery.heuristics"}
 
 
 def modules() -> dict[str, Path]:
