@@ -76,3 +76,26 @@ def smol():
         return load_model("smollm2-135m")
     except ModelNotFound as e:  # pragma: no cover - only without the embedded package
         pytest.skip(str(e))
+
+
+SMOL_DIR = "checkpoints/base/smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_dir(tmp_path_factory):
+    """A tiny 4-layer Llama with the real SmolLM2 tokenizer, saved as a HF folder (loads in a second): for CLI
+    tests that need real prompts but not real weights."""
+    import shutil
+    from pathlib import Path
+
+    smol = Path(SMOL_DIR)
+    if not (smol / "tokenizer.json").exists():
+        pytest.skip("needs the converted SmolLM2 tokenizer (make setup)")
+    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    T.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smol / f, d / f)
+    return d

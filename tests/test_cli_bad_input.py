@@ -3,7 +3,6 @@ from transformers, no step log before it), nothing written. Model-free cases fai
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,20 +19,9 @@ def _run(argv: list[str]) -> int:
         return int(e.code)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama with the real SmolLM2 tokenizer, saved as a HF folder (loads in a second)."""
-    if not (SMOL / "tokenizer.json").exists():
-        pytest.skip("needs the converted SmolLM2 tokenizer (make setup)")
-    import transformers as T
-
-    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SMOL / f, d / f)
-    return d
+@pytest.fixture
+def tiny_dir(tiny_smol_dir):
+    return tiny_smol_dir
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,9 @@ from surgery.cli import main
 SMOL = Path("checkpoints/base/smollm2-135m")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama with the real SmolLM2 tokenizer (vocab cut to the model), saved as a HF folder."""
-    if not (SMOL / "tokenizer.json").exists():
-        pytest.skip("needs the converted SmolLM2 tokenizer (make setup + one load)")
-    import transformers as T
-
-    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    model.save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SMOL / f, d / f)
-    return d
+@pytest.fixture
+def tiny_dir(tiny_smol_dir):
+    return tiny_smol_dir
 
 
 def test_prompt_mode_writes_table_and_files(tiny_dir, tmp_path, capsys):
