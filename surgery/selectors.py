@@ -130,6 +130,70 @@ def taylor(inp: Inputs) -> Scores:
     return {l: s / len(inp.seqs) for l, s in sums.items()}
 
 
+@register("task", "total-effect")
+def total_effect(inp: Inputs) -> Scores:
+    """Mean m_k * d log p(answer) / d m_k over the task cases (signed, through every later layer): the first-order
+    change of the answer log-prob when neuron k is removed, direct AND indirect paths. CNA scores only the
+    direct path (the neuron's value vector read out through the frozen final norm)."""
+    view, dev = inp.view, device_of(inp.view.model)
+    sums = {l: torch.zeros(view.ffn_width(l)) for l in inp.layers}
+    for idx in batches(len(inp.seqs), inp.batch_size):
+        ids, mask = (t.to(dev) for t in left_pad([inp.seqs[i] for i in idx], inp.pad))
+        with torch.enable_grad(), Hooks(view) as h:
+            h.capture("m", layers=inp.layers, positions=None, keep_grad=True)
+            logits = view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                                logits_to_keep=1, use_cache=False).logits[:, -1].float()
+            tgt = torch.tensor([inp.targets[i] for i in idx], device=dev)
+            logp = logits.log_softmax(-1).gather(1, tgt[:, None]).sum()
+            ms = [h.store["m", l] for l in inp.layers]
+            grads = torch.autograd.grad(logp, ms)
+        for l, m, g in zip(inp.layers, ms, grads):  # m_k's effect at every position of the prompt
+            sums[l] += (m.detach() * g * mask[..., None]).float().sum((0, 1)).cpu()
+    return {l: s / len(inp.seqs) for l, s in sums.items()}
+
+
+def token_coefficients(inp: Inputs) -> tuple[Scores, Scores, int]:
+    """Per neuron, the sum and the sum of squares of m_k over EVERY real token of the task prompts (the
+    calibration statistics of Wanda and FLAP), and the token count."""
+    view, dev = inp.view, device_of(inp.view.model)
+    s1 = {l: torch.zeros(view.ffn_width(l), dtype=torch.float64) for l in inp.layers}
+    s2 = {l: torch.zeros(view.ffn_width(l), dtype=torch.float64) for l in inp.layers}
+    n = 0
+    for idx in batches(len(inp.seqs), inp.batch_size):
+        ids, mask = left_pad([inp.seqs[i] for i in idx], inp.pad)
+        with torch.no_grad(), Hooks(view) as h:
+            h.capture("m", layers=inp.layers, positions=None)
+            view.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
+                       logits_to_keep=1, use_cache=False)
+        on = mask.bool()
+        n += int(on.sum())
+        for l in inp.layers:
+            m = h.store["m", l].cpu().double()[on]  # [tokens, N]
+            s1[l] += m.sum(0)
+            s2[l] += (m * m).sum(0)
+    return s1, s2, n
+
+
+@register("task", "wanda")
+def wanda(inp: Inputs) -> Scores:
+    """Wanda, structured for FFN neurons: ||v_k|| * ||m_k||, the value vector's norm times the L2 norm of the
+    neuron's coefficient over the calibration tokens (Sun et al. 2024's |W| * ||X|| with a neuron's column)."""
+    _, s2, _ = token_coefficients(inp)
+    return {l: (inp.view.values(l).float().norm(dim=1).cpu() * s2[l].sqrt().float()) for l in inp.layers}
+
+
+@register("task", "flap")
+def flap(inp: Inputs) -> Scores:
+    """FLAP's fluctuation metric (An et al. 2024): the sample variance of m_k over the calibration tokens times
+    ||v_k||^2: a neuron whose output barely varies can be replaced by its mean (bias compensation)."""
+    s1, s2, n = token_coefficients(inp)
+    out = {}
+    for l in inp.layers:
+        var = (s2[l] - s1[l] * s1[l] / n) / max(n - 1, 1)
+        out[l] = (var.clamp(min=0).float() * inp.view.values(l).float().norm(dim=1).cpu() ** 2)
+    return out
+
+
 @register("task", "cna")
 def cna_task(inp: Inputs) -> Scores:
     """CNA (the paper): importance in the tuned `reference` minus importance in the model, summed over cases

@@ -204,7 +204,7 @@ def test_every_selector_gets_the_main_selectors_per_layer_budget(main, keep):
     else:
         assert sum(budget.values()) == round(0.2 * 96)
     assert sum(budget.values()) < 96  # something is pruned
-    for other in ["random", "magnitude", "activation", "taylor"]:
+    for other in ["random", "magnitude", "activation", "taylor", "wanda", "flap", "total-effect"]:
         assert {l: len(v) for l, v in prune.baseline_keep(other, orig, TOK, t, budget, 0).items()} == budget
 
 
@@ -227,3 +227,39 @@ def test_a_registered_selector_is_usable_everywhere(tmp_path, capfd):
         assert "unknown selector 'nope'" in capfd.readouterr().err
     finally:
         del selectors.REGISTRY["task"]["first-index"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_wanda_flap_and_total_effect_equal_their_definitions(arch):
+    """Each score from one direct computation: coefficients of every real token by a plain forward with a hook,
+    and the total effect as a finite difference of the answer log-prob (scaling m_k by 1 - eps)."""
+    from surgery.hooks import Hooks
+
+    model, t = make_tiny(arch), task()
+    view = ModelView(model)
+    inp = selectors.Inputs(view, [1, 2], 0, t.seqs, t.targets)
+    ms = {1: [], 2: []}
+    for s in t.seqs:  # one sequence at a time: no padding at all
+        with Hooks(view) as h, torch.no_grad():
+            h.capture("m", layers=[1, 2], positions=None)
+            model(input_ids=torch.tensor([s]))
+        for l in (1, 2):
+            ms[l].append(h.store["m", l][0].double())
+    for l in (1, 2):
+        m = torch.cat(ms[l])  # [all tokens, N]
+        vnorm = view.values(l).double().norm(dim=1)
+        torch.testing.assert_close(selectors.wanda(inp)[l].double(), vnorm * m.norm(dim=0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(selectors.flap(inp)[l].double(), m.var(0) * vnorm ** 2, rtol=1e-4, atol=1e-6)
+    te = selectors.total_effect(selectors.Inputs(view, [1], 0, t.seqs[:1], t.targets[:1]))[1]
+    k = int(te.abs().argmax())
+
+    def logp(scale: float) -> float:
+        sc = torch.ones(48, dtype=torch.float32)
+        sc[k] = scale
+        with Hooks(model) as h, torch.no_grad():
+            h.scale_neurons(1, sc)
+            out = model(input_ids=torch.tensor([t.seqs[0]])).logits[0, -1].double()
+        return float(out.log_softmax(-1)[t.targets[0]])
+
+    eps = 1e-3  # removing a fraction eps of m_k changes log p by -eps * total effect, to first order
+    assert abs((logp(1.0) - logp(1.0 - eps)) / eps - float(te[k])) < 1e-2 * max(1.0, abs(float(te[k])))
