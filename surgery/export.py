@@ -96,6 +96,9 @@ def _check_layout(model: nn.Module, layout: str, kept: dict[int, list[int]]) -> 
     sliced = [i for i, w in enumerate(view.ffn_widths()) if w != base_width(model)]
     if layout == "zeroed" and sliced:
         raise UsageError(f"layers {sliced} are sliced; --layout zeroed keeps base shapes: use sliced or padded")
+    if layout != "sliced" and getattr(model.config, "surgery_ffn_out_bias", False):
+        raise UsageError(f"the FFN output biases added by bias compensation do not exist in the native "
+                         f"{model.config.model_type} class; export with --layout sliced")
     missing = [i for i in sliced if i not in kept]
     if layout == "padded" and missing:
         raise UsageError(f"--layout padded needs the kept neuron indices of sliced layers {missing}; pass "
@@ -243,7 +246,8 @@ def _sliced_config(model: nn.Module, widths: list[int]) -> dict:
     return {"architectures": [cls], "auto_map": {"AutoModelForCausalLM": f"{MODELING[:-3]}.{cls}"},
             "ffn_widths": widths, a.width_attr: n, "per_layer_config": overrides,
             "surgery_ffn": {"layers": a.layers, "ffn": a.ffn, "ffn_in": list(a.ffn_in), "ffn_out": a.ffn_out,
-                            "ffn_kind": a.ffn_kind, "conv1d": a.conv1d}}
+                            "ffn_kind": a.ffn_kind, "conv1d": a.conv1d,
+                            "out_bias": bool(getattr(model.config, "surgery_ffn_out_bias", False))}}
 
 
 def _base_class(model: nn.Module) -> type:

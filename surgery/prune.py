@@ -38,7 +38,7 @@ from .models import load_model
 from .recipe import rules, to_dict
 from .report import Report, json_text, make, md_table, png_bytes
 from .selection import by_layer, top_n
-from .slicing import base_width, ffn_param_count, slice_ffn
+from .slicing import base_width, ffn_param_count, fold_means, slice_ffn
 from .training import TrainSpec
 
 
@@ -73,6 +73,7 @@ class PruneRecipe:
     lora_layer: int | None = None  # None: round(lora_depth * n_layers)
     lora_depth: float = field(default=0.28125, metadata=rules(min=0, max=1))  # the paper's layer 9 of 32
     layout: str = field(default="sliced", metadata=rules(choices=("sliced", "padded")))
+    compensate: bool = False  # fold removed neurons' mean contributions into the FFN output bias (FLAP)
     seed: int = 0
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -137,6 +138,9 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
         raise UsageError(f"cna.score {r.cna.score!r}: use delta (the paper) or reference")
     if r.layout not in ("sliced", "padded"):
         raise UsageError(f"--layout {r.layout!r}: use sliced or padded")
+    if r.compensate and r.layout != "sliced" and not hasattr(model.config, "mlp_bias") and view.arch.ffn_kind != "plain":
+        raise UsageError(f"compensate=true adds FFN output biases that the native {model.config.model_type} class "
+                         "lacks; use --layout sliced")
     order = [r.selector] + [s for s in r.baselines if s != r.selector]
     return Plan(layers, kind, value, lora_layer, order)
 
@@ -192,18 +196,29 @@ def baseline_keep(name: str, orig: nn.Module, tokenizer, task: TaskCases, budget
 
 
 # ---- slicing + fresh LoRA ----------------------------------------------------------------------------------
-def sliced_copy(orig: nn.Module, keep: dict[int, list[int]]) -> nn.Module:
-    """A deep copy of `orig` with each listed layer's FFN physically cut to the kept neurons."""
+def sliced_copy(orig: nn.Module, keep: dict[int, list[int]], means: dict[int, torch.Tensor] | None = None
+                ) -> nn.Module:
+    """A deep copy of `orig` with each listed layer's FFN physically cut to the kept neurons; with `means` (mean
+    coefficient per neuron) the removed neurons' mean contributions are folded into the FFN output bias first."""
     m = copy.deepcopy(orig)
+    if means is not None:
+        fold_means(m, keep, means)
     slice_ffn(m, keep)
     return m.eval()
 
 
+def token_means(orig: nn.Module, tokenizer, task: TaskCases, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Mean coefficient of every neuron over every real token of the task prompts (bias compensation's means)."""
+    s1, _, n = selectors.token_coefficients(selectors.Inputs(ModelView(orig), layers, pad_id(tokenizer), task.seqs))
+    return {l: (s / n).float() for l, s in s1.items()}
+
+
 def prune_and_train(orig: nn.Module, tokenizer, keep: dict[int, list[int]], r: PruneRecipe, plan: Plan,
-                    splits: Splits, teacher: nn.Module | None = None) -> tuple[nn.Module, Fit]:
-    """Slice a copy, attach a fresh LoRA at the plan's layer, train it (lr chosen on validation; distilled from
-    `teacher` when train.distill > 0)."""
-    sliced = sliced_copy(orig, keep)
+                    splits: Splits, teacher: nn.Module | None = None,
+                    means: dict[int, torch.Tensor] | None = None) -> tuple[nn.Module, Fit]:
+    """Slice a copy (bias-compensated with `means` when given), attach a fresh LoRA at the plan's layer, train it
+    (lr chosen on validation; distilled from `teacher` when train.distill > 0)."""
+    sliced = sliced_copy(orig, keep, means)
     ffn = sorted(keep) if r.lora.ffn else ()  # lora.ffn: the recovery LoRA also adapts the pruned FFNs
     return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, *training_data(r, splits, tokenizer),
                             teacher=teacher, ffn_layers=ffn)
@@ -398,11 +413,12 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run,
         with run.step(f"select ({name})"):
             keeps[name] = baseline_keep(name, orig, tok, task, budget, r.seed, ref)
     teacher = ref if r.train.distill > 0 else None  # the unpruned LoRA model teaches the pruned ones
+    means = token_means(orig, tok, task, plan.layers) if r.compensate else None
     del ref, ref_fit
     fits, merged = {}, {}
     for name in plan.selectors:
         with run.step(f"slice + LoRA + evaluate ({name})"):
-            _, fit = prune_and_train(orig, tok, keeps[name], r, plan, splits, teacher)
+            _, fit = prune_and_train(orig, tok, keeps[name], r, plan, splits, teacher, means)
             m = merged_copy(fit.model)
             rows.append(evaluate_row(f"{name}-pruned + LoRA", m, tok, splits, bs,
                                      sum(len(v) for v in keeps[name].values()), lora_params(fit), fit.lr))

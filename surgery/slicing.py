@@ -100,6 +100,43 @@ def slice_ffn(model: nn.Module, keep: KeepSpec) -> dict[int, int]:
     return {layer: view.ffn_width(layer) for layer in idx}
 
 
+@torch.no_grad()
+def fold_means(model: nn.Module, keep: KeepSpec, means: dict[int, Tensor]) -> dict[int, Tensor]:
+    """FLAP's bias compensation, on the DENSE weights before `slice_ffn(model, keep)`: add each removed neuron's
+    mean contribution, sum over removed k of mean(m_k) v_k, to its layer's FFN output bias. The sliced model then
+    computes exactly what the dense model computes with every removed neuron's coefficient replaced by its mean.
+    Returns the added bias per layer.
+
+    Every layer's FFN output gets a bias (zero where nothing was folded) so the checkpoint has one shape per layer:
+    Llama-family configs switch `mlp_bias` on (gate/up biases stay zero, so it loads natively); architectures whose
+    native class has no FFN output bias record `config.surgery_ffn_out_bias` and export only as the sliced layout."""
+    view = ModelView(model)
+    _ensure_out_biases(model, view)
+    shifts = {}
+    for layer, k in normalize_keep(view, keep).items():
+        v = view.values(layer)
+        gone = removed(k, view.ffn_width(layer)).to(v.device)
+        shifts[layer] = means[layer].to(v)[gone] @ v[gone]
+        view.ffn_out(layer).bias.add_(shifts[layer])
+    return shifts
+
+
+def _ensure_out_biases(model: nn.Module, view: ModelView) -> None:
+    """A (zero) bias on every layer's FFN output projection; on Llama-family configs also on the keys (mlp_bias)."""
+    native = hasattr(model.config, "mlp_bias")
+    for i in range(view.n_layers):
+        mods = [*view.ffn_in(i), view.ffn_out(i)] if native else [view.ffn_out(i)]
+        for m in mods:
+            if getattr(m, "bias", None) is None:
+                w = m.weight
+                m.bias = nn.Parameter(torch.zeros(w.shape[1] if view.arch.conv1d else w.shape[0],
+                                                  dtype=w.dtype, device=w.device))
+    if native:
+        model.config.mlp_bias = True
+    elif view.arch.ffn_kind != "plain":  # plain FFNs (GPT-2/J/NeoX) have the bias natively
+        model.config.surgery_ffn_out_bias = True
+
+
 def _slice_layer(view: ModelView, layer: int, k: Tensor) -> None:
     n = view.ffn_width(layer)
     rows = torch.cat([k, k + n]) if view.arch.ffn_kind == "fused" else k

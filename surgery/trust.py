@@ -47,12 +47,12 @@ def _get(root, path):
     return root
 
 
-def _rebuilt(old, in_features, out_features, conv1d):
+def _rebuilt(old, in_features, out_features, conv1d, bias=False):
     w = old.weight
     if conv1d:
         new = Conv1D(out_features, in_features)
     else:
-        new = nn.Linear(in_features, out_features, bias=getattr(old, "bias", None) is not None)
+        new = nn.Linear(in_features, out_features, bias=bias or getattr(old, "bias", None) is not None)
     return new.to(device=w.device, dtype=w.dtype)
 
 
@@ -65,7 +65,8 @@ def _resize_ffn(layer, spec, width):
         old = getattr(holder, name)
         shape = old.weight.shape  # Linear [out, in]; Conv1D [in, out]
         d = (shape[1] if is_out else shape[0]) if conv1d else (shape[0] if is_out else shape[1])
-        setattr(holder, name, _rebuilt(old, width if is_out else d, d if is_out else rows, conv1d))
+        bias = is_out and spec.get("out_bias", False)  # FFN output bias added by surgery's bias compensation
+        setattr(holder, name, _rebuilt(old, width if is_out else d, d if is_out else rows, conv1d, bias))
     ffn = _get(layer, spec["ffn"])
     for attr in ("intermediate_size", "ffn_dim", "n_inner"):
         if isinstance(getattr(ffn, attr, None), int):

@@ -263,3 +263,20 @@ def test_wanda_flap_and_total_effect_equal_their_definitions(arch):
 
     eps = 1e-3  # removing a fraction eps of m_k changes log p by -eps * total effect, to first order
     assert abs((logp(1.0) - logp(1.0 - eps)) / eps - float(te[k])) < 1e-2 * max(1.0, abs(float(te[k])))
+
+
+def test_compensation_with_a_native_layout_is_refused_before_any_work():
+    r = prune.load_recipe("arithmetic-prune", ["compensate=true"], keep="10%", layout="padded")
+    with pytest.raises(UsageError, match="use --layout sliced"):
+        prune.make_plan(r, make_tiny("qwen2"))
+    assert prune.make_plan(r, make_tiny("llama")).keep_kind == "pct"  # Llama: mlp_bias carries it natively
+
+
+def test_compensated_sliced_copy_uses_the_token_means():
+    orig, t = make_tiny("mistral"), task()
+    means = prune.token_means(orig, TOK, t, [1, 2])
+    m = prune.sliced_copy(orig, {1: [0, 1, 2], 2: [5]}, means)
+    v = ModelView(orig)
+    gone = [i for i in range(48) if i not in (0, 1, 2)]
+    torch.testing.assert_close(ModelView(m).ffn_out_bias(1), means[1][gone] @ v.values(1)[gone].detach(),
+                               atol=1e-5, rtol=1e-5)

@@ -101,3 +101,61 @@ def test_mask_helpers_round_trip():
     assert masks[1].all() and masks[0].tolist() == [False, True, False, True]
     assert mask_to_keep(masks)[0].tolist() == [1, 3]
     assert removed([3, 1], 4).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bias_compensation_equals_dense_with_removed_neurons_at_their_mean(arch):
+    """FLAP's fix, exactly: folding mean(m_k) v_k of the removed neurons into the FFN output bias, then slicing,
+    gives the dense model whose removed neurons output their mean coefficient (also under Gemma's post-FFN norm)."""
+    from surgery.slicing import fold_means
+
+    dense = make_tiny(arch)
+    view = ModelView(dense)
+    keep = {0: [1, 5, 9, 30], 2: list(range(0, N, 3))}
+    g = torch.Generator().manual_seed(7)
+    means = {l: torch.randn(N, generator=g) for l in keep}
+    handles = []
+    for l, k in keep.items():  # reference: the dense model, removed coefficients replaced by their means
+        gone = torch.ones(N, dtype=torch.bool)
+        gone[k] = False
+
+        def pre(mod, args, gone=gone, mean=means[l]):
+            m = args[0].clone()
+            m[..., gone] = mean[gone].to(m)
+            return (m, *args[1:])
+        handles.append(view.ffn_out(l).register_forward_pre_hook(pre))
+    x = tiny_inputs()
+    with torch.no_grad():
+        want = dense(**x).logits
+    for h in handles:
+        h.remove()
+    comp = copy.deepcopy(dense)
+    shifts = fold_means(comp, keep, means)
+    slice_ffn(comp, keep)
+    with torch.no_grad():
+        got = comp(**x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert all(float(s.abs().sum()) > 0 for s in shifts.values())
+    assert all(ModelView(comp).ffn_out_bias(l) is not None for l in range(ModelView(comp).n_layers))
+
+
+@pytest.mark.parametrize("arch, layout", [("llama", "padded"), ("llama", "sliced"), ("qwen2", "sliced"),
+                                          ("gpt2", "padded")])
+def test_compensated_checkpoint_loads_back(arch, layout, tmp_path):
+    """Llama-family: mlp_bias carries the folded bias natively; other gated archs need the sliced layout's own
+    modeling file; padded is refused for them with one line."""
+    from surgery import export
+    from surgery.slicing import fold_means
+
+    model = make_tiny(arch)
+    keep = {1: [0, 2, 4, 8]}
+    fold_means(model, keep, {1: torch.linspace(-1, 1, N)})
+    slice_ffn(model, keep)
+    export.save(model, None, tmp_path / "ck", layout=layout)
+    back = export.load(tmp_path / "ck")
+    x = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**x).logits, model(**x).logits, atol=1e-5, rtol=1e-5)
+    if arch == "qwen2":
+        with pytest.raises(UsageError, match="--layout sliced"):
+            export.save(model, None, tmp_path / "ck2", layout="padded")
