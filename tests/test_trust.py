@@ -103,7 +103,8 @@ def test_cli_has_the_flag_for_every_model_command():
     parser = build_parser()
     for name, (_, options) in COMMANDS.items():
         if any("--model" in flags for flags, _ in options):
-            assert parser.parse_args([name, "--trust-remote-code"]).trust_remote_code is True
+            required = [x for flags, kw in options if kw.get("required") for x in (flags[0], "x")]
+            assert parser.parse_args([name, *required, "--trust-remote-code"]).trust_remote_code is True
 
 
 @pytest.fixture
