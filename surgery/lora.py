@@ -1,16 +1,15 @@
-"""PEFT LoRA at chosen layers, trained with the HF Trainer on arithmetic text (the sweep over layers, paper
-Fig. 2, is the `surgery lora-sweep` command in surgery/lora_sweep.py).
+"""PEFT LoRA at chosen layers: attach, train with the HF Trainer (answer-only loss, optional distillation), merge,
+and load an `--against` comparison model. Task-agnostic: callers pass encoded rows and a validation scorer (the
+arithmetic ones live in evals/arithmetic.py; the sweep over layers, paper Fig. 2, is surgery/lora_sweep.py).
 
-    peft_model = attach(model, [9], LoraSpec(rank=8))            # attention projections of layer 9 only
+    peft_model = attach(model, [9], LoraSpec(rank=8))                 # attention projections of layer 9 only
+    peft_model = attach(model, [9], LoraSpec(), ffn_layers=[20, 21])  # + the FFN projections of layers 20-21
     fit = fit_lora(model, tok, 9, LoraSpec(), TrainSpec(), rows, validate)  # lr chosen by validate(model)
-    merged = merged_copy(fit.model)                             # a plain model (ModelView sees it)
+    merged = merged_copy(fit.model)                                  # a plain model (ModelView sees it)
 
-
-Training text is prompt + answer ("Calculate: 12+34=46"); the loss covers only the answer tokens (labels -100
-on the prompt and on padding). Which projections are "attention" comes from the arch table (`Arch.lora_targets`);
-the layer-list name PEFT needs (`layers_pattern`) is the last part of `Arch.layers` ("layers", "h").
-Accuracy is teacher-forced: one forward per problem scores every answer token (`problem_predictions`), which
-equals greedy decoding of the whole answer when every token is right.
+Rows are prompt + answer token ids with labels -100 on the prompt (the loss covers only the answer tokens).
+Which projections are "attention" comes from the arch table (`Arch.lora_targets`); the layer-list name PEFT
+needs (`layers_pattern`) is the last part of `Arch.layers` ("layers", "h").
 """
 
 from __future__ import annotations
