@@ -515,18 +515,27 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
     """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings."""
     from tqdm.auto import tqdm
 
-    parts: list[Comparison] = []
+    tops: list[tuple[Tensor, ...]] = []
+    total = {l: torch.zeros(view_a.ffn_width(l)) for l in layers}
+    coef: dict[str, dict[int, Tensor]] = {}
+    rescored = 0
     for s in tqdm(range(0, len(seqs), batch_size), desc="cna", disable=not progress, unit="batch"):
         e = s + batch_size
         batch_a = left_pad(seqs[s:e], pad_id)
         batch_b = left_pad(seqs_b[s:e], pad_id) if seqs_b is not None else None
         tgt = torch.tensor(targets[s:e]) if targets is not None else None
-        parts.append(compare(view_a, batch_a, layers, k, view_b=view_b, batch_b=batch_b, ablate_b=ablate_b,
-                             target=tgt, max_rescore=max_rescore))
-    cat = lambda f: torch.cat([f(p) for p in parts])  # noqa: E731
-    return Scan(layers, k, cat(lambda p: p.top.layer), cat(lambda p: p.top.index), cat(lambda p: p.top.score),
-                cat(lambda p: p.top.certified), cat(lambda p: p.target),
-                {l: sum(p.delta[l].sum(0) for p in parts) for l in layers},
-                {l: cat(lambda p: p.coef_a[l]).mean(0) for l in layers},
-                {l: cat(lambda p: p.coef_b[l]).mean(0) for l in layers} if parts[0].coef_b is not None else None,
-                sum(p.top.rescored for p in parts))
+        c = compare(view_a, batch_a, layers, k, view_b=view_b, batch_b=batch_b, ablate_b=ablate_b,
+                    target=tgt, max_rescore=max_rescore)
+        # aggregate now and drop the batch (its scorers and dense estimates): memory does not grow with cases
+        tops.append((c.top.layer, c.top.index, c.top.score, c.top.certified, c.target))
+        for l in layers:
+            total[l] += c.delta[l].sum(0)
+            for side, m in (("a", c.coef_a), ("b", c.coef_b)):
+                if m is not None:
+                    coef.setdefault(side, {}).setdefault(l, torch.zeros_like(m[l][0], dtype=torch.float32))
+                    coef[side][l] += m[l].float().sum(0)
+        rescored += c.top.rescored
+        del c
+    n = len(seqs)
+    mean = {side: {l: v / n for l, v in m.items()} for side, m in coef.items()}
+    return Scan(layers, k, *(torch.cat(col) for col in zip(*tops)), total, mean["a"], mean.get("b"), rescored)
