@@ -56,6 +56,7 @@ class Arch:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention projections (PEFT names)
     attn_v: str | None = "self_attn.v_proj"  # value projection; fused ones give where V sits (see attn_v_fused)
     attn_v_fused: str | None = None  # "qkv_rows": Linear rows [q | k | v]; "qkv_cols": Conv1D columns [q | k | v]
+    ffn_bias_attr: str | None = None  # config flag that gives the native FFN projections biases (Llama: mlp_bias)
     attn_qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # q, k, v projections
     qkv_layout: QkvLayout = "separate"  # how head h's query/key/value features sit in attn_qkv (see qkv_slices)
 
@@ -73,7 +74,7 @@ _LLAMA = Arch(
 )
 
 ARCHS: dict[str, Arch] = {
-    "llama": _LLAMA,
+    "llama": replace(_LLAMA, ffn_bias_attr="mlp_bias"),
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     # Phi-3: Llama with fused qkv and gate_up projections
@@ -231,6 +232,11 @@ class ModelView:
     @property
     def n_kv_heads(self) -> int:
         return int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
+
+    def native_ffn_bias(self) -> bool:
+        """Whether the native class can hold an FFN output bias: always for plain FFNs (GPT-2/J/NeoX), through the
+        config flag `arch.ffn_bias_attr` where the table names one (Llama's mlp_bias), never otherwise."""
+        return self.arch.ffn_kind == "plain" or self.arch.ffn_bias_attr is not None
 
     def ffn_width(self, layer: int) -> int:
         """Number of FFN neurons in `layer` (per-layer: sliced models differ)."""

@@ -138,7 +138,7 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
         raise UsageError(f"cna.score {r.cna.score!r}: use delta (the paper) or reference")
     if r.layout not in ("sliced", "padded"):
         raise UsageError(f"--layout {r.layout!r}: use sliced or padded")
-    if r.compensate and r.layout != "sliced" and not hasattr(model.config, "mlp_bias") and view.arch.ffn_kind != "plain":
+    if r.compensate and r.layout != "sliced" and not view.native_ffn_bias():
         raise UsageError(f"compensate=true adds FFN output biases that the native {model.config.model_type} class "
                          "lacks; use --layout sliced")
     order = [r.selector] + [s for s in r.baselines if s != r.selector]

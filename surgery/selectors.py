@@ -110,11 +110,11 @@ def activation(inp: Inputs) -> Scores:
     return mean_coefficients(inp.view, inp.seqs, inp.layers, inp.pad, absolute=True)
 
 
-@register("task", "taylor")
-def taylor(inp: Inputs) -> Scores:
-    """Mean |m_k * dL/dm_k| over the task cases, L = cross-entropy of the correct answer token."""
+def _grad_times_m(inp: Inputs, objective: Callable[[Tensor, Tensor], Tensor]
+                  ) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    """Per batch of task cases and layer: (layer, m [B, T, N], d objective / d m [B, T, N], mask [B, T]) for
+    objective(last-position logits [B, V], targets [B]) summed over the batch: one forward + backward per batch."""
     view, dev = inp.view, device_of(inp.view.model)
-    sums = {l: torch.zeros(view.ffn_width(l)) for l in inp.layers}
     for idx in batches(len(inp.seqs), inp.batch_size):
         ids, mask = (t.to(dev) for t in left_pad([inp.seqs[i] for i in idx], inp.pad))
         with torch.enable_grad(), Hooks(view) as h:
@@ -122,11 +122,19 @@ def taylor(inp: Inputs) -> Scores:
             logits = view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                                 logits_to_keep=1, use_cache=False).logits[:, -1].float()
             tgt = torch.tensor([inp.targets[i] for i in idx], device=dev)
-            loss = nn.functional.cross_entropy(logits, tgt, reduction="sum")
             ms = [h.store["m", l] for l in inp.layers]
-            grads = torch.autograd.grad(loss, ms)
+            grads = torch.autograd.grad(objective(logits, tgt), ms)
         for l, m, g in zip(inp.layers, ms, grads):
-            sums[l] += (m.detach()[:, -1] * g[:, -1]).float().abs().sum(0).cpu()
+            yield l, m.detach(), g, mask
+
+
+@register("task", "taylor")
+def taylor(inp: Inputs) -> Scores:
+    """Mean |m_k * dL/dm_k| at the answer position over the task cases, L = cross-entropy of the answer token."""
+    sums = {l: torch.zeros(inp.view.ffn_width(l)) for l in inp.layers}
+    ce = lambda z, t: nn.functional.cross_entropy(z, t, reduction="sum")  # noqa: E731
+    for l, m, g, _ in _grad_times_m(inp, ce):
+        sums[l] += (m[:, -1] * g[:, -1]).float().abs().sum(0).cpu()
     return {l: s / len(inp.seqs) for l, s in sums.items()}
 
 
@@ -135,20 +143,10 @@ def total_effect(inp: Inputs) -> Scores:
     """Mean m_k * d log p(answer) / d m_k over the task cases (signed, through every later layer): the first-order
     change of the answer log-prob when neuron k is removed, direct AND indirect paths. CNA scores only the
     direct path (the neuron's value vector read out through the frozen final norm)."""
-    view, dev = inp.view, device_of(inp.view.model)
-    sums = {l: torch.zeros(view.ffn_width(l)) for l in inp.layers}
-    for idx in batches(len(inp.seqs), inp.batch_size):
-        ids, mask = (t.to(dev) for t in left_pad([inp.seqs[i] for i in idx], inp.pad))
-        with torch.enable_grad(), Hooks(view) as h:
-            h.capture("m", layers=inp.layers, positions=None, keep_grad=True)
-            logits = view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                                logits_to_keep=1, use_cache=False).logits[:, -1].float()
-            tgt = torch.tensor([inp.targets[i] for i in idx], device=dev)
-            logp = logits.log_softmax(-1).gather(1, tgt[:, None]).sum()
-            ms = [h.store["m", l] for l in inp.layers]
-            grads = torch.autograd.grad(logp, ms)
-        for l, m, g in zip(inp.layers, ms, grads):  # m_k's effect at every position of the prompt
-            sums[l] += (m.detach() * g * mask[..., None]).float().sum((0, 1)).cpu()
+    sums = {l: torch.zeros(inp.view.ffn_width(l)) for l in inp.layers}
+    logp = lambda z, t: z.log_softmax(-1).gather(1, t[:, None]).sum()  # noqa: E731
+    for l, m, g, mask in _grad_times_m(inp, logp):  # m_k's effect at every position of the prompt
+        sums[l] += (m * g * mask[..., None]).float().sum((0, 1)).cpu()
     return {l: s / len(inp.seqs) for l, s in sums.items()}
 
 

@@ -107,9 +107,10 @@ def fold_means(model: nn.Module, keep: KeepSpec, means: dict[int, Tensor]) -> di
     computes exactly what the dense model computes with every removed neuron's coefficient replaced by its mean.
     Returns the added bias per layer.
 
-    Every layer's FFN output gets a bias (zero where nothing was folded) so the checkpoint has one shape per layer:
-    Llama-family configs switch `mlp_bias` on (gate/up biases stay zero, so it loads natively); architectures whose
-    native class has no FFN output bias record `config.surgery_ffn_out_bias` and export only as the sliced layout."""
+    Every layer's FFN output gets a bias (zero where nothing was folded) so the checkpoint has one shape per layer.
+    Where the arch table names a config flag for native FFN biases (`Arch.ffn_bias_attr`, Llama: mlp_bias) it is
+    switched on (key biases stay zero, so it loads natively); architectures whose native class has no FFN output
+    bias record `config.surgery_ffn_out_bias` and export only as the sliced layout."""
     view = ModelView(model)
     _ensure_out_biases(model, view)
     shifts = {}
@@ -123,17 +124,17 @@ def fold_means(model: nn.Module, keep: KeepSpec, means: dict[int, Tensor]) -> di
 
 def _ensure_out_biases(model: nn.Module, view: ModelView) -> None:
     """A (zero) bias on every layer's FFN output projection; on Llama-family configs also on the keys (mlp_bias)."""
-    native = hasattr(model.config, "mlp_bias")
+    flag = view.arch.ffn_bias_attr  # the config switch of a native FFN bias (biases on keys and values alike)
     for i in range(view.n_layers):
-        mods = [*view.ffn_in(i), view.ffn_out(i)] if native else [view.ffn_out(i)]
+        mods = [*view.ffn_in(i), view.ffn_out(i)] if flag else [view.ffn_out(i)]
         for m in mods:
             if getattr(m, "bias", None) is None:
                 w = m.weight
                 m.bias = nn.Parameter(torch.zeros(w.shape[1] if view.arch.conv1d else w.shape[0],
                                                   dtype=w.dtype, device=w.device))
-    if native:
-        model.config.mlp_bias = True
-    elif view.arch.ffn_kind != "plain":  # plain FFNs (GPT-2/J/NeoX) have the bias natively
+    if flag:
+        setattr(model.config, flag, True)
+    elif not view.native_ffn_bias():
         model.config.surgery_ffn_out_bias = True
 
 
