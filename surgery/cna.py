@@ -91,7 +91,8 @@ class Scorer:
 
     sigma [B, 1] and target [B] are fixed by the caller (frozen from the original model's forward)."""
 
-    def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256):
+    def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256,
+                 budget: int = 1 << 24):
         dev = state.logits.device  # the model's device: the state, sigma and target live there; scores come back on the CPU
         self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma.to(dev), target.to(dev), chunk
         self.gain = view.final_gain()
@@ -99,7 +100,7 @@ class Scorer:
         self.wu_max = self.WU.norm(dim=1).max()
         self.cap = view.softcap
         self.top_tokens = 32  # |S|: the tokens whose log-sum-exp terms are computed exactly for every neuron
-        self.budget = 1 << 24  # floats per temporary [rows, vocab] block: bounds memory whatever the batch
+        self.budget = budget  # floats per temporary [rows, vocab] block: bounds memory whatever the candidates
         self.layer_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self.tail_cache: dict[int, tuple[Tensor, ...]] = {}
         self.bounds_cache: dict[int, tuple[Tensor, Tensor]] = {}
@@ -630,8 +631,11 @@ class Scan:
 def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
          targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
-         max_rescore: int = 2048) -> Scan:
-    """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings."""
+         max_rescore: int = 2048, chunk: int = 256) -> Scan:
+    """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings.
+
+    Memory is set by `batch_size` (cases held at once: their states and base logits) and `chunk` (readout rows
+    [chunk, vocab] held at once), whatever the number of cases: each batch is aggregated and dropped."""
     from tqdm.auto import tqdm
 
     tops: list[tuple[Tensor, ...]] = []
@@ -644,7 +648,7 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
         batch_b = left_pad(seqs_b[s:e], pad_id) if seqs_b is not None else None
         tgt = torch.tensor(targets[s:e]) if targets is not None else None
         c = compare(view_a, batch_a, layers, k, view_b=view_b, batch_b=batch_b, ablate_b=ablate_b,
-                    target=tgt, max_rescore=max_rescore)
+                    target=tgt, max_rescore=max_rescore, chunk=chunk)
         # aggregate now and drop the batch (its scorers and dense estimates): memory does not grow with cases
         tops.append((c.top.layer, c.top.index, c.top.score, c.top.certified, c.target))
         for l in layers:
