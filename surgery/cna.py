@@ -10,6 +10,14 @@ post-FFN norm (Gemma) and is 1 elsewhere. Hence:
   imp_k >= fo_k - m_k^2 range(D_k)^2 / 8 with range(D_k) <= 2 ||g * centre(c v_k)|| max_j ||W_U[j]|| / sigma;
 - exact scores are computed for candidates only, in order of their upper bounds, until the k-th best exact score
   beats every unscored neuron's upper bound: the reported top-k is then certified equal to the exhaustive top-k.
+A post-FFN RMS norm's c is gain / rms(y): one vector times a per-case scalar s, so c v_k = s (gain * v_k) and
+D_k stays a case-independent row times s: the vocabulary ranges stay exact (cached) and the readout rows W_U(...)
+of rescored neurons are shared across cases, as without the norm.
+Cost (B cases, L layers, vocabulary V, width d): the bounds take two passes over W_U for all layers at once
+([L B, d] x [d, V] for the base logits, [L B, V] x [V, d] for the tail means) plus one [N, d] x [d, |S union|]
+product per layer; the exact scores take one [rows, d] x [d, V] block per group of candidate neurons, shared by
+the cases and by both settings of a comparison on one model. Memory: base logits [L B, V] per setting and one
+[rows, V] block at a time (`chunk`, `budget`), independent of the number of cases in dataset mode.
 """
 
 from __future__ import annotations
@@ -133,7 +141,10 @@ class Scorer:
                 if layer not in self.layer_cache:
                     logp = torch.log_softmax(self.view.softcap_logits(z0[i]), -1)
                     self.layer_cache[layer] = (z0[i], logp.gather(1, self.target[:, None])[:, 0])
-                if tails and not self.cap:
+                if tails and self.cap:  # soft-capped: the tail statistics of the capped logits, no mean
+                    self._tail(layer, self.view.softcap_logits(self.layer_cache[layer][0]))
+                    self.tail_cache[layer] += (None,)
+                elif tails:
                     qs.append(self._tail(layer, self.layer_cache[layer][0]))
             if qs:
                 mean_u = torch.stack(qs).view(-1, V) @ self.WU  # [G * B, d]: E_q W_U[j] on each case's tail
@@ -215,7 +226,7 @@ class Scorer:
         N x |S| work) and the tail R. With q the base distribution on R and X = D_k[j], j ~ q:
         Jensen gives E exp(aX) >= exp(a E X) (E X is linear: O(N d)), and Hoeffding's lemma with the neuron's
         vocabulary range gives E exp(aX) <= exp(a E X + a^2 range^2 / 8), also <= exp(max(a max D, a min D)).
-        Soft-capped models get (-inf, first-order): no valid bound, their top-k is not certified.
+        Soft-capped models get the monotone / Lipschitz bound of `_capped_bounds`.
         The top-token block is one [N, d] x [d, |union of the batch's S|] product per layer when the cases'
         top tokens overlap (shared across the batch), else one per case. Cached per layer."""
         if layer not in self.bounds_cache:
@@ -223,9 +234,6 @@ class Scorer:
         return self.bounds_cache[layer]
 
     def _bounds(self, layer: int) -> tuple[Tensor, Tensor]:
-        if self.cap:
-            fo = self._first_order(layer)
-            return torch.full_like(fo, float("-inf")), fo
         if layer not in self.tail_cache:  # all the state's layers in one go: fewer, larger passes
             self._prepare([layer] + [l for l in self.s.layers if l not in self.tail_cache and l != layer])
         z0 = self._base(layer)[0]
@@ -233,7 +241,6 @@ class Scorer:
         B = z0.shape[0]
         dirs = self._factor(layer)[0]
         d = self._centre(dirs) * self.gain  # [N, d] or [B, N, d]
-        mean_d = mean_u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, mean_u)  # E_q D_k [B, N]
         a = self._a(layer)  # [B, N]
         union, inv = torch.unique(top, return_inverse=True)
         if d.dim() == 2 and len(union) < top.numel():
@@ -241,12 +248,32 @@ class Scorer:
         else:
             ws = self.WU[top]  # [B, s, d]: each case's own top tokens
             dS = d @ ws.transpose(1, 2) if d.dim() == 2 else torch.bmm(d, ws.transpose(1, 2))  # [B, N, s]
-        log_a = (z0.gather(1, top)[:, None, :] + a[..., None] * dS).logsumexp(-1)
         hi_d, lo_d = self.vocab_range(layer)
+        if self.cap:
+            return self._capped_bounds(z0, top, wcol, lse0, log_zr, a, dS, hi_d, lo_d)
+        log_a = (z0.gather(1, top)[:, None, :] + a[..., None] * dS).logsumexp(-1)
+        mean_d = mean_u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, mean_u)  # E_q D_k [B, N]
         hoeffding = a * mean_d + (a * (hi_d - lo_d)) ** 2 / 8
         worst = torch.minimum(torch.maximum(a * hi_d, a * lo_d), hoeffding)
         lin = a * dS.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0] + lse0
         return lin - torch.logaddexp(log_a, log_zr + worst), lin - torch.logaddexp(log_a, log_zr + a * mean_d)
+
+    def _capped_bounds(self, z0: Tensor, top: Tensor, wcol: Tensor, lse0: Tensor, log_zr: Tensor, a: Tensor,
+                       dS: Tensor, hi_d: Tensor, lo_d: Tensor) -> tuple[Tensor, Tensor]:
+        """Soft-capped logits l_j = cap * tanh(z_j / cap): exact on the top tokens S for every neuron; on the tail,
+        l_j is monotone and 1-Lipschitz in z_j, so a shift a D_kj in [t_lo, t_hi] (the neuron's vocabulary range)
+        moves every tail logit by at most min(t_lo, 0) .. max(t_hi, 0): the tail log-sum-exp (of the base capped
+        logits, lse0/log_zr here) moves by no more. Valid for every neuron, no vocabulary-sized work per neuron."""
+        B = z0.shape[0]
+        cap = self.view.softcap_logits
+        zs = z0.gather(1, top)  # [B, s] pre-cap
+        new_s = cap(zs[:, None, :] + a[..., None] * dS)  # [B, N, s]
+        log_a = new_s.logsumexp(-1)
+        w_new = new_s.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0]
+        lin = w_new - cap(zs.gather(1, wcol[:, None])) + lse0
+        t_hi = torch.maximum(a * hi_d, a * lo_d).clamp_min(0)
+        t_lo = torch.minimum(a * hi_d, a * lo_d).clamp_max(0)
+        return lin - torch.logaddexp(log_a, log_zr + t_hi), lin - torch.logaddexp(log_a, log_zr + t_lo)
 
     def vocab_range(self, layer: int) -> tuple[Tensor, Tensor]:
         """(max_j D_kj, min_j D_kj) of the factored directions (`_factor`) over the whole vocabulary at sigma = 1:
@@ -346,7 +373,7 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
     Round 1 rescores, per case, the k + margin neurons with the highest upper bounds; its k-th best exact value
     tau is a lower bound of the final k-th value, so round 2 rescores every other neuron whose upper bound
     exceeds tau. Nothing unscored can then enter the top-k: the result equals the exhaustive top-k (certified).
-    Soft-capped models have no valid bound and are certified only if everything was rescored; a case needing
+    Soft-capped models use their monotone / Lipschitz bound (`Scorer._capped_bounds`); a case needing
     more than `max_rescore` exact scores is left uncertified. Returns the top-k and a dense [B, N] estimate per
     layer (exact where rescored, the middle of the certified interval elsewhere) for aggregation."""
     layers = a.s.layers
@@ -361,7 +388,7 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
     need = (hi.gather(1, order) > tau) & (torch.arange(total) >= first) & (torch.arange(total) < max_rescore)
     _rescore(a, b, layers, offsets, need, order, exact)
     top = exact.nan_to_num(float("-inf")).topk(min(k, total), dim=1)
-    bound_ok = not (a.cap or (b is not None and b.cap))
+    bound_ok = True  # every Scorer's bounds are valid (soft-capped ones included)
     left = hi.masked_fill(~exact.isnan(), float("-inf")).amax(1)
     certified = (top.values[:, -1] >= left) & bound_ok | ~exact.isnan().any(1)
     dense = torch.where(exact.isnan(), est, exact)
