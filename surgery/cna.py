@@ -100,7 +100,7 @@ class Scorer:
     sigma [B, 1] and target [B] are fixed by the caller (frozen from the original model's forward)."""
 
     def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256,
-                 budget: int = 1 << 22):
+                 budget: int = 1 << 24):
         dev = state.logits.device  # the model's device: the state, sigma and target live there; scores come back on the CPU
         self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma.to(dev), target.to(dev), chunk
         self.gain = view.final_gain()
