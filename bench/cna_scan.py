@@ -20,10 +20,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from surgery.evals import arithmetic  # noqa: E402
+
 from surgery import cna  # noqa: E402
 from surgery.arch import ModelView  # noqa: E402
 from surgery.batching import pad_id  # noqa: E402
-from surgery.evals import arithmetic  # noqa: E402
 from surgery.models import load_model  # noqa: E402
 
 
