@@ -4,16 +4,22 @@ Reference (the paper's code path): per case and per layer, build r + m_k v_k for
 through the frozen final norm and the unembedding, full log-softmax, read the target. surgery: one batched pass,
 first-order/bounded screen of all neurons, exact rescoring of the candidates (certified top-k).
 
-    python bench/cna.py [--cases 8] [--k 100] [--batch 8]
+    python bench/cna.py [--cases 8] [--k 100] [--batch 8] [--repeats 3] [--threads 2] [--no-memory] [--no-reference]
 
+Repeats are interleaved (forward, surgery, reference, forward, ...) so that a shared machine slows every side
+alike; each repeat gives a ratio, and the bench reports their median and spread (min-max), in wall time and in
+CPU time of the process (on a machine whose cores other jobs hold, wall time measures the scheduler more than the
+work; at --threads 1 CPU time is the work). The batched forward
+pass of the same cases (logits at the last position only) is the floor CNA is measured against.
 Last line: speedup <x>x (reference <s>s, surgery <s>s), identical=<true|false>
-identical = the same top-k set per case and max |score difference| <= 1e-4 on it. Times are per case.
+identical = the same top-k set per case and max |score difference| <= 1e-4 on it. Times are per case (medians).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +33,7 @@ from surgery.evals import arithmetic  # noqa: E402
 
 from surgery import cna  # noqa: E402
 from surgery.arch import ModelView  # noqa: E402
-from surgery.batching import left_pad, pad_id  # noqa: E402
+from surgery.batching import left_pad, pad_id, position_ids  # noqa: E402
 from surgery.models import load_model  # noqa: E402
 
 
@@ -58,6 +64,15 @@ def surgery_cases(view: ModelView, seqs: list[list[int]], k: int, batch: int, pa
         out += [(list(zip(l.tolist(), i.tolist())), v, bool(c))
                 for l, i, v, c in zip(res.top.layer, res.top.index, res.top.score, res.top.certified)]
     return out
+
+
+@torch.no_grad()
+def forward_cases(view: ModelView, seqs: list[list[int]], batch: int, pad: int) -> None:
+    """The floor: one batched forward per batch of cases, logits at the last position only."""
+    for s in range(0, len(seqs), batch):
+        ids, mask = left_pad(seqs[s:s + batch], pad)
+        view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1,
+                   use_cache=False)
 
 
 def _peak_rss_mb(side: str, k: int, batch: int) -> float:
@@ -101,30 +116,60 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument("--no-reference", action="store_true", help="forward vs surgery only (no exactness check)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--measure", choices=["reference", "surgery"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 2)
+    torch.set_num_threads(args.threads)
     if args.measure:
         return _measure(args.measure, args.k, args.batch)
     view, tok, seqs = _setup(args.cases)
     t = time.time()
     surgery_cases(view, seqs[:1], args.k, 1, pad_id(tok))  # one-time per-model vocabulary ranges (disk-cached)
     cold = time.time() - t
-    t = time.time()
-    fast = surgery_cases(view, seqs, args.k, args.batch, pad_id(tok))
-    t_fast = (time.time() - t) / len(seqs)
-    t = time.time()
-    ref = [reference_case(view, s, args.k) for s in seqs]
-    t_ref = (time.time() - t) / len(seqs)
+    n, runs, cpu = len(seqs), [], []
+    for rep in range(args.repeats):
+        t, c = time.time(), time.process_time()
+        forward_cases(view, seqs, args.batch, pad_id(tok))
+        t_fwd, c_fwd = (time.time() - t) / n, (time.process_time() - c) / n
+        t, c = time.time(), time.process_time()
+        fast = surgery_cases(view, seqs, args.k, args.batch, pad_id(tok))
+        t_fast, c_fast = (time.time() - t) / n, (time.process_time() - c) / n
+        t, c = time.time(), time.process_time()
+        ref = [reference_case(view, s, args.k) for s in seqs] if not args.no_reference else []
+        t_ref, c_ref = (time.time() - t) / n, (time.process_time() - c) / n
+        runs.append((t_fwd, t_fast, t_ref))
+        cpu.append((c_fwd, c_fast, c_ref))
+        print(f"repeat {rep}: wall per case: forward {1000 * t_fwd:.1f} ms, surgery {1000 * t_fast:.1f} ms, "
+              f"reference {t_ref:.2f} s; CPU per case: forward {1000 * c_fwd:.1f} ms, surgery {1000 * c_fast:.1f} ms, "
+              f"reference {c_ref:.2f} s", flush=True)
+    if args.no_reference:
+        ratio = [f / w for w, f, _ in cpu]
+        print(f"surgery / batched forward (CPU time): median {statistics.median(ratio):.1f}x (spread "
+              f"{min(ratio):.1f}-{max(ratio):.1f}x, {len(cpu)} repeats, threads {torch.get_num_threads()}, load "
+              f"{os.getloadavg()[0]:.1f}); certified {sum(f[2] for f in fast)}/{len(fast)}")
+        return
+    for name, rows in (("wall", runs), ("CPU", cpu)):
+        over_fwd = [f / w for w, f, _ in rows]
+        speed = [r / f for _, f, r in rows]
+        print(f"{name} time: surgery / batched forward median {statistics.median(over_fwd):.1f}x (spread "
+              f"{min(over_fwd):.1f}-{max(over_fwd):.1f}x); reference / surgery median {statistics.median(speed):.1f}x "
+              f"(spread {min(speed):.1f}-{max(speed):.1f}x), {len(rows)} repeats")
     same = all(set(f[0]) == set(r[0]) for f, r in zip(fast, ref))
     err = max(float((f[1] - r[1]).abs().max()) for f, r in zip(fast, ref))
-    print(f"cases {len(seqs)}, k {args.k}, batch {args.batch}, threads {torch.get_num_threads()}")
+    print(f"cases {n}, k {args.k}, batch {args.batch}, threads {torch.get_num_threads()}, "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"certified {sum(f[2] for f in fast)}/{len(fast)}; max |score diff| {err:.2e}; one-time vocab ranges "
           f"{cold:.1f}s (cached on disk after the first run)", flush=True)
-    mem_ref, mem_fast = _peak_rss_mb("reference", args.k, 1), _peak_rss_mb("surgery", args.k, args.batch)
-    print(f"peak RSS growth after loading: reference {mem_ref:.0f} MB (1 case), "
-          f"surgery {mem_fast:.0f} MB ({args.batch} cases per batch)")
-    print(f"speedup {t_ref / t_fast:.1f}x (reference {t_ref:.2f}s, surgery {t_fast:.3f}s), "
+    if not args.no_memory:
+        mem_ref, mem_fast = _peak_rss_mb("reference", args.k, 1), _peak_rss_mb("surgery", args.k, args.batch)
+        print(f"peak RSS growth after loading: reference {mem_ref:.0f} MB (1 case), "
+              f"surgery {mem_fast:.0f} MB ({args.batch} cases per batch)")
+    speed = [r / f for _, f, r in runs]
+    t_fast, t_ref = (statistics.median(x) for x in ([f for _, f, _ in runs], [r for _, _, r in runs]))
+    print(f"speedup {statistics.median(speed):.1f}x (reference {t_ref:.2f}s, surgery {t_fast:.3f}s), "
           f"identical={'true' if same and err <= 1e-4 else 'false'}")
 
 

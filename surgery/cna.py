@@ -10,6 +10,14 @@ post-FFN norm (Gemma) and is 1 elsewhere. Hence:
   imp_k >= fo_k - m_k^2 range(D_k)^2 / 8 with range(D_k) <= 2 ||g * centre(c v_k)|| max_j ||W_U[j]|| / sigma;
 - exact scores are computed for candidates only, in order of their upper bounds, until the k-th best exact score
   beats every unscored neuron's upper bound: the reported top-k is then certified equal to the exhaustive top-k.
+A post-FFN RMS norm's c is gain / rms(y): one vector times a per-case scalar s, so c v_k = s (gain * v_k) and
+D_k stays a case-independent row times s: the vocabulary ranges stay exact (cached) and the readout rows W_U(...)
+of rescored neurons are shared across cases, as without the norm.
+Cost (B cases, L layers, vocabulary V, width d): the bounds take two passes over W_U for all layers at once
+([L B, d] x [d, V] for the base logits, [L B, V] x [V, d] for the tail means) plus one [N, d] x [d, |S union|]
+product per layer; the exact scores take one [rows, d] x [d, V] block per group of candidate neurons, shared by
+the cases and by both settings of a comparison on one model. Memory: base logits [L B, V] per setting and one
+[rows, V] block at a time (`chunk`, `budget`), independent of the number of cases in dataset mode.
 """
 
 from __future__ import annotations
@@ -91,7 +99,8 @@ class Scorer:
 
     sigma [B, 1] and target [B] are fixed by the caller (frozen from the original model's forward)."""
 
-    def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256):
+    def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256,
+                 budget: int = 1 << 24):
         dev = state.logits.device  # the model's device: the state, sigma and target live there; scores come back on the CPU
         self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma.to(dev), target.to(dev), chunk
         self.gain = view.final_gain()
@@ -99,7 +108,11 @@ class Scorer:
         self.wu_max = self.WU.norm(dim=1).max()
         self.cap = view.softcap
         self.top_tokens = 32  # |S|: the tokens whose log-sum-exp terms are computed exactly for every neuron
+        self.budget = budget  # floats per temporary [rows, vocab] block: bounds memory whatever the candidates
         self.layer_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self.tail_cache: dict[int, tuple[Tensor, ...]] = {}
+        self.bounds_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self.factor_cache: dict[int, tuple[Tensor, Tensor | None]] = {}
 
     def _centre(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.view.arch.norm_kind == "layer" else x
@@ -108,10 +121,75 @@ class Scorer:
     def _base(self, layer: int) -> tuple[Tensor, Tensor]:
         """Pre-softcap base logits z0 [B, V] and log p0(w) [B] of the FFN input stream r (frozen sigma)."""
         if layer not in self.layer_cache:
-            z0 = self.view.readout(self.s.r[layer], self.sigma) + self.view.readout_bias()
-            logp = torch.log_softmax(self.view.softcap_logits(z0), -1)
-            self.layer_cache[layer] = (z0, logp.gather(1, self.target[:, None])[:, 0])
+            self._prepare([layer], tails=False)
         return self.layer_cache[layer]
+
+    @torch.no_grad()
+    def _prepare(self, layers: list[int], tails: bool = True) -> None:
+        """Base logits (and with `tails` the tail statistics of the bounds) for many layers at once: the readouts
+        W_U x of all (layer, case) rows go through ONE matmul per group of layers (one pass over W_U instead of
+        one per layer), and so does the tail mean q @ W_U. Groups hold at most `budget` floats per [rows, vocab]
+        temporary. Base logits already cached are kept (the same values serve the bounds and the exact scores)."""
+        B, V = self.target.shape[0], self.WU.shape[0]
+        per = max(1, self.budget // max(1, B * V))
+        for g in range(0, len(layers), per):
+            group = layers[g:g + per]
+            x = torch.stack([self.s.r[l] for l in group])  # [G, B, d]
+            z0 = self.view.readout(x, self.sigma) + self.view.readout_bias()  # [G, B, V]
+            qs = []
+            for i, layer in enumerate(group):
+                if layer not in self.layer_cache:
+                    logp = torch.log_softmax(self.view.softcap_logits(z0[i]), -1)
+                    self.layer_cache[layer] = (z0[i], logp.gather(1, self.target[:, None])[:, 0])
+                if tails and self.cap:  # soft-capped: the tail statistics of the capped logits, no mean
+                    self._tail(layer, self.view.softcap_logits(self.layer_cache[layer][0]))
+                    self.tail_cache[layer] += (None,)
+                elif tails:
+                    qs.append(self._tail(layer, self.layer_cache[layer][0]))
+            if qs:
+                mean_u = torch.stack(qs).view(-1, V) @ self.WU  # [G * B, d]: E_q W_U[j] on each case's tail
+                for i, layer in enumerate(group):
+                    self.tail_cache[layer] += (mean_u.view(len(group), B, -1)[i],)
+
+    def _tail(self, layer: int, z0: Tensor) -> Tensor:
+        """Split the vocabulary into each case's top tokens S (with the target) and the tail R; cache
+        (S [B, s], target column [B], lse0 [B, 1], log Z_R [B, 1]) and return the tail distribution q [B, V]."""
+        top = z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices  # any split of the vocabulary is valid:
+        missing = ~(top == self.target[:, None]).any(1)  # make sure the target is in S
+        top[missing, -1] = self.target[missing]
+        wcol = (top == self.target[:, None]).float().argmax(1)  # [B]
+        tail = z0.scatter(1, top, float("-inf"))
+        self.tail_cache[layer] = (top, wcol, z0.logsumexp(-1, keepdim=True), tail.logsumexp(-1, keepdim=True))
+        return torch.softmax(tail, -1).nan_to_num(0.0)
+
+    def _factor(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """(dirs, s) with case b's direction of neuron k = s_b * dirs_k: dirs [N, d] shared by every case and
+        s [B, 1] (None: 1). A post-FFN RMS norm scales its input by gain / rms(y): one vector times a per-case
+        scalar, so the directions stay shared (v_k * gain) and their vocabulary ranges stay exact and cached.
+        A scale that is not of that form falls back to per-case directions [B, N, d] (s None)."""
+        if layer not in self.factor_cache:
+            v = self.view.values(layer).float()
+            c = self.s.c[layer]
+            out: tuple[Tensor, Tensor | None] = (v, None)
+            if c is not None:
+                ref = self.view.ffn_post_scale(layer, torch.ones(1, c.shape[-1], device=c.device))  # gain, up to a scalar
+                sc = (c * ref).sum(-1, keepdim=True) / (ref * ref).sum(-1, keepdim=True).clamp_min(1e-30)
+                if torch.allclose(c, sc * ref, rtol=1e-5, atol=1e-6 * float(c.abs().max())):
+                    out = (v * ref, sc)
+                else:
+                    out = (v[None] * c[:, None, :], None)
+            self.factor_cache[layer] = out
+        return self.factor_cache[layer]
+
+    def _a(self, layer: int) -> Tensor:
+        """a [B, N]: the step along the neuron's (factored) readout direction, m_k * s / sigma."""
+        s = self._factor(layer)[1]
+        m = self.s.m[layer]
+        return (m if s is None else m * s) / self.sigma
+
+    def _rows_per_chunk(self) -> int:
+        """Readout rows [rows, vocab] per block: at most `chunk` and `budget` floats."""
+        return max(1, min(self.chunk, self.budget // self.WU.shape[0]))
 
     @torch.no_grad()
     def _direction(self, layer: int) -> Tensor:
@@ -148,37 +226,59 @@ class Scorer:
         N x |S| work) and the tail R. With q the base distribution on R and X = D_k[j], j ~ q:
         Jensen gives E exp(aX) >= exp(a E X) (E X is linear: O(N d)), and Hoeffding's lemma with the neuron's
         vocabulary range gives E exp(aX) <= exp(a E X + a^2 range^2 / 8), also <= exp(max(a max D, a min D)).
-        Soft-capped models get (-inf, first-order): no valid bound, their top-k is not certified."""
-        if self.cap:
-            fo = self._first_order(layer)
-            return torch.full_like(fo, float("-inf")), fo
+        Soft-capped models get the monotone / Lipschitz bound of `_capped_bounds`.
+        The top-token block is one [N, d] x [d, |union of the batch's S|] product per layer when the cases'
+        top tokens overlap (shared across the batch), else one per case. Cached per layer."""
+        if layer not in self.bounds_cache:
+            self.bounds_cache[layer] = self._bounds(layer)
+        return self.bounds_cache[layer]
+
+    def _bounds(self, layer: int) -> tuple[Tensor, Tensor]:
+        if layer not in self.tail_cache:  # all the state's layers in one go: fewer, larger passes
+            self._prepare([layer] + [l for l in self.s.layers if l not in self.tail_cache and l != layer])
         z0 = self._base(layer)[0]
+        top, wcol, lse0, log_zr, mean_u = self.tail_cache[layer]
         B = z0.shape[0]
-        lse0 = z0.logsumexp(-1, keepdim=True)
-        top = z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices  # any split of the vocabulary is valid:
-        missing = ~(top == self.target[:, None]).any(1)  # make sure the target is in S
-        top[missing, -1] = self.target[missing]
-        wcol = (top == self.target[:, None]).float().argmax(1)  # [B]
-        tail = z0.scatter(1, top, float("-inf"))
-        log_zr = tail.logsumexp(-1, keepdim=True)  # [B, 1]
-        q = torch.softmax(tail, -1).nan_to_num(0.0)  # tail distribution [B, V]
-        d = self._centre(self._dirs(layer)) * self.gain  # [N, d] or [B, N, d]
-        mean_u = q @ self.WU  # [B, d]
-        mean_d = mean_u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, mean_u)  # E_q D_k [B, N]
-        a = self.s.m[layer] / self.sigma  # [B, N]
-        ws = self.WU[top]  # [B, s, d]: each case's own top tokens (no union: N d s work per case)
-        dS = d @ ws.transpose(1, 2) if d.dim() == 2 else torch.bmm(d, ws.transpose(1, 2))  # [B, N, s]
-        log_a = (z0.gather(1, top)[:, None, :] + a[..., None] * dS).logsumexp(-1)
+        dirs = self._factor(layer)[0]
+        d = self._centre(dirs) * self.gain  # [N, d] or [B, N, d]
+        a = self._a(layer)  # [B, N]
+        union, inv = torch.unique(top, return_inverse=True)
+        if d.dim() == 2 and len(union) < top.numel():
+            dS = (d @ self.WU[union].T)[:, inv].permute(1, 0, 2)  # [B, N, s], shared across the batch
+        else:
+            ws = self.WU[top]  # [B, s, d]: each case's own top tokens
+            dS = d @ ws.transpose(1, 2) if d.dim() == 2 else torch.bmm(d, ws.transpose(1, 2))  # [B, N, s]
         hi_d, lo_d = self.vocab_range(layer)
+        if self.cap:
+            return self._capped_bounds(z0, top, wcol, lse0, log_zr, a, dS, hi_d, lo_d)
+        log_a = (z0.gather(1, top)[:, None, :] + a[..., None] * dS).logsumexp(-1)
+        mean_d = mean_u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, mean_u)  # E_q D_k [B, N]
         hoeffding = a * mean_d + (a * (hi_d - lo_d)) ** 2 / 8
         worst = torch.minimum(torch.maximum(a * hi_d, a * lo_d), hoeffding)
         lin = a * dS.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0] + lse0
         return lin - torch.logaddexp(log_a, log_zr + worst), lin - torch.logaddexp(log_a, log_zr + a * mean_d)
 
+    def _capped_bounds(self, z0: Tensor, top: Tensor, wcol: Tensor, lse0: Tensor, log_zr: Tensor, a: Tensor,
+                       dS: Tensor, hi_d: Tensor, lo_d: Tensor) -> tuple[Tensor, Tensor]:
+        """Soft-capped logits l_j = cap * tanh(z_j / cap): exact on the top tokens S for every neuron; on the tail,
+        l_j is monotone and 1-Lipschitz in z_j, so a shift a D_kj in [t_lo, t_hi] (the neuron's vocabulary range)
+        moves every tail logit by at most min(t_lo, 0) .. max(t_hi, 0): the tail log-sum-exp (of the base capped
+        logits, lse0/log_zr here) moves by no more. Valid for every neuron, no vocabulary-sized work per neuron."""
+        B = z0.shape[0]
+        cap = self.view.softcap_logits
+        zs = z0.gather(1, top)  # [B, s] pre-cap
+        new_s = cap(zs[:, None, :] + a[..., None] * dS)  # [B, N, s]
+        log_a = new_s.logsumexp(-1)
+        w_new = new_s.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0]
+        lin = w_new - cap(zs.gather(1, wcol[:, None])) + lse0
+        t_hi = torch.maximum(a * hi_d, a * lo_d).clamp_min(0)
+        t_lo = torch.minimum(a * hi_d, a * lo_d).clamp_max(0)
+        return lin - torch.logaddexp(log_a, log_zr + t_hi), lin - torch.logaddexp(log_a, log_zr + t_lo)
+
     def vocab_range(self, layer: int) -> tuple[Tensor, Tensor]:
-        """(max_j D_kj, min_j D_kj) over the whole vocabulary at sigma = 1: [N] each (exact, cached per layer),
-        or a Cauchy-Schwarz bound [B, N] when a post-FFN norm makes D_k depend on the case."""
-        d = self._dirs(layer)
+        """(max_j D_kj, min_j D_kj) of the factored directions (`_factor`) over the whole vocabulary at sigma = 1:
+        [N] each (exact, cached per layer), or a Cauchy-Schwarz bound [B, N] for per-case directions."""
+        d = self._factor(layer)[0]
         if d.dim() == 3:
             r = self._centre(self.gain * d).norm(dim=-1) * self.wu_max
             return r, -r
@@ -222,6 +322,20 @@ class Scorer:
                          for s in range(0, len(idx), chunk)], 1)
         return (zw - lse - logp0[:, None]).cpu()
 
+    def _pair_scores(self, layer: int, case: Tensor, idx: Tensor, rows: Tensor | None, row: Tensor | None) -> Tensor:
+        """Exact scores [P] (CPU) of pairs (case, neuron idx) given the neurons' factored readout rows [R, V]
+        and each pair's row (rows None: per-case directions, computed here). Blocks of `_rows_per_chunk` pairs."""
+        z0, logp0 = self._base(layer)
+        a = self._a(layer)[case, idx]
+        dirs = self._factor(layer)[0]
+        step, res = self._rows_per_chunk(), []
+        for s in range(0, len(case), step):
+            c = case[s:s + step]
+            r = rows[row[s:s + step]] if rows is not None else self._readout_rows(dirs[c, idx[s:s + step]])
+            z = self.view.softcap_logits(torch.addcmul(z0[c], a[s:s + step, None], r))
+            res.append(z.gather(1, self.target[c][:, None])[:, 0] - z.logsumexp(-1) - logp0[c])
+        return torch.cat(res).cpu()
+
     def _readout_rows(self, dirs: Tensor) -> Tensor:
         """W_U (g * centre(dirs)) without sigma: [C, V], chunked over rows to bound memory."""
         parts = [(self._centre(ch) * self.gain) @ self.WU.T for ch in dirs.split(self.chunk)]
@@ -259,7 +373,7 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
     Round 1 rescores, per case, the k + margin neurons with the highest upper bounds; its k-th best exact value
     tau is a lower bound of the final k-th value, so round 2 rescores every other neuron whose upper bound
     exceeds tau. Nothing unscored can then enter the top-k: the result equals the exhaustive top-k (certified).
-    Soft-capped models have no valid bound and are certified only if everything was rescored; a case needing
+    Soft-capped models use their monotone / Lipschitz bound (`Scorer._capped_bounds`); a case needing
     more than `max_rescore` exact scores is left uncertified. Returns the top-k and a dense [B, N] estimate per
     layer (exact where rescored, the middle of the certified interval elsewhere) for aggregation."""
     layers = a.s.layers
@@ -274,7 +388,7 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
     need = (hi.gather(1, order) > tau) & (torch.arange(total) >= first) & (torch.arange(total) < max_rescore)
     _rescore(a, b, layers, offsets, need, order, exact)
     top = exact.nan_to_num(float("-inf")).topk(min(k, total), dim=1)
-    bound_ok = not (a.cap or (b is not None and b.cap))
+    bound_ok = True  # every Scorer's bounds are valid (soft-capped ones included)
     left = hi.masked_fill(~exact.isnan(), float("-inf")).amax(1)
     certified = (top.values[:, -1] >= left) & bound_ok | ~exact.isnan().any(1)
     dense = torch.where(exact.isnan(), est, exact)
@@ -309,10 +423,41 @@ def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, wa
         sel = layer_of == i
         if not sel.any():
             continue
-        idx, pad = _ragged(rows[sel], flat[sel] - offsets[i], want.shape[0])
-        vals = a.exact(layer, idx) - (b.exact(layer, idx) if b is not None else 0.0)
-        keep = ~pad
-        exact[torch.arange(idx.shape[0])[:, None].expand_as(idx)[keep], (idx + offsets[i])[keep]] = vals[keep]
+        case, idx = rows[sel], flat[sel] - offsets[i]
+        vals = exact_pairs([a] if b is None else [a, b], layer, case, idx)
+        exact[case, idx + offsets[i]] = vals[0] - (vals[1] if b is not None else 0.0)
+
+
+@torch.no_grad()
+def exact_pairs(scorers: list[Scorer], layer: int, case: Tensor, idx: Tensor) -> list[Tensor]:
+    """Exact scores [P] (CPU) of the (case, neuron) pairs of `layer`, one tensor per scorer.
+
+    Pairs are grouped by neuron; the readout rows W_U (g * centre(dirs_k)) of a block of neurons are computed
+    once and serve every case that asks for them, and every scorer of the same model (settings A and B of one
+    model: one matmul, not two). Memory: one [rows, vocab] block of rows and one of logits at a time."""
+    out = [torch.empty(len(idx)) for _ in scorers]
+    if len(idx) == 0:
+        return out
+    dev = scorers[0].s.logits.device
+    case, idx = case.to(dev), idx.to(dev)
+    union, inv = torch.unique(idx, return_inverse=True)
+    order = inv.argsort(stable=True)
+    bounds = torch.searchsorted(inv[order], torch.arange(0, len(union) + 1, device=dev)).tolist()
+    step = min(sc._rows_per_chunk() for sc in scorers)
+    for s in range(0, len(union), step):
+        e = min(s + step, len(union))
+        p = order[bounds[s]:bounds[e]]
+        shared: dict[int, Tensor] = {}
+        for j, sc in enumerate(scorers):
+            dirs = sc._factor(layer)[0]
+            if dirs.dim() == 3:  # per-case directions: rows per pair
+                out[j][p.cpu()] = sc._pair_scores(layer, case[p], idx[p], None, None)
+                continue
+            key = id(sc.view.model)
+            if key not in shared:
+                shared[key] = sc._readout_rows(dirs[union[s:e]])
+            out[j][p.cpu()] = sc._pair_scores(layer, case[p], idx[p], shared[key], inv[p] - s)
+    return out
 
 
 def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
@@ -321,7 +466,9 @@ def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
     Cached on the weight tensor (lives and dies with the model, recomputed when an input weight is edited) and on
     disk under $SURGERY_HOME/cache keyed by a hash of the weights, so later runs on the same model skip it."""
     w = sc.view.ffn_out(layer).weight
-    version = w._version + sc.view.unembed_matrix()._version + sc.view.final_norm.weight._version
+    post = sc.view.post_ffn_norm(layer)
+    version = (w._version, sc.view.unembed_matrix()._version, sc.view.final_norm.weight._version,
+               post.weight._version if post is not None else 0)
     hit = getattr(w, "_surgery_vocab_range", None)
     if hit is None or hit[0] != version:
         key = _fingerprint(d, sc)
@@ -329,7 +476,7 @@ def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
         if path.exists():
             hi, lo = torch.load(path, map_location=d.device)
         else:
-            parts = [((sc._centre(ch) * sc.gain) @ sc.WU.T).aminmax(dim=-1) for ch in d.split(sc.chunk)]
+            parts = [((sc._centre(ch) * sc.gain) @ sc.WU.T).aminmax(dim=-1) for ch in d.split(sc._rows_per_chunk())]
             lo, hi = torch.cat([p.min for p in parts]), torch.cat([p.max for p in parts])
             _save_quietly(path, (hi, lo))
         hit = (version, hi, lo)
@@ -511,8 +658,11 @@ class Scan:
 def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
          targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
-         max_rescore: int = 2048) -> Scan:
-    """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings."""
+         max_rescore: int = 2048, chunk: int = 256) -> Scan:
+    """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings.
+
+    Memory is set by `batch_size` (cases held at once: their states and base logits) and `chunk` (readout rows
+    [chunk, vocab] held at once), whatever the number of cases: each batch is aggregated and dropped."""
     from tqdm.auto import tqdm
 
     tops: list[tuple[Tensor, ...]] = []
@@ -525,7 +675,7 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
         batch_b = left_pad(seqs_b[s:e], pad_id) if seqs_b is not None else None
         tgt = torch.tensor(targets[s:e]) if targets is not None else None
         c = compare(view_a, batch_a, layers, k, view_b=view_b, batch_b=batch_b, ablate_b=ablate_b,
-                    target=tgt, max_rescore=max_rescore)
+                    target=tgt, max_rescore=max_rescore, chunk=chunk)
         # aggregate now and drop the batch (its scorers and dense estimates): memory does not grow with cases
         tops.append((c.top.layer, c.top.index, c.top.score, c.top.certified, c.target))
         for l in layers:

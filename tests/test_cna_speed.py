@@ -1,0 +1,143 @@
+"""The fast paths of surgery.cna change nothing: blocked / stacked passes give the result of unblocked ones,
+Gemma's post-FFN norm factors into shared directions with exact vocabulary ranges (certified, same top-k as the
+exhaustive ranking), and dataset mode holds one batch of cases and one block of readout rows at a time."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+from conftest import tiny_config, tiny_inputs
+from test_cna import _same_topk, lively
+
+from surgery import cna
+from surgery.arch import ModelView
+
+
+def _batch(seed=2, batch=4, seq=6):
+    x = tiny_inputs(batch=batch, seq=seq, seed=seed)
+    return x["input_ids"], x["attention_mask"]
+
+
+def _scorers(view, layers, budget, chunk, ablate=((0, 1),)):
+    batch = _batch()
+    sa = cna.collect(view, *batch, layers)
+    w = sa.logits.argmax(-1)
+    sigma = view.final_sigma(sa.hfin)
+    sb = cna.collect(view, *batch, layers, ablate=ablate)
+    return (cna.Scorer(view, sa, sigma, w, chunk=chunk, budget=budget),
+            cna.Scorer(view, sb, sigma, w, chunk=chunk, budget=budget))
+
+
+def gemma_nocap():
+    """Tiny Gemma 3 without logit soft-capping (as Gemma 3 ships): its post-FFN norm is the case to certify."""
+    cfg = tiny_config("gemma3")
+    cfg.final_logit_softcapping = None
+    torch.manual_seed(0)
+    model = T.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+            else:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_blocked_passes_equal_unblocked():
+    """Layer groups of one, readout blocks of 3 rows: the same certified top-k (indices and exact scores) and the
+    same per-layer estimates as one group and one block, for a score and for a comparison."""
+    view = ModelView(lively("llama"))
+    layers = list(range(view.n_layers))
+    V = view.unembed_matrix().shape[0]
+    for with_b in (False, True):
+        big_a, big_b = _scorers(view, layers, budget=1 << 24, chunk=256)
+        small_a, small_b = _scorers(view, layers, budget=3 * V, chunk=3)
+        assert small_a._rows_per_chunk() == 3 and big_a._rows_per_chunk() == 256
+        tb, db = cna.certified_topk(big_a, 10, big_b if with_b else None)
+        ts, ds = cna.certified_topk(small_a, 10, small_b if with_b else None)
+        assert torch.equal(tb.layer, ts.layer) and torch.equal(tb.index, ts.index)
+        torch.testing.assert_close(tb.score, ts.score, atol=1e-6, rtol=0)
+        assert tb.certified.all() and ts.certified.all() and tb.rescored == ts.rescored
+        for layer in layers:
+            torch.testing.assert_close(db[layer], ds[layer], atol=1e-5, rtol=0)
+
+
+def test_exact_pairs_equal_reference_exact_for_both_settings():
+    """Rows shared by the two settings of one model (and by the cases) give each setting's own exact score."""
+    view = ModelView(lively("qwen2"))
+    a, b = _scorers(view, [1, 2], budget=5 * 96, chunk=5)
+    case = torch.tensor([0, 3, 1, 0, 2, 3, 3])
+    idx = torch.tensor([4, 4, 17, 40, 4, 0, 47])
+    got_a, got_b = cna.exact_pairs([a, b], 2, case, idx)
+    want_a = torch.stack([a.exact(2, torch.tensor([[int(i)]]).expand(4, 1))[c, 0] for c, i in zip(case, idx)])
+    want_b = torch.stack([b.exact(2, torch.tensor([[int(i)]]).expand(4, 1))[c, 0] for c, i in zip(case, idx)])
+    torch.testing.assert_close(got_a, want_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_b, want_b, atol=1e-5, rtol=0)
+    assert not torch.allclose(got_a, got_b), "the ablation must change some scores"
+
+
+def test_post_ffn_norm_factors_into_shared_directions_and_certifies():
+    """Gemma: c_b * v_k = s_b * (gain * v_k): shared directions [N, d], the exact vocabulary range [N] (no
+    per-case Cauchy-Schwarz), bounds that hold for every neuron, certified top-k equal to the exhaustive one."""
+    view = ModelView(gemma_nocap())
+    assert view.post_ffn_norm(0) is not None and not view.softcap
+    layers = list(range(view.n_layers))
+    fast = cna.compare(view, _batch(), layers, k=8, ablate_b=((1, 2),))
+    slow = cna.compare(view, _batch(), layers, k=8, ablate_b=((1, 2),), exhaustive=True)
+    for sc in (fast.scorer_a, fast.scorer_b):
+        for layer in layers:
+            dirs, s = sc._factor(layer)
+            assert dirs.dim() == 2 and s is not None and s.shape == (4, 1)
+            assert sc.vocab_range(layer)[0].dim() == 1
+            ex = sc.exhaustive(layer)
+            lo, hi = sc.bounds(layer)
+            assert (ex >= lo - 1e-5).all() and (ex <= hi + 1e-5).all()
+    assert fast.top.certified.all()
+    assert fast.top.rescored < 4 * sum(view.ffn_width(l) for l in layers), "bounds must spare some neurons"
+    for b in range(4):
+        _same_topk(fast, slow, b)
+
+
+def test_scan_holds_one_batch_and_one_block_at_a_time(monkeypatch):
+    """Dataset-mode memory is set by batch_size (cases held at once) and the Scorer's block size (readout rows
+    held at once), not by the number of cases: a structural check on what each pass is given."""
+    view = ModelView(lively("llama"))
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (4, 7, 5, 6, 3, 5, 6)]
+    seen_cases, seen_rows = [], []
+    compare, rows = cna.compare, cna.Scorer._readout_rows
+
+    def spy_compare(view_a, batch_a, *args, **kw):
+        seen_cases.append(batch_a[0].shape[0])
+        return compare(view_a, batch_a, *args, **kw)
+
+    def spy_rows(self, dirs):
+        seen_rows.append(dirs.shape[0])
+        return rows(self, dirs)
+
+    monkeypatch.setattr(cna, "compare", spy_compare)
+    monkeypatch.setattr(cna.Scorer, "_readout_rows", spy_rows)
+    res = cna.scan(view, seqs, [1, 2], k=6, pad_id=0, batch_size=3, progress=False, ablate_b=((0, 1),),
+                   chunk=5)
+    assert seen_cases == [3, 3, 1] and res.certified.all() and res.top_score.shape == (7, 6)
+    assert seen_rows and max(seen_rows) <= 5
+
+
+
+def test_softcapped_model_is_certified_by_its_lipschitz_bound():
+    """Soft-capping (the tiny Gemma 3 has cap 30): the bounds hold for every neuron and certify the top-k without
+    rescoring every neuron; the top-k equals the exhaustive one."""
+    view = ModelView(lively("gemma3"))
+    assert view.softcap
+    layers = list(range(view.n_layers))
+    fast = cna.compare(view, _batch(), layers, k=5)
+    slow = cna.compare(view, _batch(), layers, k=5, exhaustive=True)
+    sc = fast.scorer_a
+    for layer in layers:
+        ex = sc.exhaustive(layer)
+        lo, hi = sc.bounds(layer)
+        assert (ex >= lo - 1e-5).all() and (ex <= hi + 1e-5).all()
+    assert fast.top.certified.all()
+    assert fast.top.rescored < 4 * sum(view.ffn_width(l) for l in layers), "the bound must spare some neurons"
+    for b in range(4):
+        _same_topk(fast, slow, b)
