@@ -14,9 +14,14 @@ perplexity. Every number has a 95% interval (Wilson for accuracies, paired norma
 base on the same items, a bootstrap over documents for perplexity). Components: --components (heads.json,
 circuit.json, list) or, without it, the recipe's own zero-ablation head scan on 2-digit problems; MLPs for the
 "+ MLPs" row: the components' MLPs, else the MLPs whose zero-ablation costs the most answer log-prob.
+--data FILE (a user task, `surgery.tasks`): the training rows are the user's train split (seeded split by row, or
+the split column), the answer-only loss on the teacher-forced target tokens; the "task" column is the test split's
+full-target accuracy (per group too) instead of arithmetic/ASDiv; MMLU/CSQA/XSum stay as the collateral; without
+--components the head and MLP scans run on the first scan.limit train rows through `heads --data`'s engine.
 The precise (K heads) model is exported as an ordinary checkpoint (layout zeroed: base shapes, native load) whose
 surgery.json lists the trained components and the recipe. Finished rows are kept in <out>.partial/rows.jsonl
-(keyed by the resolved recipe), so an interrupted run continues where it stopped.
+(keyed by the resolved recipe and, with --data, the data file's sha256), so an interrupted run continues where
+it stopped.
 """
 
 from __future__ import annotations
