@@ -173,7 +173,7 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--recipe",), dict(default="arithmetic-prune")),
         (("--layers",), dict(default=None, help="layers to try, A-B or list (default: every layer)")),
     ]),
-    "finetune": ("surgery.finetune:run", MODEL + OUT + FORCE + RECIPE + [
+    "finetune": ("surgery.finetune:run", MODEL + OUT + FORCE + RECIPE + DATA + [
         (("--recipe",), dict(default="precise-sft", help="recipe name in recipes/ or a YAML path")),
         (("--components",), dict(default=None, help="heads.json, circuit.json, or a list like '14.2, 1.4, mlp.20' "
                                                     "(default: the recipe's own head scan)")),

@@ -14,9 +14,14 @@ perplexity. Every number has a 95% interval (Wilson for accuracies, paired norma
 base on the same items, a bootstrap over documents for perplexity). Components: --components (heads.json,
 circuit.json, list) or, without it, the recipe's own zero-ablation head scan on 2-digit problems; MLPs for the
 "+ MLPs" row: the components' MLPs, else the MLPs whose zero-ablation costs the most answer log-prob.
+--data FILE (a user task, `surgery.tasks`): the training rows are the user's train split (seeded split by row, or
+the split column), the answer-only loss on the teacher-forced target tokens; the "task" column is the test split's
+full-target accuracy (per group too) instead of arithmetic/ASDiv; MMLU/CSQA/XSum stay as the collateral; without
+--components the head and MLP scans run on the first scan.limit train rows through `heads --data`'s engine.
 The precise (K heads) model is exported as an ordinary checkpoint (layout zeroed: base shapes, native load) whose
 surgery.json lists the trained components and the recipe. Finished rows are kept in <out>.partial/rows.jsonl
-(keyed by the resolved recipe), so an interrupted run continues where it stopped.
+(keyed by the resolved recipe and, with --data, the data file's sha256), so an interrupted run continues where
+it stopped.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch import nn
 
 from . import heads as hd
 from . import recipe as recipes
+from . import tasks
 from .arch import ModelView
 from .batching import (
     batches,
@@ -72,6 +78,7 @@ class FtData:
     asdiv_train: int | None = None
     template: str = "calculate"
     seed: int = 0
+    test_size: float = 0.2  # --data: the held-out part of the user's rows (seeded split by row unless a split column)
 
 
 @dataclass
@@ -138,10 +145,26 @@ class Sets:
     mmlu: object
     csqa: object
     xsum: list[list[int]]
+    task_test: object = None  # --data: the user's test split (cases); replaces arith_test / asdiv_test
 
 
-def build_sets(r: FinetuneRecipe, tok) -> Sets:
-    """Training rows (2-digit arithmetic + ASDiv train, shuffled) and every evaluation set."""
+def user_splits(user, r: FinetuneRecipe) -> dict:
+    """--data: the user's rows split by row with the recipe's seed (or their split column); train and test must
+    have rows; prompts shared by both are a warning with the count (`surgery.tasks`)."""
+    parts = tasks.split(user, r.data.seed, r.data.test_size, 0.0)
+    tasks.require(parts, "train", "test")
+    tasks.warn_duplicates(parts["train"], parts["test"])
+    return parts
+
+
+def build_sets(r: FinetuneRecipe, tok, parts: dict | None = None) -> Sets:
+    """Training rows (2-digit arithmetic + ASDiv train, shuffled; with --data the user's train split, answer-only
+    loss on the teacher-forced target tokens as `surgery.tasks` encodes them) and every evaluation set."""
+    if parts is not None:
+        rows = tasks.training_rows(tok, parts["train"])
+        tasks.encode(tok, parts["test"])  # a target that tokenises to nothing: one line before any training
+        random.Random(r.seed).shuffle(rows)
+        return Sets(rows, [], [], *_general(r, tok), task_test=parts["test"])
     d = r.data
     common = dict(digits=(2,), templates=(d.template,), seed=d.seed, division="inverse", per_op=5000,
                   test_size=d.arithmetic_test)
@@ -152,12 +175,16 @@ def build_sets(r: FinetuneRecipe, tok) -> Sets:
     rows = [_encode(tok, p, a) for p, a in zip(list(a_train["prompt"]) + list(s_train["prompt"]),
                                                    list(a_train["answer"]) + list(s_train["answer"]))]
     random.Random(r.seed).shuffle(rows)
+    return Sets(rows, list(zip(list(a_test["prompt"]), list(a_test["answer"]))),
+                list(zip(list(s_test["prompt"]), list(s_test["answer"]))), *_general(r, tok))
+
+
+def _general(r: FinetuneRecipe, tok) -> tuple:
+    """The must-not-get-worse sets: MMLU, CSQA, XSum documents (token ids, cut to xsum_max_length)."""
     docs = perplexity.build(r.general.xsum_docs)
     xs = [ids[:r.general.xsum_max_length] for ids in tok(list(docs["document"])).input_ids]
-    return Sets(rows, list(zip(list(a_test["prompt"]), list(a_test["answer"]))),
-                list(zip(list(s_test["prompt"]), list(s_test["answer"]))),
-                multiple_choice.build("mmlu", r.general.mmlu), multiple_choice.build("csqa", r.general.csqa),
-                [x for x in xs if len(x) >= 2])
+    return (multiple_choice.build("mmlu", r.general.mmlu), multiple_choice.build("csqa", r.general.csqa),
+            [x for x in xs if len(x) >= 2])
 
 
 def _encode(tok, prompt: str, answer: str) -> dict:
@@ -194,20 +221,24 @@ def doc_nll(model: nn.Module, tok, docs: list[list[int]], batch_size: int = 8) -
 def evaluate(model: nn.Module, tok, sets: Sets, bs: int) -> dict:
     """Per-item results of every suite (kept so rows can be compared on the same items)."""
     model.eval()
-    return {"arith": answer_correct(model, tok, sets.arith_test, 2 * bs),
-            "asdiv": answer_correct(model, tok, sets.asdiv_test, bs),
+    if sets.task_test is not None:
+        math_ = {"task": tasks.score_rows(model, tok, sets.task_test, bs)["correct"]}
+    else:
+        math_ = {"arith": answer_correct(model, tok, sets.arith_test, 2 * bs),
+                 "asdiv": answer_correct(model, tok, sets.asdiv_test, bs)}
+    return {**math_,
             "mmlu": multiple_choice.correct(model, tok, sets.mmlu, bs),
             "csqa": multiple_choice.correct(model, tok, sets.csqa, bs),
             "xsum": doc_nll(model, tok, sets.xsum, max(1, bs // 2))}
 
 
-ACC = ("arith", "asdiv", "mmlu", "csqa")
+ACC = ("arith", "asdiv", "task", "mmlu", "csqa")  # "task": --data, the test split's full-target accuracy
 
 
 def summarize(items: dict, base: dict | None, seed: int = 0) -> dict:
     """Accuracy with Wilson 95% CIs, perplexity with a bootstrap CI, and paired changes against `base`."""
     out = {}
-    for k in ACC:
+    for k in (k for k in ACC if k in items):
         x = np.asarray(items[k], float)
         out[k] = {"acc": float(x.mean()), "ci95": wilson(int(x.sum()), len(x)), "n": len(x)}
         if base is not None:
@@ -236,24 +267,36 @@ def _q(x: np.ndarray) -> list[float]:
 
 
 # ---- components when none are given ------------------------------------------------------------------------
-def scan_components(loaded, r: FinetuneRecipe) -> Components:
-    """Heads ranked by the answer log-prob drop under zero ablation on 2-digit problems (`surgery.heads` engine)."""
+def _scan_cases(loaded, r: FinetuneRecipe, selection=None) -> tuple[dict, list, str]:
+    """(labels, packed batches, description) of the scan cases: `scan.limit` 2-digit problems, or with --data the
+    first `scan.limit` rows of the user's train split (selection), every target token teacher forced, packed by
+    the same `surgery.heads` engine `heads --data` uses."""
+    if selection is None:
+        labels, bl = hd._dataset(loaded, (2,), None, (r.data.template,), r.scan.limit, r.seed, 64)
+        return labels, bl, f"{len(labels['op'])} cases, 2-digit"
+    rows = selection.select(range(min(r.scan.limit, len(selection))))
+    labels, bl = hd._user_dataset(loaded, rows, 64)
+    return labels, bl, f"{len(labels['op'])} target-token cases of {len(rows)} train rows of --data"
+
+
+def scan_components(loaded, r: FinetuneRecipe, selection=None) -> Components:
+    """Heads ranked by the answer log-prob drop under zero ablation on the scan cases (`surgery.heads` engine)."""
     view = ModelView(loaded.model)
-    labels, bl = hd._dataset(loaded, (2,), None, (r.data.template,), r.scan.limit, r.seed, 64)
+    labels, bl, what = _scan_cases(loaded, r, selection)
     n = len(labels["op"])
     all_heads = [(l, h) for l in range(view.n_layers) for h in range(view.n_heads)]
     res = hd.scan(view, bl, n, all_heads)
     _, base_lp = hd._baseline(view, bl, n)
     drop = {k: float(base_lp.mean() - v["logprob"].mean()) for k, v in res.items()}
     ranked = sorted(all_heads, key=lambda k: -drop[k])
-    return Components(ranked, [], f"zero-ablation scan ({n} cases, 2-digit)")
+    return Components(ranked, [], f"zero-ablation scan ({what})")
 
 
 @torch.no_grad()
-def scan_mlps(loaded, r: FinetuneRecipe, k: int) -> list[int]:
-    """The k MLPs whose zero-ablation lowers the mean answer log-prob the most (2-digit problems)."""
+def scan_mlps(loaded, r: FinetuneRecipe, k: int, selection=None) -> list[int]:
+    """The k MLPs whose zero-ablation lowers the mean answer log-prob the most (the scan cases)."""
     view = ModelView(loaded.model)
-    labels, bl = hd._dataset(loaded, (2,), None, (r.data.template,), r.scan.limit, r.seed, 64)
+    labels, bl, _ = _scan_cases(loaded, r, selection)
     n = len(labels["op"])
     _, base_lp = hd._baseline(view, bl, n)
     drops = []
@@ -359,9 +402,25 @@ def _all_heads(total: tuple[int, int]) -> list[tuple[int, int]]:
     return [(l, h) for l in range(L) for h in range(H)]
 
 
-def _fingerprint(model_source: str, r: FinetuneRecipe, comps: Components, mlps: list[int]) -> str:
-    blob = json.dumps([model_source, recipes.to_dict(r), comps.to_dict(), mlps], sort_keys=True, default=str)
+def _fingerprint(model_source: str, r: FinetuneRecipe, comps: Components, mlps: list[int],
+                 data: dict | None = None) -> str:
+    blob = json.dumps([model_source, recipes.to_dict(r), comps.to_dict(), mlps] + ([data] if data else []),
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def data_identity(data: str, columns: str | None) -> dict:
+    """What a resumed --data run must match: the path, the column mapping and the sha256 of the content (every
+    file of a datasets folder; a built-in task by its name), so an edited file never resumes old rows."""
+    p = Path(data)
+    if not p.exists() and (tasks.DATA_DIR / p.name).is_file():
+        p = tasks.DATA_DIR / p.name
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        h.update(f.read_bytes())
+    return {"data": data, "columns": columns, "sha256": h.hexdigest() if files else None}
 
 
 def _log(msg: str) -> None:
@@ -373,15 +432,20 @@ def _log(msg: str) -> None:
 def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", out: str | None = None,
         force: bool = False, quick: bool = False, profile: str | None = None, overrides: list[str] | None = None,
         recipe: str = "precise-sft", components: str | None = None, top_heads: int | None = None,
-        trust_remote_code: bool = False) -> Report:
+        trust_remote_code: bool = False, data: str | None = None, columns: str | None = None) -> Report:
     """Precise fine-tuning (Zhang et al.): train only the heads (q/k/v rows, o_proj columns) and MLPs that carry
     arithmetic, and compare with full fine-tuning, LoRA, random heads, + MLPs and a K sweep on the same data and
     steps: math (2-digit arithmetic, ASDiv) and general ability (MMLU, CSQA, XSum perplexity), 95% intervals.
-    Writes DIR/report.json, report.md, tradeoff.png and DIR/checkpoint (the precise model, native load)."""
+    Writes DIR/report.json, report.md, tradeoff.png and DIR/checkpoint (the precise model, native load).
+    --data FILE (prompt, target, optional group, split; --columns to map names): train on your train split and
+    report your test split's teacher-forced full-target accuracy instead of the math columns (split by row with
+    data.seed, data.test_size); without --components the head/MLP scans run on your train rows."""
     from transformers import AutoConfig
 
     t0 = time.time()
     r = load_recipe(recipe, quick, overrides, profile)
+    tasks.check_data_args(data, None, columns)
+    parts = user_splits(tasks.load_cases(data, columns), r) if data is not None else None
     k = top_heads or r.top_heads
     outp = new_out_dir(out, home() / f"finetune-{Path(model).name}", force)
     name, where = resolve(model)
@@ -396,17 +460,21 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     _log(f"loading {model}")
     loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
     base, tok = loaded.model, loaded.tokenizer
+    if parts is not None:
+        tasks.encode(tok, parts["train"])  # bad targets: one line before the scan or any training
+    selection = parts["train"] if parts is not None else None
     if given is None:
         _log("no --components: zero-ablation head scan")
-        given = scan_components(loaded, r)
+        given = scan_components(loaded, r, selection)
         take(given, k)
-    mlps = list(given.mlps) or (scan_mlps(loaded, r, r.scan.mlps) if "precise+mlp" in r.methods else [])
+    mlps = list(given.mlps) or (scan_mlps(loaded, r, r.scan.mlps, selection) if "precise+mlp" in r.methods else [])
     _log(f"components: heads {given.names()[:k]} mlps {mlps}")
-    sets = build_sets(r, tok)
+    sets = build_sets(r, tok, parts)
     rows = plan_rows(r, given, mlps, (shape.n_layers, shape.n_heads), k)
     partial = outp.with_name(outp.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(loaded.source, r, given, mlps)
+    ident = data_identity(data, columns) if data is not None else None
+    fp = _fingerprint(loaded.source, r, given, mlps, ident)
     done = _load_partial(partial / "rows.jsonl", fp)
     results, base_items = [], None
     ckpt = partial / "checkpoint"
@@ -426,7 +494,9 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         results.append(rec)
     for rec in results:
         rec["metrics"] = summarize(rec["items"], None if rec["kind"] == "base" else base_items, r.seed)
-    report = _report(loaded, r, given, mlps, k, results, outp, ckpt, force, time.time() - t0)
+    user = None if parts is None else dict(ident, **{s: len(parts[s]) for s in ("train", "test")},
+                                             groups=_group_tables(parts["test"], results))
+    report = _report(loaded, r, given, mlps, k, results, outp, ckpt, force, time.time() - t0, user)
     shutil.rmtree(partial, ignore_errors=True)
     return report
 
@@ -498,15 +568,19 @@ def _delta(m: dict) -> str:
     return "" if d is None else f" ({100 * d['mean']:+.1f} {_ci(d['ci95'])})"
 
 
+NAMES = {"arith": "2-digit arith %", "asdiv": "ASDiv %", "task": "task %", "mmlu": "MMLU %", "csqa": "CSQA %"}
+
+
 def table(results: list[dict]) -> str:
-    head = ["method", "trained params", "2-digit arith %", "ASDiv %", "MMLU %", "CSQA %", "XSum ppl", "s/step"]
+    keys = [k for k in ACC if k in results[0]["metrics"]]
+    head = ["method", "trained params"] + [NAMES[k] for k in keys] + ["XSum ppl", "s/step"]
     rows = []
     for rec in results:
         m = rec["metrics"]
         x = m["xsum"]
         rel = x.get("rel_change")
         rows.append([rec["name"], f"{rec['trained_params']:,}"]
-                    + [f"{_pp(m[k]['acc'])} {_ci(m[k]['ci95'])}{_delta(m[k])}" for k in ACC]
+                    + [f"{_pp(m[k]['acc'])} {_ci(m[k]['ci95'])}{_delta(m[k])}" for k in keys]
                     + [f"{x['ppl']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]"
                        + (f" ({100 * rel['mean']:+.1f}%)" if rel else ""),
                        "-" if rec["step_seconds"] is None else f"{rec['step_seconds']:.2f}"])
@@ -519,23 +593,48 @@ def memory_table(results: list[dict]) -> str:
     return md_table(["method", "trained entries", "gradient MiB", "AdamW state MiB (measured)"], rows)
 
 
-def _report(loaded, r, comps, mlps, k, results, outp, ckpt, force, seconds) -> Report:
+def _group_tables(test, results: list[dict]) -> dict:
+    """--data: per row of the report, the test split's full-target accuracy per group (Wilson 95%)."""
+    by: dict[str, list[int]] = {}
+    for i, g in enumerate(test["group"]):
+        by.setdefault(g, []).append(i)
+    out = {}
+    for rec in results:
+        ok = rec["items"]["task"]
+        out[rec["name"]] = {g: {"acc": sum(ok[i] for i in ix) / len(ix), "ci95": wilson(sum(ok[i] for i in ix), len(ix)),
+                                "n": len(ix)} for g, ix in sorted(by.items())}
+    return out
+
+
+def _report(loaded, r, comps, mlps, k, results, outp, ckpt, force, seconds, user: dict | None = None) -> Report:
     cfg = {"recipe": recipes.to_dict(r), "components": comps.to_dict(), "top_heads": k, "mlps": mlps,
            "heads_trained": [f"{l}.{h}" for l, h in comps.heads[:k]]}
+    if user is not None:
+        cfg["data"] = {kk: v for kk, v in user.items() if kk != "groups"}
     slim = [{kk: v for kk, v in rec.items() if kk != "items"} for rec in results]
     data = make("finetune", loaded.describe(), cfg, {"rows": slim, "items": {rec["name"]: rec["items"] for rec in results}},
                 seconds)
     n_train = r.train.max_steps * r.train.batch_size
+    what = "2-digit arithmetic + ASDiv training rows" if user is None else \
+        f"train split of {user['data']} ({user['train']} rows; task = its test split, {user['test']} rows)"
+    groups = [] if user is None or len(next(iter(user["groups"].values()))) < 2 else [
+        "## Task accuracy per group (test split, full target, 95% Wilson interval)",
+        md_table(["method"] + list(next(iter(user["groups"].values()))),
+                 [[name] + [f"{_pp(e['acc'])} {_ci(e['ci95'])} (n={e['n']})" for e in gs.values()]
+                  for name, gs in user["groups"].items()])]
+    if user is not None:
+        data["results"]["task_groups"] = user["groups"]
     md = "\n\n".join([
         f"# finetune: {loaded.name}, recipe {r.name}",
         f"Every row: {r.train.max_steps} steps of batch {r.train.batch_size} ({n_train} answer rows seen) on the same "
-        f"shuffled 2-digit arithmetic + ASDiv training rows, seed {r.seed}; lr full {r.lr.full}, LoRA {r.lr.lora}, "
+        f"shuffled {what}, seed {r.seed}; lr full {r.lr.full}, LoRA {r.lr.lora}, "
         f"precise {r.lr.precise}; gradient rescale {'H/h' if r.grad_scale is None else r.grad_scale}. "
         f"Components ({comps.source}): heads {', '.join(cfg['heads_trained'])}; MLPs {mlps or 'none'}. "
         f"Sweep K: {[x for x in r.sweep if x <= len(comps.heads)]}.",
         "Accuracy % with 95% Wilson interval; in brackets the paired change against base (points, 95% CI on the "
         "same items). XSum: perplexity with a bootstrap 95% interval over documents and the relative change.",
-        table(results), "## Memory (gradients and optimiser state, measured from the tensors)", memory_table(results),
+        table(results), *groups,
+        "## Memory (gradients and optimiser state, measured from the tensors)", memory_table(results),
         f"Checkpoint: {outp / 'checkpoint'} (precise, {k} heads; layout zeroed, native load)."])
     rep = Report(data, md)
     with atomic_dir(outp, force) as tmp:
@@ -557,11 +656,12 @@ def tradeoff_png(results: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    key = "task" if "task" in results[0]["metrics"] else "arith"
     for rec in results:
         m = rec["metrics"]
-        if "delta" not in m["arith"]:
+        if "delta" not in m[key]:
             continue
-        y, yc = 100 * m["arith"]["delta"]["mean"], m["arith"]["delta"]["ci95"]
+        y, yc = 100 * m[key]["delta"]["mean"], m[key]["delta"]["ci95"]
         gx = [m[k]["delta"] for k in ("mmlu", "csqa")]
         x = 50 * (gx[0]["mean"] + gx[1]["mean"])
         xlo = 50 * (gx[0]["ci95"][0] + gx[1]["ci95"][0])
@@ -571,6 +671,6 @@ def tradeoff_png(results: list[dict]) -> bytes:
     ax.axhline(0, color="gray", lw=0.5)
     ax.axvline(0, color="gray", lw=0.5)
     ax.set_xlabel("general change: mean of MMLU and CSQA (points, CI = mean of the two CIs)")
-    ax.set_ylabel("2-digit arithmetic gain (points)")
+    ax.set_ylabel("task gain (points, test split)" if key == "task" else "2-digit arithmetic gain (points)")
     ax.legend(fontsize=7, loc="best")
     return png_bytes(fig)

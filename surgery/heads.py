@@ -96,7 +96,11 @@ def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size:
         chunk = order[start:start + batch_size]
         cs = [(r, i, o) for r, s in enumerate(chunk) for i, o in members[s]]
         keep = 1 + max(o for _, _, o in cs)
-        P = min(_common_prefix([seqs[s] for s in chunk]), min(len(seqs[s]) for s in chunk) - keep) if share else 0
+        # P <= (shortest row) - keep: every read position lies in the suffix. Clamped at 0: a row shorter than the
+        # batch's longest target (" Paris" beside " Andorra la Vella") made P negative, and seqs[s][P:] /
+        # expand(B, P) then swapped every row for the first row's prefix + its own last token (see
+        # tests/test_pack_layout.py)
+        P = max(0, min(_common_prefix([seqs[s] for s in chunk]), min(len(seqs[s]) for s in chunk) - keep)) if share else 0
         ids, mask = left_pad([seqs[s][P:] for s in chunk], pad_id)  # layout: shared prefix | pad | suffix
         pre = torch.tensor([seqs[chunk[0]][:P]], dtype=torch.long).expand(len(chunk), P)
         ids, mask = torch.cat([pre, ids], 1), torch.cat([torch.ones_like(pre), mask], 1)
@@ -452,9 +456,8 @@ def _dataset(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[d
         raise UsageError("no arithmetic problems for these options; widen --digits/--ops or raise --limit")
     cases = arithmetic.cases(problems, loaded.tokenizer)
     labels = {c: list(cases[c]) for c in ("op", "group", "case_type", "digits")}
-    # plain left padding: the shared-prefix | pad | suffix layout gave wrong clean predictions on SmolLM2 for rows
-    # of different lengths (capitals: 5.1% vs 71.8% per token at batch 1); window=0 turns the shared prefix off
-    return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer), 0)
+    window = getattr(loaded.model.config, "sliding_window", None)
+    return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer), window)
 
 
 def _user_dataset(loaded, ds, batch_size) -> tuple[dict, list[Batch]]:
@@ -464,9 +467,8 @@ def _user_dataset(loaded, ds, batch_size) -> tuple[dict, list[Batch]]:
     groups = list(cases["group"])
     labels = {"op": groups, "group": groups, "digits": [0] * len(groups),
               "case_type": ["first-token" if j == 0 else "later-token" for j in cases["token_index"]]}
-    # plain left padding: the shared-prefix | pad | suffix layout gave wrong clean predictions on SmolLM2 for rows
-    # of different lengths (capitals: 5.1% vs 71.8% per token at batch 1); window=0 turns the shared prefix off
-    return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer), 0)
+    window = getattr(loaded.model.config, "sliding_window", None)
+    return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer), window)
 
 
 def _fingerprint(loaded, config: dict, heads) -> str:
