@@ -391,12 +391,13 @@ class ModelView:
         """W_U as [vocab, d_model]."""
         return self.lm_head.weight
 
-    def readout(self, v: Tensor, sigma: Tensor) -> Tensor:
-        """The linear part of U: W_U (g * centre(v)) / sigma, for directions v [..., d] (no bias terms)."""
+    def readout(self, v: Tensor, sigma: Tensor, out: Tensor | None = None) -> Tensor:
+        """The linear part of U: W_U (g * centre(v)) / sigma, for directions v [..., d] (no bias terms); written
+        into `out` [..., V] when given."""
         v = v.float()
         if self.arch.norm_kind == "layer":
             v = v - v.mean(-1, keepdim=True)
-        return (v * self.final_gain() / sigma) @ self.unembed_matrix().float().T
+        return torch.matmul(v * self.final_gain() / sigma, self.unembed_matrix().float().T, out=out)
 
     def readout_bias(self) -> Tensor | float:
         """The constant part of U: W_U b_norm + b_lm_head (0 for RMSNorm models without a head bias)."""

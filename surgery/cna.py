@@ -100,7 +100,7 @@ class Scorer:
     sigma [B, 1] and target [B] are fixed by the caller (frozen from the original model's forward)."""
 
     def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256,
-                 budget: int = 1 << 24):
+                 budget: int = 1 << 22):
         dev = state.logits.device  # the model's device: the state, sigma and target live there; scores come back on the CPU
         self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma.to(dev), target.to(dev), chunk
         self.gain = view.final_gain()
@@ -113,6 +113,8 @@ class Scorer:
         self.tail_cache: dict[int, tuple[Tensor, ...]] = {}
         self.bounds_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self.factor_cache: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self.work: Tensor | None = None  # see _work
+        self.z0_all: Tensor | None = None  # base logits of every layer [L, B, V], see _prepare
 
     def _centre(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.view.arch.norm_kind == "layer" else x
@@ -129,38 +131,48 @@ class Scorer:
         """Base logits (and with `tails` the tail statistics of the bounds) for many layers at once: the readouts
         W_U x of all (layer, case) rows go through ONE matmul per group of layers (one pass over W_U instead of
         one per layer), and so does the tail mean q @ W_U. Groups hold at most `budget` floats per [rows, vocab]
-        temporary. Base logits already cached are kept (the same values serve the bounds and the exact scores)."""
+        temporary. Base logits live in one [layers, B, V] block per Scorer (written in place, kept: the same
+        values serve the bounds and the exact scores); the tail distributions go into a reused work block."""
         B, V = self.target.shape[0], self.WU.shape[0]
         per = max(1, self.budget // max(1, B * V))
-        for g in range(0, len(layers), per):
-            group = layers[g:g + per]
-            x = torch.stack([self.s.r[l] for l in group])  # [G, B, d]
-            z0 = self.view.readout(x, self.sigma) + self.view.readout_bias()  # [G, B, V]
-            qs = []
-            for i, layer in enumerate(group):
-                if layer not in self.layer_cache:
-                    logp = torch.log_softmax(self.view.softcap_logits(z0[i]), -1)
-                    self.layer_cache[layer] = (z0[i], logp.gather(1, self.target[:, None])[:, 0])
-                if tails and self.cap:  # soft-capped: the tail statistics of the capped logits, no mean
+        slot = {l: i for i, l in enumerate(self.s.layers)}
+        if self.z0_all is None:
+            self.z0_all = self.WU.new_empty(len(self.s.layers), B, V)
+        bias = self.view.readout_bias()
+        for run in _runs(sorted((l for l in layers if l not in self.layer_cache), key=slot.__getitem__), slot, per):
+            z0 = self.z0_all[slot[run[0]]:slot[run[-1]] + 1]
+            self.view.readout(torch.stack([self.s.r[l] for l in run]), self.sigma, out=z0)  # [G, B, V]
+            z0 += bias
+            for i, layer in enumerate(run):
+                logp = torch.log_softmax(self.view.softcap_logits(z0[i]), -1)
+                self.layer_cache[layer] = (z0[i], logp.gather(1, self.target[:, None])[:, 0])
+        todo = [l for l in dict.fromkeys(layers) if l not in self.tail_cache] if tails else []
+        for g in range(0, len(todo), per):
+            group = todo[g:g + per]
+            if self.cap:  # soft-capped: the tail statistics of the capped logits, no mean
+                for layer in group:
                     self._tail(layer, self.view.softcap_logits(self.layer_cache[layer][0]))
                     self.tail_cache[layer] += (None,)
-                elif tails:
-                    qs.append(self._tail(layer, self.layer_cache[layer][0]))
-            if qs:
-                mean_u = torch.stack(qs).view(-1, V) @ self.WU  # [G * B, d]: E_q W_U[j] on each case's tail
-                for i, layer in enumerate(group):
-                    self.tail_cache[layer] += (mean_u.view(len(group), B, -1)[i],)
+                continue
+            q = self._work("q", len(group) * B)
+            for i, layer in enumerate(group):
+                self._tail(layer, self.layer_cache[layer][0], out=q[i * B:(i + 1) * B])
+            mean_u = q @ self.WU  # [G * B, d]: E_q W_U[j] on each case's tail
+            for i, layer in enumerate(group):
+                self.tail_cache[layer] += (mean_u[i * B:(i + 1) * B],)
 
-    def _tail(self, layer: int, z0: Tensor) -> Tensor:
+    def _tail(self, layer: int, z0: Tensor, out: Tensor | None = None) -> Tensor:
         """Split the vocabulary into each case's top tokens S (with the target) and the tail R; cache
-        (S [B, s], target column [B], lse0 [B, 1], log Z_R [B, 1]) and return the tail distribution q [B, V]."""
+        (S [B, s], target column [B], lse0 [B, 1], log Z_R [B, 1]) and return the tail distribution q [B, V]
+        (written into `out` when given)."""
         top = z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices  # any split of the vocabulary is valid:
         missing = ~(top == self.target[:, None]).any(1)  # make sure the target is in S
         top[missing, -1] = self.target[missing]
         wcol = (top == self.target[:, None]).float().argmax(1)  # [B]
-        tail = z0.scatter(1, top, float("-inf"))
-        self.tail_cache[layer] = (top, wcol, z0.logsumexp(-1, keepdim=True), tail.logsumexp(-1, keepdim=True))
-        return torch.softmax(tail, -1).nan_to_num(0.0)
+        tail = z0.scatter(1, top, float("-inf")) if out is None else out.copy_(z0).scatter_(1, top, float("-inf"))
+        log_zr = tail.logsumexp(-1, keepdim=True)
+        self.tail_cache[layer] = (top, wcol, z0.logsumexp(-1, keepdim=True), log_zr)
+        return tail.sub_(log_zr).exp_().nan_to_num_(0.0)
 
     def _factor(self, layer: int) -> tuple[Tensor, Tensor | None]:
         """(dirs, s) with case b's direction of neuron k = s_b * dirs_k: dirs [N, d] shared by every case and
@@ -331,15 +343,38 @@ class Scorer:
         step, res = self._rows_per_chunk(), []
         for s in range(0, len(case), step):
             c = case[s:s + step]
-            r = rows[row[s:s + step]] if rows is not None else self._readout_rows(dirs[c, idx[s:s + step]])
-            z = self.view.softcap_logits(torch.addcmul(z0[c], a[s:s + step, None], r))
-            res.append(z.gather(1, self.target[c][:, None])[:, 0] - z.logsumexp(-1) - logp0[c])
+            z = self._work("z", len(c))  # the block's logits, built in place in a reused buffer
+            if rows is not None:
+                torch.index_select(rows, 0, row[s:s + step], out=z)
+            else:
+                self._readout_rows(dirs[c, idx[s:s + step]], out=z)
+            z.mul_(a[s:s + step, None]).add_(torch.index_select(z0, 0, c, out=self._work("z0", len(c))))
+            if self.cap:
+                z = self.view.softcap_logits(z)
+            zw = z.gather(1, self.target[c][:, None])[:, 0]
+            res.append(zw - _lse_(z) - logp0[c])
         return torch.cat(res).cpu()
 
-    def _readout_rows(self, dirs: Tensor) -> Tensor:
-        """W_U (g * centre(dirs)) without sigma: [C, V], chunked over rows to bound memory."""
-        parts = [(self._centre(ch) * self.gain) @ self.WU.T for ch in dirs.split(self.chunk)]
-        return torch.cat(parts) if parts else dirs.new_zeros(0, self.WU.shape[0])
+    WORK = ("z", "z0", "rows", "q")
+
+    def _work(self, name: str, n: int) -> Tensor:
+        """A reused [n, vocab] float buffer (n <= `_rows_per_chunk()`, or a group of tail rows): the loops write
+        their [rows, vocab] blocks into these instead of allocating fresh ones. All four live in ONE allocation
+        per Scorer: a block that large is mmapped by the C allocator and returned to the OS with the Scorer, and
+        no [rows, vocab] temporaries churn the heap (peak memory follows the live tensors, not fragmentation)."""
+        V = self.WU.shape[0]
+        if self.work is None:
+            B = self.target.shape[0]
+            size = max(self.budget, V * max(self._rows_per_chunk(), B))
+            self.work = self.WU.new_empty(len(self.WORK), size)
+        return self.work[self.WORK.index(name), :n * V].view(n, V)
+
+    def _readout_rows(self, dirs: Tensor, out: Tensor | None = None) -> Tensor:
+        """W_U (g * centre(dirs)) without sigma: [C, V] (into `out` when given), chunked over rows."""
+        out = dirs.new_empty(len(dirs), self.WU.shape[0]) if out is None else out
+        for s in range(0, len(dirs), self.chunk):
+            torch.matmul(self._centre(dirs[s:s + self.chunk]) * self.gain, self.WU.T, out=out[s:s + self.chunk])
+        return out
 
     def _logp_w(self, z: Tensor, w: Tensor) -> Tensor:
         z = self.view.softcap_logits(z)
@@ -455,9 +490,26 @@ def exact_pairs(scorers: list[Scorer], layer: int, case: Tensor, idx: Tensor) ->
                 continue
             key = id(sc.view.model)
             if key not in shared:
-                shared[key] = sc._readout_rows(dirs[union[s:e]])
+                shared[key] = sc._readout_rows(dirs[union[s:e]], out=sc._work("rows", e - s))
             out[j][p.cpu()] = sc._pair_scores(layer, case[p], idx[p], shared[key], inv[p] - s)
     return out
+
+
+def _runs(layers: list[int], slot: dict[int, int], most: int) -> list[list[int]]:
+    """`layers` (sorted by slot) cut into runs of consecutive slots of at most `most` layers."""
+    runs: list[list[int]] = []
+    for l in layers:
+        if runs and len(runs[-1]) < most and slot[l] == slot[runs[-1][-1]] + 1:
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+    return runs
+
+
+def _lse_(z: Tensor) -> Tensor:
+    """log-sum-exp over the last dim, overwriting z (no [rows, vocab] temporary beside it)."""
+    top = z.amax(-1, keepdim=True)
+    return z.sub_(top).exp_().sum(-1).log_() + top[:, 0]
 
 
 def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:

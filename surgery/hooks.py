@@ -31,8 +31,8 @@ Positions = int | Tensor | None  # None: all positions; int: one position for ev
 def _pick(x: Tensor, positions: Positions) -> Tensor:
     if positions is None:
         return x
-    if isinstance(positions, int):
-        return x[:, positions]
+    if isinstance(positions, int):  # a copy: a view would keep the whole [B, T, ...] activation alive
+        return x[:, positions].clone()
     return x[torch.arange(x.shape[0], device=x.device), positions.to(x.device)]
 
 

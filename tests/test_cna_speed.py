@@ -107,13 +107,17 @@ def test_scan_holds_one_batch_and_one_block_at_a_time(monkeypatch):
     seen_cases, seen_rows = [], []
     compare, rows = cna.compare, cna.Scorer._readout_rows
 
+    work: list[dict] = []
+
     def spy_compare(view_a, batch_a, *args, **kw):
         seen_cases.append(batch_a[0].shape[0])
-        return compare(view_a, batch_a, *args, **kw)
+        c = compare(view_a, batch_a, *args, **kw)
+        work.extend([c.scorer_a.work, c.scorer_b.work])
+        return c
 
-    def spy_rows(self, dirs):
+    def spy_rows(self, dirs, out=None):
         seen_rows.append(dirs.shape[0])
-        return rows(self, dirs)
+        return rows(self, dirs, out)
 
     monkeypatch.setattr(cna, "compare", spy_compare)
     monkeypatch.setattr(cna.Scorer, "_readout_rows", spy_rows)
@@ -121,6 +125,8 @@ def test_scan_holds_one_batch_and_one_block_at_a_time(monkeypatch):
                    chunk=5)
     assert seen_cases == [3, 3, 1] and res.certified.all() and res.top_score.shape == (7, 6)
     assert seen_rows and max(seen_rows) <= 5
+    # exact scores are built in reused buffers: per Scorer one work block, whatever the pairs
+    assert work and all(w is not None and w.shape[0] == len(cna.Scorer.WORK) for w in work)
 
 
 
