@@ -57,13 +57,37 @@ def reference_case(view: ModelView, ids: list[int], k: int) -> tuple[list[tuple[
     return [(int(i) // n, int(i) % n) for i in top.indices], top.values
 
 
+RESCORED = [0]  # exact scores spent by the last surgery_cases call
+
+
 def surgery_cases(view: ModelView, seqs: list[list[int]], k: int, batch: int, pad: int) -> list:
     out = []
+    RESCORED[0] = 0
     for s in range(0, len(seqs), batch):
         res = cna.compare(view, left_pad(seqs[s:s + batch], pad), list(range(view.n_layers)), k)
+        RESCORED[0] += res.top.rescored
         out += [(list(zip(l.tolist(), i.tolist())), v, bool(c))
                 for l, i, v, c in zip(res.top.layer, res.top.index, res.top.score, res.top.certified)]
     return out
+
+
+def work_model(view: ModelView, seqs: list[list[int]], rescored: float) -> str:
+    """Multiply-accumulates per case, from the shapes: the forward (every layer's matrices per prompt token, the
+    unembedding at the last position) vs CNA's (its own forward, base logits W_U r_l and the tail mean q W_U at every
+    layer, the [N, |S|] top-token block per layer, one W_U row per exact score). Sharing across the cases of a
+    batch (top tokens, readout rows) only lowers CNA's side; elementwise vocabulary passes only raise it."""
+    V, d = view.unembed_matrix().shape
+    body = sum(m.weight.numel() for name, m in view.model.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    tokens = statistics.mean(len(s) for s in seqs)
+    fwd = body * tokens + V * d
+    L = view.n_layers
+    n = sum(view.ffn_width(l) for l in range(L))
+    base, top, exact = 2 * L * V * d, n * 32 * d, rescored * V * d
+    total = fwd + base + top + exact
+    return (f"work model per case (GMAC): forward {fwd / 1e9:.2f}; CNA = forward + base logits and tail means "
+            f"{base / 1e9:.2f} + top-token block {top / 1e9:.2f} + exact rows {exact / 1e9:.2f} ({rescored:.0f} "
+            f"per case) = {total / 1e9:.2f}, {total / fwd:.1f}x the forward before any sharing")
 
 
 @torch.no_grad()
@@ -150,6 +174,7 @@ def main() -> None:
         print(f"surgery / batched forward (CPU time): median {statistics.median(ratio):.1f}x (spread "
               f"{min(ratio):.1f}-{max(ratio):.1f}x, {len(cpu)} repeats, threads {torch.get_num_threads()}, load "
               f"{os.getloadavg()[0]:.1f}); certified {sum(f[2] for f in fast)}/{len(fast)}")
+        print(work_model(view, seqs, RESCORED[0] / n))
         return
     for name, rows in (("wall", runs), ("CPU", cpu)):
         over_fwd = [f / w for w, f, _ in rows]
