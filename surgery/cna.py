@@ -695,6 +695,7 @@ class Scan:
     certified: Tensor  # [C] bool
     targets: Tensor  # [C]
     total: dict[int, Tensor]  # layer -> [N] sum over cases (exact where rescored, interval middle elsewhere)
+    total_abs: dict[int, Tensor]  # layer -> [N] sum over cases of the magnitudes of the same per-case values
     coef_a: dict[int, Tensor]  # layer -> [N] mean coefficient over cases, setting A
     coef_b: dict[int, Tensor] | None
     rescored: int = 0
@@ -719,6 +720,7 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
 
     tops: list[tuple[Tensor, ...]] = []
     total = {l: torch.zeros(view_a.ffn_width(l)) for l in layers}
+    total_abs = {l: torch.zeros(view_a.ffn_width(l)) for l in layers}
     coef: dict[str, dict[int, Tensor]] = {}
     rescored = 0
     for s in tqdm(range(0, len(seqs), batch_size), desc="cna", disable=not progress, unit="batch"):
@@ -732,6 +734,7 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
         tops.append((c.top.layer, c.top.index, c.top.score, c.top.certified, c.target))
         for l in layers:
             total[l] += c.delta[l].sum(0)
+            total_abs[l] += c.delta[l].abs().sum(0)
             for side, m in (("a", c.coef_a), ("b", c.coef_b)):
                 if m is not None:
                     coef.setdefault(side, {}).setdefault(l, torch.zeros_like(m[l][0], dtype=torch.float32))
@@ -740,4 +743,5 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
         del c
     n = len(seqs)
     mean = {side: {l: v / n for l, v in m.items()} for side, m in coef.items()}
-    return Scan(layers, k, *(torch.cat(col) for col in zip(*tops)), total, mean["a"], mean.get("b"), rescored)
+    return Scan(layers, k, *(torch.cat(col) for col in zip(*tops)), total, total_abs, mean["a"], mean.get("b"),
+                rescored)

@@ -46,6 +46,7 @@ class CnaSpec:
     max_rescore: int = field(default=8192, metadata=rules(min=1))  # exact rescoring cap per case; cases needing more are reported uncertified
     exact_top: int = field(default=100, metadata=rules(min=1))  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
     score: str = field(default="delta", metadata=rules(choices=("delta", "reference")))  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
+    aggregate: str = field(default="sum", metadata=rules(choices=("sum", "abs")))  # P% budgets: sum of the per-case scores (the paper) or of their magnitudes
 
 
 @dataclass
@@ -288,7 +289,7 @@ def select(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, layers: 
                       batch_size=r.cna.batch_size, max_rescore=r.cna.max_rescore)
         sel.case_top, sel.certified = (sc.top_layer, sc.top_index), float(sc.certified.float().mean())
         if "cna" in order:
-            sel.scores["cna"] = sc.total
+            sel.scores["cna"] = sc.total if r.cna.aggregate == "sum" else sc.total_abs
     for name in order:
         if name != "cna":
             inp = selectors.Inputs(ModelView(orig), sel.layers, pad, task.seqs, task.targets, seed=r.seed,

@@ -94,8 +94,9 @@ def baseline_keep(name: str, model, t, budget: dict[int, int], seed: int) -> dic
     return selectors.by_budget(selectors.score("task", name, inp), budget)
 
 
-def cna_keep(orig, ref, t, kind: str, value: float, score: str = "delta") -> dict[int, list[int]]:
-    r = prune.PruneRecipe(cna=prune.CnaSpec(batch_size=2, score=score))
+def cna_keep(orig, ref, t, kind: str, value: float, score: str = "delta", aggregate: str = "sum"
+             ) -> dict[int, list[int]]:
+    r = prune.PruneRecipe(cna=prune.CnaSpec(batch_size=2, score=score, aggregate=aggregate, exact_top=200))
     sel = prune.select(orig, ref, TOK, t, [1, 2], ["cna"], r, int(value) if kind == "top" else 0)
     return prune.keeps_for(sel, kind, value)["cna"]
 
@@ -195,6 +196,32 @@ def test_cna_keep_topn_is_the_union_of_exhaustive_per_case_tops(score):
     assert {l: set(v) for l, v in keep.items()} == want
     with pytest.raises(UsageError, match="cna.score"):
         cna_keep(orig, ref, t, "top", 3, "abs")
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "abs"])
+def test_cna_keep_pct_ranks_by_the_summed_exhaustive_delta(aggregate):
+    """P% == the top neurons by the delta summed over cases (the paper), or by its summed magnitude
+    (cna.aggregate=abs); every neuron exact here (exact_top covers all 192), so the sums equal the exhaustive."""
+    from surgery.batching import left_pad
+    from surgery.cna import compare
+
+    orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
+    keep = cna_keep(orig, ref, t, "pct", 25, aggregate=aggregate)
+    total = {1: 0.0, 2: 0.0}
+    for seq, tgt in zip(t.seqs, t.targets):
+        c = compare(ModelView(ref), left_pad([seq], 0), [1, 2], 3, target=torch.tensor([tgt]), exhaustive=True,
+                    view_b=ModelView(orig))
+        for l in (1, 2):
+            d = c.delta[l][0]
+            total[l] = total[l] + (d.abs() if aggregate == "abs" else d)
+    flat = torch.cat([total[1], total[2]])
+    n1 = len(total[1])
+    want = {1: set(), 2: set()}
+    for i in flat.topk(round(0.25 * len(flat))).indices.tolist():
+        want[1 if i < n1 else 2].add(i if i < n1 else i - n1)
+    assert {l: set(v) for l, v in keep.items()} == want
+    other = cna_keep(orig, ref, t, "pct", 25, aggregate="abs" if aggregate == "sum" else "sum")
+    assert {l: set(v) for l, v in other.items()} != want, "signed and magnitude sums must pick different sets here"
 
 
 @pytest.mark.parametrize("main", ["cna", "random", "magnitude", "activation", "taylor"])
