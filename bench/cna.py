@@ -5,6 +5,7 @@ through the frozen final norm and the unembedding, full log-softmax, read the ta
 first-order/bounded screen of all neurons, exact rescoring of the candidates (certified top-k).
 
     python bench/cna.py [--cases 8] [--k 100] [--batch 8] [--repeats 3] [--threads 2] [--no-memory] [--no-reference]
+                        [--margin 32] [--ablate-head L.H (with --no-reference)]
 
 Repeats are interleaved (forward, surgery, reference, forward, ...) so that a shared machine slows every side
 alike; each repeat gives a ratio, and the bench reports their median and spread (min-max), in wall time and in
@@ -60,22 +61,28 @@ def reference_case(view: ModelView, ids: list[int], k: int) -> tuple[list[tuple[
 RESCORED = [0]  # exact scores spent by the last surgery_cases call
 
 
-def surgery_cases(view: ModelView, seqs: list[list[int]], k: int, batch: int, pad: int) -> list:
+def surgery_cases(view: ModelView, seqs: list[list[int]], k: int, batch: int, pad: int, margin: int = 32,
+                  ablate: tuple = ()) -> list:
+    """Certified top-k per case: of the score (the paper's setting), or with `ablate` heads ((layer, head), ...)
+    of the delta clean - ablated (comparison mode, `surgery cna --ablate-head`)."""
     out = []
     RESCORED[0] = 0
     for s in range(0, len(seqs), batch):
-        res = cna.compare(view, left_pad(seqs[s:s + batch], pad), list(range(view.n_layers)), k)
+        res = cna.compare(view, left_pad(seqs[s:s + batch], pad), list(range(view.n_layers)), k, margin=margin,
+                          ablate_b=ablate)
         RESCORED[0] += res.top.rescored
         out += [(list(zip(l.tolist(), i.tolist())), v, bool(c))
                 for l, i, v, c in zip(res.top.layer, res.top.index, res.top.score, res.top.certified)]
     return out
 
 
-def work_model(view: ModelView, seqs: list[list[int]], rescored: float) -> str:
+def work_model(view: ModelView, seqs: list[list[int]], rescored: float, settings: int = 1) -> str:
     """Multiply-accumulates per case, from the shapes: the forward (every layer's matrices per prompt token, the
     unembedding at the last position) vs CNA's (its own forward, base logits W_U r_l and the tail mean q W_U at every
     layer, the [N, |S|] top-token block per layer, one W_U row per exact score). Sharing across the cases of a
-    batch (top tokens, readout rows) only lowers CNA's side; elementwise vocabulary passes only raise it."""
+    batch (top tokens, readout rows) only lowers CNA's side; elementwise vocabulary passes only raise it. A
+    comparison (`settings` 2) runs the forward, base logits, tail means and top block per setting; the exact rows
+    serve both settings (computed once)."""
     V, d = view.unembed_matrix().shape
     body = sum(m.weight.numel() for name, m in view.model.named_modules()
                if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
@@ -83,9 +90,9 @@ def work_model(view: ModelView, seqs: list[list[int]], rescored: float) -> str:
     fwd = body * tokens + V * d
     L = view.n_layers
     n = sum(view.ffn_width(l) for l in range(L))
-    base, top, exact = 2 * L * V * d, n * 32 * d, rescored * V * d
-    total = fwd + base + top + exact
-    return (f"work model per case (GMAC): forward {fwd / 1e9:.2f}; CNA = forward + base logits and tail means "
+    base, top, exact = 2 * L * V * d * settings, n * 32 * d * settings, rescored * V * d
+    total = fwd * settings + base + top + exact
+    return (f"work model per case (GMAC): forward {fwd / 1e9:.2f}; CNA = {settings} x forward + base logits and tail means "
             f"{base / 1e9:.2f} + top-token block {top / 1e9:.2f} + exact rows {exact / 1e9:.2f} ({rescored:.0f} "
             f"per case) = {total / 1e9:.2f}, {total / fwd:.1f}x the forward before any sharing")
 
@@ -144,8 +151,14 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-reference", action="store_true", help="forward vs surgery only (no exactness check)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--margin", type=int, default=32, help="spare candidates per case in round 1 (cna default 32)")
+    ap.add_argument("--ablate-head", default=None,
+                    help="L.H: comparison mode, delta against the model with that head ablated (needs --no-reference)")
     ap.add_argument("--measure", choices=["reference", "surgery"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ablate_head and not args.no_reference:
+        ap.error("--ablate-head times the comparison only; add --no-reference")
+    ablate = tuple(tuple(int(x) for x in h.split(".")) for h in args.ablate_head.split(",")) if args.ablate_head else ()
     torch.set_num_threads(args.threads)
     if args.measure:
         return _measure(args.measure, args.k, args.batch)
@@ -159,7 +172,7 @@ def main() -> None:
         forward_cases(view, seqs, args.batch, pad_id(tok))
         t_fwd, c_fwd = (time.time() - t) / n, (time.process_time() - c) / n
         t, c = time.time(), time.process_time()
-        fast = surgery_cases(view, seqs, args.k, args.batch, pad_id(tok))
+        fast = surgery_cases(view, seqs, args.k, args.batch, pad_id(tok), args.margin, ablate)
         t_fast, c_fast = (time.time() - t) / n, (time.process_time() - c) / n
         t, c = time.time(), time.process_time()
         ref = [reference_case(view, s, args.k) for s in seqs] if not args.no_reference else []
@@ -173,8 +186,9 @@ def main() -> None:
         ratio = [f / w for w, f, _ in cpu]
         print(f"surgery / batched forward (CPU time): median {statistics.median(ratio):.1f}x (spread "
               f"{min(ratio):.1f}-{max(ratio):.1f}x, {len(cpu)} repeats, threads {torch.get_num_threads()}, load "
-              f"{os.getloadavg()[0]:.1f}); certified {sum(f[2] for f in fast)}/{len(fast)}")
-        print(work_model(view, seqs, RESCORED[0] / n))
+              f"{os.getloadavg()[0]:.1f}); certified {sum(f[2] for f in fast)}/{len(fast)}; margin {args.margin}"
+              f"{', ablated ' + args.ablate_head if ablate else ''}")
+        print(work_model(view, seqs, RESCORED[0] / n, 2 if ablate else 1))
         return
     for name, rows in (("wall", runs), ("CPU", cpu)):
         over_fwd = [f / w for w, f, _ in rows]

@@ -142,7 +142,8 @@ class Scorer:
         for run in _runs(sorted((l for l in layers if l not in self.layer_cache), key=slot.__getitem__), slot, per):
             z0 = self.z0_all[slot[run[0]]:slot[run[-1]] + 1]
             self.view.readout(torch.stack([self.s.r[l] for l in run]), self.sigma, out=z0)  # [G, B, V]
-            z0 += bias
+            if isinstance(bias, Tensor) or bias:
+                z0 += bias
             for i, layer in enumerate(run):
                 logp = torch.log_softmax(self.view.softcap_logits(z0[i]), -1)
                 self.layer_cache[layer] = (z0[i], logp.gather(1, self.target[:, None])[:, 0])
@@ -161,10 +162,10 @@ class Scorer:
             for i, layer in enumerate(group):
                 self.tail_cache[layer] += (mean_u[i * B:(i + 1) * B],)
 
-    def _tail(self, layer: int, z0: Tensor, out: Tensor | None = None) -> Tensor:
+    def _tail(self, layer: int, z0: Tensor, out: Tensor | None = None) -> Tensor | None:
         """Split the vocabulary into each case's top tokens S (with the target) and the tail R; cache
-        (S [B, s], target column [B], lse0 [B, 1], log Z_R [B, 1]) and return the tail distribution q [B, V]
-        (written into `out` when given)."""
+        (S [B, s], target column [B], lse0 [B, 1], log Z_R [B, 1]); with `out`, also write the tail distribution
+        q [B, V] there and return it (the soft-capped bounds need only the statistics)."""
         top = z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices  # any split of the vocabulary is valid:
         missing = ~(top == self.target[:, None]).any(1)  # make sure the target is in S
         top[missing, -1] = self.target[missing]
@@ -172,7 +173,7 @@ class Scorer:
         tail = z0.scatter(1, top, float("-inf")) if out is None else out.copy_(z0).scatter_(1, top, float("-inf"))
         log_zr = tail.logsumexp(-1, keepdim=True)
         self.tail_cache[layer] = (top, wcol, z0.logsumexp(-1, keepdim=True), log_zr)
-        return tail.sub_(log_zr).exp_().nan_to_num_(0.0)
+        return None if out is None else tail.sub_(log_zr).exp_().nan_to_num_(0.0)
 
     def _factor(self, layer: int) -> tuple[Tensor, Tensor | None]:
         """(dirs, s) with case b's direction of neuron k = s_b * dirs_k: dirs [N, d] shared by every case and
@@ -636,7 +637,7 @@ class Comparison:
 def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int], k: int,
             view_b: ModelView | None = None, batch_b: tuple[Tensor, Tensor] | None = None,
             ablate_b: HeadList = (), target: Tensor | None = None, exhaustive: bool = False,
-            chunk: int = 256, max_rescore: int = 2048) -> Comparison:
+            chunk: int = 256, max_rescore: int = 2048, margin: int = 32) -> Comparison:
     """Importance in setting A, and (when a B setting is given) the change A - B, for a batch of cases.
 
     B is: the same model with heads ablated (ablate_b), another model on the same input (view_b), or the same
@@ -654,7 +655,7 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
         b = Scorer(vb, sb, sigma_b, w, chunk)
     if exhaustive:
         return _exhaustive(a, b, layers, k, w)
-    top, dense = certified_topk(a, k, b, max_rescore=max_rescore)
+    top, dense = certified_topk(a, k, b, margin=margin, max_rescore=max_rescore)
     imp_a = dense if b is None else {l: (sum(a.bounds(l)) / 2).cpu() for l in layers}
     return Comparison(top, w.cpu(), _cpu(sa.m), _cpu(b.s.m) if b else None, imp_a, dense, a, b)
 

@@ -195,13 +195,14 @@ def flap(inp: Inputs) -> Scores:
 @register("task", "cna")
 def cna_task(inp: Inputs) -> Scores:
     """CNA (the paper): importance in the tuned `reference` minus importance in the model, summed over cases
-    (each case's top-k exact, the rest by certified-bound midpoints); without a reference, importance alone."""
+    (each case's top-k exact, the rest by certified-bound midpoints); without a reference, importance alone.
+    info["aggregate"] = "abs" sums the per-case magnitudes instead (as `cna.aggregate=abs` in prune)."""
     k = inp.info.get("exact_top", 100)
     sc = scan(inp.reference or inp.view, inp.seqs, inp.layers, k, inp.pad,
               view_b=inp.view if inp.reference is not None else None, targets=inp.targets,
               batch_size=inp.batch_size, max_rescore=inp.info.get("max_rescore", 2048))
     inp.info["scan"] = sc
-    return sc.total
+    return sc.total_abs if inp.info.get("aggregate", "sum") == "abs" else sc.total
 
 
 # ---- contrast selectors ------------------------------------------------------------------------------------
