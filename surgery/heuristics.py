@@ -347,13 +347,21 @@ def markdown(data: dict) -> str:
         lines += [rep.md_table(["neuron", "label", "score", "map"], [[t["neuron"], t["label"], t["score"], t["map"]] for t in top]), ""]
         a = r["ablations"]
         if a:
-            f = lambda k: f"{a[k]['acc']} {a[k]['ci95']} (n={a[k]['n']})"  # noqa: E731
+            f = lambda k: _acc_md(a[k])  # noqa: E731
             lines += [f"Ablation 1 (per heuristic, {len(a['heuristics_ablated'])} heuristics): accuracy on associated "
                       f"prompts {f('assoc')}, unassociated {f('unassoc')}, associated with random neurons "
                       f"{f('random_assoc')}.", "",
                       f"Ablation 2 (per prompt, {a['prompts_with_associated_neurons']} prompts): own heuristics' neurons "
                       f"zeroed {f('prompt_assoc')}, as many other labelled neurons {f('prompt_random')}.", ""]
     return "\n".join(lines)
+
+
+def _acc_md(r: dict) -> str:
+    """'0.896 [0.838, 0.935] (n=154)'; 'n/a (n=0)' when no prompt qualified."""
+    if not r["n"]:
+        return "n/a (n=0)"
+    lo, hi = r["ci95"]
+    return f"{r['acc']:.3f} [{lo:.3f}, {hi:.3f}] (n={r['n']})"
 
 
 def gallery_png(per_op: dict, operands: tuple[int, int], n: int = 6) -> bytes:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from surgery import circuit as C
+from surgery import heuristics as Hx
 from surgery.cli import main
 
 ARGS = ["--ops", "+,/", "--operands", "0-12", "--limit", "3", "--verify", "6", "--rescore", "2", "--include-wrong",
@@ -67,3 +69,27 @@ def test_other_configuration_is_refused(tiny_smol_dir, tmp_path, capfd):
 def test_finished_folder_needs_force(uninterrupted, tiny_smol_dir, capfd):
     assert main(["circuit", "--model", str(tiny_smol_dir), "--out", str(uninterrupted), *ARGS]) == 2
     assert "already holds a finished circuit" in capfd.readouterr().err
+
+
+def test_heuristics_end_to_end(tiny_smol_dir, uninterrupted, tmp_path):
+    """`surgery heuristics` on a finished circuit folder: json, md and gallery written; every labelled neuron's
+    score reaches the threshold; every reported accuracy lies inside its own 95% interval."""
+    out = tmp_path / "h"
+    assert main(["heuristics", "--circuit", str(uninterrupted), "--top", "2", "--max-heuristics", "2",
+                 "--max-prompts", "10", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"heuristics.json", "heuristics.md", "gallery.png"}
+    data = json.loads((out / "heuristics.json").read_text())
+    res, thr = data["results"], data["config"]["threshold"]
+    assert set(res["per_op"]) == {"+", "/"}
+    for r in res["per_op"].values():
+        assert r["labelled"] == sum(t["label"] is not None for t in r["table"])
+        assert all(t["score"] >= thr for t in r["table"] if t["label"] is not None)
+        for a in (r["ablations"] or {}).values():
+            if isinstance(a, dict) and a.get("n"):
+                assert a["ci95"][0] <= a["acc"] <= a["ci95"][1]
+    assert "Classified fraction" in (out / "heuristics.md").read_text()
+
+
+def test_ablation_accuracy_markdown():
+    assert Hx._acc_md(Hx._acc(torch.tensor([True] * 7 + [False] * 3))) == "0.700 [0.397, 0.892] (n=10)"
+    assert Hx._acc_md(Hx._acc(torch.tensor([], dtype=torch.bool))) == "n/a (n=0)"
