@@ -607,18 +607,31 @@ def markdown(data: dict) -> str:
                             r["faithfulness"], r["union_faithfulness"], r["neurons_per_layer_needed"],
                             r.get("screen_recall_top20", r.get("screen_recall_of_verified"))]
                            for op, r in res["per_op"].items()]), "",
-             f"Union circuit: {len(res['union']['heads'])} heads ({', '.join(res['union']['heads'][:30])}), all "
+             f"Union circuit: {len(res['union']['heads'])} heads ({_first(res['union']['heads'], 30)}), all "
              f"{data['model']['n_layers']} MLPs, {res['union']['n_neurons']} neurons.", ""]
     for op, r in res["per_op"].items():
         top = sorted(r["components"], key=lambda c: -c["effect"])[:8]
+        hc, nc = r["head_curve"], r["neuron_curve"]
         lines += [f"## {op}", "", f"Heads: {', '.join(r['heads']) or '(none)'}", "",
                   rep.md_table(["component", "effect (Eq. 1)", "screen", "exact"],
-                               [[c["name"], round(c["effect"], 4), round(c["screen"], 4), c["exact"]] for c in top]), ""]
+                               [[c["name"], round(c["effect"], 4), round(c["screen"], 4), c["exact"]] for c in top]), "",
+                  "Faithfulness vs heads kept (all MLPs): " + _curve(hc["n"], hc["faithfulness"]) + ".", "",
+                  f"Faithfulness vs neurons kept per layer ({len(r['heads'])} circuit heads; layers "
+                  f"{min(map(int, r['neurons']))}-{max(map(int, r['neurons']))} at the last position): "
+                  + _curve(nc["per_layer"], nc["faithfulness"]) + ".", ""]
     if "agreement" in res:
         a = res["agreement"]
         lines += ["## Agreement", "", f"IoU(circuit heads, `surgery heads` top {a['n_heads']}): {a['heads_iou']}; "
                   f"IoU(circuit neurons, `surgery cna` top {a['n_neurons']}): {a['neurons_iou']}.", ""]
     return "\n".join(lines)
+
+
+def _curve(xs: Sequence[int], fs: Sequence[float]) -> str:
+    return ", ".join(f"{x}: {f:.2f}" for x, f in zip(xs, fs))
+
+
+def _first(names: Sequence[str], n: int) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
 def _plt():
