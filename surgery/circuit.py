@@ -411,6 +411,15 @@ def iou(a: set, b: set) -> float | None:
     return round(len(a & b) / len(a | b), 4) if a | b else None
 
 
+def chance_iou(n: int, total: int) -> float | None:
+    """Expected IoU of two independent uniformly random n-subsets of `total` items (to first order:
+    E|A & B| = n^2 / total), the baseline every agreement figure is read against."""
+    if not n or not total:
+        return None
+    inter = n * n / total
+    return round(inter / (2 * n - inter), 4)
+
+
 def agreement(view: ModelView, tokenizer, batches: Batches, heads: set[tuple[int, int]],
               neurons: set[tuple[int, int]], layers: list[int], batch_size: int, verify: int) -> dict:
     """IoU of the circuit's heads with the top heads of `surgery heads` (zero ablation: attribution screen, then
@@ -429,12 +438,18 @@ def agreement(view: ModelView, tokenizer, batches: Batches, heads: set[tuple[int
     drop = {lh: float(base.mean() - r["logprob"].mean()) for lh, r in rows.items()}
     top_heads = set(sorted(drop, key=lambda lh: -drop[lh])[:len(heads)])
     sc = cna.scan(view, seqs, layers, 10, pad_id(tokenizer), targets=tgt, batch_size=batch_size, progress=False)
-    flat = [(float(v), l, i) for l in layers for i, v in enumerate(sc.total[l].tolist())]
-    top_neurons = {(l, i) for _, l, i in sorted(flat, reverse=True)[:len(neurons)]}
+    def top_by(total: dict[int, Tensor]) -> set[tuple[int, int]]:
+        flat = [(float(v), l, i) for l in layers for i, v in enumerate(total[l].tolist())]
+        return {(l, i) for _, l, i in sorted(flat, reverse=True)[:len(neurons)]}
+
+    width = sum(view.ffn_width(l) for l in layers)
     return {"heads_iou": iou(heads, top_heads), "heads_top": sorted(f"{l}.{h}" for l, h in top_heads),
-            "neurons_iou": iou(neurons, top_neurons), "n_heads": len(heads), "n_neurons": len(neurons),
+            "neurons_iou": iou(neurons, top_by(sc.total)), "neurons_iou_abs": iou(neurons, top_by(sc.total_abs)),
+            "heads_chance": chance_iou(len(heads), view.n_layers * view.n_heads),
+            "neurons_chance": chance_iou(len(neurons), width), "n_heads": len(heads), "n_neurons": len(neurons),
             "heads_note": "surgery heads: zero ablation, exact drop of the mean log-prob of each scored answer token",
-            "neurons_note": "surgery cna: importance of each neuron for each scored answer token, summed over cases"}
+            "neurons_note": "surgery cna: importance of each neuron for each scored answer token, summed over cases "
+                            "(neurons_iou: signed sum, the paper's; neurons_iou_abs: sum of magnitudes)"}
 
 
 # ---- resumable runs ---------------------------------------------------------------------------------------------
@@ -621,8 +636,10 @@ def markdown(data: dict) -> str:
                   + _curve(nc["per_layer"], nc["faithfulness"]) + ".", ""]
     if "agreement" in res:
         a = res["agreement"]
-        lines += ["## Agreement", "", f"IoU(circuit heads, `surgery heads` top {a['n_heads']}): {a['heads_iou']}; "
-                  f"IoU(circuit neurons, `surgery cna` top {a['n_neurons']}): {a['neurons_iou']}.", ""]
+        lines += ["## Agreement", "", f"IoU(circuit heads, `surgery heads` top {a['n_heads']}): {a['heads_iou']} "
+                  f"(chance {a.get('heads_chance')}); IoU(circuit neurons, `surgery cna` top {a['n_neurons']}): "
+                  f"{a['neurons_iou']} signed sum, {a.get('neurons_iou_abs')} summed magnitudes "
+                  f"(chance {a.get('neurons_chance')}).", ""]
     return "\n".join(lines)
 
 

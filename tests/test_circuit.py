@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from surgery import circuit as C
 from surgery import heuristics as Hx
@@ -111,3 +112,14 @@ def test_circuit_on_smollm2_writes_the_finetune_keys(smol, tmp_path):
     assert data["per_op"]["+"]["heads"] == data["results"]["per_op"]["+"]["heads"]
     for f in ("circuit.md", "effects.png", "faithfulness.png"):
         assert (out / f).stat().st_size > 0
+
+
+def test_chance_iou_matches_random_sets():
+    """The agreement's chance baseline is the mean IoU of two random n-subsets (Monte Carlo, 2,000 draws)."""
+    g = torch.Generator().manual_seed(0)
+    for n, total in ((8, 270), (149, 270), (375, 23040)):
+        draws = [len(set(torch.randperm(total, generator=g)[:n].tolist()) & set(torch.randperm(total, generator=g)[:n].tolist()))
+                 for _ in range(2000)]
+        mc = sum(i / (2 * n - i) for i in draws) / len(draws)
+        assert abs(C.chance_iou(n, total) - mc) < 0.01 + 0.05 * mc, (n, total, C.chance_iou(n, total), mc)
+    assert C.chance_iou(0, 10) is None
