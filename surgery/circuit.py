@@ -174,12 +174,32 @@ def groups(tokenizer, template: str, probs: dict[str, list[dict]], score: str = 
 
 
 @torch.no_grad()
-def measure_groups(view: ModelView, gs: list[Group], batch_size: int) -> None:
+def measure_groups(view: ModelView, gs: list[Group], batch_size: int, saved: Path | None = None) -> bool:
     """Means over every prompt of each layout (teacher forced: over prompt + answer[:-1]), and the model's
-    prediction of each scored answer token."""
+    prediction of each scored answer token. When `saved` (a resumed run's means file) holds every layout, they
+    are read back instead of recomputed (the means pass is most of a 0-99 run's first half hour); returns
+    whether they were."""
+    if saved is not None and saved.is_file():
+        got = torch.load(saved, weights_only=True)
+        if set(got) == {g.key for g in gs}:
+            for g in gs:
+                d = got[g.key]
+                g.means = P.Means(d["z"], d["ffn"], d["m"], int(d["count"]), d["pred"])
+                g.pred = g.means.pred
+            return True
     for g in tqdm(gs, desc="means", unit="layout"):
         g.means = P.means(view, g.full(), batch_size, g.n_ans)
         g.pred = g.means.pred
+    return False
+
+
+def save_means(gs: list[Group], path: Path) -> None:
+    """Every layout's means and predictions (float32 as computed, so a resumed run sees exactly these), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({g.key: {"z": g.means.z, "ffn": g.means.ffn, "m": g.means.m, "count": g.means.count,
+                        "pred": g.means.pred} for g in gs}, tmp)
+    os.replace(tmp, path)
 
 
 def select(gs: list[Group], op: str, limit: int, seed: int, batch_size: int,
@@ -455,6 +475,7 @@ def agreement(view: ModelView, tokenizer, batches: Batches, heads: set[tuple[int
 # ---- resumable runs ---------------------------------------------------------------------------------------------
 RUN_FILE = "circuit.run.json"  # the configuration of the run that owns the folder
 STAGE_DIR = "stages"  # one JSON per finished stage: {op}.effects / .heads / .neurons / .union, agreement
+MEANS_FILE = "means.pt"  # in STAGE_DIR: every layout's means and predictions (the means pass, read back on resume)
 
 
 def resuming(outdir: Path, run_config: dict, force: bool) -> bool:
@@ -563,7 +584,8 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     if not 0 <= nfrom < view.n_layers:
         raise UsageError(f"--neuron-from {nfrom} is not a layer of this {view.n_layers}-layer model")
     gs = groups(loaded.tokenizer, template, probs, score)
-    measure_groups(view, gs, batch_size)
+    means_file = outdir / STAGE_DIR / MEANS_FILE
+    reused = measure_groups(view, gs, batch_size, means_file if resume else None)
     chosen = {op: select(gs, op, limit, seed, batch_size, include_wrong) for op in ops}
     few = [op for op, b in chosen.items() if sum(pr.n for _, pr in b) < 2]
     if few:
@@ -571,6 +593,8 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
                          "usable counterfactual; widen --operands or drop those --ops")
     layers = list(range(nfrom, view.n_layers))
     start(outdir, run_config, resume)
+    if not reused:
+        save_means(gs, means_file)
     per_op = {}
     for op in tqdm(ops, desc="operators"):
         cache = stage_cache(outdir, arithmetic.OPS[op])

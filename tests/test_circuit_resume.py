@@ -44,13 +44,16 @@ def test_resumed_equals_uninterrupted(tiny_smol_dir, uninterrupted, tmp_path, mo
     assert main(argv) == 130
     assert not (out / "circuit.json").exists()
     done = sorted(f.name for f in (out / C.STAGE_DIR).iterdir())
-    assert done == ["add.effects.json", "add.heads.json", "add.neurons.json", "div.effects.json", "div.heads.json"]
+    assert done == ["add.effects.json", "add.heads.json", "add.neurons.json", "div.effects.json", "div.heads.json",
+                    C.MEANS_FILE]
     monkeypatch.setattr(C, "neuron_curve", real_curve)
-    screens = []
-    real_screen = C.screen_mean
+    screens, means = [], []
+    real_screen, real_means = C.screen_mean, C.P.means
     monkeypatch.setattr(C, "screen_mean", lambda *a, **k: screens.append(1) or real_screen(*a, **k))
+    monkeypatch.setattr(C.P, "means", lambda *a, **k: means.append(1) or real_means(*a, **k))
     assert main(argv) == 0
     assert screens == []  # the effects of both operators came from the stages
+    assert means == []  # and the means pass from the means file
     assert _results(out) == _results(uninterrupted)
 
 
