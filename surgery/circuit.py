@@ -710,9 +710,9 @@ def faithfulness_png(data: dict) -> bytes:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for op, r in data["results"]["per_op"].items():
         a.plot(r["head_curve"]["n"], r["head_curve"]["faithfulness"], marker=".", label=op)
-        b.plot([max(k, 1) for k in r["neuron_curve"]["per_layer"]], r["neuron_curve"]["faithfulness"], marker=".", label=op)
+        b.plot(r["neuron_curve"]["per_layer"], r["neuron_curve"]["faithfulness"], marker=".", label=op)
     a.set(xlabel="heads kept (all MLPs kept)", ylabel="faithfulness (Eq. 2)", xscale="symlog")
-    b.set(xlabel="neurons kept per layer (upper layers, last position)", ylabel="faithfulness", xscale="log")
+    b.set(xlabel="neurons kept per layer (upper layers, last position)", ylabel="faithfulness", xscale="symlog")
     for ax in (a, b):
         ax.axhline(0.9, ls=":", c="gray")
         ax.legend(fontsize=8)
