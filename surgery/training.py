@@ -34,6 +34,9 @@ class TrainSpec:
     seed: int = 0
     distill: float = field(default=0.0, metadata=rules(min=0))  # weight of KL(teacher || student); 0 = off
     temperature: float = field(default=1.0, metadata=rules(min=0.01))  # distillation temperature T
+    # bf16 autocast of forward and backward (the trained weights and AdamW state stay fp32): HF `bf16=True`.
+    # Training steps 2.0-2.3x faster on CPUs with AVX512-BF16 (measured: bench/train_step.py); standard on GPUs.
+    bf16: bool = False
 
 
 class Collator:
@@ -122,7 +125,7 @@ def train_args(spec: TrainSpec, lr: float, out_dir: str, n_rows: int, device: st
         output_dir=out_dir, per_device_train_batch_size=spec.batch_size, learning_rate=lr,
         num_train_epochs=spec.epochs, max_steps=spec.max_steps, warmup_steps=int(spec.warmup_ratio * total),
         weight_decay=spec.weight_decay, lr_scheduler_type="linear", logging_steps=max(1, total // 10),
-        save_strategy="no", report_to=[], use_cpu=not _accelerated(device), seed=spec.seed,
+        save_strategy="no", report_to=[], use_cpu=not _accelerated(device), seed=spec.seed, bf16=spec.bf16,
         data_seed=spec.seed, remove_unused_columns=False, disable_tqdm=False, dataloader_num_workers=0)
 
 

@@ -181,3 +181,34 @@ def test_lora_on_attention_and_the_pruned_ffns(arch):
     want = attn | {f"{a.layers}.2.{p}" for p in (*a.ffn_in, a.ffn_out)}
     assert len(attn) == len(a.lora_targets)
     assert {w.removeprefix("base_model.model.") for w in wrapped} == want
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_training_autocasts_and_keeps_fp32_weights(arch):
+    """train.bf16: the forward inside the Trainer runs under bf16 autocast (a Linear's output is bf16), the LoRA
+    weights and the base stay fp32, the adapter learns, and the result is close to (not equal to) the fp32 run."""
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(3, VOCAB, (6,), generator=g).tolist()), "labels": [-100] * 4 + ids[4:]}
+            for _ in range(8)]
+
+    def trained(bf16: bool):
+        model, seen = make_tiny(arch), []
+        spec = training.TrainSpec(max_steps=3, batch_size=4, lrs=[1e-2], bf16=bf16, warmup_ratio=0.0)
+        pm = lora.attach(model, [1], lora.LoraSpec(rank=2))
+        lin = next(m for n, m in pm.named_modules() if isinstance(m, torch.nn.Linear) and "lora" not in n)
+        lin.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            training.answer_trainer(pm, rows, spec, 1e-2, tmp, 0, device="cpu").train()
+        return pm, set(seen)
+
+    pm32, seen32 = trained(False)
+    pm16, seen16 = trained(True)
+    assert seen32 == {torch.float32} and torch.bfloat16 in seen16
+    b32 = {n: p for n, p in pm32.named_parameters() if "lora_B" in n}
+    b16 = {n: p for n, p in pm16.named_parameters() if "lora_B" in n}
+    assert all(p.dtype == torch.float32 for _, p in pm16.named_parameters())
+    assert all(p.abs().sum() > 0 for p in b16.values())
+    diff = max(float((b16[n] - b32[n]).abs().max()) for n in b32)
+    scale = max(float(p.abs().max()) for p in b32.values())
+    assert 0 < diff < 0.2 * scale
