@@ -46,7 +46,9 @@ class CnaSpec:
     max_rescore: int = field(default=8192, metadata=rules(min=1))  # exact rescoring cap per case; cases needing more are reported uncertified
     exact_top: int = field(default=100, metadata=rules(min=1))  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
     score: str = field(default="delta", metadata=rules(choices=("delta", "reference")))  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
-    aggregate: str = field(default="sum", metadata=rules(choices=("sum", "abs")))  # P% budgets: sum of the per-case scores (the paper) or of their magnitudes
+    # P% budgets rank by the sum over cases of each case's score's magnitude (abs, the default: measured 27.2% vs
+    # 2.7% 2-digit accuracy at 50% kept on SmolLM2, README) or of the signed scores (sum: the paper)
+    aggregate: str = field(default="abs", metadata=rules(choices=("sum", "abs")))
 
 
 @dataclass
