@@ -31,7 +31,7 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     task = make_task(r, loaded.tokenizer)
     test = task.sets["test2"].select(range(min(a.test, len(task.sets["test2"]))))
-    means = token_means(loaded.model, loaded.tokenizer, task.cases, sel.layers) if a.compensate else None
+    means = token_means(loaded.model, loaded.tokenizer, task.cases, sel.layers, r.compensate_at) if a.compensate else None
     print(f"original: 1-digit {task.score(loaded.model, task.sets['one_digit'])['full_answer_acc']:.3f}, "
           f"2-digit({len(test)}) {task.score(loaded.model, test)['full_answer_acc']:.3f}", flush=True)
     for pct in (float(b) for b in a.budgets.split(",")):

@@ -176,7 +176,7 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run,
     sel = select(orig, ref, tok, task.cases, plan.layers, plan.selectors, r, top_k, run.step)
     keeps, cert = keeps_for(sel, plan.keep_kind, plan.keep_value), sel.certified
     teacher = ref if r.train.distill > 0 else None  # the unpruned LoRA model teaches the pruned ones
-    means = token_means(orig, tok, task.cases, plan.layers) if r.compensate else None
+    means = token_means(orig, tok, task.cases, plan.layers, r.compensate_at) if r.compensate else None
     del ref, ref_fit
     fits, merged = {}, {}
     for name in plan.selectors:

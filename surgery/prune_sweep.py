@@ -292,7 +292,7 @@ def scores(orig, ref, tok, task: TaskCases, r: PruneRecipe, plan: Plan, top_k: i
         means = None
     if r.compensate and means is None:
         with run.step("means (bias compensation)"):
-            means = token_means(orig, tok, task, plan.layers)
+            means = token_means(orig, tok, task, plan.layers, r.compensate_at)
     tmp = path.with_name(".scores.pt.tmp")
     torch.save({"sel": sel, "means": means}, tmp)
     tmp.rename(path)

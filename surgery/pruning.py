@@ -33,7 +33,7 @@ from .evals.arithmetic import DataSpec, Splits, accuracy, build_splits
 from .lora import Fit, LoraSpec, fit_lora
 from .recipe import rules, to_dict
 from .report import md_table
-from .selection import by_layer, top_n
+from .selection import by_layer, mean_coefficients, top_n
 from .slicing import base_width, ffn_param_count, fold_means, slice_ffn, sliced_width
 from .training import TrainSpec
 
@@ -96,6 +96,10 @@ class PruneRecipe:
     lora_depth: float = field(default=0.28125, metadata=rules(min=0, max=1))  # the paper's layer 9 of 32
     layout: str = field(default="sliced", metadata=rules(choices=("sliced", "padded")))
     compensate: bool = False  # fold removed neurons' mean contributions into the FFN output bias (FLAP)
+    # where the means come from: last = the answer-reading position of every selection case (default); tokens =
+    # every prompt token (FLAP's calibration), which on SmolLM2 folds first-token outliers (massive activations,
+    # up to 3,000x a neuron's usual size in layers 27-29) into every position (bench/compensation_error.py)
+    compensate_at: str = field(default="last", metadata=rules(choices=("last", "tokens")))
     seed: int = 0
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -350,9 +354,14 @@ def sliced_copy(orig: nn.Module, keep: dict[int, list[int]], means: dict[int, to
     return m.eval()
 
 
-def token_means(orig: nn.Module, tokenizer, task: TaskCases, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Mean coefficient of every neuron over every real token of the task prompts (bias compensation's means)."""
-    s1, _, n = selectors.token_coefficients(selectors.Inputs(ModelView(orig), layers, pad_id(tokenizer), task.seqs))
+def token_means(orig: nn.Module, tokenizer, task: TaskCases, layers: list[int], at: str = "last"
+                ) -> dict[int, torch.Tensor]:
+    """Bias compensation's means: the mean coefficient of every neuron at the last position of every task case
+    (`at="last"`: the positions the answer is read from) or over every real token of the prompts (`"tokens"`)."""
+    view, pad = ModelView(orig), pad_id(tokenizer)
+    if at == "last":
+        return {l: v.float() for l, v in mean_coefficients(view, task.seqs, layers, pad).items()}
+    s1, _, n = selectors.token_coefficients(selectors.Inputs(view, layers, pad, task.seqs))
     return {l: (s / n).float() for l, s in s1.items()}
 
 

@@ -318,3 +318,26 @@ def test_compensated_sliced_copy_uses_the_token_means():
     gone = [i for i in range(48) if i not in (0, 1, 2)]
     torch.testing.assert_close(ModelView(m).ffn_out_bias(1), means[1][gone] @ v.values(1)[gone].detach(),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compensation_means_at_the_last_position_or_every_token(arch):
+    """compensate_at=last: the mean of m_k at each case's last position (one plain forward per case here);
+    tokens: the mean over every token of every case (FLAP's calibration)."""
+    from surgery.hooks import Hooks
+
+    orig, t = make_tiny(arch), task()
+    view, last, every = ModelView(orig), {1: [], 2: []}, {1: [], 2: []}
+    for s in t.seqs:
+        with torch.no_grad(), Hooks(view) as h:
+            h.capture("m", layers=[1, 2], positions=None)
+            orig(input_ids=torch.tensor([s]))
+        for l in (1, 2):
+            last[l].append(h.store["m", l][0, -1])
+            every[l].append(h.store["m", l][0])
+    got_last = prune.token_means(orig, TOK, t, [1, 2], "last")
+    got_all = prune.token_means(orig, TOK, t, [1, 2], "tokens")
+    for l in (1, 2):
+        torch.testing.assert_close(got_last[l], torch.stack(last[l]).mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_all[l], torch.cat(every[l]).mean(0), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got_last[l], got_all[l])
