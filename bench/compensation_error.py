@@ -30,6 +30,7 @@ from surgery.batching import batches, left_pad, pad_id, position_ids  # noqa: E4
 from surgery.hooks import Hooks  # noqa: E402
 from surgery.models import load_model  # noqa: E402
 from surgery.pruning import load_recipe, make_task  # noqa: E402
+from surgery.slicing import removed  # noqa: E402
 
 
 def coefficients(view: ModelView, seqs: list[list[int]], layers: list[int], pad: int, bs: int = 32):
@@ -66,8 +67,7 @@ def main() -> None:
     print(f"cell {cell['budget']} {cell['selector']}: {len(task.cases.seqs)} prompts, {len(first)} tokens")
     tot = {"none": 0.0, "all": 0.0, "no-first": 0.0, "last": 0.0}
     for l in sorted(keep):
-        gone = torch.ones(view.ffn_width(l), dtype=torch.bool)
-        gone[keep[l]] = False
+        gone = removed(keep[l], view.ffn_width(l))
         v = view.values(l).double()[gone]  # [R, d]
         ml = m[l][:, gone]
         mus = {"all": ml.mean(0), "no-first": ml[~first].mean(0), "last": ml[last].mean(0)}
@@ -75,9 +75,9 @@ def main() -> None:
         err = {"none": (at @ v).pow(2).sum(-1).mean()}
         err.update({k: ((at - mu) @ v).pow(2).sum(-1).mean() for k, mu in mus.items()})
         for k in tot:
-            tot[k] += float(err[k])
+            tot[k] += float(err[k].detach())
         top = ml[first].abs().mean(0).max() / ml[~first].abs().mean(0).clamp_min(1e-9).max()
-        print(f"layer {l}: removed {int(gone.sum())}, error / uncompensated: all {err['all'] / err['none']:.3f}, "
+        print(f"layer {l}: removed {len(gone)}, error / uncompensated: all {err['all'] / err['none']:.3f}, "
               f"no-first {err['no-first'] / err['none']:.3f}, last {err['last'] / err['none']:.3f}; "
               f"largest mean |m| at the first token / elsewhere {float(top):.1f}")
     print(f"error ratio (compensated / uncompensated, sum over layers of squared norms): all {tot['all'] / tot['none']:.3f}, "

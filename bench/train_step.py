@@ -36,10 +36,7 @@ from surgery.training import Collator, answer_loss  # noqa: E402
 
 def batches(tok, n: int, size: int) -> list[dict]:
     probs = arithmetic.build(digits=(2,), templates=("calculate",), division="inverse", limit=n * size, seed=0)
-    rows = []
-    for p in probs:
-        full, start = arithmetic.answer_tokens(tok, p["prompt"], p["answer"])
-        rows.append({"input_ids": full, "labels": [-100] * start + full[start:]})
+    rows = arithmetic.encode(probs, tok)  # the prune recipe's training encoding (labels -100 on the prompt)
     collate = Collator(pad_id(tok))
     return [collate(rows[i * size:(i + 1) * size]) for i in range(n)]
 

@@ -98,7 +98,7 @@ class PruneRecipe:
     compensate: bool = False  # fold removed neurons' mean contributions into the FFN output bias (FLAP)
     # where the means come from: last = the answer-reading position of every selection case (default); tokens =
     # every prompt token (FLAP's calibration), which on SmolLM2 folds first-token outliers (massive activations,
-    # up to 3,000x a neuron's usual size in layers 27-29) into every position (bench/compensation_error.py)
+    # up to 3,188x a neuron's usual size in layers 27-29) into every position (bench/compensation_error.py)
     compensate_at: str = field(default="last", metadata=rules(choices=("last", "tokens")))
     seed: int = 0
     lora: LoraSpec = field(default_factory=LoraSpec)

@@ -35,7 +35,7 @@ class TrainSpec:
     distill: float = field(default=0.0, metadata=rules(min=0))  # weight of KL(teacher || student); 0 = off
     temperature: float = field(default=1.0, metadata=rules(min=0.01))  # distillation temperature T
     # bf16 autocast of forward and backward (the trained weights and AdamW state stay fp32): HF `bf16=True`.
-    # Training steps 2.0-2.3x faster on CPUs with AVX512-BF16 (measured: bench/train_step.py); standard on GPUs.
+    # A recovery step 1.95x faster on a CPU with AVX512-BF16 (bench/train_step.py, BENCHMARKS.md); standard on GPUs.
     bf16: bool = False
 
 
