@@ -8,6 +8,13 @@ adapter and appends one JSON line to cells.jsonl the moment it finishes. Rerunni
 made by another recipe is refused, naming the differing keys. What may change between runs without a refusal: the
 budget list, the baselines and the search settings (they only add cells).
 
+Several processes may work on one folder at once (the same command started again with the same --out, e.g. one
+per core with OMP_NUM_THREADS=1 on a CPU): the first trains the reference and computes the scores while the others
+wait for it (a lock on state/), then each takes the next cell no other process holds (one lock file per cell;
+a lock dies with its process, so a killed worker's cell is free again) and every process returns only when all of
+its cells are finished, by it or by another. Locks are POSIX `fcntl` locks on the local file system; where
+`fcntl` is missing (Windows) they are no-ops and a folder takes one process at a time.
+
 The budget search bisects the kept percentage of the main selector on the validation split: a probe passes when
 its recovered validation accuracy is at most D points below the reference's (the unpruned LoRA model; `--against
 original`: the original model's); the smallest passing probe is re-assembled from its saved adapter and exported.
@@ -19,6 +26,7 @@ Folder:
     state/scores.pt             every selector's scores, CNA's per-case ranking, bias-compensation means
     cells.jsonl                 one finished cell per line (metrics, kept indices, latency)
     cells/<budget>-<selector>/  that cell's recovery adapter
+    locks/                      the lock files of concurrent workers (empty files; safe to delete when none runs)
     report.md, report.json, sweep.png   rewritten after every cell
     checkpoint/                 (--keep auto) the exported model
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 import os
 import re
 import shutil
@@ -34,6 +43,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from peft import PeftModel
@@ -50,6 +60,11 @@ from .pruning import (Keep, Plan, PruneRecipe, PruneTask, Selection, TaskCases, 
                       results_table, select, sliced_copy, token_means)
 from .recipe import to_dict
 from .report import Report, json_text, make, md_table, png_bytes, write_json, write_text_atomic
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX locks; one process per folder
+    fcntl = None
 
 VARIES = ("keep", "baselines", "description", "search")  # recipe keys a resumed folder may change
 MISSING = object()
@@ -103,7 +118,7 @@ def check_folder(out: Path, fp: dict, force: bool) -> bool:
     if force or not out.exists():
         return False
     if not meta.exists():
-        if any(out.iterdir()):
+        if any(p.name != "locks" for p in out.iterdir()):  # locks/: a worker's, before the resume key
             raise UsageError(f"{out} exists and is not a prune sweep folder; choose another --out or pass --force")
         return False
     try:
@@ -123,12 +138,34 @@ def check_folder(out: Path, fp: dict, force: bool) -> bool:
 
 
 def start_folder(out: Path, fp: dict, force: bool, resuming: bool) -> None:
-    """Create (or, with --force, recreate) the folder and its resume key."""
+    """Create (or, with --force, recreate) the folder and its resume key (written first: a second worker that looks
+    at a folder being created sees a sweep folder, never an unknown non-empty one)."""
     if force and out.exists() and not resuming:
         shutil.rmtree(out)
-    (out / "state").mkdir(parents=True, exist_ok=True)
     if not (out / "sweep.json").exists():
         write_json(out / "sweep.json", {"fingerprint": fp})
+    (out / "state").mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def folder_lock(out: Path, name: str, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock `name` on the folder, shared by every process working on it; yields whether it is held
+    (wait=False: False at once when another live process holds it). Released on exit or when the process dies."""
+    if fcntl is None:
+        yield True
+        return
+    path = out / "locks" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cell_key(budget: str, selector: str) -> str:
@@ -149,15 +186,16 @@ def read_cells(out: Path) -> dict[str, dict]:
 
 
 def append_cell(out: Path, rec: dict) -> None:
-    """One line, flushed to disk: after this the cell counts as done."""
+    """One line, flushed to disk: after this the cell counts as done (appends of concurrent workers take turns)."""
     path = out / "cells.jsonl"
     text = json.dumps(rec, default=_plain) + "\n"
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        text = "\n" + text  # a line cut by a kill stays unparseable on its own line
-    with open(path, "a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    with folder_lock(out, "cells.jsonl"):
+        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            text = "\n" + text  # a line cut by a kill stays unparseable on its own line
+        with open(path, "a") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _plain(x):
@@ -226,8 +264,9 @@ def prepare(loaded, r: PruneRecipe, plan: Plan, out: Path, against: str | None, 
     orig, tok = loaded.model, loaded.tokenizer
     with run.step("data"):
         task = make_task(r, tok)
-    ref, ref_rows = reference(loaded, r, plan, task, out, against, run, trust_remote_code)
-    sel, means = scores(orig, ref, tok, task.cases, r, plan, top_k, out, run)
+    with folder_lock(out, "state"):  # a second worker waits here, then loads what the first saved
+        ref, ref_rows = reference(loaded, r, plan, task, out, against, run, trust_remote_code)
+        sel, means = scores(orig, ref, tok, task.cases, r, plan, top_k, out, run)
     return Sweep(loaded, r, plan, out, task, ref_rows, sel, ref if r.train.distill > 0 else None, means,
                  read_cells(out), run)
 
@@ -300,12 +339,24 @@ def scores(orig, ref, tok, task: TaskCases, r: PruneRecipe, plan: Plan, top_k: i
 
 
 # ---- one cell ---------------------------------------------------------------------------------------------
-def cell(sw: Sweep, budget: str, name: str, keep: Keep) -> dict:
+def cell(sw: Sweep, budget: str, name: str, keep: Keep, wait: bool = True) -> dict | None:
     """Slice, recover, evaluate and time one (budget, selector); saved and appended before it returns. A cell the
-    folder already holds is returned as saved."""
+    folder already holds (finished by this or another process) is returned as saved. While another process works
+    on it: wait for it (wait=True), or return None at once."""
     key = cell_key(budget, name)
     if key in sw.cells:
         return sw.cells[key]
+    with folder_lock(sw.out, f"cell-{key}", wait) as held:
+        if not held:
+            return None
+        sw.cells.update(read_cells(sw.out))
+        if key in sw.cells:
+            return sw.cells[key]
+        return _train_cell(sw, budget, name, keep)
+
+
+def _train_cell(sw: Sweep, budget: str, name: str, keep: Keep) -> dict:
+    key = cell_key(budget, name)
     orig, tok = sw.loaded.model, sw.loaded.tokenizer
     t0 = time.time()
     with sw.run.step(f"cell {budget} {name}"):
@@ -323,12 +374,19 @@ def cell(sw: Sweep, budget: str, name: str, keep: Keep) -> dict:
 
 
 def run_sweep(sw: Sweep, budgets: list[str]) -> None:
-    """Every budget x selector, each written as it finishes; the report is rewritten after every cell."""
+    """Every budget x selector, each written as it finishes; the report is rewritten after every cell. Cells another
+    process holds are passed over, then waited for at the end (and trained here if that process died)."""
+    keeps = {b: keeps_for(sw.sel, *parse_keep(b)) for b in budgets}
+    busy = []
     for budget in budgets:
-        keeps = keeps_for(sw.sel, *parse_keep(budget))
         for name in sw.plan.selectors:
-            cell(sw, budget, name, keeps[name])
-            write_report(sw, budgets, None)
+            if cell(sw, budget, name, keeps[budget][name], wait=False) is None:
+                busy.append((budget, name))
+            else:
+                write_report(sw, budgets, None)
+    for budget, name in busy:
+        cell(sw, budget, name, keeps[budget][name])
+        write_report(sw, budgets, None)
 
 
 # ---- the budget search -------------------------------------------------------------------------------------
@@ -472,6 +530,13 @@ def markdown(sw: Sweep, budgets: list[str], found: dict | None) -> str:
 
 
 def write_report(sw: Sweep, budgets: list[str], found: dict | None) -> dict:
+    """report.json, report.md and sweep.png from every cell the folder holds (other workers' too)."""
+    with folder_lock(sw.out, "report"):
+        sw.cells.update(read_cells(sw.out))
+        return _write_report(sw, budgets, found)
+
+
+def _write_report(sw: Sweep, budgets: list[str], found: dict | None) -> dict:
     rows = list(sw.cells.values())
     data = make("prune", sw.loaded.describe(), to_dict(sw.r),
                 {"reference_rows": sw.ref_rows, "cells": [{k: v for k, v in c.items() if k != "keep"} for c in rows],

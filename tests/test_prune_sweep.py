@@ -4,6 +4,11 @@ uninterrupted one for every cell), another recipe refused naming its keys, the b
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -71,6 +76,66 @@ def test_resumed_sweep_equals_uninterrupted(tiny_smol_dir, tmp_path, monkeypatch
         counts = [{l: len(v) for l, v in c["keep"].items()} for c in cells if c["budget"] == b]
         assert len(counts) == 2 and counts[0] == counts[1]
     assert {c["budget"]: c["kept"] for c in cells} == {"50%": 48, "25%": 24}  # of the 96 deep neurons
+
+
+def test_a_cell_another_worker_holds_is_passed_over_then_trained_if_that_worker_dies(tiny_smol_dir, tmp_path,
+                                                                                     monkeypatch):
+    """A live lock on cell 50%|cna (another worker training it): the sweep trains the other three first, waits for
+    the lock, and when the holder lets go without a result (it was killed), trains the cell itself."""
+    out = tmp_path / "s"
+    args = dict(model=str(tiny_smol_dir), quick=True, overrides=SMALL, sweep="50%,25%")
+    held, release = threading.Event(), threading.Event()
+
+    def other_worker():
+        with prune_sweep.folder_lock(out, "cell-50%|cna"):
+            held.set()
+            release.wait(120)
+
+    calls = []
+    real = prune_sweep.prune_and_train
+
+    def train(*a, **k):
+        calls.append(sorted(len(v) for v in a[2].values()))
+        if len(calls) == 3:
+            release.set()  # the other worker dies while this one trains its third cell
+        return real(*a, **k)
+
+    out.mkdir()
+    holder = threading.Thread(target=other_worker)
+    holder.start()
+    held.wait(10)
+    monkeypatch.setattr(prune_sweep, "prune_and_train", train)
+    rep = run(out=str(out), **args)
+    holder.join()
+    order = [(c["budget"], c["selector"]) for c in _cells(out)]
+    assert order == [("50%", "random"), ("25%", "cna"), ("25%", "random"), ("50%", "cna")]
+    assert len(calls) == 4 and len(rep.data["results"]["cells"]) == 4
+
+
+def test_two_workers_on_one_folder_share_the_cells(tiny_smol_dir, tmp_path):
+    """The same sweep command started twice at once on one --out (two processes): both finish, every cell is
+    trained exactly once, and the cells equal a single process's."""
+    flags = ["prune", "--model", str(tiny_smol_dir), "--quick", "--sweep", "50%,25%"]
+    for kv in SMALL:
+        flags += ["--set", kv]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+    def start(out: Path):
+        return subprocess.Popen([sys.executable, "-m", "surgery", *flags, "--out", str(out)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    one = start(tmp_path / "one")
+    assert one.wait(600) == 0, one.stderr.read()
+    pair = [start(tmp_path / "two"), start(tmp_path / "two")]
+    logs = [p.communicate(timeout=600)[1] for p in pair]
+    assert [p.returncode for p in pair] == [0, 0], logs
+    trained = [[ln.split(":")[0].split("cell ")[1] for ln in log.splitlines() if ln.startswith("[prune] cell ")]
+               for log in logs]
+    assert sorted(trained[0] + trained[1]) == ["25% cna", "25% random", "50% cna", "50% random"]
+    key = lambda c: (c["budget"], c["selector"])  # noqa: E731
+    assert sorted(_cells(tmp_path / "two"), key=key) == sorted(_cells(tmp_path / "one"), key=key)
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert len(report["results"]["cells"]) == 4
 
 
 def test_another_recipe_is_refused_by_name_and_nothing_changes(tiny_smol_dir, tmp_path):
