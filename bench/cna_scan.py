@@ -1,7 +1,14 @@
 """Dataset-mode CNA time and memory: `cna.scan` over the first N one-digit arithmetic cases of SmolLM2 with head 1.4
 ablated as setting B (the `surgery cna --ablate-head 1.4 --digits 1 --top 20` computation), top-20 per case.
 
-    python bench/cna_scan.py [--cases 32] [--batch 16]
+    python bench/cna_scan.py [--cases 32] [--batch 16] [--threads 2]
+
+Beside the time it prints the scan's arithmetic, counted while it runs (multiply-accumulates: two forwards per
+batch, the base logits W_U r_l and tail means q W_U of every layer in both settings, the [N, d] x [d, |S|]
+top-token block per layer and setting, one [d] x [d, V] readout row per DISTINCT neuron rescored in a batch and
+layer, shared by its cases and both settings; and the elementwise vocabulary passes of the exact pair scores),
+and this CPU's GEMM rate at the scan's own shape ([16 x 5 layers, d] x [d, V], the same threads), so that
+"seconds the arithmetic needs at that rate" stands beside the measured seconds.
 
 Peak memory = VmHWM growth above the loaded model after a one-case warm-up (Linux clear_refs 5). Run it at two
 case counts: memory set by the batch and block settings does not grow with the number of cases.
@@ -35,6 +42,58 @@ def _kb(field: str) -> int:
     return 0
 
 
+class Count:
+    """Tallies of the scan's large products, by wrapping the Scorer methods that do them."""
+
+    def __init__(self) -> None:
+        self.rows = self.pairs = self.tail_rows = self.top = 0
+        self.real = {n: getattr(cna.Scorer, n) for n in ("_readout_rows", "_pair_scores", "_prepare", "_bounds")}
+        count = self
+
+        def rows(sc, dirs, out=None):
+            count.rows += len(dirs)
+            return count.real["_readout_rows"](sc, dirs, out)
+
+        def pairs(sc, layer, case, *a):
+            count.pairs += len(case)
+            return count.real["_pair_scores"](sc, layer, case, *a)
+
+        def prepare(sc, layers, tails=True):
+            new = [l for l in layers if l not in sc.layer_cache] + ([l for l in layers if l not in sc.tail_cache]
+                                                                     if tails else [])
+            count.tail_rows += len(new) * sc.target.shape[0]
+            return count.real["_prepare"](sc, layers, tails)
+
+        def bounds(sc, layer):
+            out = count.real["_bounds"](sc, layer)
+            count.top += sc.view.ffn_width(layer) * int(sc.tail_cache[layer][0].unique().numel())
+            return out
+
+        for n, f in (("_readout_rows", rows), ("_pair_scores", pairs), ("_prepare", prepare), ("_bounds", bounds)):
+            setattr(cna.Scorer, n, f)
+
+    def gmac(self, view: ModelView, seqs: list[list[int]]) -> dict[str, float]:
+        V, d = view.unembed_matrix().shape
+        body = sum(m.weight.numel() for name, m in view.model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+        tokens = sum(len(s) for s in seqs)
+        return {"forwards": 2 * (body * tokens + len(seqs) * V * d) / 1e9, "base + tails": self.tail_rows * V * d / 1e9,
+                "top block": self.top * d / 1e9, "readout rows": self.rows * V * d / 1e9}
+
+
+def gemm_rate(V: int, d: int, rows: int, repeats: int = 5) -> float:
+    """GMAC/s of [rows, d] x [d, V] (best of `repeats`) on this process's threads."""
+    w, x = torch.randn(V, d), torch.randn(rows, d)
+    out = torch.empty(rows, V)
+    torch.matmul(x, w.T, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(x, w.T, out=out)
+        best = min(best, time.perf_counter() - t)
+    return rows * V * d / best / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=32)
@@ -50,13 +109,22 @@ def main() -> None:
     print(f"loaded: VmRSS {_kb('VmRSS') / 1024:.0f} MB", flush=True)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before, t = _kb("VmRSS"), time.time()
+    before, count, t = _kb("VmRSS"), Count(), time.time()
     sc = cna.scan(view, seqs, layers, 20, pad, ablate_b=((1, 4),), batch_size=args.batch, progress=False)
-    n = len(seqs)
+    took, n = time.time() - t, len(seqs)
+    hwm = _kb("VmHWM")
+    V, d = view.unembed_matrix().shape
+    work = count.gmac(view, seqs)
+    rate = gemm_rate(V, d, args.batch * 5)
+    total = sum(work.values())
+    print("arithmetic (GMAC): " + ", ".join(f"{k} {v:.0f}" for k, v in work.items()) + f"; total {total:.0f}; "
+          f"exact pairs {count.pairs} (elementwise passes over {count.pairs * V / 1e9:.1f} G logits)")
+    print(f"GEMM rate [{args.batch * 5}, {d}] x [{d}, {V}]: {rate:.1f} GMAC/s -> the arithmetic alone needs "
+          f"{total / rate:.0f} s at that rate; measured {took:.0f} s ({took * rate / total:.2f}x)")
     print(f"load average {os.getloadavg()[0]:.1f}, threads {torch.get_num_threads()}")
-    print(f"scan {n} cases: {time.time() - t:.0f}s, certified {int(sc.certified.sum())}/{n}, rescored/case "
-          f"{sc.rescored / n:.0f}, HWM growth above loaded {(_kb('VmHWM') - before) / 1024:.0f} MB, "
-          f"VmHWM {_kb('VmHWM') / 1024:.0f} MB")
+    print(f"scan {n} cases: {took:.0f}s, certified {int(sc.certified.sum())}/{n}, rescored/case "
+          f"{sc.rescored / n:.0f}, HWM growth above loaded {(hwm - before) / 1024:.0f} MB, "
+          f"VmHWM {hwm / 1024:.0f} MB")
 
 
 if __name__ == "__main__":
