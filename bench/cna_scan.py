@@ -33,6 +33,7 @@ from surgery import cna  # noqa: E402
 from surgery.arch import ModelView  # noqa: E402
 from surgery.batching import pad_id  # noqa: E402
 from surgery.models import load_model  # noqa: E402
+from surgery.prune_sweep import matmul_params  # noqa: E402
 
 
 def _kb(field: str) -> int:
@@ -74,8 +75,7 @@ class Count:
 
     def gmac(self, view: ModelView, seqs: list[list[int]]) -> dict[str, float]:
         V, d = view.unembed_matrix().shape
-        body = sum(m.weight.numel() for name, m in view.model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+        body = matmul_params(view.model) - V * d  # every token's matrices; the unembedding at the last position only
         tokens = sum(len(s) for s in seqs)
         return {"forwards": 2 * (body * tokens + len(seqs) * V * d) / 1e9, "base + tails": self.tail_rows * V * d / 1e9,
                 "top block": self.top * d / 1e9, "readout rows": self.rows * V * d / 1e9}

@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from contextlib import contextmanager
 import os
 import re
 import shutil
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
