@@ -410,7 +410,7 @@ def search(sw: Sweep, max_drop: float, against: str, steps: int) -> dict:
         else:
             lo = mid
         write_report(sw, [], {"path": path, "target": target, "against": against, "max_drop": max_drop,
-                              "best": None})
+                              "best": None, "running": f"{len(path)} of {steps} probes done"})
     return {"path": path, "target": target, "base": base, "against": against, "max_drop": max_drop,
             "best": best and {k: best[k] for k in ("budget", "selector", "kept", "kept_fraction")}}
 
@@ -511,7 +511,8 @@ def markdown(sw: Sweep, budgets: list[str], found: dict | None) -> str:
                   md_table(["probe", "budget", "kept", "validation acc %", "passed"],
                            [[i + 1, p["budget"], p["kept"], f"{100 * p['val_acc']:.1f}", "yes" if p["passed"] else "no"]
                             for i, p in enumerate(found["path"])]),
-                  (f"Found: **{found['best']['budget']}** ({found['best']['kept']} neurons kept); exported to "
+                  (f"Searching: {found['running']}; nothing exported yet." if found.get("running") else
+                   f"Found: **{found['best']['budget']}** ({found['best']['kept']} neurons kept); exported to "
                    f"`{sw.out / 'checkpoint'}`." if found.get("best") else
                    "No probe passed: nothing exported (the cut the model can afford is above the largest probe, or "
                    "recovery is too short).")]

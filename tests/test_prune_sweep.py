@@ -160,7 +160,8 @@ def test_search_bisects_to_the_smallest_passing_budget(monkeypatch):
     ref_rows = [{"validation": {"full_answer_acc": 0.5}}, {"validation": {"full_answer_acc": 0.8}}]
     sw = SimpleNamespace(ref_rows=ref_rows, plan=SimpleNamespace(selectors=["cna"]), sel=None)
     monkeypatch.setattr(prune_sweep, "keeps_for", lambda sel, kind, v: {"cna": {0: list(range(int(v)))}})
-    monkeypatch.setattr(prune_sweep, "write_report", lambda *a: None)
+    interim = []
+    monkeypatch.setattr(prune_sweep, "write_report", lambda sw, budgets, found: interim.append(dict(found)))
 
     def cell(sw, budget, name, keep):
         pct = float(budget.rstrip("%"))
@@ -172,6 +173,10 @@ def test_search_bisects_to_the_smallest_passing_budget(monkeypatch):
     assert [p["budget"] for p in found["path"]] == ["50%", "25%", "37.5%", "31.25%", "28.12%"]
     assert [p["passed"] for p in found["path"]] == [True, False, True, True, False]
     assert found["best"]["budget"] == "31.25%" and found["target"] == pytest.approx(0.78)
+    # the report written after each probe says the search is still running, not that no probe passed
+    assert [f["running"] for f in interim] == [f"{i} of 5 probes done" for i in range(1, 6)]
+    assert "running" not in found
+    interim.clear()
     found = prune_sweep.search(sw, max_drop=0, against="original", steps=1)  # original: 0.5, and 50% passes
     assert found["best"]["budget"] == "50%" and found["target"] == 0.5
 
@@ -187,7 +192,8 @@ def test_keep_auto_exports_the_found_model(tiny_smol_dir, tmp_path):
     assert s["reload"]["widths_match"] and s["reload"]["max_logit_diff"] < 1e-4
     man = json.loads((out / "checkpoint" / "surgery.json").read_text())
     assert man["layout"] == "sliced" and man["recipe"]["keep"] == "25%"
-    assert "## Budget search" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Budget search" in md and "Found: **25%**" in md and "Searching" not in md
 
 
 def test_latency_and_flop_ratio():
