@@ -1,7 +1,7 @@
 """Dataset-mode CNA time and memory: `cna.scan` over the first N one-digit arithmetic cases of SmolLM2 with head 1.4
 ablated as setting B (the `surgery cna --ablate-head 1.4 --digits 1 --top 20` computation), top-20 per case.
 
-    python bench/cna_scan.py [--cases 32] [--batch 16] [--threads 2]
+    python bench/cna_scan.py [--cases 32] [--batch 16] [--threads 2] [--block-floats 4194304]
 
 Beside the time it prints the scan's arithmetic, counted while it runs (multiply-accumulates: two forwards per
 batch, the base logits W_U r_l and tail means q W_U of every layer in both settings, the [N, d] x [d, |S|]
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--block-floats", type=int, default=1 << 22, help="floats per temporary [rows, vocab] block")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model("smollm2-135m")
@@ -110,7 +111,8 @@ def main() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before, count, t = _kb("VmRSS"), Count(), time.time()
-    sc = cna.scan(view, seqs, layers, 20, pad, ablate_b=((1, 4),), batch_size=args.batch, progress=False)
+    sc = cna.scan(view, seqs, layers, 20, pad, ablate_b=((1, 4),), batch_size=args.batch, progress=False,
+                  budget=args.block_floats)
     took, n = time.time() - t, len(seqs)
     hwm = _kb("VmHWM")
     V, d = view.unembed_matrix().shape

@@ -637,7 +637,7 @@ class Comparison:
 def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int], k: int,
             view_b: ModelView | None = None, batch_b: tuple[Tensor, Tensor] | None = None,
             ablate_b: HeadList = (), target: Tensor | None = None, exhaustive: bool = False,
-            chunk: int = 256, max_rescore: int = 2048, margin: int = 32) -> Comparison:
+            chunk: int = 256, max_rescore: int = 2048, margin: int = 32, budget: int = 1 << 22) -> Comparison:
     """Importance in setting A, and (when a B setting is given) the change A - B, for a batch of cases.
 
     B is: the same model with heads ablated (ablate_b), another model on the same input (view_b), or the same
@@ -646,13 +646,13 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
     sa = collect(view_a, *batch_a, layers)
     w = sa.logits.argmax(-1) if target is None else target.expand(sa.logits.shape[0])
     sigma_a = view_a.final_sigma(sa.hfin)
-    a = Scorer(view_a, sa, sigma_a, w, chunk)
+    a = Scorer(view_a, sa, sigma_a, w, chunk, budget)
     b = None
     if view_b is not None or batch_b is not None or ablate_b:
         vb = view_b or view_a
         sb = collect(vb, *(batch_b or batch_a), layers, ablate=ablate_b)
         sigma_b = vb.final_sigma(sb.hfin) if batch_b is not None else sigma_a
-        b = Scorer(vb, sb, sigma_b, w, chunk)
+        b = Scorer(vb, sb, sigma_b, w, chunk, budget)
     if exhaustive:
         return _exhaustive(a, b, layers, k, w)
     top, dense = certified_topk(a, k, b, margin=margin, max_rescore=max_rescore)
@@ -712,11 +712,12 @@ class Scan:
 def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
          targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
-         max_rescore: int = 2048, chunk: int = 256) -> Scan:
+         max_rescore: int = 2048, chunk: int = 256, budget: int = 1 << 22) -> Scan:
     """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings.
 
-    Memory is set by `batch_size` (cases held at once: their states and base logits) and `chunk` (readout rows
-    [chunk, vocab] held at once), whatever the number of cases: each batch is aggregated and dropped."""
+    Memory is set by `batch_size` (cases held at once: their states and base logits), `chunk` (readout rows
+    [chunk, vocab] held at once) and `budget` (floats per temporary [rows, vocab] block, see Scorer), whatever the
+    number of cases: each batch is aggregated and dropped."""
     from tqdm.auto import tqdm
 
     tops: list[tuple[Tensor, ...]] = []
@@ -730,7 +731,7 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
         batch_b = left_pad(seqs_b[s:e], pad_id) if seqs_b is not None else None
         tgt = torch.tensor(targets[s:e]) if targets is not None else None
         c = compare(view_a, batch_a, layers, k, view_b=view_b, batch_b=batch_b, ablate_b=ablate_b,
-                    target=tgt, max_rescore=max_rescore, chunk=chunk)
+                    target=tgt, max_rescore=max_rescore, chunk=chunk, budget=budget)
         # aggregate now and drop the batch (its scorers and dense estimates): memory does not grow with cases
         tops.append((c.top.layer, c.top.index, c.top.score, c.top.certified, c.target))
         for l in layers:

@@ -147,3 +147,24 @@ def test_softcapped_model_is_certified_by_its_lipschitz_bound():
     assert fast.top.rescored < 4 * sum(view.ffn_width(l) for l in layers), "the bound must spare some neurons"
     for b in range(4):
         _same_topk(fast, slow, b)
+def test_scan_block_budget_reaches_the_scorers_and_changes_nothing(monkeypatch):
+    """`scan(budget=...)` sets every Scorer's [rows, vocab] block size (bench/cna_scan.py --block-floats); a block
+    of 3 vocabulary rows gives the same certified top-k and scores as the default."""
+    view = ModelView(lively("llama"))
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (4, 7, 5, 6, 3)]
+    budgets: list[int] = []
+    init = cna.Scorer.__init__
+
+    def spy_init(self, *args, **kw):
+        init(self, *args, **kw)
+        budgets.append(self.budget)
+
+    monkeypatch.setattr(cna.Scorer, "__init__", spy_init)
+    kw = dict(k=6, pad_id=0, batch_size=3, progress=False, ablate_b=((0, 1),))
+    small = cna.scan(view, seqs, [1, 2], budget=3 * view.unembed_matrix().shape[0], **kw)
+    assert budgets and set(budgets) == {3 * view.unembed_matrix().shape[0]}
+    default = cna.scan(view, seqs, [1, 2], **kw)
+    assert small.certified.all() and default.certified.all()
+    assert torch.equal(small.top_index, default.top_index) and torch.equal(small.top_layer, default.top_layer)
+    assert torch.allclose(small.top_score, default.top_score, atol=1e-5)

@@ -176,7 +176,6 @@ def test_search_bisects_to_the_smallest_passing_budget(monkeypatch):
     # the report written after each probe says the search is still running, not that no probe passed
     assert [f["running"] for f in interim] == [f"{i} of 5 probes done" for i in range(1, 6)]
     assert "running" not in found
-    interim.clear()
     found = prune_sweep.search(sw, max_drop=0, against="original", steps=1)  # original: 0.5, and 50% passes
     assert found["best"]["budget"] == "50%" and found["target"] == 0.5
 
