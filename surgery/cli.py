@@ -125,6 +125,8 @@ COMMANDS: dict[str, tuple[str, list]] = {
         (("--top",), dict(type=positive, default=20, help="neurons to report")),
         (("--exhaustive",), dict(action="store_true", help="exact score for every neuron (verification)")),
         (("--validate",), dict(type=strs, default=(), help="paper validations: mask,pe,fe")),
+        (("--logits-mb",), dict(type=float, default=64.0, help="memory bound of dataset mode: MiB of base logits "
+                                "held per setting (sets the cases per pass; raise it for speed)")),
     ]),
     "prune": ("surgery.prune:run", MODEL + DATA + OUT + FORCE + RECIPE + [
         (("--recipe",), dict(default="arithmetic-prune", help="recipe name in recipes/ or a YAML path")),

@@ -22,9 +22,11 @@ the cases and by both settings of a comparison on one model. Memory: base logits
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,47 @@ from .models import home
 from .selection import offsets_of, unflatten
 
 HeadList = tuple[tuple[int, int], ...]
+
+
+# ---- threads: the large GEMMs on the caller's threads, the rest on one ----------------------------------------
+_caller_threads: int | None = None  # the caller's torch thread count while a Scorer pass runs serially
+
+
+def serial(fn):
+    """Run `fn` with torch at one thread, except inside `wide()` (the large products). CNA's bookkeeping is many
+    small elementwise passes; at two or more OpenMP threads each is a parallel region whose barrier a thread spins
+    at, and when another job holds the cores the thread it waits for is descheduled: bench/cna.py measured 6x the
+    reference's speed there instead of 100x (BENCHMARKS.md). At one thread there is no barrier to wait at. On a
+    GPU the thread count changes nothing."""
+
+    @functools.wraps(fn)
+    def run(*args, **kw):
+        global _caller_threads
+        n = torch.get_num_threads()
+        if _caller_threads is not None or n == 1:
+            return fn(*args, **kw)
+        _caller_threads = n
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kw)
+        finally:
+            _caller_threads = None
+            torch.set_num_threads(n)
+    return run
+
+
+@contextmanager
+def wide():
+    """The caller's threads for one large product (a [rows, d] x [d, V] GEMM) inside a `serial` pass."""
+    n = _caller_threads
+    if n is None:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 # ---- one forward: everything the score needs at the last position ---------------------------------------
@@ -94,13 +137,34 @@ def head_masks(view: ModelView, heads: HeadList) -> dict[int, Tensor]:
 
 
 # ---- the score ------------------------------------------------------------------------------------------
+class Workspace:
+    """The [rows, vocab] work blocks of the Scorers of one comparison, in ONE allocation they share.
+
+    Slots: "z" (an exact block's logits) and "q" (the tail distributions of `_prepare`, never in use at the same
+    time as "z": bounds come before rescoring), "z0" (the block's base logits) and "rows" (readout rows; in
+    `exact_pairs` each scorer's rows are computed and consumed before the next scorer writes the slot). One block
+    that large is mmapped by the C allocator and returned to the OS with the batch, so no [rows, vocab]
+    temporaries churn the heap; sharing it between settings A and B halves it (SmolLM2, batch 16: 50 MB, not
+    2 x 67 MB)."""
+
+    SLOTS = {"z": 0, "q": 0, "z0": 1, "rows": 2}
+
+    def __init__(self) -> None:
+        self.buf: Tensor | None = None
+
+    def get(self, name: str, n: int, V: int, size: int, like: Tensor) -> Tensor:
+        if self.buf is None or self.buf.shape[1] < max(size, n * V) or self.buf.device != like.device:
+            self.buf = like.new_empty(3, max(size, n * V))
+        return self.buf[self.SLOTS[name], :n * V].view(n, V)
+
+
 class Scorer:
     """Exact and first-order importance of every neuron of the chosen layers, for B cases at once.
 
     sigma [B, 1] and target [B] are fixed by the caller (frozen from the original model's forward)."""
 
     def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256,
-                 budget: int = 1 << 22):
+                 budget: int = 1 << 22, work: Workspace | None = None):
         dev = state.logits.device  # the model's device: the state, sigma and target live there; scores come back on the CPU
         self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma.to(dev), target.to(dev), chunk
         self.gain = view.final_gain()
@@ -113,7 +177,7 @@ class Scorer:
         self.tail_cache: dict[int, tuple[Tensor, ...]] = {}
         self.bounds_cache: dict[int, tuple[Tensor, Tensor]] = {}
         self.factor_cache: dict[int, tuple[Tensor, Tensor | None]] = {}
-        self.work: Tensor | None = None  # see _work
+        self.work = Workspace() if work is None else work  # see _work; the Scorers of one comparison share one
         self.z0_all: Tensor | None = None  # base logits of every layer [L, B, V], see _prepare
 
     def _centre(self, x: Tensor) -> Tensor:
@@ -141,7 +205,8 @@ class Scorer:
         bias = self.view.readout_bias()
         for run in _runs(sorted((l for l in layers if l not in self.layer_cache), key=slot.__getitem__), slot, per):
             z0 = self.z0_all[slot[run[0]]:slot[run[-1]] + 1]
-            self.view.readout(torch.stack([self.s.r[l] for l in run]), self.sigma, out=z0)  # [G, B, V]
+            with wide():
+                self.view.readout(torch.stack([self.s.r[l] for l in run]), self.sigma, out=z0)  # [G, B, V]
             if isinstance(bias, Tensor) or bias:
                 z0 += bias
             for i, layer in enumerate(run):
@@ -158,7 +223,8 @@ class Scorer:
             q = self._work("q", len(group) * B)
             for i, layer in enumerate(group):
                 self._tail(layer, self.layer_cache[layer][0], out=q[i * B:(i + 1) * B])
-            mean_u = q @ self.WU  # [G * B, d]: E_q W_U[j] on each case's tail
+            with wide():
+                mean_u = q @ self.WU  # [G * B, d]: E_q W_U[j] on each case's tail
             for i, layer in enumerate(group):
                 self.tail_cache[layer] += (mean_u[i * B:(i + 1) * B],)
 
@@ -212,7 +278,9 @@ class Scorer:
         grad[torch.arange(len(grad)), self.target] += 1.0
         if self.cap:
             grad = grad * (1 - torch.tanh(z0 / self.cap) ** 2)
-        return self._centre(self.gain * (grad @ self.WU)) / self.sigma
+        with wide():
+            gu = grad @ self.WU
+        return self._centre(self.gain * gu) / self.sigma
 
     def _dirs(self, layer: int) -> Tensor:
         """Value vectors, post-norm scaled per case when the arch has one: [N, d] or [B, N, d]."""
@@ -220,6 +288,7 @@ class Scorer:
         c = self.s.c[layer]
         return v if c is None else v[None] * c[:, None, :]
 
+    @serial
     @torch.no_grad()
     def first_order(self, layer: int) -> Tensor:
         """fo [B, N] on the CPU: m_k (D_k[w] - p . D_k); an upper bound of the exact score without soft-capping."""
@@ -231,6 +300,7 @@ class Scorer:
         proj = u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, u)
         return self.s.m[layer] * proj
 
+    @serial
     @torch.no_grad()
     def bounds(self, layer: int) -> tuple[Tensor, Tensor]:
         """(lo, hi) [B, N] with lo <= exact score <= hi, for every neuron.
@@ -256,11 +326,12 @@ class Scorer:
         d = self._centre(dirs) * self.gain  # [N, d] or [B, N, d]
         a = self._a(layer)  # [B, N]
         union, inv = torch.unique(top, return_inverse=True)
-        if d.dim() == 2 and len(union) < top.numel():
-            dS = (d @ self.WU[union].T)[:, inv].permute(1, 0, 2)  # [B, N, s], shared across the batch
-        else:
-            ws = self.WU[top]  # [B, s, d]: each case's own top tokens
-            dS = d @ ws.transpose(1, 2) if d.dim() == 2 else torch.bmm(d, ws.transpose(1, 2))  # [B, N, s]
+        with wide():
+            if d.dim() == 2 and len(union) < top.numel():
+                dS = (d @ self.WU[union].T)[:, inv].permute(1, 0, 2)  # [B, N, s], shared across the batch
+            else:
+                ws = self.WU[top]  # [B, s, d]: each case's own top tokens
+                dS = d @ ws.transpose(1, 2) if d.dim() == 2 else torch.bmm(d, ws.transpose(1, 2))  # [B, N, s]
         hi_d, lo_d = self.vocab_range(layer)
         if self.cap:
             return self._capped_bounds(z0, top, wcol, lse0, log_zr, a, dS, hi_d, lo_d)
@@ -297,6 +368,7 @@ class Scorer:
             return r, -r
         return _vocab_range(self, layer, d)
 
+    @serial
     @torch.no_grad()
     def exact(self, layer: int, idx: Tensor) -> Tensor:
         """Exact scores [B, C] of neurons idx [B, C] (per-case candidate lists) of `layer`."""
@@ -319,6 +391,7 @@ class Scorer:
         direction depend on the case."""
         return None if self.s.c[layer] is not None else self._readout_rows(self._dirs(layer)[idx])
 
+    @serial
     @torch.no_grad()
     def exact_same(self, layer: int, idx: Tensor, rows: Tensor | None = None, chunk: int = 32) -> Tensor:
         """Exact scores [B, C] of the SAME neurons idx [C] in every case: `exact` vectorised over cases (one
@@ -356,31 +429,27 @@ class Scorer:
             res.append(zw - _lse_(z) - logp0[c])
         return torch.cat(res).cpu()
 
-    WORK = ("z", "z0", "rows", "q")
-
     def _work(self, name: str, n: int) -> Tensor:
-        """A reused [n, vocab] float buffer (n <= `_rows_per_chunk()`, or a group of tail rows): the loops write
-        their [rows, vocab] blocks into these instead of allocating fresh ones. All four live in ONE allocation
-        per Scorer: a block that large is mmapped by the C allocator and returned to the OS with the Scorer, and
-        no [rows, vocab] temporaries churn the heap (peak memory follows the live tensors, not fragmentation)."""
+        """A reused [n, vocab] float buffer (n <= `_rows_per_chunk()`, or a group of tail rows) from the Scorer's
+        `Workspace`: the loops write their [rows, vocab] blocks into these instead of allocating fresh ones."""
         V = self.WU.shape[0]
-        if self.work is None:
-            B = self.target.shape[0]
-            size = max(self.budget, V * max(self._rows_per_chunk(), B))
-            self.work = self.WU.new_empty(len(self.WORK), size)
-        return self.work[self.WORK.index(name), :n * V].view(n, V)
+        size = max(self.budget, V * max(self._rows_per_chunk(), self.target.shape[0]))
+        return self.work.get(name, n, V, size, self.WU)
 
     def _readout_rows(self, dirs: Tensor, out: Tensor | None = None) -> Tensor:
         """W_U (g * centre(dirs)) without sigma: [C, V] (into `out` when given), chunked over rows."""
         out = dirs.new_empty(len(dirs), self.WU.shape[0]) if out is None else out
         for s in range(0, len(dirs), self.chunk):
-            torch.matmul(self._centre(dirs[s:s + self.chunk]) * self.gain, self.WU.T, out=out[s:s + self.chunk])
+            x = self._centre(dirs[s:s + self.chunk]) * self.gain
+            with wide():
+                torch.matmul(x, self.WU.T, out=out[s:s + self.chunk])
         return out
 
     def _logp_w(self, z: Tensor, w: Tensor) -> Tensor:
         z = self.view.softcap_logits(z)
         return z[:, w] - torch.logsumexp(z, -1)
 
+    @serial
     def exhaustive(self, layer: int) -> Tensor:
         """Exact scores of every neuron [B, N] (the paper's computation, chunked)."""
         n = self.view.ffn_width(layer)
@@ -402,6 +471,7 @@ class TopK:
 
 
 @torch.no_grad()
+@serial
 def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
                    max_rescore: int = 2048) -> tuple[TopK, dict[int, Tensor]]:
     """Top-k neurons per case by exact score (one setting) or by exact delta a - b (comparison).
@@ -464,6 +534,7 @@ def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, wa
         exact[case, idx + offsets[i]] = vals[0] - (vals[1] if b is not None else 0.0)
 
 
+@serial
 @torch.no_grad()
 def exact_pairs(scorers: list[Scorer], layer: int, case: Tensor, idx: Tensor) -> list[Tensor]:
     """Exact scores [P] (CPU) of the (case, neuron) pairs of `layer`, one tensor per scorer.
@@ -529,7 +600,8 @@ def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
         if path.exists():
             hi, lo = torch.load(path, map_location=d.device)
         else:
-            parts = [((sc._centre(ch) * sc.gain) @ sc.WU.T).aminmax(dim=-1) for ch in d.split(sc._rows_per_chunk())]
+            with wide():
+                parts = [((sc._centre(ch) * sc.gain) @ sc.WU.T).aminmax(dim=-1) for ch in d.split(sc._rows_per_chunk())]
             lo, hi = torch.cat([p.min for p in parts]), torch.cat([p.max for p in parts])
             _save_quietly(path, (hi, lo))
         hit = (version, hi, lo)
@@ -646,13 +718,14 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
     sa = collect(view_a, *batch_a, layers)
     w = sa.logits.argmax(-1) if target is None else target.expand(sa.logits.shape[0])
     sigma_a = view_a.final_sigma(sa.hfin)
-    a = Scorer(view_a, sa, sigma_a, w, chunk, budget)
+    work = Workspace()
+    a = Scorer(view_a, sa, sigma_a, w, chunk, budget, work)
     b = None
     if view_b is not None or batch_b is not None or ablate_b:
         vb = view_b or view_a
         sb = collect(vb, *(batch_b or batch_a), layers, ablate=ablate_b)
         sigma_b = vb.final_sigma(sb.hfin) if batch_b is not None else sigma_a
-        b = Scorer(vb, sb, sigma_b, w, chunk, budget)
+        b = Scorer(vb, sb, sigma_b, w, chunk, budget, work)
     if exhaustive:
         return _exhaustive(a, b, layers, k, w)
     top, dense = certified_topk(a, k, b, margin=margin, max_rescore=max_rescore)
@@ -684,6 +757,11 @@ def finite(x: float) -> float | None:
 
 
 # ---- dataset mode ---------------------------------------------------------------------------------------------
+def cases_per_pass(batch_size: int, held: int, n_layers: int, vocab: int) -> int:
+    """Cases one `scan` pass holds: at most `batch_size`, and at most `held` floats of base logits per setting."""
+    return max(1, min(batch_size, held // max(1, n_layers * vocab)))
+
+
 @dataclass
 class Scan:
     """CNA over many cases: per-case certified top-k lists and per-neuron aggregates."""
@@ -712,13 +790,19 @@ class Scan:
 def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
          targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
-         max_rescore: int = 2048, chunk: int = 256, budget: int = 1 << 22) -> Scan:
+         max_rescore: int = 2048, chunk: int = 256, budget: int = 1 << 22, held: int = 1 << 24) -> Scan:
     """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings.
 
-    Memory is set by `batch_size` (cases held at once: their states and base logits), `chunk` (readout rows
-    [chunk, vocab] held at once) and `budget` (floats per temporary [rows, vocab] block, see Scorer), whatever the
-    number of cases: each batch is aggregated and dropped."""
+    Memory is bounded by `held` (floats of base logits [layers, cases, vocab] one setting holds at once: a batch
+    is at most held / (layers x vocab) cases, and at most `batch_size`), `chunk` (readout rows [chunk, vocab] held
+    at once) and `budget` (floats per [rows, vocab] work block, see Scorer), whatever the number of cases and the
+    batch size: each batch is aggregated and dropped. Default 2^24 floats (64 MiB): 11 cases per pass on all 30
+    layers of SmolLM2 (vocabulary 49,152), 4 on a 32-layer model with Llama 3's 128k vocabulary. Per-case results
+    do not depend on the batching (every score and bound is per case)."""
     from tqdm.auto import tqdm
+
+    V = view_a.unembed_matrix().shape[0]
+    batch_size = cases_per_pass(batch_size, held, len(layers), V)
 
     tops: list[tuple[Tensor, ...]] = []
     total = {l: torch.zeros(view_a.ffn_width(l)) for l in layers}

@@ -35,15 +35,20 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         ablate_head: Sequence[tuple[int, int]] | None = None, against: str | None = None,
         layers: str | None = None, top: int = 20, exhaustive: bool = False, validate: Sequence[str] = (),
         trust_remote_code: bool = False, data: str | None = None, columns: str | None = None,
-        pairs: str | None = None, tokens: str | None = None):
+        pairs: str | None = None, tokens: str | None = None, logits_mb: float = 64.0):
     """Neuron importance (the paper's log-prob increase of the target when a neuron's subvalue is added, through
     the frozen final norm and unembedding) for every FFN neuron, and CNA: the change of that importance between
     setting A and B. The reported top neurons are certified equal to an exhaustive ranking. --validate runs the
     paper's checks (mask: Table 5, pe: Table 6, fe: Table 8) with random-neuron controls.
     --data FILE: your cases (prompt, target; target = every target token teacher forced, or its first with
     --tokens first). --pairs FILE (prompt_a, prompt_b, optional target): CNA between prompt A and prompt B of
-    each pair (target = the pair's target, default the model's top-1 after A), summed over pairs."""
+    each pair (target = the pair's target, default the model's top-1 after A), summed over pairs.
+    --logits-mb bounds the memory of dataset and --data/--pairs mode: the MiB of base logits (layers x cases x
+    vocabulary, fp32) each setting holds at once; a pass takes at most that many cases (and --batch-size)."""
     t0 = time.time()
+    if not logits_mb > 0:
+        raise UsageError(f"--logits-mb must be > 0 (MiB of base logits held per setting), got {logits_mb}")
+    held = int(logits_mb * (1 << 20)) // 4
     outdir = rep.check_out_dir(out)
     user = _check_data(data, pairs, columns, tokens, prompt, validate, against or ablate_head)
     _check(prompt, prompt_b, against, ablate_head, "arithmetic" if user is not None else task, validate)
@@ -58,12 +63,12 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     if user is not None:
         tokens = tokens or ("first" if pairs is not None else "all")
         data = _user(loaded, va, vb, chosen, user, pairs is not None, tokens, batch_size, tuple(ablate_head or ()),
-                     rank, tgt)
+                     rank, tgt, held)
     elif prompt is not None:
         data = _single(loaded, va, vb, chosen, prompt, prompt_b, tgt, tuple(ablate_head or ()), rank, exhaustive)
     else:
         data = _dataset(loaded, va, vb, chosen, digits, ops, templates, limit, seed, batch_size,
-                        tuple(ablate_head or ()), rank, tgt)
+                        tuple(ablate_head or ()), rank, tgt, held)
     config = dict(prompt=prompt, prompt_b=prompt_b, target=target, ablate_head=[list(x) for x in ablate_head or ()],
                   against=against, layers=layers, top=top, exhaustive=exhaustive, task=None if prompt else task,
                   digits=list(digits), ops=list(ops) if ops else None, limit=limit, seed=seed, data=data,
@@ -107,7 +112,7 @@ def _check_data(data, pairs, columns, tokens, prompt, validate, other_b):
     return tasks.load_pairs(pairs, columns) if pairs is not None else tasks.load_cases(data, columns)
 
 
-def _user(loaded, va, vb, layers, ds, is_pairs, tokens, batch_size, ablate, top, tgt) -> dict:
+def _user(loaded, va, vb, layers, ds, is_pairs, tokens, batch_size, ablate, top, tgt, held) -> dict:
     """CNA over the user's cases (A = the model on each context; B = --ablate-head / --against if given) or
     over pairs (A = prompt A, B = prompt B, both scored on the pair's target token)."""
     tok = loaded.tokenizer
@@ -116,13 +121,13 @@ def _user(loaded, va, vb, layers, ds, is_pairs, tokens, batch_size, ablate, top,
         pc = tasks.pair_cases(tok, ds, tokens)
         groups = [ds["group"][i] for i in pc.pair]
         return _scan_rows(loaded, va, None, layers, pc.seqs_a, pc.targets, groups, batch_size, (), top,
-                          seqs_b=pc.seqs_b, kind="pairs A-B", n_rows=len(ds))
+                          seqs_b=pc.seqs_b, kind="pairs A-B", n_rows=len(ds), held=held)
     cases = tasks.cases(tok, ds)
     if tokens == "first":
         cases = cases.filter(lambda r: r["token_index"] == 0)
     targets = list(cases["target"]) if tgt is None else [tgt] * len(cases)
     return _scan_rows(loaded, va, vb, layers, list(cases["input_ids"]), targets, list(cases["group"]), batch_size,
-                      ablate, top, n_rows=len(ds))
+                      ablate, top, n_rows=len(ds), held=held)
 
 
 def _single(loaded, va, vb, layers, prompt, prompt_b, tgt, ablate, top, exhaustive) -> dict:
@@ -166,7 +171,8 @@ def _kind(vb, prompt_b, ablate) -> str | None:
     return "prompt-b" if prompt_b is not None else None
 
 
-def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt) -> dict:
+def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt,
+             held) -> dict:
     """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
@@ -174,14 +180,14 @@ def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_
     cases = arithmetic.cases(problems, loaded.tokenizer)
     targets = None if tgt is None else [tgt] * len(cases)
     return _scan_rows(loaded, va, vb, layers, list(cases["input_ids"]), targets, list(cases["group"]), batch_size,
-                      ablate, top)
+                      ablate, top, held=held)
 
 
 def _scan_rows(loaded, va, vb, layers, seqs, targets, groups, batch_size, ablate, top, seqs_b=None,
-               kind: str | None = None, n_rows: int | None = None) -> dict:
+               kind: str | None = None, n_rows: int | None = None, held: int = 1 << 24) -> dict:
     """cna.scan over cases (and B contexts), then the dataset-mode table: top neurons by summed score."""
     sc = cna.scan(va, seqs, layers, top, pad_id(loaded.tokenizer), view_b=vb, seqs_b=seqs_b,
-                  ablate_b=ablate, targets=targets, batch_size=batch_size)
+                  ablate_b=ablate, targets=targets, batch_size=batch_size, held=held)
     n_cases = len(seqs)
     flat = torch.cat([sc.total[l] for l in layers])
     best = flat.topk(min(top, len(flat)))
@@ -201,7 +207,9 @@ def _scan_rows(loaded, va, vb, layers, seqs, targets, groups, batch_size, ablate
                 for ls, ix in zip(sc.top_layer.tolist(), sc.top_index.tolist())]
     out = {"mode": "dataset", "comparison": kind or _kind(vb, None, ablate), "n_cases": n_cases,
            "groups": list(groups), "targets": sc.targets.tolist(), "certified": int(sc.certified.sum()),
-           "rescored": sc.rescored, "neurons": rows, "per_case_top": per_case,
+           "rescored": sc.rescored, "cases_per_pass": cna.cases_per_pass(batch_size, held, len(layers),
+                                                                     va.unembed_matrix().shape[0]),
+           "neurons": rows, "per_case_top": per_case,
            "per_layer_top": _per_layer(rows, va.n_layers)}
     if n_rows is not None:
         out["n_rows"] = n_rows

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .arch import ModelView
 from .batching import batches, device_of, left_pad, position_ids
-from .cna import Scorer, collect, scan
+from .cna import Scorer, Workspace, collect, scan
 from .errors import UsageError
 from .hooks import Hooks
 from .selection import by_layer, mean_coefficients, random_scores, top_n
@@ -252,4 +252,6 @@ def _pair_scorers(inp: Inputs, layers: list[int], desc: str) -> Iterator[tuple[S
         w = torch.tensor(inp.targets[s:s + bs])
         sa = collect(view, *left_pad(inp.seqs[s:s + bs], inp.pad), layers)
         sb = collect(view, *left_pad(inp.seqs_b[s:s + bs], inp.pad), layers)
-        yield Scorer(view, sa, view.final_sigma(sa.hfin), w), Scorer(view, sb, view.final_sigma(sb.hfin), w)
+        work = Workspace()
+        yield (Scorer(view, sa, view.final_sigma(sa.hfin), w, work=work),
+               Scorer(view, sb, view.final_sigma(sb.hfin), w, work=work))

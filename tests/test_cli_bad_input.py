@@ -47,6 +47,7 @@ CASES = [  # (argv, a phrase the one line must contain)
     (["cna", "--prompt", "x", "--prompt-b", " "], "--prompt-b: must not be empty"),
     (["cna", "--prompt", "x", "--target", ""], "--target: must not be empty"),
     (["cna", "--prompt", "x", "--ablate-head", ""], "--ablate-head"),
+    (["cna", "--logits-mb", "0"], "--logits-mb must be > 0"),
     (["heads", "--heads", ""], "--heads"),
     (["eval", "--ops", ""], "--ops"),
     (["eval", "--digits", ","], "--digits"),

@@ -4,6 +4,7 @@ exhaustive ranking), and dataset mode holds one batch of cases and one block of 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers as T
 from conftest import tiny_config, tiny_inputs
@@ -125,9 +126,66 @@ def test_scan_holds_one_batch_and_one_block_at_a_time(monkeypatch):
                    chunk=5)
     assert seen_cases == [3, 3, 1] and res.certified.all() and res.top_score.shape == (7, 6)
     assert seen_rows and max(seen_rows) <= 5
-    # exact scores are built in reused buffers: per Scorer one work block, whatever the pairs
-    assert work and all(w is not None and w.shape[0] == len(cna.Scorer.WORK) for w in work)
+    # exact scores are built in reused buffers: per comparison ONE work block that settings A and B share,
+    # whatever the pairs
+    assert work and all(a is b and a.buf is not None and a.buf.shape[0] == 3 for a, b in zip(work[::2], work[1::2]))
 
+
+
+def test_scan_caps_the_cases_per_pass_by_held_logits_and_the_results_do_not_change(monkeypatch):
+    """Dataset-mode memory is bounded by `held` (base-logit floats per setting) whatever --batch-size asks for;
+    every score and bound is per case, so a smaller pass changes no result."""
+    view = ModelView(lively("llama"))
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (4, 7, 5, 6, 3, 5, 6)]
+    layers, V = [1, 2], view.unembed_matrix().shape[0]
+    seen, compare = [], cna.compare
+
+    def spy(view_a, batch_a, *args, **kw):
+        seen.append(batch_a[0].shape[0])
+        return compare(view_a, batch_a, *args, **kw)
+
+    monkeypatch.setattr(cna, "compare", spy)
+    kw = dict(k=6, pad_id=0, batch_size=7, progress=False, ablate_b=((0, 1),))
+    whole = cna.scan(view, seqs, layers, **kw)
+    assert seen == [7]
+    seen.clear()
+    held = cna.scan(view, seqs, layers, held=2 * len(layers) * V + 5, **kw)
+    assert seen == [2, 2, 2, 1]
+    assert torch.equal(whole.top_layer, held.top_layer) and torch.equal(whole.top_index, held.top_index)
+    torch.testing.assert_close(held.top_score, whole.top_score, atol=1e-5, rtol=0)
+    for l in layers:
+        torch.testing.assert_close(held.total[l], whole.total[l], atol=1e-4, rtol=1e-5)
+    assert whole.certified.all() and held.certified.all()
+    assert cna.cases_per_pass(64, 1 << 24, 30, 49152) == 11  # the default on SmolLM2: 64 MiB per setting
+    assert cna.cases_per_pass(64, 10, 30, 49152) == 1
+
+
+def test_serial_passes_run_small_ops_at_one_thread_and_large_products_at_the_callers():
+    """The Scorer's bookkeeping runs at one torch thread (no OpenMP barriers to spin at on shared cores), its
+    large products at the caller's threads, and the caller's count comes back afterwards, even after an error."""
+    seen = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        @cna.serial
+        def work(fail=False):
+            seen["inside"] = torch.get_num_threads()
+            with cna.wide():
+                seen["wide"] = torch.get_num_threads()
+            seen["after wide"] = torch.get_num_threads()
+            if fail:
+                raise ValueError("boom")
+
+        work()
+        assert seen == {"inside": 1, "wide": 2, "after wide": 1} and torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            work(fail=True)
+        assert torch.get_num_threads() == 2 and cna._caller_threads is None
+        with cna.wide():  # outside a serial pass: the caller's threads, unchanged
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_softcapped_model_is_certified_by_its_lipschitz_bound():
