@@ -10,6 +10,7 @@ layer, shared by its cases and both settings; and the elementwise vocabulary pas
 and this CPU's GEMM rate at the scan's own shape ([16 x 5 layers, d] x [d, V], the same threads), so that
 "seconds the arithmetic needs at that rate" stands beside the measured seconds.
 
+--batch is an upper bound: `cna.scan` holds at most 64 MiB of base logits per setting (11 cases on SmolLM2).
 Peak memory = VmHWM growth above the loaded model after a one-case warm-up (Linux clear_refs 5). Run it at two
 case counts: memory set by the batch and block settings does not grow with the number of cases.
 Last line: scan <n> cases: <s>s, certified <c>/<n>, rescored/case <r>, HWM growth above loaded <MB> MB, VmHWM <MB> MB

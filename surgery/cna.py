@@ -16,8 +16,10 @@ of rescored neurons are shared across cases, as without the norm.
 Cost (B cases, L layers, vocabulary V, width d): the bounds take two passes over W_U for all layers at once
 ([L B, d] x [d, V] for the base logits, [L B, V] x [V, d] for the tail means) plus one [N, d] x [d, |S union|]
 product per layer; the exact scores take one [rows, d] x [d, V] block per group of candidate neurons, shared by
-the cases and by both settings of a comparison on one model. Memory: base logits [L B, V] per setting and one
-[rows, V] block at a time (`chunk`, `budget`), independent of the number of cases in dataset mode.
+the cases and by both settings of a comparison on one model. Memory: base logits [L B, V] per setting (dataset
+mode: B capped by `held` floats, whatever the batch size) and one shared [rows, V] work block (`chunk`, `budget`),
+independent of the number of cases. Threads: the bookkeeping at one, the large products at the caller's (`serial`;
+the [rows, V] elementwise passes stay at one: under `wide` they cost the loaded case 4x, BENCHMARKS.md).
 """
 
 from __future__ import annotations
