@@ -43,6 +43,7 @@ from .models import home
 from .selection import offsets_of, unflatten
 
 HeadList = tuple[tuple[int, int], ...]
+HELD = 1 << 24  # dataset mode: floats of base logits one setting holds at once (64 MiB), see `scan`
 
 
 # ---- threads: the large GEMMs on the caller's threads, the rest on one ----------------------------------------
@@ -52,9 +53,10 @@ _caller_threads: int | None = None  # the caller's torch thread count while a Sc
 def serial(fn):
     """Run `fn` with torch at one thread, except inside `wide()` (the large products). CNA's bookkeeping is many
     small elementwise passes; at two or more OpenMP threads each is a parallel region whose barrier a thread spins
-    at, and when another job holds the cores the thread it waits for is descheduled: bench/cna.py measured 6x the
-    reference's speed there instead of 100x (BENCHMARKS.md). At one thread there is no barrier to wait at. On a
-    GPU the thread count changes nothing."""
+    at, and when another job holds the cores the thread it waits for is descheduled: bench/cna.py measured 6-14x
+    the reference's speed there instead of 78x with this (BENCHMARKS.md). At one thread there is no barrier to
+    wait at. On a GPU the thread count changes nothing. torch's thread count is process-wide: do not run Scorer
+    passes from several Python threads at once."""
 
     @functools.wraps(fn)
     def run(*args, **kw):
@@ -792,7 +794,7 @@ class Scan:
 def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
          targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
-         max_rescore: int = 2048, chunk: int = 256, budget: int = 1 << 22, held: int = 1 << 24) -> Scan:
+         max_rescore: int = 2048, chunk: int = 256, budget: int = 1 << 22, held: int = HELD) -> Scan:
     """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings.
 
     Memory is bounded by `held` (floats of base logits [layers, cases, vocab] one setting holds at once: a batch

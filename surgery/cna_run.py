@@ -35,7 +35,7 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
         ablate_head: Sequence[tuple[int, int]] | None = None, against: str | None = None,
         layers: str | None = None, top: int = 20, exhaustive: bool = False, validate: Sequence[str] = (),
         trust_remote_code: bool = False, data: str | None = None, columns: str | None = None,
-        pairs: str | None = None, tokens: str | None = None, logits_mb: float = 64.0):
+        pairs: str | None = None, tokens: str | None = None, logits_mb: float = cna.HELD * 4 / (1 << 20)):
     """Neuron importance (the paper's log-prob increase of the target when a neuron's subvalue is added, through
     the frozen final norm and unembedding) for every FFN neuron, and CNA: the change of that importance between
     setting A and B. The reported top neurons are certified equal to an exhaustive ranking. --validate runs the
@@ -184,7 +184,7 @@ def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_
 
 
 def _scan_rows(loaded, va, vb, layers, seqs, targets, groups, batch_size, ablate, top, seqs_b=None,
-               kind: str | None = None, n_rows: int | None = None, held: int = 1 << 24) -> dict:
+               kind: str | None = None, n_rows: int | None = None, held: int = cna.HELD) -> dict:
     """cna.scan over cases (and B contexts), then the dataset-mode table: top neurons by summed score."""
     sc = cna.scan(va, seqs, layers, top, pad_id(loaded.tokenizer), view_b=vb, seqs_b=seqs_b,
                   ablate_b=ablate, targets=targets, batch_size=batch_size, held=held)

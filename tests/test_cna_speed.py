@@ -157,7 +157,7 @@ def test_scan_caps_the_cases_per_pass_by_held_logits_and_the_results_do_not_chan
     for l in layers:
         torch.testing.assert_close(held.total[l], whole.total[l], atol=1e-4, rtol=1e-5)
     assert whole.certified.all() and held.certified.all()
-    assert cna.cases_per_pass(64, 1 << 24, 30, 49152) == 11  # the default on SmolLM2: 64 MiB per setting
+    assert cna.cases_per_pass(64, cna.HELD, 30, 49152) == 11  # the default on SmolLM2: 64 MiB per setting
     assert cna.cases_per_pass(64, 10, 30, 49152) == 1
 
 
@@ -184,6 +184,26 @@ def test_serial_passes_run_small_ops_at_one_thread_and_large_products_at_the_cal
         assert torch.get_num_threads() == 2 and cna._caller_threads is None
         with cna.wide():  # outside a serial pass: the caller's threads, unchanged
             assert torch.get_num_threads() == 2
+        # a real comparison: the bounds' bookkeeping at one thread, the base-logit product over W_U at two
+        threads: dict[str, set[int]] = {"bounds": set(), "readout": set()}
+        bounds, readout = cna.Scorer._bounds, ModelView.readout
+
+        def spy_bounds(self, layer):
+            threads["bounds"].add(torch.get_num_threads())
+            return bounds(self, layer)
+
+        def spy_readout(self, *a, **kw):
+            threads["readout"].add(torch.get_num_threads())
+            return readout(self, *a, **kw)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cna.Scorer, "_bounds", spy_bounds)
+            mp.setattr(ModelView, "readout", spy_readout)
+            view = ModelView(lively("llama"))
+            ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+            c = cna.compare(view, (ids, torch.ones_like(ids)), [1, 2], k=4, ablate_b=((0, 1),))
+        assert c.top.certified.all() and threads == {"bounds": {1}, "readout": {2}}
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
