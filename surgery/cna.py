@@ -183,6 +183,8 @@ class Scorer:
         self.factor_cache: dict[int, tuple[Tensor, Tensor | None]] = {}
         self.work = Workspace() if work is None else work  # see _work; the Scorers of one comparison share one
         self.z0_all: Tensor | None = None  # base logits of every layer [L, B, V], see _prepare
+        self.slot = {l: i for i, l in enumerate(state.layers)}  # layer -> its row of z0_all
+        self.zmax_cache: dict[int, Tensor] = {}
 
     def _centre(self, x: Tensor) -> Tensor:
         return x - x.mean(-1, keepdim=True) if self.view.arch.norm_kind == "layer" else x
@@ -200,50 +202,68 @@ class Scorer:
         W_U x of all (layer, case) rows go through ONE matmul per group of layers (one pass over W_U instead of
         one per layer), and so does the tail mean q @ W_U. Groups hold at most `budget` floats per [rows, vocab]
         temporary. Base logits live in one [layers, B, V] block per Scorer (written in place, kept: the same
-        values serve the bounds and the exact scores); the tail distributions go into a reused work block."""
+        values serve the bounds and the exact scores); the tail distributions go into a reused work block. The
+        log-sum-exp of a layer's logits comes with its tail statistics (one exp pass, `_tail`)."""
         B, V = self.target.shape[0], self.WU.shape[0]
         per = max(1, self.budget // max(1, B * V))
-        slot = {l: i for i, l in enumerate(self.s.layers)}
         if self.z0_all is None:
             self.z0_all = self.WU.new_empty(len(self.s.layers), B, V)
         bias = self.view.readout_bias()
-        for run in _runs(sorted((l for l in layers if l not in self.layer_cache), key=slot.__getitem__), slot, per):
-            z0 = self.z0_all[slot[run[0]]:slot[run[-1]] + 1]
+        new = sorted((l for l in layers if l not in self.layer_cache), key=self.slot.__getitem__)
+        for run in _runs(new, self.slot, per):
+            z0 = self.z0_all[self.slot[run[0]]:self.slot[run[-1]] + 1]
             with wide():
                 self.view.readout(torch.stack([self.s.r[l] for l in run]), self.sigma, out=z0)  # [G, B, V]
             if isinstance(bias, Tensor) or bias:
                 z0 += bias
-            for i, layer in enumerate(run):
-                logp = torch.log_softmax(self.view.softcap_logits(z0[i]), -1)
-                self.layer_cache[layer] = (z0[i], logp.gather(1, self.target[:, None])[:, 0])
         todo = [l for l in dict.fromkeys(layers) if l not in self.tail_cache] if tails else []
         for g in range(0, len(todo), per):
             group = todo[g:g + per]
+            q = self._work("q", len(group) * B)
+            mass = []
+            for i, layer in enumerate(group):
+                z = self._z0(layer)
+                mass.append(self._tail(layer, self.view.softcap_logits(z) if self.cap else z, q[i * B:(i + 1) * B]))
             if self.cap:  # soft-capped: the tail statistics of the capped logits, no mean
                 for layer in group:
-                    self._tail(layer, self.view.softcap_logits(self.layer_cache[layer][0]))
                     self.tail_cache[layer] += (None,)
                 continue
-            q = self._work("q", len(group) * B)
-            for i, layer in enumerate(group):
-                self._tail(layer, self.layer_cache[layer][0], out=q[i * B:(i + 1) * B])
             with wide():
-                mean_u = q @ self.WU  # [G * B, d]: E_q W_U[j] on each case's tail
+                mean_u = q @ self.WU  # [G * B, d]: sum_j q_j W_U[j] on each case's tail, q unnormalised
             for i, layer in enumerate(group):
-                self.tail_cache[layer] += (mean_u[i * B:(i + 1) * B],)
+                self.tail_cache[layer] += (mean_u[i * B:(i + 1) * B] / mass[i],)
+        for layer in new:
+            z = self._z0(layer)
+            lse = self.tail_cache[layer][2] if layer in self.tail_cache else None
+            if self.cap:
+                z = self.view.softcap_logits(z)
+            if lse is None:
+                lse = z.logsumexp(-1, keepdim=True)
+            self.layer_cache[layer] = (self._z0(layer), z.gather(1, self.target[:, None])[:, 0] - lse[:, 0])
 
-    def _tail(self, layer: int, z0: Tensor, out: Tensor | None = None) -> Tensor | None:
+    def _z0(self, layer: int) -> Tensor:
+        """The layer's pre-softcap base logits [B, V] (a view into the Scorer's [layers, B, V] block)."""
+        return self.z0_all[self.slot[layer]]
+
+    def _tail(self, layer: int, z0: Tensor, out: Tensor) -> Tensor:
         """Split the vocabulary into each case's top tokens S (with the target) and the tail R; cache
-        (S [B, s], target column [B], lse0 [B, 1], log Z_R [B, 1]); with `out`, also write the tail distribution
-        q [B, V] there and return it (the soft-capped bounds need only the statistics)."""
-        top = z0.topk(min(self.top_tokens, z0.shape[1]), -1).indices  # any split of the vocabulary is valid:
+        (S [B, s], target column [B], lse0 [B, 1], log Z_R [B, 1]). The tail's unnormalised
+        distribution exp(z_j - t) (t: the s-th largest logit, >= every tail logit, so no overflow; S set to 0) is
+        written there; returns its mass [B, 1] (q = out / mass). One exp pass gives both log-sum-exps:
+        log Z_R = t + log(mass) and lse0 = logaddexp(lse over S, log Z_R)."""
+        B, V = z0.shape
+        s = min(self.top_tokens, V)
+        vals, top = z0.topk(s, -1)  # any split of the vocabulary is valid:
         missing = ~(top == self.target[:, None]).any(1)  # make sure the target is in S
         top[missing, -1] = self.target[missing]
         wcol = (top == self.target[:, None]).float().argmax(1)  # [B]
-        tail = z0.scatter(1, top, float("-inf")) if out is None else out.copy_(z0).scatter_(1, top, float("-inf"))
-        log_zr = tail.logsumexp(-1, keepdim=True)
-        self.tail_cache[layer] = (top, wcol, z0.logsumexp(-1, keepdim=True), log_zr)
-        return None if out is None else tail.sub_(log_zr).exp_().nan_to_num_(0.0)
+        t = vals[:, -1:]  # every tail logit is <= the s-th largest (the target may have displaced it into R)
+        q = torch.sub(z0, t, out=out).scatter_(1, top, float("-inf")).exp_()
+        mass = q.sum(-1, keepdim=True)
+        log_zr = t + mass.log()  # -inf when the tail is empty
+        lse0 = torch.logaddexp(z0.gather(1, top).logsumexp(-1, keepdim=True), log_zr)
+        self.tail_cache[layer] = (top, wcol, lse0, log_zr)
+        return mass.clamp_min(torch.finfo(mass.dtype).tiny)
 
     def _factor(self, layer: int) -> tuple[Tensor, Tensor | None]:
         """(dirs, s) with case b's direction of neuron k = s_b * dirs_k: dirs [N, d] shared by every case and
@@ -412,26 +432,78 @@ class Scorer:
                          for s in range(0, len(idx), chunk)], 1)
         return (zw - lse - logp0[:, None]).cpu()
 
-    def _pair_scores(self, layer: int, case: Tensor, idx: Tensor, rows: Tensor | None, row: Tensor | None) -> Tensor:
-        """Exact scores [P] (CPU) of pairs (case, neuron idx) given the neurons' factored readout rows [R, V]
-        and each pair's row (rows None: per-case directions, computed here). Blocks of `_rows_per_chunk` pairs."""
+    def _pair_scores(self, layer: Tensor, case: Tensor, idx: Tensor, rows: Tensor, row: Tensor) -> Tensor:
+        """Exact scores [P] (CPU) of pairs (layer, case, neuron idx), sorted by (layer, neuron), given the neurons'
+        factored readout rows [R, V] and each pair's row index. Blocks of `_rows_per_chunk` pairs; a block's
+        logits z = z0[case] + a * row are built in place (one rank-1 update per run of pairs sharing a neuron) and
+        exponentiated without a max pass: the vocabulary range bounds every z_j by the case's max base logit
+        + max(a hi, a lo) and the largest z_j from below by the max base logit + min(a hi, a lo), so exp cannot
+        overflow or lose the sum while those stay within +-64 (else the block takes the max-shifted `_lse_`)."""
+        V, B = self.WU.shape[0], self.target.shape[0]
+        n = len(case)
+        a, logp0, up, down = (case.new_empty(n, dtype=torch.float32) for _ in range(4))
+        zrow = torch.empty_like(case)
+        pos = 0
+        for l, cnt in zip(*(t.tolist() for t in torch.unique_consecutive(layer, return_counts=True))):
+            sl, c, i = slice(pos, pos + cnt), case[pos:pos + cnt], idx[pos:pos + cnt]
+            a[sl] = self._a(l)[c, i]
+            logp0[sl] = self._base(l)[1][c]
+            hi, lo = self.vocab_range(l)
+            zmax = self._zmax(l)[c]
+            up[sl] = zmax + torch.maximum(a[sl] * hi[i], a[sl] * lo[i])
+            down[sl] = zmax + torch.minimum(a[sl] * hi[i], a[sl] * lo[i])
+            zrow[sl] = self.slot[l] * B + c
+            pos += cnt
+        z0 = self.z0_all.view(-1, V)
+        plain = (up < 64) & (down > -64) if not self.cap else torch.zeros_like(up, dtype=torch.bool)
+        tw = self.target[case]
+        step, res = self._rows_per_chunk(), []
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            z = torch.index_select(z0, 0, zrow[s:e], out=self._work("z", e - s))
+            q = 0
+            for r, cnt in zip(*(t.tolist() for t in torch.unique_consecutive(row[s:e], return_counts=True))):
+                z[q:q + cnt].addr_(a[s + q:s + q + cnt], rows[r])
+                q += cnt
+            if self.cap:
+                z = self.view.softcap_logits(z)
+            zw = z.gather(1, tw[s:e, None])[:, 0]
+            lse = z.exp_().sum(-1).log_() if bool(plain[s:e].all()) else _lse_(z)
+            res.append(zw - lse - logp0[s:e])
+        return torch.cat(res).cpu()
+
+    def _pair_scores_per_case(self, layer: int, case: Tensor, idx: Tensor) -> Tensor:
+        """Exact scores [P] (CPU) of pairs whose directions depend on the case (an unfactorable post-FFN norm):
+        each pair's readout row is computed for it. Blocks of `_rows_per_chunk` pairs."""
         z0, logp0 = self._base(layer)
         a = self._a(layer)[case, idx]
         dirs = self._factor(layer)[0]
         step, res = self._rows_per_chunk(), []
         for s in range(0, len(case), step):
             c = case[s:s + step]
-            z = self._work("z", len(c))  # the block's logits, built in place in a reused buffer
-            if rows is not None:
-                torch.index_select(rows, 0, row[s:s + step], out=z)
-            else:
-                self._readout_rows(dirs[c, idx[s:s + step]], out=z)
+            z = self._readout_rows(dirs[c, idx[s:s + step]], out=self._work("z", len(c)))
             z.mul_(a[s:s + step, None]).add_(torch.index_select(z0, 0, c, out=self._work("z0", len(c))))
             if self.cap:
                 z = self.view.softcap_logits(z)
             zw = z.gather(1, self.target[c][:, None])[:, 0]
             res.append(zw - _lse_(z) - logp0[c])
         return torch.cat(res).cpu()
+
+    def _zmax(self, layer: int) -> Tensor:
+        """Each case's largest base logit [B] (pre-softcap), cached per layer."""
+        if layer not in self.zmax_cache:
+            self.zmax_cache[layer] = self._base(layer)[0].amax(-1)
+        return self.zmax_cache[layer]
+
+    def _block_rows(self, layer: Tensor, idx: Tensor) -> Tensor:
+        """Readout rows [R, V] of neurons (layer[i], idx[i]) (sorted by layer; any layers) in one GEMM, in the
+        "rows" work slot: one large product instead of one small one per layer."""
+        parts, pos = [], 0
+        for l, cnt in zip(*(t.tolist() for t in torch.unique_consecutive(layer, return_counts=True))):
+            parts.append(self._factor(l)[0][idx[pos:pos + cnt]])
+            pos += cnt
+        dirs = torch.cat(parts)
+        return self._readout_rows(dirs, out=self._work("rows", len(dirs)))
 
     def _work(self, name: str, n: int) -> Tensor:
         """A reused [n, vocab] float buffer (n <= `_rows_per_chunk()`, or a group of tail rows) from the Scorer's
@@ -523,51 +595,59 @@ def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tenso
 
 def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, want: Tensor, cand: Tensor,
              exact: Tensor) -> None:
-    """Exact (delta) scores of the flat neuron indices cand[want] (per case row), written into `exact`."""
-    rows, cols = want.nonzero(as_tuple=True)
-    if len(rows) == 0:
+    """Exact (delta) scores of the flat neuron indices cand[want] (per case row), written into `exact`: one
+    `exact_pairs` call over all layers (its readout GEMMs mix layers: fewer, larger products)."""
+    case, cols = want.nonzero(as_tuple=True)
+    if len(case) == 0:
         return
-    flat = cand[rows, cols]
-    layer_of = torch.bucketize(flat.contiguous(), offsets[1:], right=True)
-    for i, layer in enumerate(layers):
-        sel = layer_of == i
-        if not sel.any():
-            continue
-        case, idx = rows[sel], flat[sel] - offsets[i]
-        vals = exact_pairs([a] if b is None else [a, b], layer, case, idx)
-        exact[case, idx + offsets[i]] = vals[0] - (vals[1] if b is not None else 0.0)
+    flat = cand[case, cols]
+    slot = torch.bucketize(flat.contiguous(), offsets[1:], right=True)
+    vals = exact_pairs([a] if b is None else [a, b], torch.tensor(layers)[slot], case, flat - offsets[slot])
+    exact[case, flat] = vals[0] - (vals[1] if b is not None else 0.0)
 
 
 @serial
 @torch.no_grad()
-def exact_pairs(scorers: list[Scorer], layer: int, case: Tensor, idx: Tensor) -> list[Tensor]:
-    """Exact scores [P] (CPU) of the (case, neuron) pairs of `layer`, one tensor per scorer.
+def exact_pairs(scorers: list[Scorer], layer: int | Tensor, case: Tensor, idx: Tensor) -> list[Tensor]:
+    """Exact scores [P] (CPU) of the (layer, case, neuron) triples, one tensor per scorer; `layer` is one layer for
+    every pair or a [P] tensor.
 
-    Pairs are grouped by neuron; the readout rows W_U (g * centre(dirs_k)) of a block of neurons are computed
-    once and serve every case that asks for them, and every scorer of the same model (settings A and B of one
-    model: one matmul, not two). Memory: one [rows, vocab] block of rows and one of logits at a time."""
+    Pairs are grouped by neuron, across layers; the readout rows W_U (g * centre(dirs_k)) of a block of neurons
+    are computed in one GEMM and serve every case that asks for them, and every scorer of the same model
+    (settings A and B of one model: one matmul, not two). Memory: one [rows, vocab] block of rows and one of
+    logits at a time. Layers whose directions depend on the case (an unfactorable post-FFN norm) go pair by pair."""
     out = [torch.empty(len(idx)) for _ in scorers]
     if len(idx) == 0:
         return out
     dev = scorers[0].s.logits.device
     case, idx = case.to(dev), idx.to(dev)
-    union, inv = torch.unique(idx, return_inverse=True)
+    layer = torch.as_tensor(layer, device=dev).expand(len(idx))
+    shared_ok = torch.ones(len(idx), dtype=torch.bool, device=dev)
+    for l in layer.unique().tolist():
+        if any(sc._factor(l)[0].dim() == 3 for sc in scorers):
+            sel = layer == l
+            shared_ok &= ~sel
+            for j, sc in enumerate(scorers):
+                out[j][sel.cpu()] = sc._pair_scores_per_case(l, case[sel], idx[sel])
+    keep = shared_ok.nonzero()[:, 0]
+    if len(keep) == 0:
+        return out
+    layer, case, idx = layer[keep], case[keep], idx[keep]
+    width = int(idx.max()) + 1
+    union, inv = torch.unique(layer * width + idx, return_inverse=True)  # sorted by (layer, neuron)
     order = inv.argsort(stable=True)
     bounds = torch.searchsorted(inv[order], torch.arange(0, len(union) + 1, device=dev)).tolist()
     step = min(sc._rows_per_chunk() for sc in scorers)
     for s in range(0, len(union), step):
         e = min(s + step, len(union))
         p = order[bounds[s]:bounds[e]]
+        ul, ui = union[s:e] // width, union[s:e] % width
         shared: dict[int, Tensor] = {}
         for j, sc in enumerate(scorers):
-            dirs = sc._factor(layer)[0]
-            if dirs.dim() == 3:  # per-case directions: rows per pair
-                out[j][p.cpu()] = sc._pair_scores(layer, case[p], idx[p], None, None)
-                continue
             key = id(sc.view.model)
-            if key not in shared:
-                shared[key] = sc._readout_rows(dirs[union[s:e]], out=sc._work("rows", e - s))
-            out[j][p.cpu()] = sc._pair_scores(layer, case[p], idx[p], shared[key], inv[p] - s)
+            if key not in shared:  # each scorer's pairs are scored before the next model writes the slot
+                shared[key] = sc._block_rows(ul, ui)
+            out[j][keep[p].cpu()] = sc._pair_scores(layer[p], case[p], idx[p], shared[key], inv[p] - s)
     return out
 
 
