@@ -61,7 +61,7 @@ def reference_case(view: ModelView, ids: list[int], k: int) -> tuple[list[tuple[
 RESCORED = [0]  # exact scores spent by the last surgery_cases call
 
 
-def surgery_cases(view: ModelView, seqs: list[list[int]], k: int, batch: int, pad: int, margin: int = 32,
+def surgery_cases(view: ModelView, seqs: list[list[int]], k: int, batch: int, pad: int, margin: int = 8,
                   ablate: tuple = ()) -> list:
     """Certified top-k per case: of the score (the paper's setting), or with `ablate` heads ((layer, head), ...)
     of the delta clean - ablated (comparison mode, `surgery cna --ablate-head`)."""
@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-reference", action="store_true", help="forward vs surgery only (no exactness check)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--margin", type=int, default=32, help="spare candidates per case in round 1 (cna default 32)")
+    ap.add_argument("--margin", type=int, default=8, help="spare candidates per case per round (cna default 8)")
     ap.add_argument("--ablate-head", default=None,
                     help="L.H: comparison mode, delta against the model with that head ablated (needs --no-reference)")
     ap.add_argument("--measure", choices=["reference", "surgery"], help=argparse.SUPPRESS)

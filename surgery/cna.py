@@ -548,49 +548,62 @@ class TopK:
 
 @torch.no_grad()
 @serial
-def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 32,
+def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 8,
                    max_rescore: int = 2048) -> tuple[TopK, dict[int, Tensor]]:
     """Top-k neurons per case by exact score (one setting) or by exact delta a - b (comparison).
 
-    Round 1 rescores, per case, the k + margin neurons with the highest upper bounds; its k-th best exact value
-    tau is a lower bound of the final k-th value, so round 2 rescores every other neuron whose upper bound
-    exceeds tau. Nothing unscored can then enter the top-k: the result equals the exhaustive top-k (certified).
-    Soft-capped models use their monotone / Lipschitz bound (`Scorer._capped_bounds`); a case needing
-    more than `max_rescore` exact scores is left uncertified. Returns the top-k and a dense [B, N] estimate per
-    layer (exact where rescored, the middle of the certified interval elsewhere) for aggregation."""
+    Round 1 rescores, per case, the k + margin neurons with the highest guesses (`_stack_bounds`: the likeliest
+    top-k, so its k-th best exact value tau starts close to the final one). tau is a
+    lower bound of the final k-th value; every later round rescores the k + margin unscored neurons with the
+    highest upper bounds above tau (which raises tau), until no unscored upper bound exceeds it. Nothing unscored
+    can then enter the top-k: the result equals the exhaustive top-k (certified). Soft-capped models use their
+    monotone / Lipschitz bound (`Scorer._capped_bounds`); a case needing more than `max_rescore` exact scores is
+    left uncertified. Returns the top-k and a dense [B, N] estimate per layer (exact where rescored, the middle of
+    the certified interval elsewhere) for aggregation."""
     layers = a.s.layers
-    est, hi, lo = _stack_bounds(a, b, layers)
+    est, hi, lo, guess = _stack_bounds(a, b, layers)
     offsets = offsets_of([a.view.ffn_width(l) for l in layers])
     B, total = est.shape
+    kk, step = min(k, total), min(total, k + margin)
     exact = torch.full((B, total), float("nan"))
-    order = hi.argsort(dim=1, descending=True)
-    first = min(total, k + margin)
-    _rescore(a, b, layers, offsets, torch.ones(B, first, dtype=torch.bool), order[:, :first], exact)
-    tau = exact.nan_to_num(float("-inf")).topk(min(k, total), dim=1).values[:, -1:]
-    need = (hi.gather(1, order) > tau) & (torch.arange(total) >= first) & (torch.arange(total) < max_rescore)
-    _rescore(a, b, layers, offsets, need, order, exact)
-    top = exact.nan_to_num(float("-inf")).topk(min(k, total), dim=1)
-    bound_ok = True  # every Scorer's bounds are valid (soft-capped ones included)
-    left = hi.masked_fill(~exact.isnan(), float("-inf")).amax(1)
-    certified = (top.values[:, -1] >= left) & bound_ok | ~exact.isnan().any(1)
-    dense = torch.where(exact.isnan(), est, exact)
+    scored = torch.zeros(B, total, dtype=torch.bool)
+    pick = guess.topk(step, dim=1).indices
+    want = torch.ones(B, step, dtype=torch.bool)
+    while True:
+        _rescore(a, b, layers, offsets, want, pick, exact)
+        scored.scatter_(1, pick, want | scored.gather(1, pick))
+        tau = exact.nan_to_num(float("-inf")).topk(kk, dim=1).values[:, -1:]
+        open_ = (hi > tau) & ~scored
+        left = (max_rescore - scored.sum(1, keepdim=True)).clamp_min(0)
+        n = int(torch.minimum(open_.sum(1, keepdim=True), left).max())
+        if n == 0:
+            break
+        pick = hi.masked_fill(~open_, float("-inf")).topk(min(n, step), dim=1).indices
+        want = open_.gather(1, pick) & (torch.arange(pick.shape[1]) < left)
+    top = exact.nan_to_num(float("-inf")).topk(kk, dim=1)
+    unscored = hi.masked_fill(scored, float("-inf")).amax(1)
+    certified = (top.values[:, -1] >= unscored) | scored.all(1)
+    dense = torch.where(scored, exact, est)
     per_layer = {l: dense[:, offsets[i]:offsets[i + 1]] for i, l in enumerate(layers)}
-    spent = int((~exact.isnan()).sum())
-    return TopK(*unflatten(top.indices, layers, offsets), top.values, certified, spent), per_layer
+    return TopK(*unflatten(top.indices, layers, offsets), top.values, certified, int(scored.sum())), per_layer
 
 
-def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """(estimate, hi, lo) [B, sum N] over the chosen layers, for a score or a delta a - b."""
-    est, hi, lo = [], [], []
+def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(estimate, hi, lo, guess) [B, sum N] over the chosen layers, for a score or a delta a - b. estimate: the
+    middle of the certified interval; guess: the rescoring order, each setting's upper (Jensen) bound, which
+    sits much closer to the exact score than the Hoeffding lower one (for a delta: hi_a - hi_b, where the
+    interval's upper end hi_a - lo_b carries B's loose side)."""
+    est, hi, lo, guess = [], [], [], []
     for layer in layers:
         la, ha = a.bounds(layer)
+        g = ha
         if b is not None:
             lb, hb = b.bounds(layer)
-            la, ha = la - hb, ha - lb
+            la, ha, g = la - hb, ha - lb, ha - hb
         la, ha = la.cpu(), ha.cpu()  # the top-k bookkeeping runs on the CPU; exact scores come back there
-        hi.append(ha), lo.append(la)
+        hi.append(ha), lo.append(la), guess.append(g.cpu())
         est.append(torch.where(la.isinf(), ha, (la + ha) / 2))
-    return torch.cat(est, 1), torch.cat(hi, 1), torch.cat(lo, 1)
+    return torch.cat(est, 1), torch.cat(hi, 1), torch.cat(lo, 1), torch.cat(guess, 1)
 
 
 def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, want: Tensor, cand: Tensor,
@@ -793,7 +806,7 @@ class Comparison:
 def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int], k: int,
             view_b: ModelView | None = None, batch_b: tuple[Tensor, Tensor] | None = None,
             ablate_b: HeadList = (), target: Tensor | None = None, exhaustive: bool = False,
-            chunk: int = 256, max_rescore: int = 2048, margin: int = 32, budget: int = 1 << 22) -> Comparison:
+            chunk: int = 256, max_rescore: int = 2048, margin: int = 8, budget: int = 1 << 22) -> Comparison:
     """Importance in setting A, and (when a B setting is given) the change A - B, for a batch of cases.
 
     B is: the same model with heads ablated (ablate_b), another model on the same input (view_b), or the same
