@@ -44,6 +44,7 @@ from .selection import offsets_of, unflatten
 
 HeadList = tuple[tuple[int, int], ...]
 HELD = 1 << 24  # dataset mode: floats of base logits one setting holds at once (64 MiB), see `scan`
+EXP_SAFE = 64.0  # |exponent| below which exp needs no max shift (fp32: e^64 x a vocabulary of 1e6 < 3.4e38)
 
 
 # ---- threads: the large GEMMs on the caller's threads, the rest on one ----------------------------------------
@@ -343,7 +344,41 @@ class Scorer:
     def _bounds(self, layer: int) -> tuple[Tensor, Tensor]:
         if layer not in self.tail_cache:  # all the state's layers in one go: fewer, larger passes
             self._prepare([layer] + [l for l in self.s.layers if l not in self.tail_cache and l != layer])
-        z0 = self._base(layer)[0]
+        dirs = self._factor(layer)[0]
+        top = self.tail_cache[layer][0]
+        union, inv = torch.unique(top, return_inverse=True)
+        if self.cap or dirs.dim() == 3 or len(union) == top.numel():
+            return self._bounds_per_case(layer)
+        z0 = self._z0(layer)
+        _, wcol, lse0, log_zr, mean_u = self.tail_cache[layer]
+        B, s = top.shape
+        a = self._a(layer)  # [B, N]
+        with wide():  # centre(x) . (g * w) = x . centre(g * w): the gain and the centring go on the few token rows
+            dT = self._centre(self.WU[union] * self.gain) @ dirs.T  # [U, N]: D_k at the batch's top tokens, sigma 1
+        dS = torch.index_select(dT, 0, inv.view(-1)).view(B, s, -1)  # [B, s, N]: each case's S, rows copied
+        dw = dS[torch.arange(B, device=dS.device), wcol]  # [B, N]: the target's
+        zS = z0.gather(1, top)
+        zmax = zS.amax(1, keepdim=True)
+        t = dS.mul_(a[:, None, :])  # a D_kj on S
+        if float(a.abs().amax()) * float(dT.abs().amax()) < EXP_SAFE:  # exp(a D) neither overflows nor loses the sum
+            log_a = zmax + torch.bmm(torch.exp(zS - zmax)[:, None, :], t.exp_())[:, 0].log_()
+        else:
+            log_a = (zS[:, :, None] + t).logsumexp(1)
+        mean_d = self._centre(mean_u * self.gain) @ dirs.T  # E_q D_k [B, N]
+        return self._tail_bounds(a, log_a, a * dw + lse0, log_zr, mean_d, *self.vocab_range(layer))
+
+    def _tail_bounds(self, a: Tensor, log_a: Tensor, lin: Tensor, log_zr: Tensor, mean_d: Tensor, hi_d: Tensor,
+                     lo_d: Tensor) -> tuple[Tensor, Tensor]:
+        """(lo, hi) from the exact top-token part log_a, the linear part `lin` and the tail's Jensen / Hoeffding
+        bounds (see `bounds`)."""
+        hoeffding = a * mean_d + (a * (hi_d - lo_d)) ** 2 / 8
+        worst = torch.minimum(torch.maximum(a * hi_d, a * lo_d), hoeffding)
+        return lin - torch.logaddexp(log_a, log_zr + worst), lin - torch.logaddexp(log_a, log_zr + a * mean_d)
+
+    def _bounds_per_case(self, layer: int) -> tuple[Tensor, Tensor]:
+        """`_bounds` where the batch shares no top token, the directions depend on the case, or the logits are
+        soft-capped: the top-token block per case, [B, N, s]."""
+        z0 = self._z0(layer)
         top, wcol, lse0, log_zr, mean_u = self.tail_cache[layer]
         B = z0.shape[0]
         dirs = self._factor(layer)[0]
@@ -361,10 +396,8 @@ class Scorer:
             return self._capped_bounds(z0, top, wcol, lse0, log_zr, a, dS, hi_d, lo_d)
         log_a = (z0.gather(1, top)[:, None, :] + a[..., None] * dS).logsumexp(-1)
         mean_d = mean_u @ d.T if d.dim() == 2 else torch.einsum("bnd,bd->bn", d, mean_u)  # E_q D_k [B, N]
-        hoeffding = a * mean_d + (a * (hi_d - lo_d)) ** 2 / 8
-        worst = torch.minimum(torch.maximum(a * hi_d, a * lo_d), hoeffding)
         lin = a * dS.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0] + lse0
-        return lin - torch.logaddexp(log_a, log_zr + worst), lin - torch.logaddexp(log_a, log_zr + a * mean_d)
+        return self._tail_bounds(a, log_a, lin, log_zr, mean_d, hi_d, lo_d)
 
     def _capped_bounds(self, z0: Tensor, top: Tensor, wcol: Tensor, lse0: Tensor, log_zr: Tensor, a: Tensor,
                        dS: Tensor, hi_d: Tensor, lo_d: Tensor) -> tuple[Tensor, Tensor]:
@@ -438,7 +471,7 @@ class Scorer:
         logits z = z0[case] + a * row are built in place (one rank-1 update per run of pairs sharing a neuron) and
         exponentiated without a max pass: the vocabulary range bounds every z_j by the case's max base logit
         + max(a hi, a lo) and the largest z_j from below by the max base logit + min(a hi, a lo), so exp cannot
-        overflow or lose the sum while those stay within +-64 (else the block takes the max-shifted `_lse_`)."""
+        overflow or lose the sum while those stay within +-EXP_SAFE (else the block takes the max-shifted `_lse_`)."""
         V, B = self.WU.shape[0], self.target.shape[0]
         n = len(case)
         a, logp0, up, down = (case.new_empty(n, dtype=torch.float32) for _ in range(4))
@@ -455,7 +488,7 @@ class Scorer:
             zrow[sl] = self.slot[l] * B + c
             pos += cnt
         z0 = self.z0_all.view(-1, V)
-        plain = (up < 64) & (down > -64) if not self.cap else torch.zeros_like(up, dtype=torch.bool)
+        plain = (up < EXP_SAFE) & (down > -EXP_SAFE) if not self.cap else torch.zeros_like(up, dtype=torch.bool)
         tw = self.target[case]
         step, res = self._rows_per_chunk(), []
         for s in range(0, n, step):

@@ -246,3 +246,39 @@ def test_scan_block_budget_reaches_the_scorers_and_changes_nothing(monkeypatch):
     assert small.certified.all() and default.certified.all()
     assert torch.equal(small.top_index, default.top_index) and torch.equal(small.top_layer, default.top_layer)
     assert torch.allclose(small.top_score, default.top_score, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: lively("llama"), lambda: lively("gpt2"), gemma_nocap],
+                         ids=["llama", "gpt2-layernorm", "gemma3-post-norm"])
+def test_shift_free_exp_paths_equal_the_max_shifted_ones(monkeypatch, make):
+    """The bounds' top-token sums and the exact pair scores exponentiate without a max pass when the vocabulary
+    range keeps every exponent within EXP_SAFE; forcing the max-shifted path (EXP_SAFE 0) gives the same bounds,
+    the same exact scores, and the same certified top-k as the per-case reference block ([B, N, s])."""
+    view = ModelView(make())
+    layers = list(range(view.n_layers))
+    case = torch.tensor([0, 3, 1, 0, 2, 3, 3, 1])
+    idx = torch.tensor([4, 4, 17, 40, 4, 0, 47, 5])
+    lse_calls = []
+    real_lse = cna._lse_
+    monkeypatch.setattr(cna, "_lse_", lambda z: lse_calls.append(1) or real_lse(z))
+
+    def run():
+        a, b = _scorers(view, layers, budget=5 * view.unembed_matrix().shape[0], chunk=5)
+        bounds = [sc.bounds(l) for sc in (a, b) for l in layers]
+        pairs = cna.exact_pairs([a, b], torch.tensor(layers)[case % len(layers)], case, idx)
+        top, _ = cna.certified_topk(a, 6, b)
+        ref = [sc._bounds_per_case(l) for sc in (a, b) for l in layers]
+        return bounds, pairs, top, ref
+
+    fast = run()
+    assert not lse_calls, "the exponents of these models stay within EXP_SAFE: the shift-free path must run"
+    monkeypatch.setattr(cna, "EXP_SAFE", 0.0)
+    slow = run()
+    assert lse_calls
+    for (lo, hi), (lo_s, hi_s), (lo_r, hi_r) in zip(fast[0], slow[0], fast[3]):
+        for x, y in ((lo, lo_s), (hi, hi_s), (lo, lo_r), (hi, hi_r)):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    for x, y in zip(fast[1], slow[1]):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=0)
+    assert torch.equal(fast[2].index, slow[2].index) and torch.equal(fast[2].layer, slow[2].layer)
+    assert fast[2].certified.all()
