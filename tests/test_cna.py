@@ -135,7 +135,10 @@ def test_scan_aggregates_batches_and_padding_does_not_matter():
     split = cna.scan(view, seqs, [1, 2], k=6, pad_id=0, batch_size=2, progress=False)
     torch.testing.assert_close(whole.top_score, split.top_score, atol=1e-5, rtol=0)
     assert whole.certified.all()
-    one = cna.compare(view, (torch.tensor([seqs[1]]), torch.ones(1, 7, dtype=torch.long)), [1, 2], k=6)
-    torch.testing.assert_close(whole.top_score[1], one.top.score[0], atol=1e-5, rtol=0)
+    for i, seq in enumerate(seqs):  # passes group cases by length; the outputs come back in input order
+        one = cna.compare(view, (torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)), [1, 2], k=6)
+        torch.testing.assert_close(whole.top_score[i], one.top.score[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(split.top_score[i], one.top.score[0], atol=1e-5, rtol=0)
+        assert torch.equal(whole.top_index[i], one.top.index[0]) and whole.targets[i] == one.target[0]
     keep = whole.per_case_sets()
     assert sum(len(v) for v in keep.values()) >= 6

@@ -282,3 +282,17 @@ def test_shift_free_exp_paths_equal_the_max_shifted_ones(monkeypatch, make):
         torch.testing.assert_close(x, y, atol=2e-5, rtol=0)
     assert torch.equal(fast[2].index, slow[2].index) and torch.equal(fast[2].layer, slow[2].layer)
     assert fast[2].certified.all()
+
+
+@pytest.mark.parametrize("V", [49152, 5000, 300])
+def test_blocked_topk_equals_torch_topk(V):
+    """The top-k from the k best blocks (ragged end included) is torch's top-k: same values, same index sets."""
+    g = torch.Generator().manual_seed(V)
+    z = torch.randn(7, V, generator=g) * 3
+    z[0, -1] = 50.0  # the best element in the ragged end
+    z[1, :40] = torch.linspace(20, 30, 40)  # the top tokens crowded in one block
+    vals, idx = cna._topk(z, 32)
+    ref = z.topk(32, -1)
+    assert torch.equal(vals, ref.values)
+    assert torch.equal(idx.sort(1).values, ref.indices.sort(1).values)
+    assert torch.equal(z.gather(1, idx), vals)
