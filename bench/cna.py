@@ -5,7 +5,7 @@ through the frozen final norm and the unembedding, full log-softmax, read the ta
 first-order/bounded screen of all neurons, exact rescoring of the candidates (certified top-k).
 
     python bench/cna.py [--cases 8] [--k 100] [--batch 8] [--repeats 3] [--threads 2] [--no-memory] [--no-reference]
-                        [--margin 32] [--ablate-head L.H (with --no-reference)]
+                        [--margin 8] [--ablate-head L.H (with --no-reference)]
 
 Repeats are interleaved (forward, surgery, reference, forward, ...) so that a shared machine slows every side
 alike; each repeat gives a ratio, and the bench reports their median and spread (min-max), in wall time and in

@@ -4,6 +4,10 @@ interleaved repeats; cost per case per unit of (neurons x vocabulary).
 
     python bench/cna_vocab.py [--cases 8] [--k 100] [--layers 6] [--repeats 3]
 
+--layers 30 gives the random models SmolLM2's layer count, so only the vocabulary differs. With fewer layers, the
+per-case cost of the k exact scores (about k x vocab x d, whatever the layer count) weighs more per unit of
+(neurons x layers x vocabulary) than it does on SmolLM2 (BENCHMARKS.md).
+
 Each model scores the same number of cases (random token prompts for the random models, 1-digit arithmetic for
 SmolLM2) with `cna.compare` (certified top-k over all layers). Last line:
 vocab <model>: <x>x SmolLM2's cost per neuron x vocabulary (median), certified <c>/<n>
