@@ -62,26 +62,25 @@ def run(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu"
     rank = max(top, 99) if "mask" in validate else top  # Table 5 masks up to the top-99
     if user is not None:
         tokens = tokens or ("first" if pairs is not None else "all")
-        data = _user(loaded, va, vb, chosen, user, pairs is not None, tokens, batch_size, tuple(ablate_head or ()),
-                     rank, tgt, held)
+        res = _user(loaded, va, vb, chosen, user, pairs is not None, tokens, batch_size, tuple(ablate_head or ()),
+                    rank, tgt, held)
     elif prompt is not None:
-        data = _single(loaded, va, vb, chosen, prompt, prompt_b, tgt, tuple(ablate_head or ()), rank, exhaustive)
+        res = _single(loaded, va, vb, chosen, prompt, prompt_b, tgt, tuple(ablate_head or ()), rank, exhaustive)
     else:
-        data = _dataset(loaded, va, vb, chosen, digits, ops, templates, limit, seed, batch_size,
-                        tuple(ablate_head or ()), rank, tgt, held)
+        res = _dataset(loaded, va, vb, chosen, digits, ops, templates, limit, seed, batch_size,
+                       tuple(ablate_head or ()), rank, tgt, held)
     config = dict(prompt=prompt, prompt_b=prompt_b, target=target, ablate_head=[list(x) for x in ablate_head or ()],
                   against=against, layers=layers, top=top, exhaustive=exhaustive, task=None if prompt else task,
                   digits=list(digits), ops=list(ops) if ops else None, limit=limit, seed=seed, data=data,
                   pairs=pairs, columns=columns, tokens=tokens if user is not None else None)
     if validate:
-
-        data["validations"] = run_validations(loaded, va, data, validate, digits, ops, templates, limit, seed,
+        res["validations"] = run_validations(loaded, va, res, validate, digits, ops, templates, limit, seed,
                                               tuple(ablate_head or ()), batch_size)
-    report = rep.Report(rep.make("cna", loaded.describe(), config, data, time.time() - t0), markdown(data, config))
+    report = rep.Report(rep.make("cna", loaded.describe(), config, res, time.time() - t0), markdown(res, config))
     if outdir is not None:
         report.files += [rep.write_json(outdir / "cna.json", report.data),
                          rep.write_text_atomic(outdir / "cna.md", report.markdown),
-                         layer_plot(data, outdir / "cna_layers.png", va.n_layers)]
+                         layer_plot(res, outdir / "cna_layers.png", va.n_layers)]
     return report
 
 

@@ -126,7 +126,9 @@ def test_cna_pairs_equals_single_pair_cna_between_a_and_b(tiny_smol_dir, tmp_pat
     f = write(tmp_path / "p.jsonl", PAIRS)
     assert _run(["cna", "--model", str(tiny_smol_dir), "--pairs", str(f), "--top", "5", "--batch-size", "3",
                  "--out", str(tmp_path / "o")]) == 0
-    got = json.loads((tmp_path / "o" / "cna.json").read_text())["results"]
+    doc = json.loads((tmp_path / "o" / "cna.json").read_text())
+    got = doc["results"]
+    assert doc["config"]["pairs"] == str(f) and doc["config"]["data"] is None  # inputs, not the results again
     model, tok = tiny_loaded
     view = ModelView(model)
     layers = list(range(view.n_layers))
