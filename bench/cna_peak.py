@@ -61,7 +61,8 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     print(f"loaded: RSS {rss_mb()} MB; {heap()}")
     view = ModelView(loaded.model)
-    seqs = list(arithmetic.cases(arithmetic.build(digits=(1,)), loaded.tokenizer)["input_ids"])[:args.cases]
+    seqs = list(arithmetic.cases(arithmetic.build(digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES),  # the cases of `surgery cna --digits 1`
+                                  loaded.tokenizer)["input_ids"])[:args.cases]
     layers, pad = list(range(view.n_layers)), pad_id(loaded.tokenizer)
     cna.scan(view, seqs[:1], layers, 20, pad, ablate_b=((1, 4),), progress=False)
     print(f"after warm-up: RSS {rss_mb()} MB; {heap()}")

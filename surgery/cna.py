@@ -102,6 +102,12 @@ class State:
     hfin: Tensor
     logits: Tensor
 
+    def take(self, rows: slice) -> "State":
+        """The state of some of the cases (views, no copies)."""
+        return State(self.layers, {l: v[rows] for l, v in self.m.items()}, {l: v[rows] for l, v in self.r.items()},
+                     {l: None if v is None else v[rows] for l, v in self.c.items()}, self.hfin[rows],
+                     self.logits[rows])
+
 
 @torch.no_grad()
 def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: list[int],
@@ -863,15 +869,28 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
     model on another input (batch_b). Same input: B uses A's sigma and target (the paper); other input: its own
     sigma, A's target."""
     sa = collect(view_a, *batch_a, layers)
-    w = sa.logits.argmax(-1) if target is None else target.expand(sa.logits.shape[0])
+    sb = None
+    if view_b is not None or batch_b is not None or ablate_b:
+        sb = collect(view_b or view_a, *(batch_b or batch_a), layers, ablate=ablate_b)
+    return compare_states(view_a, sa, k, view_b, sb, batch_b is not None, target, exhaustive, chunk, max_rescore,
+                          margin, budget)
+
+
+@torch.no_grad()
+def compare_states(view_a: ModelView, sa: State, k: int, view_b: ModelView | None = None, sb: State | None = None,
+                   other_input: bool = False, target: Tensor | None = None, exhaustive: bool = False,
+                   chunk: int = 256, max_rescore: int = 2048, margin: int = 8, budget: int = 1 << 22) -> Comparison:
+    """`compare` from the settings' collected forwards (B's state None: one setting; `other_input`: B ran on
+    its own prompts, so it gets its own sigma)."""
+    layers = sa.layers
+    w = sa.logits.argmax(-1) if target is None else target.to(sa.logits.device).expand(sa.logits.shape[0])
     sigma_a = view_a.final_sigma(sa.hfin)
     work = Workspace()
     a = Scorer(view_a, sa, sigma_a, w, chunk, budget, work)
     b = None
-    if view_b is not None or batch_b is not None or ablate_b:
+    if sb is not None:
         vb = view_b or view_a
-        sb = collect(vb, *(batch_b or batch_a), layers, ablate=ablate_b)
-        sigma_b = vb.final_sigma(sb.hfin) if batch_b is not None else sigma_a
+        sigma_b = vb.final_sigma(sb.hfin) if other_input else sigma_a
         b = Scorer(vb, sb, sigma_b, w, chunk, budget, work)
     if exhaustive:
         return _exhaustive(a, b, layers, k, w)
@@ -938,45 +957,56 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
          view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
          targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
          max_rescore: int = 2048, chunk: int = 256, budget: int = 1 << 22, held: int = HELD) -> Scan:
-    """Run `compare` over all cases in batches (left padded) and aggregate; see `compare` for the settings.
+    """Run `compare` over all cases and aggregate; see `compare` for the settings.
 
-    Memory is bounded by `held` (floats of base logits [layers, cases, vocab] one setting holds at once: a batch
-    is at most held / (layers x vocab) cases, and at most `batch_size`), `chunk` (readout rows [chunk, vocab] held
-    at once) and `budget` (floats per [rows, vocab] work block, see Scorer), whatever the number of cases and the
-    batch size: each batch is aggregated and dropped. Default 2^24 floats (64 MiB): 11 cases per pass on all 30
+    The forwards run `batch_size` cases at once (left padded, grouped by length: the model's matrices see large
+    blocks); the scoring passes take at most held / (layers x vocab) of them at a time. Memory is bounded by `held`
+    (floats of base logits [layers, cases, vocab] one setting holds at once), `chunk` (readout rows [chunk, vocab]
+    held at once) and `budget` (floats per [rows, vocab] work block, see Scorer), whatever the number of cases:
+    each pass is aggregated and dropped; a forward batch keeps only its [cases, FFN width] coefficients and
+    [cases, d] streams per layer. Default 2^24 floats (64 MiB): 11 cases per pass on all 30
     layers of SmolLM2 (vocabulary 49,152), 4 on a 32-layer model with Llama 3's 128k vocabulary. Per-case results
     do not depend on the batching (every score and bound is per case)."""
     from tqdm.auto import tqdm
 
     V = view_a.unembed_matrix().shape[0]
-    batch_size = cases_per_pass(batch_size, held, len(layers), V)
+    per = cases_per_pass(batch_size, held, len(layers), V)
 
     tops: list[tuple[Tensor, ...]] = []
     total = {l: torch.zeros(view_a.ffn_width(l)) for l in layers}
     total_abs = {l: torch.zeros(view_a.ffn_width(l)) for l in layers}
     coef: dict[str, dict[int, Tensor]] = {}
     rescored = 0
-    # cases of similar length share a pass: less left padding in the forwards (per-case results do not depend
-    # on the batching); the per-case outputs go back to the input order at the end
+    two = view_b is not None or seqs_b is not None or bool(ablate_b)
+    # cases of similar length share a forward: less left padding (per-case results do not depend on the
+    # batching); the per-case outputs go back to the input order at the end
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]) + (len(seqs_b[i]) if seqs_b is not None else 0))
-    for s in tqdm(range(0, len(seqs), batch_size), desc="cna", disable=not progress, unit="batch"):
+    bar = tqdm(total=len(seqs), desc="cna", disable=not progress, unit="case")
+    for s in range(0, len(seqs), batch_size):
         ids = order[s:s + batch_size]
-        batch_a = left_pad([seqs[i] for i in ids], pad_id)
-        batch_b = left_pad([seqs_b[i] for i in ids], pad_id) if seqs_b is not None else None
+        sa = collect(view_a, *left_pad([seqs[i] for i in ids], pad_id), layers)
+        sb = (collect(view_b or view_a, *left_pad([(seqs_b or seqs)[i] for i in ids], pad_id), layers,
+                      ablate=ablate_b) if two else None)
         tgt = torch.tensor([targets[i] for i in ids]) if targets is not None else None
-        c = compare(view_a, batch_a, layers, k, view_b=view_b, batch_b=batch_b, ablate_b=ablate_b,
-                    target=tgt, max_rescore=max_rescore, chunk=chunk, budget=budget)
-        # aggregate now and drop the batch (its scorers and dense estimates): memory does not grow with cases
-        tops.append((c.top.layer, c.top.index, c.top.score, c.top.certified, c.target))
-        for l in layers:
-            total[l] += c.delta[l].sum(0)
-            total_abs[l] += c.delta[l].abs().sum(0)
-            for side, m in (("a", c.coef_a), ("b", c.coef_b)):
-                if m is not None:
-                    coef.setdefault(side, {}).setdefault(l, torch.zeros_like(m[l][0], dtype=torch.float32))
-                    coef[side][l] += m[l].float().sum(0)
-        rescored += c.top.rescored
-        del c
+        for t in range(0, len(ids), per):  # the scoring passes: `per` cases' base logits at a time
+            rows = slice(t, t + per)
+            c = compare_states(view_a, sa.take(rows), k, view_b, sb.take(rows) if sb is not None else None,
+                               seqs_b is not None, None if tgt is None else tgt[rows], max_rescore=max_rescore,
+                               chunk=chunk, budget=budget)
+            # aggregate now and drop the pass (its scorers and dense estimates): memory does not grow with cases
+            tops.append((c.top.layer, c.top.index, c.top.score, c.top.certified, c.target))
+            for l in layers:
+                total[l] += c.delta[l].sum(0)
+                total_abs[l] += c.delta[l].abs().sum(0)
+                for side, m in (("a", c.coef_a), ("b", c.coef_b)):
+                    if m is not None:
+                        coef.setdefault(side, {}).setdefault(l, torch.zeros_like(m[l][0], dtype=torch.float32))
+                        coef[side][l] += m[l].float().sum(0)
+            rescored += c.top.rescored
+            bar.update(len(c.target))
+            del c
+        del sa, sb
+    bar.close()
     n = len(seqs)
     mean = {side: {l: v / n for l, v in m.items()} for side, m in coef.items()}
     back = torch.empty(n, dtype=torch.long)

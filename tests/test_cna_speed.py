@@ -106,13 +106,13 @@ def test_scan_holds_one_batch_and_one_block_at_a_time(monkeypatch):
     g = torch.Generator().manual_seed(7)
     seqs = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (4, 7, 5, 6, 3, 5, 6)]
     seen_cases, seen_rows = [], []
-    compare, rows = cna.compare, cna.Scorer._readout_rows
+    compare, rows = cna.compare_states, cna.Scorer._readout_rows
 
     work: list[dict] = []
 
-    def spy_compare(view_a, batch_a, *args, **kw):
-        seen_cases.append(batch_a[0].shape[0])
-        c = compare(view_a, batch_a, *args, **kw)
+    def spy_compare(view_a, sa, *args, **kw):
+        seen_cases.append(sa.logits.shape[0])
+        c = compare(view_a, sa, *args, **kw)
         work.extend([c.scorer_a.work, c.scorer_b.work])
         return c
 
@@ -120,7 +120,7 @@ def test_scan_holds_one_batch_and_one_block_at_a_time(monkeypatch):
         seen_rows.append(dirs.shape[0])
         return rows(self, dirs, out)
 
-    monkeypatch.setattr(cna, "compare", spy_compare)
+    monkeypatch.setattr(cna, "compare_states", spy_compare)
     monkeypatch.setattr(cna.Scorer, "_readout_rows", spy_rows)
     res = cna.scan(view, seqs, [1, 2], k=6, pad_id=0, batch_size=3, progress=False, ablate_b=((0, 1),),
                    chunk=5)
@@ -133,25 +133,31 @@ def test_scan_holds_one_batch_and_one_block_at_a_time(monkeypatch):
 
 
 def test_scan_caps_the_cases_per_pass_by_held_logits_and_the_results_do_not_change(monkeypatch):
-    """Dataset-mode memory is bounded by `held` (base-logit floats per setting) whatever --batch-size asks for;
-    every score and bound is per case, so a smaller pass changes no result."""
+    """Dataset-mode memory is bounded by `held` (base-logit floats per setting) whatever --batch-size asks for
+    (the forwards still run --batch-size cases); every score and bound is per case, so a smaller pass changes no
+    result."""
     view = ModelView(lively("llama"))
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (4, 7, 5, 6, 3, 5, 6)]
     layers, V = [1, 2], view.unembed_matrix().shape[0]
-    seen, compare = [], cna.compare
+    seen, forwards, compare, collect = [], [], cna.compare_states, cna.collect
 
-    def spy(view_a, batch_a, *args, **kw):
-        seen.append(batch_a[0].shape[0])
-        return compare(view_a, batch_a, *args, **kw)
+    def spy(view_a, sa, *args, **kw):
+        seen.append(sa.logits.shape[0])
+        return compare(view_a, sa, *args, **kw)
 
-    monkeypatch.setattr(cna, "compare", spy)
+    def spy_collect(view, ids, *args, **kw):
+        forwards.append(ids.shape[0])
+        return collect(view, ids, *args, **kw)
+
+    monkeypatch.setattr(cna, "compare_states", spy)
+    monkeypatch.setattr(cna, "collect", spy_collect)
     kw = dict(k=6, pad_id=0, batch_size=7, progress=False, ablate_b=((0, 1),))
     whole = cna.scan(view, seqs, layers, **kw)
-    assert seen == [7]
-    seen.clear()
+    assert seen == [7] and forwards == [7, 7]
+    seen.clear(), forwards.clear()
     held = cna.scan(view, seqs, layers, held=2 * len(layers) * V + 5, **kw)
-    assert seen == [2, 2, 2, 1]
+    assert seen == [2, 2, 2, 1] and forwards == [7, 7], "the forwards keep --batch-size; the passes are capped"
     assert torch.equal(whole.top_layer, held.top_layer) and torch.equal(whole.top_index, held.top_index)
     torch.testing.assert_close(held.top_score, whole.top_score, atol=1e-5, rtol=0)
     for l in layers:
