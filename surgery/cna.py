@@ -767,13 +767,13 @@ def _fingerprint(d: Tensor, sc: Scorer) -> str:
     wu = sc.view.unembed_matrix()
     mem = getattr(wu, "_surgery_sha", None)
     if mem is None or mem[0] != wu._version:
-        h = hashlib.sha256(wu.detach().float().cpu().numpy().tobytes())
-        h.update(sc.gain.cpu().numpy().tobytes())
+        h = hashlib.sha256(wu.detach().float().cpu().contiguous().numpy())  # the buffer itself: no 4 x V x d copy
+        h.update(sc.gain.detach().float().cpu().contiguous().numpy())
         h.update(sc.view.arch.norm_kind.encode())
         mem = (wu._version, h.hexdigest())
         wu._surgery_sha = mem
     h = hashlib.sha256(mem[1].encode())
-    h.update(d.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(d.detach().float().cpu().contiguous().numpy())
     return h.hexdigest()[:32]
 
 
