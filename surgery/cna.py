@@ -208,9 +208,10 @@ class Scorer:
         """Base logits (and with `tails` the tail statistics of the bounds) for many layers at once: the readouts
         W_U x of all (layer, case) rows go through ONE matmul per group of layers (one pass over W_U instead of
         one per layer: large products run near the GEMM peak), and so does the tail mean q @ W_U, in groups of at
-        most `budget` floats (its [rows, vocab] temporary). Base logits live in one [layers, B, V] block per Scorer (written in place, kept: the same
-        values serve the bounds and the exact scores); the tail distributions go into a reused work block. The
-        log-sum-exp of a layer's logits comes with its tail statistics (one exp pass, `_tail`)."""
+        most `budget` floats (its [rows, vocab] temporary). Base logits live in one [layers, B, V] block per
+        Scorer (written in place, kept: the same values serve the bounds and the exact scores); the tail
+        distributions go into a reused work block. The log-sum-exp of a layer's logits comes with its tail
+        statistics (one exp pass, `_tail`)."""
         B, V = self.target.shape[0], self.WU.shape[0]
         per = max(1, self.budget // max(1, B * V))
         if self.z0_all is None:
@@ -230,7 +231,8 @@ class Scorer:
             mass = []
             for i, layer in enumerate(group):
                 z = self._z0(layer)
-                mass.append(self._tail(layer, self.view.softcap_logits(z) if self.cap else z, q[i * B:(i + 1) * B]))
+                z = self.view.softcap_logits(z) if self.cap else z
+                mass.append(self._tail(layer, z, q[i * B:(i + 1) * B]))
             if self.cap:  # soft-capped: the tail statistics of the capped logits, no mean
                 for layer in group:
                     self.tail_cache[layer] += (None,)
@@ -239,14 +241,14 @@ class Scorer:
                 mean_u = q @ self.WU  # [G * B, d]: sum_j q_j W_U[j] on each case's tail, q unnormalised
             for i, layer in enumerate(group):
                 self.tail_cache[layer] += (mean_u[i * B:(i + 1) * B] / mass[i],)
-        for layer in new:
+        for layer in new:  # log p0(w): the target's (capped) logit minus the log-sum-exp of the tail statistics
             z = self._z0(layer)
-            lse = self.tail_cache[layer][2] if layer in self.tail_cache else None
-            if self.cap:
-                z = self.view.softcap_logits(z)
-            if lse is None:
-                lse = z.logsumexp(-1, keepdim=True)
-            self.layer_cache[layer] = (self._z0(layer), z.gather(1, self.target[:, None])[:, 0] - lse[:, 0])
+            if layer in self.tail_cache:
+                lse = self.tail_cache[layer][2]
+            else:
+                lse = self.view.softcap_logits(z).logsumexp(-1, keepdim=True)
+            zw = self.view.softcap_logits(z.gather(1, self.target[:, None]))
+            self.layer_cache[layer] = (z, (zw - lse)[:, 0])
 
     def _z0(self, layer: int) -> Tensor:
         """The layer's pre-softcap base logits [B, V] (a view into the Scorer's [layers, B, V] block)."""
@@ -270,6 +272,8 @@ class Scorer:
         log_zr = t + mass.log()  # -inf when the tail is empty
         lse0 = torch.logaddexp(z0.gather(1, top).logsumexp(-1, keepdim=True), log_zr)
         self.tail_cache[layer] = (top, wcol, lse0, log_zr)
+        if not self.cap:  # z0 is the pre-softcap block: its max comes with the top-k (see `_zmax`)
+            self.zmax_cache[layer] = vals[:, 0]
         return mass.clamp_min(torch.finfo(mass.dtype).tiny)
 
     def _factor(self, layer: int) -> tuple[Tensor, Tensor | None]:
@@ -529,7 +533,7 @@ class Scorer:
         return torch.cat(res).cpu()
 
     def _zmax(self, layer: int) -> Tensor:
-        """Each case's largest base logit [B] (pre-softcap), cached per layer."""
+        """Each case's largest base logit [B] (pre-softcap), cached per layer (by `_tail` when it ran)."""
         if layer not in self.zmax_cache:
             self.zmax_cache[layer] = self._base(layer)[0].amax(-1)
         return self.zmax_cache[layer]
@@ -717,7 +721,8 @@ def _runs(layers: list[int], slot: dict[int, int], most: int) -> list[list[int]]
 def _topk(z: Tensor, k: int, block: int = 256) -> tuple[Tensor, Tensor]:
     """Row-wise top-k (values descending, indices) of z [B, V], reading most of each row once: the top k
     elements lie in the k blocks of `block` columns with the largest maxima (an element outside them has k block
-    maxima above it), so topk runs on k x block candidates. 1.8x torch.topk for k 32 of 49,152 (BENCHMARKS.md)."""
+    maxima above it), so topk runs on k x block candidates. 1.5-1.7x torch.topk for k 32 of 49,152
+    (bench/cna_parts.py)."""
     B, V = z.shape
     nb = V // block
     if nb <= 2 * k:
