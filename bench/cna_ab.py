@@ -20,7 +20,7 @@ sys.path.insert(0, root)
 
 import cna as bench_cna  # noqa: E402  (ROOT/bench/cna.py)
 
-from surgery.batching import pad_id  # noqa: E402
+from surgery.model.batching import pad_id  # noqa: E402
 
 view, tok, seqs = bench_cna._setup(48)
 pad = pad_id(tok)

@@ -16,13 +16,13 @@ import argparse
 
 import torch
 
-from surgery import selectors
-from surgery.arch import ModelView
-from surgery.batching import left_pad, pad_id
-from surgery.cna import compare
-from surgery.lora import load_against
-from surgery.models import load_model
-from surgery.pruning import load_recipe, make_plan, make_task
+from surgery.find import selectors
+from surgery.model.arch import ModelView
+from surgery.model.batching import left_pad, pad_id
+from surgery.find.cna import compare
+from surgery.edits.lora import load_against
+from surgery.io.loading import load_model
+from surgery.edits.pruning import load_recipe, make_plan, make_task
 
 
 def top_set(scores: torch.Tensor, frac: float) -> set[int]:

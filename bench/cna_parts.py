@@ -1,4 +1,4 @@
-"""The small measurements behind the 2026-12-03 CNA changes (BENCHMARKS.md, "Issue 16, 2026-12-03").
+"""The small measurements behind the 2026-12-03 CNA changes (docs/benchmarks/cna.md, "Issue 16, 2026-12-03").
 
     python bench/cna_parts.py [--threads 2]
 
@@ -24,10 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from surgery.evals import arithmetic  # noqa: E402
 
-from surgery import cna  # noqa: E402
-from surgery.arch import ModelView  # noqa: E402
-from surgery.batching import left_pad, pad_id  # noqa: E402
-from surgery.models import load_model  # noqa: E402
+from surgery.find import cna  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
+from surgery.model.batching import left_pad, pad_id  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 
 
 def best_ms(f, n: int = 50) -> float:

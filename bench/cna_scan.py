@@ -30,11 +30,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from surgery.evals import arithmetic  # noqa: E402
 
-from surgery import cna  # noqa: E402
-from surgery.arch import ModelView  # noqa: E402
-from surgery.batching import pad_id  # noqa: E402
-from surgery.models import load_model  # noqa: E402
-from surgery.prune_sweep import matmul_params  # noqa: E402
+from surgery.find import cna  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
+from surgery.model.batching import pad_id  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
+from surgery.commands.prune.sweep import matmul_params  # noqa: E402
 
 
 def _kb(field: str) -> int:

@@ -6,7 +6,7 @@ interleaved repeats; cost per case per unit of (neurons x vocabulary).
 
 --layers 30 gives the random models SmolLM2's layer count, so only the vocabulary differs. With fewer layers, the
 per-case cost of the k exact scores (about k x vocab x d, whatever the layer count) weighs more per unit of
-(neurons x layers x vocabulary) than it does on SmolLM2 (BENCHMARKS.md).
+(neurons x layers x vocabulary) than it does on SmolLM2 (docs/benchmarks/cna.md).
 
 Each model scores the same number of cases (random token prompts for the random models, 1-digit arithmetic for
 SmolLM2) with `cna.compare` (certified top-k over all layers). Last line:
@@ -29,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from surgery.evals import arithmetic  # noqa: E402
 
-from surgery import cna  # noqa: E402
-from surgery.arch import ModelView  # noqa: E402
-from surgery.batching import left_pad, pad_id  # noqa: E402
-from surgery.models import load_model  # noqa: E402
+from surgery.find import cna  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
+from surgery.model.batching import left_pad, pad_id  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 
 
 def random_model(kind: str, layers: int) -> torch.nn.Module:

@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from surgery.arch import ModelView  # noqa: E402
-from surgery.batching import batches, left_pad, pad_id, position_ids  # noqa: E402
-from surgery.hooks import Hooks  # noqa: E402
-from surgery.models import load_model  # noqa: E402
-from surgery.pruning import load_recipe, make_task  # noqa: E402
-from surgery.slicing import removed  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
+from surgery.model.batching import batches, left_pad, pad_id, position_ids  # noqa: E402
+from surgery.model.hooks import Hooks  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
+from surgery.edits.pruning import load_recipe, make_task  # noqa: E402
+from surgery.model.slicing import removed  # noqa: E402
 
 
 def coefficients(view: ModelView, seqs: list[list[int]], layers: list[int], pad: int, bs: int = 32):

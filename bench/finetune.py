@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from surgery.evals import arithmetic  # noqa: E402
 
-from surgery.batching import pad_id  # noqa: E402
-from surgery.components import from_list, parse, shape_of  # noqa: E402
-from surgery.models import load_model  # noqa: E402
-from surgery.precise import Precise, select  # noqa: E402
-from surgery.training import Collator, answer_loss  # noqa: E402
+from surgery.model.batching import pad_id  # noqa: E402
+from surgery.find.components import from_list, parse, shape_of  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
+from surgery.edits.precise import Precise, select  # noqa: E402
+from surgery.edits.training import Collator, answer_loss  # noqa: E402
 
 
 def batch(tok, n: int) -> dict:

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from surgery.evals import arithmetic  # noqa: E402
 
-from surgery import heads as H  # noqa: E402
-from surgery.arch import ModelView  # noqa: E402
-from surgery.models import load_model  # noqa: E402
+from surgery.find import head_scan as H  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 
 
 def reference(model, cases, heads) -> dict:

@@ -11,8 +11,8 @@ import argparse
 
 import torch
 
-from surgery.models import load_model
-from surgery.pruning import keeps_for, load_recipe, make_task, sliced_copy, token_means
+from surgery.io.loading import load_model
+from surgery.edits.pruning import keeps_for, load_recipe, make_task, sliced_copy, token_means
 
 
 def main() -> None:

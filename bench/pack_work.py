@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from surgery import heads as H
-from surgery import tasks
+from surgery.find import head_scan as H
+from surgery.evals import tasks
 from surgery.evals import arithmetic
 
 

@@ -1,14 +1,14 @@
 """What the cut buys: dense vs physically sliced SmolLM2, deep FFN (layers 15-29) cut to 50/25/10/5%.
 
     python bench/prune.py [--model smollm2-135m] [--keep 50,25,10,5] [--batch 8] [--seq 32] [--repeats 9]
-                          [--threads 1] [--no-memory]     # --threads 1 on a shared CPU (BENCHMARKS.md)
+                          [--threads 1] [--no-memory]     # --threads 1 on a shared CPU (docs/benchmarks/prune.md)
     python bench/prune.py --sweep runs/SWEEP        # every cell of a prune sweep folder (DIR/cells.jsonl)
 
 Keep set: the given % of the deep layers' FFN neurons with the largest weight magnitude (one global budget); the
 bench measures the shapes, not the selector. For every keep level three models run on the same batch:
 - dense: the base model;
 - sliced: `slice_ffn` as it slices by default (kept widths rounded up to a multiple of 8 with zero padding neurons,
-  surgery/slicing.py);
+  surgery/model/slicing.py);
 - exact: `slice_ffn(..., multiple=1)` (widths = kept counts), to show what the rounding changes.
 Timing: `--repeats` rounds; each round runs dense, sliced, exact for every level back to back (after one warm-up
 each), so machine load hits all alike. Reported per level: the median of each model's times with the spread
@@ -82,14 +82,14 @@ def global_keep(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list[i
 
 def magnitude_scores(model: nn.Module, layers: list[int]) -> dict[int, torch.Tensor]:
     """|keys| x |value| per neuron (weight magnitude; the selector does not matter for timing)."""
-    from surgery.arch import ModelView
+    from surgery.model.arch import ModelView
 
     view = ModelView(model)
     return {l: sum(k.norm(dim=1) for k in view.keys(l)) * view.values(l).norm(dim=1) for l in layers}
 
 
 def sliced(model: nn.Module, keep: dict[int, list[int]], multiple: int | None) -> nn.Module:
-    from surgery.slicing import slice_ffn
+    from surgery.model.slicing import slice_ffn
 
     # share every tensor with the base (memo): only the module tree and config are copied, and slice_ffn builds new
     # FFN tensors without writing the old ones, so the copies cost the sliced FFN weights alone
@@ -135,7 +135,7 @@ def folder_bytes(p: Path) -> int:
 def child(path: str, b: int, t: int) -> None:
     """Subprocess: load a checkpoint, run one forward, print peak RSS (MiB) as JSON. The peak is this process's
     VmHWM (getrusage's ru_maxrss survives exec and would report the parent's peak)."""
-    from surgery import export
+    from surgery.io import checkpoint as export
 
     model = export.load(path)
     loaded = rss_mib()
@@ -202,9 +202,9 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from surgery.cna import parse_layers
-    from surgery.models import load_model
-    from surgery.slicing import ffn_param_count
+    from surgery.find.cna import parse_layers
+    from surgery.io.loading import load_model
+    from surgery.model.slicing import ffn_param_count
 
     load_start = loadavg()
     dense = load_model(a.model)
@@ -254,7 +254,7 @@ def main() -> None:
 
 
 def memory_lines(base: nn.Module, last: nn.Module, tokenizer, b: int, t: int) -> None:
-    from surgery import export
+    from surgery.io import checkpoint as export
 
     with tempfile.TemporaryDirectory(prefix="bench-prune-") as tmp:
         pd, ps = Path(tmp) / "dense", Path(tmp) / "sliced"

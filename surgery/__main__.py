@@ -1,5 +1,5 @@
 """`python -m surgery ...` and `accelerate launch -m surgery heads ...`."""
 
-from .cli import main
+from surgery.cli import main
 
 raise SystemExit(main())

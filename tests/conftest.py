@@ -70,7 +70,7 @@ def tiny_inputs(batch: int = 3, seq: int = 7, seed: int = 1) -> dict:
 def smol():
     """The real SmolLM2-135M (fp32), converted once into checkpoints/base/; skipped if the package is absent."""
     pytest.importorskip("gguf")
-    from surgery.models import ModelNotFound, load_model
+    from surgery.io.loading import ModelNotFound, load_model
 
     try:
         return load_model("smollm2-135m")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_tiny, tiny_inputs
 
-from surgery.arch import ArchError, ModelView, supported
-from surgery.hooks import Hooks
+from surgery.model.arch import ArchError, ModelView, supported
+from surgery.model.hooks import Hooks
 
 ATOL = 1e-5
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from surgery import circuit as C
-from surgery import heuristics as Hx
+from surgery.find import circuit as C
+from surgery.find import heuristics as Hx
 from surgery.cli import main
 
 

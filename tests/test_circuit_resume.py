@@ -9,9 +9,11 @@ import json
 import pytest
 import torch
 
-from surgery import circuit as C
-from surgery import heuristics as Hx
+from surgery.commands.circuit import job as circuit_job
+from surgery.find import circuit as C
+from surgery.find import heuristics as Hx
 from surgery.cli import main
+from surgery.commands.heuristics import job as heuristics_job
 
 ARGS = ["--ops", "+,/", "--operands", "0-12", "--limit", "3", "--verify", "6", "--rescore", "2", "--include-wrong",
         "--neuron-from", "2", "--batch-size", "8"]
@@ -43,9 +45,9 @@ def test_resumed_equals_uninterrupted(tiny_smol_dir, uninterrupted, tmp_path, mo
     monkeypatch.setattr(C, "neuron_curve", dies_second_time)
     assert main(argv) == 130
     assert not (out / "circuit.json").exists()
-    done = sorted(f.name for f in (out / C.STAGE_DIR).iterdir())
+    done = sorted(f.name for f in (out / circuit_job.STAGE_DIR).iterdir())
     assert done == ["add.effects.json", "add.heads.json", "add.neurons.json", "div.effects.json", "div.heads.json",
-                    C.MEANS_FILE]
+                    circuit_job.MEANS_FILE]
     monkeypatch.setattr(C, "neuron_curve", real_curve)
     screens, means = [], []
     real_screen, real_means = C.screen_mean, C.P.means
@@ -60,7 +62,7 @@ def test_resumed_equals_uninterrupted(tiny_smol_dir, uninterrupted, tmp_path, mo
 def test_other_configuration_is_refused(tiny_smol_dir, tmp_path, capfd):
     out = tmp_path / "c"
     out.mkdir()
-    (out / C.RUN_FILE).write_text(json.dumps({"model": str(tiny_smol_dir), "limit": 5}))
+    (out / circuit_job.RUN_FILE).write_text(json.dumps({"model": str(tiny_smol_dir), "limit": 5}))
     before = sorted(p.name for p in out.iterdir())
     assert main(["circuit", "--model", "some-other-model", "--out", str(out), *ARGS]) == 2
     err = capfd.readouterr().err
@@ -94,5 +96,5 @@ def test_heuristics_end_to_end(tiny_smol_dir, uninterrupted, tmp_path):
 
 
 def test_ablation_accuracy_markdown():
-    assert Hx._acc_md(Hx._acc(torch.tensor([True] * 7 + [False] * 3))) == "0.700 [0.397, 0.892] (n=10)"
-    assert Hx._acc_md(Hx._acc(torch.tensor([], dtype=torch.bool))) == "n/a (n=0)"
+    assert heuristics_job._acc_md(Hx._acc(torch.tensor([True] * 7 + [False] * 3))) == "0.700 [0.397, 0.892] (n=10)"
+    assert heuristics_job._acc_md(Hx._acc(torch.tensor([], dtype=torch.bool))) == "n/a (n=0)"

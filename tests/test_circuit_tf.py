@@ -11,9 +11,9 @@ import torch
 from conftest import ARCHS, make_tiny
 from test_patching import ROLE_POS, pairs
 
-from surgery import patching as P
-from surgery.arch import ModelView
-from surgery.hooks import Hooks
+from surgery.find import patching as P
+from surgery.model.arch import ModelView
+from surgery.model.hooks import Hooks
 
 T, B, A = 7, 3, 3
 

@@ -138,7 +138,7 @@ def test_circuit_resume_into_another_models_folder(tmp_path, capfd):
     """An unfinished `surgery circuit` folder of another model (or any other option) is not continued."""
     import json
 
-    from surgery.circuit import RUN_FILE
+    from surgery.commands.circuit.job import RUN_FILE
 
     out = tmp_path / "c"
     out.mkdir()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import ARCHS, make_tiny, tiny_inputs
 
-from surgery import cna
-from surgery.arch import ModelView
+from surgery.find import cna
+from surgery.model.arch import ModelView
 from surgery.errors import UsageError
 
 

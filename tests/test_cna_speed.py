@@ -10,8 +10,8 @@ import transformers as T
 from conftest import tiny_config, tiny_inputs
 from test_cna import _same_topk, lively
 
-from surgery import cna
-from surgery.arch import ModelView
+from surgery.find import cna
+from surgery.model.arch import ModelView
 
 
 def _batch(seed=2, batch=4, seq=6):

@@ -11,14 +11,15 @@ import transformers as T
 from conftest import make_tiny, tiny_config
 from surgery.evals import gender_bias as gb
 
-from surgery import debias as D
-from surgery import selectors
-from surgery.arch import ModelView
-from surgery.batching import left_pad
+from surgery.commands.debias import job as D
+from surgery.find import selectors
+from surgery.model.arch import ModelView
+from surgery.model.batching import left_pad
 from surgery.cli import main as cli_main
-from surgery.cna import Scorer, collect
+from surgery.find.cna import Scorer, collect
 from surgery.errors import UsageError
-from surgery.selection import mean_coefficients, random_scores
+from surgery.find.neurons import mean_coefficients, random_scores
+from surgery.commands.debias import run as debias_run
 
 SMOL = Path("checkpoints/base/smollm2-135m")
 needs_tok = pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="needs the SmolLM2 tokenizer files")
@@ -28,7 +29,7 @@ needs_tok = pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="n
 def tok():
     if not (SMOL / "tokenizer.json").exists():
         pytest.skip("needs the SmolLM2 tokenizer files")
-    from surgery.models import prepare_tokenizer
+    from surgery.io.loading import prepare_tokenizer
 
     t = T.AutoTokenizer.from_pretrained(str(SMOL))
     prepare_tokenizer(t)
@@ -104,7 +105,7 @@ def test_activation_means_weight_duplicates():
     view = ModelView(model)
     seqs = [[5, 6, 7], [5, 6, 7], [9, 10]]
     means = mean_coefficients(view, seqs, [1, 2], pad=0)
-    from surgery.hooks import Hooks
+    from surgery.model.hooks import Hooks
 
     rows = []
     for s in seqs:
@@ -205,7 +206,7 @@ def test_too_many_neurons_and_existing_out(tmp_path, capsys, tiny_dir):
     assert "hold only 144" in err
     (tmp_path / "exists").mkdir()
     with pytest.raises(UsageError, match="already exists"):
-        D.run(model=str(tiny_dir), out=str(tmp_path / "exists"))
+        debias_run(model=str(tiny_dir), out=str(tmp_path / "exists"))
 
 
 # ---- end to end on a tiny model --------------------------------------------------------------------------------------
@@ -216,10 +217,10 @@ TINY = ["layers=1-2", "professions=[nurse, secretary, driver, miner]", "selectio
 
 @pytest.mark.parametrize("edit", ["zero", "remove"])
 def test_run_end_to_end_on_tiny(tmp_path, tiny_dir, edit):
-    from surgery import export
+    from surgery.io import checkpoint as export
 
     out = tmp_path / f"debiased-{edit}"
-    rep = D.run(model=str(tiny_dir), out=str(out), overrides=TINY, neurons=3, edit=edit)
+    rep = debias_run(model=str(tiny_dir), out=str(out), overrides=TINY, neurons=3, edit=edit)
     res = rep.data["results"]
     for f in ("report.json", "report.md", "bias_vs_n.png", "collateral_vs_n.png", "surgery.json", "config.json"):
         assert (out / f).exists(), f
@@ -251,7 +252,7 @@ def test_real_quick_recipe_debiases_smollm2(tmp_path):
     """The quick recipe on SmolLM2 (selection cut to layers 20-29 and 12 professions to stay a few minutes)."""
     out = tmp_path / "debias-quick"
     profs = "[nurse, secretary, receptionist, maid, hairdresser, librarian, driver, miner, roofer, guard, builder, porter]"
-    rep = D.run(out=str(out), quick=True, overrides=["layers=20-29", f"professions={profs}"])
+    rep = debias_run(out=str(out), quick=True, overrides=["layers=20-29", f"professions={profs}"])
     res = rep.data["results"]
     t = {r["group"]: r for r in res["bias_table"]}
     assert t["total"]["after"] < t["total"]["before"]

@@ -7,9 +7,11 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from surgery import cna, selection, training
-from surgery.arch import ModelView
-from surgery.training import TrainSpec, train_args
+from surgery.find import cna
+from surgery.find import neurons as selection
+from surgery.edits import training
+from surgery.model.arch import ModelView
+from surgery.edits.training import TrainSpec, train_args
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SEQS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]

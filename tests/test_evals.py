@@ -12,9 +12,9 @@ from surgery.evals import arithmetic as A
 from surgery.evals import gender_bias as G
 from surgery.evals import perplexity as P
 
-from surgery.batching import last_logits, left_pad, predict_cases, suffix_logprobs
+from surgery.model.batching import last_logits, left_pad, predict_cases, suffix_logprobs
 from surgery.errors import UsageError
-from surgery.evaluate import evaluate, format_table
+from surgery.commands.eval.job import evaluate, format_table
 
 SMOL_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "base" / "smollm2-135m"
 

@@ -16,11 +16,13 @@ import pytest
 import torch
 from conftest import ARCHS, N, make_tiny, tiny_inputs
 
-from surgery import export
-from surgery.arch import ModelView
+from surgery.io import checkpoint as export
+from surgery.commands.diff.job import diff as diff_checkpoints
+from surgery.commands.inspect.job import inspect as inspect_checkpoint
+from surgery.model.arch import ModelView
 from surgery.cli import main as cli_main
 from surgery.errors import UsageError
-from surgery.slicing import slice_ffn
+from surgery.model.slicing import slice_ffn
 
 ATOL = 1e-5
 HERE = Path(__file__).parent
@@ -216,7 +218,7 @@ def test_reloaded_sliced_model_re_exports_padded(tmp_path):
     export.save(model, None, tmp_path / "s", layout="sliced")
     back = export.load(tmp_path / "s")
     export.save(back, None, tmp_path / "p", layout="padded")
-    r = export.diff(str(_base_folder("gpt2", tmp_path)), str(tmp_path / "p"))
+    r = diff_checkpoints(str(_base_folder("gpt2", tmp_path)), str(tmp_path / "p"))
     assert r.data["layers"][2]["zeroed"] == sorted(set(range(N)) - set(KEEP[2]))
 
 
@@ -236,7 +238,7 @@ def test_existing_target_needs_force(tmp_path):
     with pytest.raises(UsageError, match="already exists; pass --force"):
         export.save(model, None, tmp_path / "ck", layout="zeroed")
     export.save(model, None, tmp_path / "ck", layout="zeroed", force=True)
-    assert export.inspect(str(tmp_path / "ck")).exit_code == 0
+    assert inspect_checkpoint(str(tmp_path / "ck")).exit_code == 0
 
 
 def test_bad_layout_choices_are_one_line_errors(tmp_path):
@@ -255,7 +257,7 @@ KILLER = r'''
 import sys, time
 sys.path.insert(0, sys.argv[2])
 from conftest import make_tiny
-from surgery import export
+from surgery.io import checkpoint as export
 orig = export._flush
 def slow(*a, **k):
     r = orig(*a, **k)
@@ -279,7 +281,7 @@ def test_killed_export_leaves_no_checkpoint(tmp_path):
     assert not target.exists()
     assert all(d.name.startswith(".ck.tmp.") for d in tmp_path.iterdir())
     export.save(make_tiny("llama"), None, target, layout="zeroed")  # no --force needed: nothing was left
-    assert export.inspect(str(target)).exit_code == 0
+    assert inspect_checkpoint(str(target)).exit_code == 0
 
 
 PEAK = r"""
@@ -287,7 +289,7 @@ import sys
 from pathlib import Path
 import torch, safetensors.torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
-from surgery import export
+from surgery.io import checkpoint as export
 kb = lambda f: int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(f)).split()[1])
 Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (ru_maxrss would include the parent's)
 before = kb("VmRSS:")
@@ -327,7 +329,7 @@ def checkpoint(tmp_path):
 
 
 def test_inspect_reports_layout_and_widths(checkpoint, capsys):
-    r = export.inspect(str(checkpoint))
+    r = inspect_checkpoint(str(checkpoint))
     assert r.exit_code == 0 and r.data["ok"]
     assert r.data["layout"] == "sliced" and r.data["ffn"]["widths"] == [16, N, 8]
     assert r.data["ffn"]["padding"] == [0, 0, 4] and "padding neurons" in r.markdown
@@ -340,7 +342,7 @@ def test_tampered_tensor_file_exit_1(checkpoint):
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
-    r = export.inspect(str(checkpoint))
+    r = inspect_checkpoint(str(checkpoint))
     assert r.exit_code == 1 and any("sha256 mismatch" in p for p in r.data["problems"])
     assert cli_main(["inspect", str(checkpoint)]) == 1
 
@@ -348,7 +350,7 @@ def test_tampered_tensor_file_exit_1(checkpoint):
 def test_truncated_tensor_file_exit_1(checkpoint):
     f = checkpoint / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    r = export.inspect(str(checkpoint))
+    r = inspect_checkpoint(str(checkpoint))
     assert r.exit_code == 1
     assert any("truncated" in p for p in r.data["problems"])
 
@@ -356,7 +358,7 @@ def test_truncated_tensor_file_exit_1(checkpoint):
 def test_inspect_without_manifest_is_usage_error(tmp_path):
     make_tiny("llama").save_pretrained(tmp_path / "plain")
     with pytest.raises(UsageError, match="not a surgery checkpoint"):
-        export.inspect(str(tmp_path / "plain"))
+        inspect_checkpoint(str(tmp_path / "plain"))
 
 
 # ---- diff from weights alone ------------------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def test_diff_finds_zeroed_scaled_amplified_and_heads(arch, tmp_path):
     model, prov = make_case(arch, "zeroed")
     export.save(model, None, tmp_path / "ed", layout="zeroed", provenance=prov)
     (tmp_path / "ed" / "surgery.json").unlink()  # weights alone
-    r = export.diff(str(base), str(tmp_path / "ed"))
+    r = diff_checkpoints(str(base), str(tmp_path / "ed"))
     L = r.data["layers"]
     assert L[1]["zeroed"] == [3, 7, 9] and L[0]["zeroed"] == [] and L[2]["zeroed"] == []
     assert L[2]["scaled"] == [{"neuron": 4, "factor": 2.5}, {"neuron": 5, "factor": 0.5}]
@@ -386,7 +388,7 @@ def test_diff_reports_sliced_widths_exactly(arch, layout, tmp_path):
     base = _base_folder(arch, tmp_path)
     model, _ = make_case(arch, layout)
     export.save(model, None, tmp_path / "pr", layout=layout)
-    r = export.diff(str(base), str(tmp_path / "pr"), out=str(tmp_path / "rep"))
+    r = diff_checkpoints(str(base), str(tmp_path / "pr"), out=str(tmp_path / "rep"))
     L = r.data["layers"]
     removed = {l: sorted(set(range(N)) - set(k)) for l, k in KEEP.items()}
     if layout == "sliced":
@@ -406,7 +408,7 @@ def test_diff_lists_other_changed_tensors(tmp_path):
     with torch.no_grad():
         ModelView(model).layer(1).self_attn.q_proj.weight.add_(0.01)  # e.g. a merged LoRA delta
     model.save_pretrained(tmp_path / "lora")
-    r = export.diff(str(base), str(tmp_path / "lora"))
+    r = diff_checkpoints(str(base), str(tmp_path / "lora"))
     assert [o["tensor"] for o in r.data["other_tensors"]] == ["model.layers.1.self_attn.q_proj.weight"]
     assert abs(r.data["other_tensors"][0]["max_abs_diff"] - 0.01) < 1e-3
 
@@ -469,11 +471,11 @@ def test_real_smollm2_sliced_round_trip_and_diff(smol, tmp_path, clean_python):
                                             "attn": model.config._attn_implementation}], tmp_path)
     torch.testing.assert_close(torch.load(tmp_path / "l.pt"), ref, atol=ATOL, rtol=0)
     assert res[str(out)]["text"] == greedy_text(model, smol.tokenizer, prompt)
-    r = export.diff("smollm2-135m", str(out))
+    r = diff_checkpoints("smollm2-135m", str(out))
     assert r.data["summary"]["widths"] == [widths.get(l, 1536) for l in range(30)]
     for l, k in keep.items():
         assert r.data["layers"][l]["removed"] == sorted(set(range(1536)) - set(k.tolist()))
-    assert export.inspect(str(out)).exit_code == 0
+    assert inspect_checkpoint(str(out)).exit_code == 0
 
 
 @pytest.mark.real
@@ -484,7 +486,7 @@ def test_real_smollm2_debiased_diff_exact(smol, tmp_path):
     v.zero_neuron_weights(18, [5, 77, 1200])
     v.scale_neuron_values(20, [9], 3.0)
     export.save(model, smol.tokenizer, tmp_path / "deb", layout="zeroed")
-    r = export.diff("smollm2-135m", str(tmp_path / "deb"))
+    r = diff_checkpoints("smollm2-135m", str(tmp_path / "deb"))
     edited = {l["layer"]: (l["zeroed"], l["scaled"]) for l in r.data["layers"] if l["zeroed"] or l["scaled"]}
     assert edited == {18: ([5, 77, 1200], []), 20: ([], [{"neuron": 9, "factor": 3.0}])}
     assert r.data["other_tensors"] == [] and r.data["layers"][20]["amplified"] == [9]

@@ -8,11 +8,12 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from surgery.components import Components
+from surgery.find.components import Components
 from surgery.errors import UsageError
-from surgery.export import diff, save
-from surgery.precise import Precise, select
-from surgery.training import TrainSpec, answer_trainer
+from surgery.commands.diff.job import diff
+from surgery.io.checkpoint import save
+from surgery.edits.precise import Precise, select
+from surgery.edits.training import TrainSpec, answer_trainer
 
 
 class _Tok:
@@ -44,7 +45,7 @@ def test_diff_reports_exactly_the_trained_components(arch, tmp_path):
     n_kv = getattr(base.config, "num_key_value_heads", None) or base.config.num_attention_heads
     group = base.config.num_attention_heads // n_kv
     assert got["kv_heads"] == [f"0.{1 // group}", f"2.{3 // group}"]
-    from surgery.arch import ModelView
+    from surgery.model.arch import ModelView
 
     a = ModelView(base).arch
     qkv = {f"{a.layers}.{l}.{p}.{w}" for l in (0, 2) for p in a.attn_qkv for w in ("weight", "bias")}
@@ -56,7 +57,7 @@ def test_diff_reports_exactly_the_trained_components(arch, tmp_path):
 
 
 def test_finetune_bad_inputs_write_nothing(tmp_path):
-    from surgery.finetune import run
+    from surgery.commands.finetune import run
 
     out = tmp_path / "o"
     for kw, msg in [(dict(components="99.0"), "outside"), (dict(components=""), "empty"),
@@ -69,7 +70,7 @@ def test_finetune_bad_inputs_write_nothing(tmp_path):
 
 
 def test_plan_rows_same_k_random_control_disjoint_and_sweep():
-    from surgery.finetune import FinetuneRecipe, plan_rows
+    from surgery.commands.finetune.job import FinetuneRecipe, plan_rows
 
     r = FinetuneRecipe(sweep=[1, 2, 3, 9])
     comps = Components([(2, 3), (0, 1), (1, 0)], [])

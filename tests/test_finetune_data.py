@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from surgery import finetune as ft
+from surgery.commands.finetune import job as ft
 from surgery.cli import main
+from surgery.commands.finetune import run as finetune_run
 
 ROWS = [("France", " Paris", "eu"), ("Italy", " Rome", "eu"), ("Japan", " Tokyo", "asia"), ("Spain", " Madrid", "eu"),
         ("China", " Beijing", "asia"), ("Malaysia", " Kuala Lumpur", "asia"), ("Andorra", " Andorra la Vella", "eu"),
@@ -26,7 +27,7 @@ def _jsonl(path, rows=ROWS):
 
 
 def _run(tiny, data, out, **kw):
-    return ft.run(model=str(tiny), out=str(out), quick=True, data=str(data), overrides=SMALL, **kw)
+    return finetune_run(model=str(tiny), out=str(out), quick=True, data=str(data), overrides=SMALL, **kw)
 
 
 def test_trains_reports_task_metric_and_resumes(tiny_smol_dir, tmp_path, monkeypatch):
@@ -72,7 +73,7 @@ def test_resume_is_keyed_by_the_data_content(tiny_smol_dir, tmp_path, monkeypatc
     b = ft.data_identity(str(_jsonl(tmp_path / "d.jsonl", ROWS[:-1] + [("Egypt", " Alexandria", "af")])), None)
     assert a["data"] == b["data"] and a["sha256"] != b["sha256"]
     r = ft.FinetuneRecipe()
-    from surgery.components import Components
+    from surgery.find.components import Components
 
     c = Components([(0, 1)], [])
     assert ft._fingerprint("m", r, c, [], a) != ft._fingerprint("m", r, c, [], b)

@@ -15,9 +15,10 @@ import pytest
 import torch
 from conftest import ARCHS, VOCAB, make_tiny
 
-from surgery import heads as H
-from surgery.arch import ModelView
-from surgery.hooks import Hooks, run_from
+from surgery.find import head_scan as H
+from surgery.model.arch import ModelView
+from surgery.model.hooks import Hooks, run_from
+from surgery.commands.heads import run as heads_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "checkpoints" / "base" / "smollm2-135m"
@@ -86,7 +87,7 @@ def test_batched_scan_equals_naive_weight_zeroing(arch):
     for l, h in heads:
         ref = _naive(model, ids, tgts, l, h)
         torch.testing.assert_close(got[l, h]["logprob"], ref, atol=1e-4, rtol=0)
-    base_ok, base_lp = H._baseline(v, batches, len(ids))
+    base_ok, base_lp = H.baseline(v, batches, len(ids))
     assert any(not torch.equal(got[k]["correct"], base_ok) or not torch.allclose(got[k]["logprob"], base_lp)
                for k in heads)  # ablations do something
 
@@ -180,13 +181,13 @@ def _rows(path: Path) -> dict:
 
 def test_run_writes_reports_and_screen_matches_exact(tiny_dir, tmp_path):
     common = dict(model=str(tiny_dir), digits=(1,), ops=("+", "*"), limit=40, batch_size=16)
-    exact = H.run(**common, out=str(tmp_path / "exact"))
+    exact = heads_run(**common, out=str(tmp_path / "exact"))
     for f in ("heads.json", "heads.md", "heads.png"):
         assert (tmp_path / "exact" / f).stat().st_size > 0
     rows = _rows(tmp_path / "exact")
     assert len(rows) == 12 + 1 and set(rows[0, 0]["acc"]) >= {"overall", "+", "*", "1D+", "memorize"}
     assert "Table 1" in exact.markdown and "Table 2" in exact.markdown and "Table 3" in exact.markdown
-    screen = H.run(**common, out=str(tmp_path / "screen"), mode="screen", verify=5)
+    screen = heads_run(**common, out=str(tmp_path / "screen"), mode="screen", verify=5)
     srows = _rows(tmp_path / "screen")
     assert len(srows) == 5 + 1
     for k, r in srows.items():
@@ -209,16 +210,16 @@ def test_interrupted_scan_resumes(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(H, "ablated", flaky)
     with pytest.raises(KeyboardInterrupt):
-        H.run(**common)
+        heads_run(**common)
     persisted = H.load_partial(tmp_path, next(iter(
         json.loads(l)["fingerprint"] for l in (tmp_path / "heads.partial.r0.jsonl").read_text().splitlines())))
     assert sorted(persisted) == [(l, h) for l in (0, 1) for h in range(4)]
     seen = []
     monkeypatch.setattr(H, "ablated", lambda v, b, layer, hs, *a, **k: (seen.append((layer, hs)), real(v, b, layer, hs, *a, **k))[1])
-    H.run(**common)
+    heads_run(**common)
     assert all((l, h) not in persisted for l, hs in seen for h in hs)
     fresh = tmp_path.parent / "fresh"
-    H.run(**{**common, "out": str(fresh)})
+    heads_run(**{**common, "out": str(fresh)})
     assert seen and _rows(tmp_path) == _rows(fresh)
 
 

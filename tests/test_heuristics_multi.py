@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surgery import heuristics as Hx
+from surgery.find import heuristics as Hx
 from surgery.evals import arithmetic
 
 

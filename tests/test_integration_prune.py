@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from surgery.slicing import padded_width
+from surgery.model.slicing import padded_width
+from surgery.commands.diff.job import diff as diff_checkpoints
+from surgery.commands.inspect.job import inspect as inspect_checkpoint
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -19,7 +21,7 @@ ROWS = ["original", "LoRA only", "cna-pruned + LoRA", "random-pruned + LoRA", "m
 
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, smol):
-    from surgery.prune import run
+    from surgery.commands.prune import run
 
     out = tmp_path_factory.mktemp("prune") / "x"
     return out, run(out=str(out), quick=True, keep="top50", overrides=SMALL)
@@ -42,7 +44,7 @@ def test_report_rows_and_budget(pruned):
 def test_checkpoint_widths_and_reload(pruned):
     from transformers import AutoModelForCausalLM
 
-    from surgery.arch import ModelView
+    from surgery.model.arch import ModelView
 
     out, rep = pruned
     for name in ("surgery.json", "report.json", "report.md", "accuracy.png", "kept.png", "config.json"):
@@ -62,8 +64,8 @@ def test_reloaded_checkpoint_answers_like_report(pruned):
     """The exported model scores the 1-digit set exactly as the in-memory model did."""
     from surgery.evals.arithmetic import DataSpec, accuracy, build_splits
 
-    from surgery import export
-    from surgery.models import load_model
+    from surgery.io import checkpoint as export
+    from surgery.io.loading import load_model
 
     out, rep = pruned
     tok = load_model("smollm2-135m").tokenizer
@@ -73,7 +75,7 @@ def test_reloaded_checkpoint_answers_like_report(pruned):
 
 
 def test_lora_sweep_quick(tmp_path, smol):
-    from surgery.lora_sweep import run as sweep
+    from surgery.commands.lora_sweep import run as sweep
 
     out = tmp_path / "sweep"
     rep = sweep(out=str(out), quick=True, layers="8", overrides=SMALL + ["cna.limit=4", "sweep.top=5"])
@@ -87,13 +89,13 @@ def test_lora_sweep_quick(tmp_path, smol):
 
 def test_prune_checkpoint_inspects_and_diffs(pruned, capsys):
     """prune's checkpoint goes through the one manifest writer: base id + sha256, inspect exit 0, diff reads it."""
-    from surgery import export
+    from surgery.io import checkpoint as export
     from surgery.cli import main as cli_main
 
     out, rep = pruned
     m = json.loads((out / "surgery.json").read_text())
     assert m["base"]["id"] == "smollm2-135m" and len(m["base"]["sha256"]) == 64
     assert cli_main(["inspect", str(out)]) == 0 and "All hashes match" in capsys.readouterr().out
-    d = export.diff("smollm2-135m", str(out))
+    d = diff_checkpoints("smollm2-135m", str(out))
     kept = rep.data["results"]["kept_indices"]
     assert all(d.data["summary"]["widths"][int(l)] == padded_width(len(k), 1536) for l, k in kept.items())

@@ -10,9 +10,11 @@ from conftest import VOCAB, make_tiny
 from datasets import Dataset
 from surgery.evals import arithmetic
 
-from surgery import lora, lora_sweep, training
-from surgery.arch import ModelView
-from surgery.batching import predict_cases
+from surgery.edits import lora
+from surgery.commands.lora_sweep import job as lora_sweep
+from surgery.edits import training
+from surgery.model.arch import ModelView
+from surgery.model.batching import predict_cases
 from surgery.errors import UsageError
 
 TOK = SimpleNamespace(pad_token_id=0, eos_token_id=2)
@@ -169,7 +171,7 @@ def test_distillation_pulls_the_student_toward_the_teacher(tmp_path):
 def test_lora_on_attention_and_the_pruned_ffns(arch):
     """lora.ffn: adapters on the attention of the LoRA layer AND on every FFN projection of the listed layers,
     nothing else; on a sliced model too."""
-    from surgery.slicing import slice_ffn
+    from surgery.model.slicing import slice_ffn
 
     model = make_tiny(arch)
     slice_ffn(model, {2: [0, 3, 5]})

@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import ARCHS, VOCAB, make_tiny
 
-from surgery import heads as H
-from surgery import tasks
-from surgery.arch import ModelView
+from surgery.find import head_scan as H
+from surgery.evals import tasks
+from surgery.model.arch import ModelView
 
 
 def _rows(n: int = 12, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -65,7 +65,7 @@ def test_packed_baseline_equals_one_forward_per_case(arch, attn):
     for bs in (4, 64):
         batches = _packed(model, ids, tgts, bs)
         seen += batches
-        _, lp = H._baseline(v, batches, len(ids))
+        _, lp = H.baseline(v, batches, len(ids))
         torch.testing.assert_close(lp, ref, atol=1e-4, rtol=0)
     assert any(min(int(m.sum()) for m in b.attention_mask) < b.keep for b in seen), "regression shape not exercised"
     if arch != "gemma3":  # gemma3's 4-token sliding window turns the shared prefix off
@@ -95,14 +95,14 @@ def tiny_real_tok(tiny_smol_dir):
 def _check_command_batches(loaded, labels: dict, batches: list, cases) -> None:
     n = len(labels["op"])
     assert n == len(cases)
-    _, lp = H._baseline(ModelView(loaded.model), batches, n)
+    _, lp = H.baseline(ModelView(loaded.model), batches, n)
     torch.testing.assert_close(lp, _alone(loaded.model, cases["input_ids"], cases["target"]), atol=1e-4, rtol=0)
 
 
 def test_user_rows_through_heads_packing(tiny_real_tok):
     """capitals.csv (targets of 1-4 tokens) as `surgery heads --data` packs it."""
     ds = tasks.load_cases("capitals.csv").select(range(40))
-    labels, batches = H._user_dataset(tiny_real_tok, ds, 16)
+    labels, batches = H.user_batches(tiny_real_tok, ds, 16)
     _check_command_batches(tiny_real_tok, labels, batches, tasks.cases(tiny_real_tok.tokenizer, ds))
     assert any(b.prefix > 0 for b in batches)
     assert any(min(int(m.sum()) for m in b.attention_mask) < b.keep for b in batches)
@@ -112,7 +112,7 @@ def test_mixed_length_arithmetic_through_heads_packing(tiny_real_tok):
     """Digits 1 and 2 in one scan (answers of 1-4 tokens) as `surgery heads --digits 1 2` packs them."""
     from surgery.evals import arithmetic
 
-    labels, batches = H._dataset(tiny_real_tok, (1, 2), None, None, 30, 0, 16)
+    labels, batches = H.arithmetic_batches(tiny_real_tok, (1, 2), None, None, 30, 0, 16)
     assert {1, 2} <= set(labels["digits"])
     problems = arithmetic.build(digits=(1, 2), templates=arithmetic.DEFAULT_TEMPLATES, seed=0, limit=30)
     _check_command_batches(tiny_real_tok, labels, batches, arithmetic.cases(problems, tiny_real_tok.tokenizer))

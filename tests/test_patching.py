@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import ARCHS, VOCAB, make_tiny
 
-from surgery import patching as P
-from surgery.arch import ModelView
-from surgery.hooks import Hooks
+from surgery.find import patching as P
+from surgery.model.arch import ModelView
+from surgery.model.hooks import Hooks
 
 T, B = 7, 3
 ROLE_POS = ([2, 3], [4], [5], [6])  # op1, operator, op2, last

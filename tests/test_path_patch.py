@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from surgery.arch import ModelView
-from surgery.path_patch import effects
+from surgery.model.arch import ModelView
+from surgery.find.path_patch import effects
 
 
 def _direct(model, ids, cf_ids, targets, layer, head):

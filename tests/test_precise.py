@@ -10,11 +10,11 @@ import torch
 from conftest import ARCHS, HEADS, LAYERS, make_tiny, tiny_inputs
 from torch.func import functional_call
 
-from surgery.arch import ModelView
-from surgery.components import Components, Shape, from_list, parse
+from surgery.model.arch import ModelView
+from surgery.find.components import Components, Shape, from_list, parse
 from surgery.errors import UsageError
-from surgery.hooks import Hooks
-from surgery.precise import Precise, check_optimizer_settings, rescale_factor, select
+from surgery.model.hooks import Hooks
+from surgery.edits.precise import Precise, check_optimizer_settings, rescale_factor, select
 
 
 def _z(model, inputs) -> torch.Tensor:
@@ -123,7 +123,7 @@ def test_masked_training_equals_training_only_the_slices():
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3"])
 def test_frozen_entries_bit_identical_after_trainer(arch, tmp_path):
     """The HF Trainer (answer_trainer, AdamW, clipping, warmup) changes the selected entries and not one bit else."""
-    from surgery.training import TrainSpec, answer_trainer
+    from surgery.edits.training import TrainSpec, answer_trainer
 
     model = make_tiny(arch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

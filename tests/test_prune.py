@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import ARCHS, VOCAB, make_tiny, tiny_inputs
 
-from surgery import pruning as prune
-from surgery import selectors
-from surgery.arch import ModelView
-from surgery.context import Run
+from surgery.edits import pruning as prune
+from surgery.find import selectors
+from surgery.model.arch import ModelView
+from surgery.io.context import Run
 from surgery.errors import UsageError
-from surgery.slicing import dense_equivalent
+from surgery.model.slicing import dense_equivalent
 
 TOK = SimpleNamespace(pad_token_id=0, eos_token_id=2)
 
@@ -126,7 +126,7 @@ def test_random_is_seeded():
 
 def test_taylor_equals_finite_difference_first_order():
     """|m_k dL/dm_k| is the first-order loss change of removing neuron k: check one neuron numerically."""
-    from surgery.hooks import Hooks
+    from surgery.model.hooks import Hooks
 
     model, t = make_tiny("llama"), task()
     t = prune.TaskCases(t.seqs[:1], t.targets[:1])
@@ -182,8 +182,8 @@ def test_cna_keep_topn_and_pct_on_tiny():
 def test_cna_keep_topn_is_the_union_of_exhaustive_per_case_tops(score):
     """topN == the union of each case's exhaustive top-N: of the delta (reference - original), or of the
     importance in the reference alone (cna.score=reference)."""
-    from surgery.batching import left_pad
-    from surgery.cna import compare
+    from surgery.model.batching import left_pad
+    from surgery.find.cna import compare
 
     orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
     keep = cna_keep(orig, ref, t, "top", 3, score)
@@ -202,8 +202,8 @@ def test_cna_keep_topn_is_the_union_of_exhaustive_per_case_tops(score):
 def test_cna_keep_pct_ranks_by_the_summed_exhaustive_delta(aggregate):
     """P% == the top neurons by the delta summed over cases (the paper), or by its summed magnitude
     (cna.aggregate=abs); every neuron exact here (exact_top covers all 192), so the sums equal the exhaustive."""
-    from surgery.batching import left_pad
-    from surgery.cna import compare
+    from surgery.model.batching import left_pad
+    from surgery.find.cna import compare
 
     orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
     keep = cna_keep(orig, ref, t, "pct", 25, aggregate=aggregate)
@@ -271,7 +271,7 @@ def test_a_registered_selector_is_usable_everywhere(tmp_path, capfd):
 def test_wanda_flap_and_total_effect_equal_their_definitions(arch):
     """Each score from one direct computation: coefficients of every real token by a plain forward with a hook,
     and the total effect as a finite difference of the answer log-prob (scaling m_k by 1 - eps)."""
-    from surgery.hooks import Hooks
+    from surgery.model.hooks import Hooks
 
     model, t = make_tiny(arch), task()
     view = ModelView(model)
@@ -324,7 +324,7 @@ def test_compensated_sliced_copy_uses_the_token_means():
 def test_compensation_means_at_the_last_position_or_every_token(arch):
     """compensate_at=last: the mean of m_k at each case's last position (one plain forward per case here);
     tokens: the mean over every token of every case (FLAP's calibration)."""
-    from surgery.hooks import Hooks
+    from surgery.model.hooks import Hooks
 
     orig, t = make_tiny(arch), task()
     view, last, every = ModelView(orig), {1: [], 2: []}, {1: [], 2: []}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from surgery import tasks
-from surgery.prune import run
+from surgery.evals import tasks
+from surgery.commands.prune import run
 
 FAST = ["train.max_steps=2", "train.batch_size=4", "cna.limit=8", "cna.max_rescore=256", "baselines=[random]"]
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from surgery import prune_sweep
+from surgery.commands.prune import sweep as prune_sweep
 from surgery.errors import UsageError
-from surgery.prune import run
-from surgery.pruning import sliced_copy
+from surgery.commands.prune import run
+from surgery.edits.pruning import sliced_copy
 
 SMALL = ["train.max_steps=2", "train.batch_size=4", "train.eval_batch_size=16", "data.per_op=20",
          "data.test_size=8", "data.train_limit=16", "data.one_digit_limit=8", "cna.limit=6", "cna.max_rescore=256",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery.arch import ModelView
-from surgery.hooks import Hooks
+from surgery.model.arch import ModelView
+from surgery.model.hooks import Hooks
 
 pytestmark = pytest.mark.real
 ATOL = 1e-4

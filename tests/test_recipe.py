@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from surgery import recipe
+from surgery.io import recipe
 from surgery.errors import UsageError
 
 

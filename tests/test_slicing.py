@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import ARCHS, N, make_tiny, tiny_inputs
 
-from surgery.arch import ModelView
+from surgery.model.arch import ModelView
 from surgery.errors import UsageError
-from surgery.slicing import (
+from surgery.model.slicing import (
     base_width,
     dense_equivalent,
     ffn_param_count,
@@ -111,7 +111,7 @@ def test_mask_helpers_round_trip():
 def test_bias_compensation_equals_dense_with_removed_neurons_at_their_mean(arch):
     """FLAP's fix, exactly: folding mean(m_k) v_k of the removed neurons into the FFN output bias, then slicing,
     gives the dense model whose removed neurons output their mean coefficient (also under Gemma's post-FFN norm)."""
-    from surgery.slicing import fold_means
+    from surgery.model.slicing import fold_means
 
     dense = make_tiny(arch)
     view = ModelView(dense)
@@ -148,8 +148,8 @@ def test_bias_compensation_equals_dense_with_removed_neurons_at_their_mean(arch)
 def test_compensated_checkpoint_loads_back(arch, layout, tmp_path):
     """Llama-family: mlp_bias carries the folded bias natively; other gated archs need the sliced layout's own
     modeling file; padded is refused for them with one line."""
-    from surgery import export
-    from surgery.slicing import fold_means
+    from surgery.io import checkpoint as export
+    from surgery.model.slicing import fold_means
 
     model = make_tiny(arch)
     keep = {1: [0, 2, 4, 8]}

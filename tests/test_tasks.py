@@ -12,8 +12,9 @@ import torch
 import transformers as T
 from datasets import Dataset, DatasetDict
 
-from surgery import cna, tasks
-from surgery.arch import ModelView
+from surgery.find import cna
+from surgery.evals import tasks
+from surgery.model.arch import ModelView
 from surgery.cli import main
 from surgery.errors import UsageError
 
@@ -264,7 +265,7 @@ def test_prune_data_encodes_training_rows_selection_cases_and_splits(tiny_loaded
 
 
 def test_arithmetic_through_the_protocol_scores_like_the_arithmetic_suite(tiny_loaded):
-    from surgery.batching import predict_cases
+    from surgery.model.batching import predict_cases
     from surgery.evals import arithmetic
 
     model, tok = tiny_loaded
@@ -284,7 +285,8 @@ def test_arithmetic_through_the_protocol_scores_like_the_arithmetic_suite(tiny_l
 
 def test_edit_on_the_gender_pairs_is_debias_selection(tiny_loaded):
     """`surgery edit --pairs gender-bias` and `surgery debias` build the same CNA cases and get the same scores."""
-    from surgery import debias, edit
+    from surgery.commands.debias import job as debias
+    from surgery.commands.edit import job as edit
     from surgery.evals import gender_bias as gb
 
     model, tok = tiny_loaded

@@ -15,13 +15,15 @@ import torch
 from conftest import make_tiny
 from test_export import KEEP, edit_in_place, tiny_tokenizer
 
-from surgery import export, report, trust
+from surgery.io import checkpoint as export
+from surgery.io import report
+from surgery.io import trust
 from surgery.cli import main as cli_main
 from surgery.errors import UsageError
-from surgery.lora import Fit, LoraSpec, attach, merged_copy
-from surgery.models import load_model
-from surgery.pruning import Plan, PruneRecipe, export_checkpoint
-from surgery.slicing import slice_ffn
+from surgery.edits.lora import Fit, LoraSpec, attach, merged_copy
+from surgery.io.loading import load_model
+from surgery.edits.pruning import Plan, PruneRecipe, export_checkpoint
+from surgery.model.slicing import slice_ffn
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -363,7 +365,7 @@ def test_killed_export_temp_is_removed_by_next_run(tmp_path):
 FORCE_KILLER = r'''
 import os, signal, sys
 from pathlib import Path
-from surgery import report
+from surgery.io import report
 mode, target = sys.argv[1], Path(sys.argv[2])
 real_rename, real_exchange = os.rename, report._exchange
 def rename_then_die(a, b):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from surgery.evals import arithmetic
 
-from surgery import validate as V
-from surgery.arch import ModelView
-from surgery.batching import predict_cases
+from surgery.find import validate as V
+from surgery.model.arch import ModelView
+from surgery.model.batching import predict_cases
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -41,7 +41,7 @@ def test_baseline_is_the_models_accuracy(ctx):
 
 
 def test_zeroing_and_keep_only_equal_weight_edits(ctx):
-    top = [(28, 480), (26, 534), (22, 1010), (29, 7)]  # the README's number neurons and one more
+    top = [(28, 480), (26, 534), (22, 1010), (29, 7)]  # the number neurons of docs/results/cna-validation.md and one more
     assert ctx.accuracy(ctx.zeroed(top)) == _weight_accuracy(ctx, {28: [480], 26: [534], 22: [1010], 29: [7]})
     deep = [28, 29]
     keep = V._keep_only(ctx, [(28, 480)], deep)

@@ -11,11 +11,11 @@ import torch
 from conftest import ARCHS, N, make_tiny, tiny_inputs
 from transformers.activations import ACT2FN
 
-from surgery import export
-from surgery.arch import ModelView
+from surgery.io import checkpoint as export
+from surgery.model.arch import ModelView
 from surgery.errors import UsageError
-from surgery.lora import LoraSpec, attach
-from surgery.slicing import kept_indices, padded_width, padding, slice_ffn
+from surgery.edits.lora import LoraSpec, attach
+from surgery.model.slicing import kept_indices, padded_width, padding, slice_ffn
 
 KEEP = {0: list(range(0, N, 3)), 2: [1, 2, 3, 40, 41]}  # 16 (a multiple of 8) and 5 (-> 8)
 

@@ -1,0 +1,20 @@
+"""Show which heads, neurons and tensors differ between a base model and an edited checkpoint.
+
+Which FFN neurons and attention heads were removed, zeroed or scaled, and which other tensors changed,
+from the weights alone (no manifest needed). BASE may be a registry name. Scaled neurons report their factor;
+amplified ones (factor > 1) are flagged.
+"""
+
+from surgery.commands.spec import Command, option
+
+COMMAND = Command(
+    "diff",
+    __doc__,
+    [
+    option("base", help="base model folder or registry name"),
+    option("other", help="edited checkpoint folder"),
+    option("--out", default=None),
+    ],
+    "surgery.commands.diff.job:diff",
+)
+run = COMMAND.run

@@ -1,0 +1,24 @@
+"""Score a model on a shipped suite (arithmetic, gender bias, perplexity) or on your own cases.
+
+Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digits, template and case type,
+95% Wilson intervals), gender bias (profession log-prob gap, factual controls, Wino-test) or perplexity
+(XSum sample). --data FILE (jsonl/csv/parquet/datasets folder, columns prompt, target, optional group;
+--columns prompt=NAME,target=NAME) scores your own cases instead: full-target and per-token accuracy
+(teacher forced), log p(target) and perplexity, overall and per group. Prints a table; with --out writes
+DIR/report.json and DIR/report.md.
+"""
+
+from surgery.commands.spec import Command, option, DATA, MODEL, OUT, TASK
+
+COMMAND = Command(
+    "eval",
+    __doc__,
+    [
+    *MODEL,
+    *TASK,
+    *DATA,
+    *OUT,
+    ],
+    "surgery.commands.eval.job:run",
+)
+run = COMMAND.run

@@ -1,0 +1,312 @@
+"""Which FFN neurons and attention heads differ between two checkpoints, read from the weights alone.
+
+A neuron is matched by its key rows (gate/up or fc1, with biases) and its value column; removed neurons are the
+base rows with no match, scaled ones have value columns that are a multiple of the base's. Heads are read from the
+attention output projection's input columns (docs/design.md section 1), q/k/v from their row blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import Tensor
+
+from surgery.errors import UsageError
+from surgery.io.checkpoint import INDEX
+from surgery.model.arch import Arch, qkv_slices
+
+
+class Weights:
+    """Read-only tensors of a checkpoint folder by name (safetensors, lazily, one tensor at a time)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = folder
+        index = folder / INDEX
+        if index.exists():
+            wm = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise UsageError(f"{folder} has no .safetensors files; diff needs safetensors checkpoints")
+            wm = {}
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    wm.update({k: f.name for k in h.keys()})
+        self.where = wm
+        self._open = {name: safe_open(str(folder / name), "pt") for name in set(wm.values())}
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> Tensor | None:
+        f = self.where.get(name)
+        return None if f is None else self._open[f].get_tensor(name).float()
+
+    def dtype(self) -> torch.dtype:
+        h = self._open[next(iter(self._open))]
+        return h.get_tensor(next(iter(h.keys()))).dtype
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-6)
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def open_weights(folder: Path) -> Weights:
+    """The folder's tensors, or one UsageError line when a tensor file or the index is corrupt or truncated."""
+    try:
+        return Weights(folder)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"cannot read the weights in {folder} ({first_line(e)}); a tensor file or the index is "
+                         "corrupt or truncated (`surgery inspect` names it)") from None
+
+
+def compare(B: Weights, O: Weights, cfg, arch: Arch, base_dir: Path, other_dir: Path) -> dict:
+    """Per layer: FFN neurons removed / zeroed / scaled / modified and heads zeroed / scaled / modified; other
+    tensors that changed; a summary; the changed components (as `surgery finetune --components` reads them)."""
+    tol = max(tolerance(B.dtype()), tolerance(O.dtype()))
+    n_heads = int(cfg.num_attention_heads)
+    n_layers = int(cfg.num_hidden_layers)
+    layers = [_diff_layer(arch, B, O, l, n_heads, tol) for l in range(n_layers)]
+    covered = {k for l in range(n_layers) for k in _ffn_names(arch, l)}
+    covered |= {f"{arch.layers}.{l}.{arch.attn_out}.weight" for l in range(n_layers)}
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    for l, rec in enumerate(layers):
+        rec.update(_diff_qkv(arch, B, O, l, n_heads, n_kv, tol, covered))
+        rec.update(_diff_ffn_out_bias(arch, B, O, l, tol, covered))
+    others = _diff_others(B, O, covered, tol)
+    data = {"base": str(base_dir), "other": str(other_dir), "arch": cfg.model_type, "tolerance": tol,
+            "layers": layers, "other_tensors": others, "summary": diff_summary(layers, others),
+            "changed_components": changed_components(layers)}
+    return data
+
+
+def _ffn_names(a: Arch, l: int) -> list[str]:
+    pre = f"{a.layers}.{l}."
+    return [pre + p + s for p in a.ffn_in for s in (".weight", ".bias")] + [pre + a.ffn_out + ".weight"]
+
+
+def _ffn_mats(a: Arch, W: Weights, l: int) -> tuple[Tensor, Tensor] | None:
+    """(keys [N, k*d (+biases)], values [N, d]) of layer l, in one row per neuron."""
+    pre = f"{a.layers}.{l}."
+    vw = W.get(pre + a.ffn_out + ".weight")
+    if vw is None:
+        return None
+    values = vw if a.conv1d else vw.T
+    parts = []
+    for p in a.ffn_in:
+        w, b = W.get(pre + p + ".weight"), W.get(pre + p + ".bias")
+        w = w.T if a.conv1d else w
+        chunks = 2 if a.ffn_kind == "fused" else 1
+        parts += list(w.chunk(chunks, 0)) + ([c.unsqueeze(1) for c in b.chunk(chunks, 0)] if b is not None else [])
+    return torch.cat(parts, 1), values
+
+
+def _match_rows(ko: Tensor, kb: Tensor, tol: float) -> Tensor:
+    """For each row of ko, the index of the (near-)identical row of kb, or -1: how sliced widths are recovered."""
+    idx = torch.full((ko.shape[0],), -1, dtype=torch.long)
+    bn = kb.pow(2).sum(1)
+    for s in range(0, ko.shape[0], 1024):
+        a = ko[s:s + 1024]
+        d2 = a.pow(2).sum(1, keepdim=True) + bn - 2 * a @ kb.T
+        best = d2.argmin(1)
+        err = (a - kb[best]).abs().amax(1)
+        ok = err <= 10 * tol * kb[best].abs().amax(1).clamp_min(1e-12)
+        idx[s:s + 1024] = torch.where(ok, best, torch.full_like(best, -1))
+    return idx
+
+
+def _diff_layer(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, tol: float) -> dict:
+    rec: dict = {"layer": l}
+    mb, mo = _ffn_mats(a, B, l), _ffn_mats(a, O, l)
+    if mb is not None and mo is not None:
+        rec.update(_diff_neurons(mb, mo, tol))
+    rec.update(_diff_heads(a, B, O, l, n_heads, tol))
+    return rec
+
+
+def _diff_neurons(mb: tuple[Tensor, Tensor], mo: tuple[Tensor, Tensor], tol: float) -> dict:
+    (kb, vb), (ko, vo) = mb, mo
+    n, m = kb.shape[0], ko.shape[0]
+    idx = torch.arange(n) if m == n else _match_rows(ko, kb, tol)
+    pad = torch.zeros(m, dtype=torch.bool)
+    if m != n:  # width rounding's padding neurons: all-zero keys and values, no base neuron (slicing.padded_width)
+        pad = (ko.abs().amax(1) == 0) & (vo.abs().amax(1) == 0)
+        idx[pad] = -1
+    matched = idx >= 0
+    j, i = matched.nonzero().flatten(), idx[matched]
+    rec = {"base_width": n, "width": m, "removed": sorted(set(range(n)) - set(i.tolist())) if m != n else [],
+           "padding": int(pad.sum()), "unmatched": int((~matched & ~pad).sum())}
+    vbi, voj, kbi, koj = vb[i], vo[j], kb[i], ko[j]
+    scale_v = vbi.abs().amax(1).clamp_min(1e-12)
+    zero = (voj.abs().amax(1) == 0) & (vbi.abs().amax(1) > 0)
+    c = (voj * vbi).sum(1) / vbi.pow(2).sum(1).clamp_min(1e-30)
+    prop = (voj - c.unsqueeze(1) * vbi).abs().amax(1) <= 10 * tol * scale_v * c.abs().clamp_min(1)
+    scaled = prop & ~zero & ((c - 1).abs() > 10 * tol)
+    key_zero = (koj.abs().amax(1) == 0) & (kbi.abs().amax(1) > 0)
+    key_changed = (koj - kbi).abs().amax(1) > 10 * tol * kbi.abs().amax(1).clamp_min(1e-12)
+    value_changed = ~prop & ~zero
+    rec["zeroed"] = sorted(set(i[zero | key_zero].tolist()))
+    rec["scaled"] = [{"neuron": int(i[t]), "factor": round(float(c[t]), 6)} for t in scaled.nonzero().flatten()]
+    rec["amplified"] = [s["neuron"] for s in rec["scaled"] if abs(s["factor"]) > 1]
+    rec["modified"] = sorted(set(i[(key_changed & ~key_zero & ~zero) | value_changed].tolist()))
+    return rec
+
+
+def _diff_heads(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, tol: float) -> dict:
+    name = f"{a.layers}.{l}.{a.attn_out}.weight"
+    wb, wo = B.get(name), O.get(name)
+    if wb is None or wo is None:
+        return {}
+    if wb.shape != wo.shape:
+        return {"attn_out_shape": [list(wb.shape), list(wo.shape)]}
+    if a.conv1d:
+        wb, wo = wb.T, wo.T  # now [out, in] for every arch: head h owns input columns
+    dh = wb.shape[1] // n_heads
+    zeroed, scaled, modified = [], [], []
+    for h in range(n_heads):
+        b, o = wb[:, h * dh:(h + 1) * dh].flatten(), wo[:, h * dh:(h + 1) * dh].flatten()
+        lim = 10 * tol * b.abs().max().clamp_min(1e-12)
+        if (o - b).abs().max() <= lim:
+            continue
+        c = float(o @ b / (b @ b).clamp_min(1e-30))
+        if o.abs().max() == 0:
+            zeroed.append(h)
+        elif (o - c * b).abs().max() <= lim * max(1.0, abs(c)):
+            scaled.append({"head": h, "factor": round(c, 6)})
+        else:
+            modified.append(h)
+    return {"heads_zeroed": zeroed, "heads_scaled": scaled, "heads_modified": modified}
+
+
+def _diff_qkv(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, n_kv: int, tol: float,
+              covered: set[str]) -> dict:
+    """Query heads whose query rows changed and key/value heads whose key/value rows changed (precise fine-tuning
+    edits exactly these), read through the arch table's q/k/v layout; the tensors stay listed under
+    other_tensors as well (`covered` is not extended)."""
+    pre = f"{a.layers}.{l}."
+    names = [pre + p + s for p in a.attn_qkv for s in (".weight", ".bias")]
+    pairs = {n: (B.get(n), O.get(n)) for n in names}
+    pairs = {n: (b, o) for n, (b, o) in pairs.items() if b is not None and o is not None and b.shape == o.shape}
+    if not pairs:
+        return {}
+    wname = next(n for n in names if n.endswith(".weight"))
+    if wname not in pairs:
+        return {}
+    ow = B.get(pre + a.attn_out + ".weight")
+    dh = (ow.shape[0] if a.conv1d else ow.shape[1]) // n_heads
+    changed = {n: _changed_entries(b, o, tol) for n, (b, o) in pairs.items()}
+    explained = {n: torch.zeros_like(c) for n, c in changed.items()}
+    q_heads, kv_heads = set(), set()
+    group = n_heads // n_kv
+    for h in range(n_heads):
+        for path, axis, idx in qkv_slices(a, n_heads, n_kv, dh, h):
+            for suffix in (".weight", ".bias"):
+                n = pre + path + suffix
+                if n not in changed:
+                    continue
+                ax = axis if suffix == ".weight" else 0
+                sub = changed[n].index_select(ax, idx)
+                explained[n].index_fill_(ax, idx, True)
+                if not sub.any():
+                    continue
+                q_part, kv_part = _qkv_parts(a, path, sub, ax, dh)
+                if q_part:
+                    q_heads.add(h)
+                if kv_part:
+                    kv_heads.add(h // group)
+    outside = any(bool((changed[n] & ~explained[n]).any()) for n in changed)
+    return {"heads_q_modified": sorted(q_heads), "kv_heads_modified": sorted(kv_heads), "qkv_outside_heads": outside}
+
+
+def _diff_ffn_out_bias(a: Arch, B: Weights, O: Weights, l: int, tol: float, covered: set[str]) -> dict:
+    """The FFN output bias belongs to no neuron but to the MLP: a change marks the MLP as changed (the tensor
+    stays listed under other_tensors too)."""
+    name = f"{a.layers}.{l}.{a.ffn_out}.bias"
+    b, o = B.get(name), O.get(name)
+    if b is None or o is None or b.shape != o.shape:
+        return {}
+    return {"ffn_out_bias_changed": bool(_changed_entries(b, o, tol).any())}
+
+
+def _changed_entries(b: Tensor, o: Tensor, tol: float) -> Tensor:
+    return (o - b).abs() > 10 * tol * b.abs().max().clamp_min(1e-12)
+
+
+def _qkv_parts(a: Arch, path: str, sub: Tensor, axis: int, dh: int) -> tuple[bool, bool]:
+    """Whether the changed entries of one head's q/k/v slice touch its query part and its key/value part
+    (slices are [q] or [k] or [v] for separate projections, [q | k | v] of dh each for fused ones)."""
+    if a.qkv_layout == "separate":
+        return (True, False) if path == a.attn_qkv[0] else (False, True)
+    parts = sub.split(dh, dim=axis)
+    return bool(parts[0].any()), any(bool(p.any()) for p in parts[1:])
+
+
+def changed_components(layers: list[dict]) -> dict:
+    """The components a change touches: heads (o_proj input columns or query rows changed), key/value heads,
+    and MLPs (any FFN neuron's keys or values changed)."""
+    heads, kv, mlps = set(), set(), set()
+    for r in layers:
+        l = r["layer"]
+        hs = r.get("heads_zeroed", []) + [s["head"] for s in r.get("heads_scaled", [])] + r.get("heads_modified", [])
+        heads |= {(l, h) for h in hs + r.get("heads_q_modified", [])}
+        kv |= {(l, h) for h in r.get("kv_heads_modified", [])}
+        if r.get("zeroed") or r.get("scaled") or r.get("modified") or r.get("removed") or r.get("ffn_out_bias_changed"):
+            mlps.add(l)
+    return {"heads": [f"{l}.{h}" for l, h in sorted(heads)], "kv_heads": [f"{l}.{h}" for l, h in sorted(kv)],
+            "mlps": sorted(mlps)}
+
+
+def _renamed(B: Weights, O: Weights, covered: set[str]) -> dict[str, str]:
+    """{base name: other name} for tensors saved under another name with identical values (e.g. NeoX
+    `embed_out` vs `lm_head`: checkpoint vs in-memory naming)."""
+    only_b, only_o = sorted(B.names() - O.names() - covered), sorted(O.names() - B.names() - covered)
+    pairs = {}
+    for nb in only_b:
+        b = B.get(nb)
+        for no in only_o:
+            o = O.get(no)
+            if no not in pairs.values() and o.shape == b.shape and torch.equal(o, b):
+                pairs[nb] = no
+                break
+    return pairs
+
+
+def _diff_others(B: Weights, O: Weights, covered: set[str], tol: float) -> list[dict]:
+    out = []
+    renamed = _renamed(B, O, covered)
+    for name in sorted(B.names() | O.names()):
+        if name in covered or name in renamed or name in renamed.values():
+            continue
+        b, o = B.get(name), O.get(name)
+        if b is None or o is None:
+            out.append({"tensor": name, "change": "added" if b is None else "removed"})
+        elif b.shape != o.shape:
+            out.append({"tensor": name, "change": "shape", "shapes": [list(b.shape), list(o.shape)]})
+        else:
+            d = float((o - b).abs().max()) if b.numel() else 0.0
+            if d > 10 * tol * max(float(b.abs().max()) if b.numel() else 0.0, 1e-12):
+                out.append({"tensor": name, "change": "values", "max_abs_diff": d})
+    return out
+
+
+def diff_summary(layers: list[dict], others: list[dict]) -> dict:
+    def total(key):
+        return sum(len(r.get(key, [])) for r in layers)
+
+    return {"widths": [r.get("width") for r in layers], "removed": total("removed"), "zeroed": total("zeroed"),
+            "scaled": total("scaled"), "amplified": total("amplified"), "modified": total("modified"),
+            "heads_zeroed": total("heads_zeroed"), "heads_scaled": total("heads_scaled"),
+            "heads_modified": total("heads_modified"), "other_tensors_changed": len(others)}
+
+
