@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast docs clean-venv
+.PHONY: setup demo test test-fast lint docs clean-venv
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ $(BASE): | $(STAMP)
 demo: setup $(BASE)
 	$(BIN)/surgery prune --recipe arithmetic-prune --quick --out checkpoints/demo --force
 
-test: setup $(BASE)
+test: setup $(BASE) lint
 	$(BIN)/python -m pytest -q
+
+# ruff (pinned in the dev extra, configured in pyproject.toml): lint rules and the formatter's check
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: setup $(BASE)
 	$(BIN)/python -m pytest -q -m "not real and not slow"

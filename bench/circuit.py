@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from surgery.find import circuit as C  # noqa: E402
 from surgery.find import patching as P  # noqa: E402
-from surgery.model.arch import ModelView  # noqa: E402
 from surgery.io.loading import load_model  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
 
 
 def pairs_for(loaded, op: str, operands: tuple[int, int], n: int, seed: int = 0) -> P.Pairs:
@@ -53,9 +53,14 @@ def reference(view: ModelView, pr: P.Pairs, comps: list[P.Component]) -> torch.T
     cache = {}
     hooks = []
     for l in range(view.n_layers):  # the counterfactual's activations, captured once
-        hooks.append(view.attn_out(l).register_forward_pre_hook(lambda m, a, l=l: cache.__setitem__(("z", l), a[0].clone())))
-        hooks.append(view.ffn_contribution_module(l).register_forward_hook(
-            lambda m, a, o, l=l: cache.__setitem__(("ffn", l), (o[0] if isinstance(o, tuple) else o).clone())))
+        hooks.append(
+            view.attn_out(l).register_forward_pre_hook(lambda m, a, l=l: cache.__setitem__(("z", l), a[0].clone()))
+        )
+        hooks.append(
+            view.ffn_contribution_module(l).register_forward_hook(
+                lambda m, a, o, l=l: cache.__setitem__(("ffn", l), (o[0] if isinstance(o, tuple) else o).clone())
+            )
+        )
     model(input_ids=pr.cf)
     for h in hooks:
         h.remove()
@@ -63,17 +68,21 @@ def reference(view: ModelView, pr: P.Pairs, comps: list[P.Component]) -> torch.T
     for c in comps:
         pos = pr.where(c.role)
         if c.kind == "head":
+
             def pre(m, a, c=c, pos=pos):
                 x = a[0].clone()
                 sl = slice(c.index * dh, (c.index + 1) * dh)
                 x[:, pos, sl] = cache["z", c.layer][:, pos, sl]
                 return (x, *a[1:])
+
             h = view.attn_out(c.layer).register_forward_pre_hook(pre)
         else:
+
             def post(m, a, o, c=c, pos=pos):
                 y = (o[0] if isinstance(o, tuple) else o).clone()
                 y[:, pos] = cache["ffn", c.layer][:, pos]
                 return (y, *o[1:]) if isinstance(o, tuple) else y
+
             h = view.ffn_contribution_module(c.layer).register_forward_hook(post)
         try:
             logits = model(input_ids=pr.clean).logits[:, -1:]
@@ -109,11 +118,16 @@ def main(argv=None) -> None:
     print(f"reference: {t_r:.1f}s", flush=True)
     err = ((ours - ref).abs() / ref.abs().clamp(min=1)).max().item()
     s = P.screen(view, pr, cf)
-    sv = [float(s["head"][c.role, c.layer, c.index].mean() if c.kind == "head" else s["mlp"][c.role, c.layer].mean())
-          for c in comps]
+    sv = [
+        float(s["head"][c.role, c.layer, c.index].mean() if c.kind == "head" else s["mlp"][c.role, c.layer].mean())
+        for c in comps
+    ]
     rec = C.recall(sv, ours.mean(1).tolist(), 20)
     print(f"max relative difference {err:.2e}; screen recall of the exact top 20: {rec:.2f}")
-    print(f"speedup {t_r / t_s:.1f}x (reference {t_r:.1f}s, surgery {t_s:.1f}s), identical={'true' if err <= 1e-4 else 'false'}")
+    print(
+        f"speedup {t_r / t_s:.1f}x (reference {t_r:.1f}s, surgery {t_s:.1f}s), "
+        f"identical={'true' if err <= 1e-4 else 'false'}"
+    )
 
 
 if __name__ == "__main__":

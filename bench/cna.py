@@ -31,11 +31,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from surgery.evals import arithmetic  # noqa: E402
-
 from surgery.find import cna  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 from surgery.model.arch import ModelView  # noqa: E402
 from surgery.model.batching import left_pad, pad_id, position_ids  # noqa: E402
-from surgery.io.loading import load_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -61,18 +60,22 @@ def reference_case(view: ModelView, ids: list[int], k: int) -> tuple[list[tuple[
 RESCORED = [0]  # exact scores spent by the last surgery_cases call
 
 
-def surgery_cases(view: ModelView, seqs: list[list[int]], k: int, batch: int, pad: int, margin: int = 8,
-                  ablate: tuple = ()) -> list:
+def surgery_cases(
+    view: ModelView, seqs: list[list[int]], k: int, batch: int, pad: int, margin: int = 8, ablate: tuple = ()
+) -> list:
     """Certified top-k per case: of the score (the paper's setting), or with `ablate` heads ((layer, head), ...)
     of the delta clean - ablated (comparison mode, `surgery cna --ablate-head`)."""
     out = []
     RESCORED[0] = 0
     for s in range(0, len(seqs), batch):
-        res = cna.compare(view, left_pad(seqs[s:s + batch], pad), list(range(view.n_layers)), k, margin=margin,
-                          ablate_b=ablate)
+        res = cna.compare(
+            view, left_pad(seqs[s : s + batch], pad), list(range(view.n_layers)), k, margin=margin, ablate_b=ablate
+        )
         RESCORED[0] += res.top.rescored
-        out += [(list(zip(l.tolist(), i.tolist())), v, bool(c))
-                for l, i, v, c in zip(res.top.layer, res.top.index, res.top.score, res.top.certified)]
+        out += [
+            (list(zip(l.tolist(), i.tolist())), v, bool(c))
+            for l, i, v, c in zip(res.top.layer, res.top.index, res.top.score, res.top.certified)
+        ]
     return out
 
 
@@ -84,32 +87,42 @@ def work_model(view: ModelView, seqs: list[list[int]], rescored: float, settings
     comparison (`settings` 2) runs the forward, base logits, tail means and top block per setting; the exact rows
     serve both settings (computed once)."""
     V, d = view.unembed_matrix().shape
-    body = sum(m.weight.numel() for name, m in view.model.named_modules()
-               if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    body = sum(
+        m.weight.numel()
+        for name, m in view.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in name
+    )
     tokens = statistics.mean(len(s) for s in seqs)
     fwd = body * tokens + V * d
     L = view.n_layers
     n = sum(view.ffn_width(l) for l in range(L))
     base, top, exact = 2 * L * V * d * settings, n * 32 * d * settings, rescored * V * d
     total = fwd * settings + base + top + exact
-    return (f"work model per case (GMAC): forward {fwd / 1e9:.2f}; CNA = {settings} x forward + base logits and tail means "
-            f"{base / 1e9:.2f} + top-token block {top / 1e9:.2f} + exact rows {exact / 1e9:.2f} ({rescored:.0f} "
-            f"per case) = {total / 1e9:.2f}, {total / fwd:.1f}x the forward before any sharing")
+    return (
+        f"work model per case (GMAC): forward {fwd / 1e9:.2f}; CNA = {settings} x forward + base logits and tail means "
+        f"{base / 1e9:.2f} + top-token block {top / 1e9:.2f} + exact rows {exact / 1e9:.2f} ({rescored:.0f} "
+        f"per case) = {total / 1e9:.2f}, {total / fwd:.1f}x the forward before any sharing"
+    )
 
 
 @torch.no_grad()
 def forward_cases(view: ModelView, seqs: list[list[int]], batch: int, pad: int) -> None:
     """The floor: one batched forward per batch of cases, logits at the last position only."""
     for s in range(0, len(seqs), batch):
-        ids, mask = left_pad(seqs[s:s + batch], pad)
-        view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1,
-                   use_cache=False)
+        ids, mask = left_pad(seqs[s : s + batch], pad)
+        view.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, use_cache=False
+        )
 
 
 def _peak_rss_mb(side: str, k: int, batch: int) -> float:
     """Peak RSS growth (MB) of one side, measured in a fresh process after the model is loaded."""
-    out = subprocess.run([sys.executable, __file__, "--measure", side, "--k", str(k), "--batch", str(batch)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure", side, "--k", str(k), "--batch", str(batch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -152,8 +165,11 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="forward vs surgery only (no exactness check)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--margin", type=int, default=8, help="spare candidates per case per round (cna default 8)")
-    ap.add_argument("--ablate-head", default=None,
-                    help="L.H: comparison mode, delta against the model with that head ablated (needs --no-reference)")
+    ap.add_argument(
+        "--ablate-head",
+        default=None,
+        help="L.H: comparison mode, delta against the model with that head ablated (needs --no-reference)",
+    )
     ap.add_argument("--measure", choices=["reference", "surgery"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ablate_head and not args.no_reference:
@@ -179,37 +195,53 @@ def main() -> None:
         t_ref, c_ref = (time.time() - t) / n, (time.process_time() - c) / n
         runs.append((t_fwd, t_fast, t_ref))
         cpu.append((c_fwd, c_fast, c_ref))
-        print(f"repeat {rep}: wall per case: forward {1000 * t_fwd:.1f} ms, surgery {1000 * t_fast:.1f} ms, "
-              f"reference {t_ref:.2f} s; CPU per case: forward {1000 * c_fwd:.1f} ms, surgery {1000 * c_fast:.1f} ms, "
-              f"reference {c_ref:.2f} s", flush=True)
+        print(
+            f"repeat {rep}: wall per case: forward {1000 * t_fwd:.1f} ms, surgery {1000 * t_fast:.1f} ms, "
+            f"reference {t_ref:.2f} s; CPU per case: forward {1000 * c_fwd:.1f} ms, surgery {1000 * c_fast:.1f} ms, "
+            f"reference {c_ref:.2f} s",
+            flush=True,
+        )
     if args.no_reference:
         ratio = [f / w for w, f, _ in cpu]
-        print(f"surgery / batched forward (CPU time): median {statistics.median(ratio):.1f}x (spread "
-              f"{min(ratio):.1f}-{max(ratio):.1f}x, {len(cpu)} repeats, threads {torch.get_num_threads()}, load "
-              f"{os.getloadavg()[0]:.1f}); certified {sum(f[2] for f in fast)}/{len(fast)}; margin {args.margin}"
-              f"{', ablated ' + args.ablate_head if ablate else ''}")
+        print(
+            f"surgery / batched forward (CPU time): median {statistics.median(ratio):.1f}x (spread "
+            f"{min(ratio):.1f}-{max(ratio):.1f}x, {len(cpu)} repeats, threads {torch.get_num_threads()}, load "
+            f"{os.getloadavg()[0]:.1f}); certified {sum(f[2] for f in fast)}/{len(fast)}; margin {args.margin}"
+            f"{', ablated ' + args.ablate_head if ablate else ''}"
+        )
         print(work_model(view, seqs, RESCORED[0] / n, 2 if ablate else 1))
         return
     for name, rows in (("wall", runs), ("CPU", cpu)):
         over_fwd = [f / w for w, f, _ in rows]
         speed = [r / f for _, f, r in rows]
-        print(f"{name} time: surgery / batched forward median {statistics.median(over_fwd):.1f}x (spread "
-              f"{min(over_fwd):.1f}-{max(over_fwd):.1f}x); reference / surgery median {statistics.median(speed):.1f}x "
-              f"(spread {min(speed):.1f}-{max(speed):.1f}x), {len(rows)} repeats")
+        print(
+            f"{name} time: surgery / batched forward median {statistics.median(over_fwd):.1f}x (spread "
+            f"{min(over_fwd):.1f}-{max(over_fwd):.1f}x); reference / surgery median {statistics.median(speed):.1f}x "
+            f"(spread {min(speed):.1f}-{max(speed):.1f}x), {len(rows)} repeats"
+        )
     same = all(set(f[0]) == set(r[0]) for f, r in zip(fast, ref))
     err = max(float((f[1] - r[1]).abs().max()) for f, r in zip(fast, ref))
-    print(f"cases {n}, k {args.k}, batch {args.batch}, threads {torch.get_num_threads()}, "
-          f"load average at the end {os.getloadavg()[0]:.1f}")
-    print(f"certified {sum(f[2] for f in fast)}/{len(fast)}; max |score diff| {err:.2e}; one-time vocab ranges "
-          f"{cold:.1f}s (cached on disk after the first run)", flush=True)
+    print(
+        f"cases {n}, k {args.k}, batch {args.batch}, threads {torch.get_num_threads()}, "
+        f"load average at the end {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"certified {sum(f[2] for f in fast)}/{len(fast)}; max |score diff| {err:.2e}; one-time vocab ranges "
+        f"{cold:.1f}s (cached on disk after the first run)",
+        flush=True,
+    )
     if not args.no_memory:
         mem_ref, mem_fast = _peak_rss_mb("reference", args.k, 1), _peak_rss_mb("surgery", args.k, args.batch)
-        print(f"peak RSS growth after loading: reference {mem_ref:.0f} MB (1 case), "
-              f"surgery {mem_fast:.0f} MB ({args.batch} cases per batch)")
+        print(
+            f"peak RSS growth after loading: reference {mem_ref:.0f} MB (1 case), "
+            f"surgery {mem_fast:.0f} MB ({args.batch} cases per batch)"
+        )
     speed = [r / f for _, f, r in runs]
     t_fast, t_ref = (statistics.median(x) for x in ([f for _, f, _ in runs], [r for _, _, r in runs]))
-    print(f"speedup {statistics.median(speed):.1f}x (reference {t_ref:.2f}s, surgery {t_fast:.3f}s), "
-          f"identical={'true' if same and err <= 1e-4 else 'false'}")
+    print(
+        f"speedup {statistics.median(speed):.1f}x (reference {t_ref:.2f}s, surgery {t_fast:.3f}s), "
+        f"identical={'true' if same and err <= 1e-4 else 'false'}"
+    )
 
 
 if __name__ == "__main__":

@@ -33,5 +33,8 @@ for _ in range(4):
     t = time.perf_counter()
     bench_cna.surgery_cases(view, seqs[16:48], 100, 16, pad, ablate=ablate)
     ts.append(time.perf_counter() - t)
-print(f"{root} {'ablate 1.4' if ablate else 'score'}: surgery per case ms: min {min(ts) / 32e-3:.1f} "
-      f"med {statistics.median(ts) / 32e-3:.1f} | forward min {min(fs) / 32e-3:.1f} med {statistics.median(fs) / 32e-3:.1f}")
+print(
+    f"{root} {'ablate 1.4' if ablate else 'score'}: surgery per case ms: min {min(ts) / 32e-3:.1f} "
+    f"med {statistics.median(ts) / 32e-3:.1f} | forward min {min(fs) / 32e-3:.1f} "
+    f"med {statistics.median(fs) / 32e-3:.1f}"
+)

@@ -16,13 +16,13 @@ import argparse
 
 import torch
 
+from surgery.edits.lora import load_against
+from surgery.edits.pruning import load_recipe, make_plan, make_task
 from surgery.find import selectors
+from surgery.find.cna import compare
+from surgery.io.loading import load_model
 from surgery.model.arch import ModelView
 from surgery.model.batching import left_pad, pad_id
-from surgery.find.cna import compare
-from surgery.edits.lora import load_against
-from surgery.io.loading import load_model
-from surgery.edits.pruning import load_recipe, make_plan, make_task
 
 
 def top_set(scores: torch.Tensor, frac: float) -> set[int]:
@@ -54,30 +54,35 @@ def main() -> None:
     cases = make_task(r, loaded.tokenizer).cases
     layers = make_plan(r, loaded.model).layers
     step = max(1, len(cases.seqs) // a.cases)
-    idx = list(range(0, len(cases.seqs), step))[:a.cases]
+    idx = list(range(0, len(cases.seqs), step))[: a.cases]
     seqs, targets = [cases.seqs[i] for i in idx], [cases.targets[i] for i in idx]
     va, vb = ModelView(ref), (ModelView(loaded.model) if a.score == "delta" else None)
     pad = pad_id(loaded.tokenizer)
     approx = {l: torch.zeros(va.ffn_width(l)) for l in layers}
     exact = {l: torch.zeros(va.ffn_width(l)) for l in layers}
     for s in range(0, len(seqs), a.batch):
-        batch = left_pad(seqs[s:s + a.batch], pad)
-        tgt = torch.tensor(targets[s:s + a.batch])
+        batch = left_pad(seqs[s : s + a.batch], pad)
+        tgt = torch.tensor(targets[s : s + a.batch])
         for out, ex in ((approx, False), (exact, True)):
-            c = compare(va, batch, layers, r.cna.exact_top, view_b=vb, target=tgt, exhaustive=ex,
-                        max_rescore=r.cna.max_rescore)
+            c = compare(
+                va, batch, layers, r.cna.exact_top, view_b=vb, target=tgt, exhaustive=ex, max_rescore=r.cna.max_rescore
+            )
             for l in layers:
                 out[l] += c.delta[l].sum(0)
         print(f"cases {min(s + a.batch, len(seqs))}/{len(seqs)}", flush=True)
     x, y = torch.cat([approx[l] for l in layers]), torch.cat([exact[l] for l in layers])
-    print(f"{len(seqs)} cases, layers {layers[0]}-{layers[-1]}, score {a.score}: "
-          f"pearson {float(torch.corrcoef(torch.stack([x, y]))[0, 1]):.3f}, spearman {spearman(x, y):.3f}")
+    print(
+        f"{len(seqs)} cases, layers {layers[0]}-{layers[-1]}, score {a.score}: "
+        f"pearson {float(torch.corrcoef(torch.stack([x, y]))[0, 1]):.3f}, spearman {spearman(x, y):.3f}"
+    )
     for frac in (0.5, 0.25, 0.10, 0.05):
         print(f"top {frac:.0%}: Jaccard(midpoint sum, exact sum) = {jaccard(top_set(x, frac), top_set(y, frac)):.3f}")
     inp = selectors.Inputs(ModelView(loaded.model), layers, pad, seqs, targets)
     act = torch.cat([v for _, v in sorted(selectors.score("task", "activation", inp).items())])
-    print(f"top 50%: Jaccard(exact CNA, activation) = {jaccard(top_set(y, 0.5), top_set(act, 0.5)):.3f} "
-          f"(two random halves: 0.333)")
+    print(
+        f"top 50%: Jaccard(exact CNA, activation) = {jaccard(top_set(y, 0.5), top_set(act, 0.5)):.3f} "
+        f"(two random halves: 0.333)"
+    )
 
 
 if __name__ == "__main__":

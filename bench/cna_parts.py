@@ -23,11 +23,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from surgery.evals import arithmetic  # noqa: E402
-
 from surgery.find import cna  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 from surgery.model.arch import ModelView  # noqa: E402
 from surgery.model.batching import left_pad, pad_id  # noqa: E402
-from surgery.io.loading import load_model  # noqa: E402
 
 
 def best_ms(f, n: int = 50) -> float:
@@ -44,8 +43,10 @@ def topk_line() -> None:
     z = torch.randn(11, 49152) * 3
     for th in (1, 2):
         torch.set_num_threads(th)
-        print(f"topk k 32 of [11, 49152], {th} thread(s): torch.topk {best_ms(lambda: z.topk(32, -1)):.2f} ms, "
-              f"blocked {best_ms(lambda: cna._topk(z, 32)):.2f} ms")
+        print(
+            f"topk k 32 of [11, 49152], {th} thread(s): torch.topk {best_ms(lambda: z.topk(32, -1)):.2f} ms, "
+            f"blocked {best_ms(lambda: cna._topk(z, 32)):.2f} ms"
+        )
 
 
 def gemm_lines(threads: int) -> None:
@@ -56,8 +57,10 @@ def gemm_lines(threads: int) -> None:
         x, q, out = torch.randn(rows, d), torch.rand(rows, V), torch.empty(rows, V)
         r = best_ms(lambda: torch.matmul(x, wu.T, out=out), 10)
         t = best_ms(lambda: q @ wu, 10)
-        print(f"gemm {rows} rows, {threads} threads: readout {rows * V * d / r / 1e6:.0f} GMAC/s, "
-              f"tail mean {rows * V * d / t / 1e6:.0f} GMAC/s")
+        print(
+            f"gemm {rows} rows, {threads} threads: readout {rows * V * d / r / 1e6:.0f} GMAC/s, "
+            f"tail mean {rows * V * d / t / 1e6:.0f} GMAC/s"
+        )
 
 
 def _range_only(self, a, log_a, lin, log_zr, mean_d, hi_d, lo_d):
@@ -77,8 +80,10 @@ def model_lines(threads: int) -> None:
     for name, f in (("tail mean", real), ("vocabulary range only", _range_only)):
         cna.Scorer._tail_bounds = f
         r = cna.compare(view, batch, layers, 100)
-        print(f"bounds with {name}: {r.top.rescored / 32:.1f} exact scores per case, "
-              f"certified {int(r.top.certified.sum())}/32")
+        print(
+            f"bounds with {name}: {r.top.rescored / 32:.1f} exact scores per case, "
+            f"certified {int(r.top.certified.sum())}/32"
+        )
     cna.Scorer._tail_bounds = real
     mass = [float((r.scorer_a.tail_cache[l][3] - r.scorer_a.tail_cache[l][2]).exp().median()) for l in layers]
     print("tail mass (median over cases) at layers 0, 5, ..., 29: " + ", ".join(f"{m:.3f}" for m in mass[::5]))

@@ -23,16 +23,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from surgery.evals import arithmetic  # noqa: E402
-
 from surgery.find import cna  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 from surgery.model.arch import ModelView  # noqa: E402
 from surgery.model.batching import pad_id  # noqa: E402
-from surgery.io.loading import load_model  # noqa: E402
 
 
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
 
 
 LIBC = ctypes.CDLL("libc.so.6")
@@ -48,8 +49,10 @@ def rss_mb() -> int:
 
 def heap() -> str:
     m = LIBC.mallinfo2()
-    return (f"heap {m.arena >> 20} MB (in use {m.uordblks >> 20}, free {m.fordblks >> 20}), "
-            f"mmapped {m.hblkhd >> 20} MB in {m.hblks} blocks")
+    return (
+        f"heap {m.arena >> 20} MB (in use {m.uordblks >> 20}, free {m.fordblks >> 20}), "
+        f"mmapped {m.hblkhd >> 20} MB in {m.hblks} blocks"
+    )
 
 
 def main() -> None:
@@ -61,8 +64,14 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     print(f"loaded: RSS {rss_mb()} MB; {heap()}")
     view = ModelView(loaded.model)
-    seqs = list(arithmetic.cases(arithmetic.build(digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES),  # the cases of `surgery cna --digits 1`
-                                  loaded.tokenizer)["input_ids"])[:args.cases]
+    seqs = list(
+        arithmetic.cases(
+            arithmetic.build(
+                digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES
+            ),  # the cases of `surgery cna --digits 1`
+            loaded.tokenizer,
+        )["input_ids"]
+    )[: args.cases]
     layers, pad = list(range(view.n_layers)), pad_id(loaded.tokenizer)
     cna.scan(view, seqs[:1], layers, 20, pad, ablate_b=((1, 4),), progress=False)
     print(f"after warm-up: RSS {rss_mb()} MB; {heap()}")
@@ -79,13 +88,15 @@ def main() -> None:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     start = time.time()
-    cna.scan(view, seqs, layers, 20, pad, ablate_b=((1, 4),), batch_size=args.batch, held=args.held,
-             progress=False)
+    cna.scan(view, seqs, layers, 20, pad, ablate_b=((1, 4),), batch_size=args.batch, held=args.held, progress=False)
     done.set()
     t.join()
-    print(f"scan {len(seqs)} cases, {cna.cases_per_pass(args.batch, args.held, len(layers), view.unembed_matrix().shape[0])}"
-          f" per pass, {time.time() - start:.0f}s, threads {torch.get_num_threads()}: "
-          f"peak RSS {peak['rss']} MB; at the peak {peak['at']}")
+    print(
+        f"scan {len(seqs)} cases, "
+        f"{cna.cases_per_pass(args.batch, args.held, len(layers), view.unembed_matrix().shape[0])}"
+        f" per pass, {time.time() - start:.0f}s, threads {torch.get_num_threads()}: "
+        f"peak RSS {peak['rss']} MB; at the peak {peak['at']}"
+    )
 
 
 if __name__ == "__main__":

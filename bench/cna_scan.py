@@ -28,13 +28,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from surgery.commands.prune.sweep import matmul_params  # noqa: E402
 from surgery.evals import arithmetic  # noqa: E402
-
 from surgery.find import cna  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 from surgery.model.arch import ModelView  # noqa: E402
 from surgery.model.batching import pad_id  # noqa: E402
-from surgery.io.loading import load_model  # noqa: E402
-from surgery.commands.prune.sweep import matmul_params  # noqa: E402
 
 
 def _kb(field: str) -> int:
@@ -61,8 +60,9 @@ class Count:
             return count.real["_pair_scores"](sc, layer, case, *a)
 
         def prepare(sc, layers, tails=True):
-            new = [l for l in layers if l not in sc.layer_cache] + ([l for l in layers if l not in sc.tail_cache]
-                                                                     if tails else [])
+            new = [l for l in layers if l not in sc.layer_cache] + (
+                [l for l in layers if l not in sc.tail_cache] if tails else []
+            )
             count.tail_rows += len(new) * sc.target.shape[0]
             return count.real["_prepare"](sc, layers, tails)
 
@@ -78,8 +78,12 @@ class Count:
         V, d = view.unembed_matrix().shape
         body = matmul_params(view.model) - V * d  # every token's matrices; the unembedding at the last position only
         tokens = sum(len(s) for s in seqs)
-        return {"forwards": 2 * (body * tokens + len(seqs) * V * d) / 1e9, "base + tails": self.tail_rows * V * d / 1e9,
-                "top block": self.top * d / 1e9, "readout rows": self.rows * V * d / 1e9}
+        return {
+            "forwards": 2 * (body * tokens + len(seqs) * V * d) / 1e9,
+            "base + tails": self.tail_rows * V * d / 1e9,
+            "top block": self.top * d / 1e9,
+            "readout rows": self.rows * V * d / 1e9,
+        }
 
 
 def gemm_rate(V: int, d: int, rows: int, repeats: int = 5) -> float:
@@ -105,30 +109,43 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model("smollm2-135m")
     view = ModelView(loaded.model)
-    seqs = list(arithmetic.cases(arithmetic.build(digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES),  # the cases of `surgery cna --digits 1`
-                                  loaded.tokenizer)["input_ids"])[:args.cases]
+    seqs = list(
+        arithmetic.cases(
+            arithmetic.build(
+                digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES
+            ),  # the cases of `surgery cna --digits 1`
+            loaded.tokenizer,
+        )["input_ids"]
+    )[: args.cases]
     layers, pad = list(range(view.n_layers)), pad_id(loaded.tokenizer)
     cna.scan(view, seqs[:1], layers, 20, pad, ablate_b=((1, 4),), progress=False)  # vocabulary ranges (disk-cached)
     print(f"loaded: VmRSS {_kb('VmRSS') / 1024:.0f} MB", flush=True)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before, count, t = _kb("VmRSS"), Count(), time.time()
-    sc = cna.scan(view, seqs, layers, 20, pad, ablate_b=((1, 4),), batch_size=args.batch, progress=False,
-                  budget=args.block_floats)
+    sc = cna.scan(
+        view, seqs, layers, 20, pad, ablate_b=((1, 4),), batch_size=args.batch, progress=False, budget=args.block_floats
+    )
     took, n = time.time() - t, len(seqs)
     hwm = _kb("VmHWM")
     V, d = view.unembed_matrix().shape
     work = count.gmac(view, seqs)
     rate = gemm_rate(V, d, args.batch * 5)
     total = sum(work.values())
-    print("arithmetic (GMAC): " + ", ".join(f"{k} {v:.0f}" for k, v in work.items()) + f"; total {total:.0f}; "
-          f"exact pairs {count.pairs} (elementwise passes over {count.pairs * V / 1e9:.1f} G logits)")
-    print(f"GEMM rate [{args.batch * 5}, {d}] x [{d}, {V}]: {rate:.1f} GMAC/s -> the arithmetic alone needs "
-          f"{total / rate:.0f} s at that rate; measured {took:.0f} s ({took * rate / total:.2f}x)")
+    print(
+        "arithmetic (GMAC): " + ", ".join(f"{k} {v:.0f}" for k, v in work.items()) + f"; total {total:.0f}; "
+        f"exact pairs {count.pairs} (elementwise passes over {count.pairs * V / 1e9:.1f} G logits)"
+    )
+    print(
+        f"GEMM rate [{args.batch * 5}, {d}] x [{d}, {V}]: {rate:.1f} GMAC/s -> the arithmetic alone needs "
+        f"{total / rate:.0f} s at that rate; measured {took:.0f} s ({took * rate / total:.2f}x)"
+    )
     print(f"load average {os.getloadavg()[0]:.1f}, threads {torch.get_num_threads()}")
-    print(f"scan {n} cases: {took:.0f}s, certified {int(sc.certified.sum())}/{n}, rescored/case "
-          f"{sc.rescored / n:.0f}, HWM growth above loaded {(hwm - before) / 1024:.0f} MB, "
-          f"VmHWM {hwm / 1024:.0f} MB")
+    print(
+        f"scan {n} cases: {took:.0f}s, certified {int(sc.certified.sum())}/{n}, rescored/case "
+        f"{sc.rescored / n:.0f}, HWM growth above loaded {(hwm - before) / 1024:.0f} MB, "
+        f"VmHWM {hwm / 1024:.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -28,18 +28,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from surgery.evals import arithmetic  # noqa: E402
-
 from surgery.find import cna  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 from surgery.model.arch import ModelView  # noqa: E402
 from surgery.model.batching import left_pad, pad_id  # noqa: E402
-from surgery.io.loading import load_model  # noqa: E402
 
 
 def random_model(kind: str, layers: int) -> torch.nn.Module:
     """SmolLM2's widths, a large vocabulary; fp32 random init (seed 0), tied embeddings, no soft-capping."""
     torch.manual_seed(0)
-    common = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                  num_key_value_heads=3, tie_word_embeddings=True, pad_token_id=0)
+    common = dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
     if kind == "llama":
         model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128256, **common))
     else:
@@ -69,8 +75,11 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 2)
     loaded = load_model("smollm2-135m")
     problems = arithmetic.build(digits=(1,), templates=("calculate",), limit=args.cases)
-    smol = (ModelView(loaded.model), list(arithmetic.cases(problems, loaded.tokenizer)["input_ids"])[:args.cases],
-            pad_id(loaded.tokenizer))
+    smol = (
+        ModelView(loaded.model),
+        list(arithmetic.cases(problems, loaded.tokenizer)["input_ids"])[: args.cases],
+        pad_id(loaded.tokenizer),
+    )
     g = torch.Generator().manual_seed(1)
     models = {"smollm2": smol}
     for kind in args.models.split(","):
@@ -86,13 +95,18 @@ def main() -> None:
             t, cert, spent = run_once(view, seqs, args.k, pad)
             per_unit[name].append(t / units(view))
             info[name] = (cert, spent)
-            print(f"repeat {rep} {name}: {1000 * t:.0f} ms per case, {units(view) / 1e9:.2f}G neuron x vocab, "
-                  f"certified {cert}/{len(seqs)}, {spent / len(seqs):.0f} exact per case", flush=True)
+            print(
+                f"repeat {rep} {name}: {1000 * t:.0f} ms per case, {units(view) / 1e9:.2f}G neuron x vocab, "
+                f"certified {cert}/{len(seqs)}, {spent / len(seqs):.0f} exact per case",
+                flush=True,
+            )
     print(f"load average at the end {os.getloadavg()[0]:.1f}, threads {torch.get_num_threads()}")
     for name in list(models)[1:]:
         ratio = [a / b for a, b in zip(per_unit[name], per_unit["smollm2"])]
-        print(f"vocab {name}: {statistics.median(ratio):.2f}x SmolLM2's cost per neuron x vocabulary (median; "
-              f"spread {min(ratio):.2f}-{max(ratio):.2f}x), certified {info[name][0]}/{args.cases}")
+        print(
+            f"vocab {name}: {statistics.median(ratio):.2f}x SmolLM2's cost per neuron x vocabulary (median; "
+            f"spread {min(ratio):.2f}-{max(ratio):.2f}x), certified {info[name][0]}/{args.cases}"
+        )
 
 
 if __name__ == "__main__":

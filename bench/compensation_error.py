@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from surgery.edits.pruning import load_recipe, make_task  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
 from surgery.model.arch import ModelView  # noqa: E402
 from surgery.model.batching import batches, left_pad, pad_id, position_ids  # noqa: E402
 from surgery.model.hooks import Hooks  # noqa: E402
-from surgery.io.loading import load_model  # noqa: E402
-from surgery.edits.pruning import load_recipe, make_task  # noqa: E402
 from surgery.model.slicing import removed  # noqa: E402
 
 
@@ -40,8 +40,9 @@ def coefficients(view: ModelView, seqs: list[list[int]], layers: list[int], pad:
         ids, mask = left_pad([seqs[i] for i in idx], pad)
         with torch.no_grad(), Hooks(view) as h:
             h.capture("m", layers=layers, positions=None)
-            view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1,
-                       use_cache=False)
+            view.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, use_cache=False
+            )
         on = mask.bool()
         pos = position_ids(mask)
         first.append(pos[on] == 0)
@@ -77,11 +78,16 @@ def main() -> None:
         for k in tot:
             tot[k] += float(err[k].detach())
         top = ml[first].abs().mean(0).max() / ml[~first].abs().mean(0).clamp_min(1e-9).max()
-        print(f"layer {l}: removed {len(gone)}, error / uncompensated: all {err['all'] / err['none']:.3f}, "
-              f"no-first {err['no-first'] / err['none']:.3f}, last {err['last'] / err['none']:.3f}; "
-              f"largest mean |m| at the first token / elsewhere {float(top):.1f}")
-    print(f"error ratio (compensated / uncompensated, sum over layers of squared norms): all {tot['all'] / tot['none']:.3f}, "
-          f"no-first {tot['no-first'] / tot['none']:.3f}, last {tot['last'] / tot['none']:.3f}")
+        print(
+            f"layer {l}: removed {len(gone)}, error / uncompensated: all {err['all'] / err['none']:.3f}, "
+            f"no-first {err['no-first'] / err['none']:.3f}, last {err['last'] / err['none']:.3f}; "
+            f"largest mean |m| at the first token / elsewhere {float(top):.1f}"
+        )
+    print(
+        "error ratio (compensated / uncompensated, sum over layers of squared norms): "
+        f"all {tot['all'] / tot['none']:.3f}, "
+        f"no-first {tot['no-first'] / tot['none']:.3f}, last {tot['last'] / tot['none']:.3f}"
+    )
 
 
 if __name__ == "__main__":

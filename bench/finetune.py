@@ -27,13 +27,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from surgery.evals import arithmetic  # noqa: E402
 
-from surgery.model.batching import pad_id  # noqa: E402
-from surgery.find.components import from_list, parse, shape_of  # noqa: E402
-from surgery.io.loading import load_model  # noqa: E402
 from surgery.edits.precise import Precise, select  # noqa: E402
 from surgery.edits.training import Collator, answer_loss  # noqa: E402
+from surgery.evals import arithmetic  # noqa: E402
+from surgery.find.components import from_list, parse, shape_of  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
+from surgery.model.batching import pad_id  # noqa: E402
 
 
 def batch(tok, n: int) -> dict:
@@ -81,10 +81,23 @@ def main() -> None:
             tf.append(step(full, opt_f, b))
             tp.append(step(prec, opt_p, b))
     f, p = statistics.median(tf), statistics.median(tp)
-    print(json.dumps({"model": loaded.name, "heads": comps.names(), "batch": a.batch, "tokens": int(b["input_ids"].numel()),
-                      "threads": torch.get_num_threads(), "full_s": [round(x, 3) for x in tf],
-                      "precise_s": [round(x, 3) for x in tp]}))
-    print(f"speedup {f / p:.2f}x (full {f:.3f}s, precise {p:.3f}s), trained {sel.trained_entries(prec):,} of {n_total:,} params")
+    print(
+        json.dumps(
+            {
+                "model": loaded.name,
+                "heads": comps.names(),
+                "batch": a.batch,
+                "tokens": int(b["input_ids"].numel()),
+                "threads": torch.get_num_threads(),
+                "full_s": [round(x, 3) for x in tf],
+                "precise_s": [round(x, 3) for x in tp],
+            }
+        )
+    )
+    print(
+        f"speedup {f / p:.2f}x (full {f:.3f}s, precise {p:.3f}s), trained {sel.trained_entries(prec):,} of "
+        f"{n_total:,} params"
+    )
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from surgery.evals import arithmetic  # noqa: E402
 
+from surgery.evals import arithmetic  # noqa: E402
 from surgery.find import head_scan as H  # noqa: E402
-from surgery.model.arch import ModelView  # noqa: E402
 from surgery.io.loading import load_model  # noqa: E402
+from surgery.model.arch import ModelView  # noqa: E402
 
 
 def reference(model, cases, heads) -> dict:
@@ -61,8 +61,9 @@ def main(argv=None) -> None:
     loaded = load_model(a.model)
     view = ModelView(loaded.model)
     heads = [(int(l), h) for l in a.layers.split(",") for h in range(view.n_heads)]
-    cases = arithmetic.cases(arithmetic.build(digits=digits, templates=H.DEFAULT_TEMPLATES, limit=a.limit),
-                             loaded.tokenizer)
+    cases = arithmetic.cases(
+        arithmetic.build(digits=digits, templates=H.DEFAULT_TEMPLATES, limit=a.limit), loaded.tokenizer
+    )
     print(f"{len(heads)} heads x {len(cases)} cases, torch threads {torch.get_num_threads()}", flush=True)
 
     t = time.perf_counter()
@@ -82,8 +83,10 @@ def main(argv=None) -> None:
     diff = [f"{l}.{h}" for l, h in heads if ref[l, h] != rows.get((l, h))]
     if diff:
         print(f"heads whose per-case correctness differs: {diff}")
-    print(f"speedup {t_ref / t_surgery:.1f}x (reference {t_ref:.1f}s, surgery {t_surgery:.1f}s), "
-          f"identical={'true' if not diff else 'false'}")
+    print(
+        f"speedup {t_ref / t_surgery:.1f}x (reference {t_ref:.1f}s, surgery {t_surgery:.1f}s), "
+        f"identical={'true' if not diff else 'false'}"
+    )
 
 
 if __name__ == "__main__":

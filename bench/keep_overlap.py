@@ -34,8 +34,9 @@ def chance(n_a: int, n_b: int, total: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", required=True, help="a prune sweep folder (DIR/cells.jsonl)")
-    ap.add_argument("--total", type=int, default=None,
-                    help="neurons in the pruned layers (default: from the cells' kept_fraction)")
+    ap.add_argument(
+        "--total", type=int, default=None, help="neurons in the pruned layers (default: from the cells' kept_fraction)"
+    )
     a = ap.parse_args()
     path = Path(a.sweep) / "cells.jsonl"
     if not path.is_file():
@@ -54,8 +55,10 @@ def main() -> None:
         sets = {name: keep_pairs(c) for name, c in cells.items()}
         for x, y in itertools.combinations(sorted(sets), 2):
             total = a.total or round(len(sets[x]) / cells[x]["kept_fraction"])
-            print(f"| {budget} | {x} | {y} | {jaccard(sets[x], sets[y]):.3f} | "
-                  f"{chance(len(sets[x]), len(sets[y]), total):.3f} |")
+            print(
+                f"| {budget} | {x} | {y} | {jaccard(sets[x], sets[y]):.3f} | "
+                f"{chance(len(sets[x]), len(sets[y]), total):.3f} |"
+            )
             pairs += 1
     print(f"overlap {len(by_budget)} budgets, {pairs} selector pairs")
 

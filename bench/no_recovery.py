@@ -11,8 +11,8 @@ import argparse
 
 import torch
 
-from surgery.io.loading import load_model
 from surgery.edits.pruning import keeps_for, load_recipe, make_task, sliced_copy, token_means
+from surgery.io.loading import load_model
 
 
 def main() -> None:
@@ -31,17 +31,25 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     task = make_task(r, loaded.tokenizer)
     test = task.sets["test2"].select(range(min(a.test, len(task.sets["test2"]))))
-    means = token_means(loaded.model, loaded.tokenizer, task.cases, sel.layers, r.compensate_at) if a.compensate else None
-    print(f"original: 1-digit {task.score(loaded.model, task.sets['one_digit'])['full_answer_acc']:.3f}, "
-          f"2-digit({len(test)}) {task.score(loaded.model, test)['full_answer_acc']:.3f}", flush=True)
+    means = (
+        token_means(loaded.model, loaded.tokenizer, task.cases, sel.layers, r.compensate_at) if a.compensate else None
+    )
+    print(
+        f"original: 1-digit {task.score(loaded.model, task.sets['one_digit'])['full_answer_acc']:.3f}, "
+        f"2-digit({len(test)}) {task.score(loaded.model, test)['full_answer_acc']:.3f}",
+        flush=True,
+    )
     for pct in (float(b) for b in a.budgets.split(",")):
         keeps = keeps_for(sel, "pct", pct)
         for name in sel.order:
             m = sliced_copy(loaded.model, keeps[name], means)
             one = task.score(m, task.sets["one_digit"])["full_answer_acc"]
             two = task.score(m, test)["full_answer_acc"]
-            print(f"{'compensated ' if a.compensate else ''}{pct:g}% {name}: 1-digit {one:.3f}, "
-                  f"2-digit({len(test)}) {two:.3f}", flush=True)
+            print(
+                f"{'compensated ' if a.compensate else ''}{pct:g}% {name}: 1-digit {one:.3f}, "
+                f"2-digit({len(test)}) {two:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

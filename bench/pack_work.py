@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
+from surgery.evals import arithmetic, tasks
 from surgery.find import head_scan as H
-from surgery.evals import tasks
-from surgery.evals import arithmetic
 
 
 def work(ids, targets, batch_size: int = 64) -> dict:
@@ -32,11 +31,14 @@ def main() -> None:
     sets = {"capitals.csv (238 rows)": c}
     for d, limit in (((1,), None), ((1, 2), 200)):
         sets[f"arithmetic digits {d} (limit {limit})"] = arithmetic.cases(
-            arithmetic.build(digits=d, templates=arithmetic.DEFAULT_TEMPLATES, limit=limit), tok)
+            arithmetic.build(digits=d, templates=arithmetic.DEFAULT_TEMPLATES, limit=limit), tok
+        )
     for name, cs in sets.items():
         w = work(cs["input_ids"], cs["target"])
-        print(f"{name}: {len(cs)} cases, token rows per ablation: plain {w['plain']}, shared prefix {w['shared']} "
-              f"({100 * (1 - w['shared'] / w['plain']):.0f}% fewer)")
+        print(
+            f"{name}: {len(cs)} cases, token rows per ablation: plain {w['plain']}, shared prefix {w['shared']} "
+            f"({100 * (1 - w['shared'] / w['plain']):.0f}% fewer)"
+        )
 
 
 if __name__ == "__main__":

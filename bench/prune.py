@@ -75,7 +75,7 @@ def global_keep(scores: dict[int, torch.Tensor], pct: float) -> dict[int, list[i
     out, start = {}, 0
     for l in layers:
         w = scores[l].numel()
-        out[l] = top[start:start + w].nonzero().flatten().tolist()
+        out[l] = top[start : start + w].nonzero().flatten().tolist()
         start += w
     return out
 
@@ -109,8 +109,9 @@ def loadavg() -> str:
         return "?"
 
 
-def timed_rounds(dense: nn.Module, variants: list[list[nn.Module]], ids: torch.Tensor, repeats: int
-                 ) -> tuple[list[list[float]], list[list[list[float]]]]:
+def timed_rounds(
+    dense: nn.Module, variants: list[list[nn.Module]], ids: torch.Tensor, repeats: int
+) -> tuple[list[list[float]], list[list[list[float]]]]:
     """Per group g (one keep level or sweep cell): dense times d[g] and each variant's times v[g][j], run as
     dense, variant 0, variant 1, ... for every group in every round (after one warm-up each)."""
     forward_seconds(dense, ids)
@@ -152,8 +153,13 @@ def rss_mib(field: str = "VmRSS") -> float:
 
 
 def memory(path: Path, b: int, t: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(path), "--batch", str(b), "--seq", str(t)],
-                         capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(path), "--batch", str(b), "--seq", str(t)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -178,8 +184,10 @@ def param_count(m: nn.Module) -> int:
 
 def report_line(name: str, d: list[float], s: list[float], fl: float) -> str:
     ratios = [a / b for a, b in zip(d, s)]
-    return (f"{name:<34} {spread(s)}  ratio {spread(ratios, '.2f')}  (of medians "
-            f"{statistics.median(d) / statistics.median(s):.2f}x)  FLOP ratio {fl:.2f}x")
+    return (
+        f"{name:<34} {spread(s)}  ratio {spread(ratios, '.2f')}  (of medians "
+        f"{statistics.median(d) / statistics.median(s):.2f}x)  FLOP ratio {fl:.2f}x"
+    )
 
 
 def main() -> None:
@@ -227,15 +235,19 @@ def main() -> None:
         what = f"deep layers {layers[0]}-{layers[-1]}, keep levels {a.keep}% (magnitude)"
     d, v = timed_rounds(base, variants, ids, a.repeats)
     load_end = loadavg()
-    print(f"model {a.model}: {what}, batch {a.batch}x{a.seq}, {a.repeats} interleaved rounds, torch threads "
-          f"{torch.get_num_threads()}, load average {load_start} -> {load_end}")
+    print(
+        f"model {a.model}: {what}, batch {a.batch}x{a.seq}, {a.repeats} interleaved rounds, torch threads "
+        f"{torch.get_num_threads()}, load average {load_start} -> {load_end}"
+    )
     print("seconds per forward: median (min..max); ratio = dense/sliced per round, median (min..max)")
     all_ratios = []
     for g, name in enumerate(names):
         kept = sum(len(x) for x in keeps[g].values())
         ms = variants[g][0]
-        print(f"== {name}: {kept} neurons kept in {len(keeps[g])} layers; params {param_count(base):,} -> "
-              f"{param_count(ms):,}; FFN params {ffn_param_count(base):,} -> {ffn_param_count(ms):,}")
+        print(
+            f"== {name}: {kept} neurons kept in {len(keeps[g])} layers; params {param_count(base):,} -> "
+            f"{param_count(ms):,}; FFN params {ffn_param_count(base):,} -> {ffn_param_count(ms):,}"
+        )
         print(f"{'dense':<34} {spread(d[g])}")
         if len(variants[g]) > 1:
             with torch.no_grad():
@@ -249,8 +261,10 @@ def main() -> None:
     last, md, ms = variants[-1][0], statistics.median(d[-1]), statistics.median(v[-1][0])
     if not a.sweep and not a.no_memory:
         memory_lines(base, last, dense.tokenizer, a.batch, a.seq)
-    print(f"speedup {md / ms:.2f}x (dense {md:.3f}s, sliced {ms:.3f}s), params {param_count(base):,} -> "
-          f"{param_count(last):,}")
+    print(
+        f"speedup {md / ms:.2f}x (dense {md:.3f}s, sliced {ms:.3f}s), params {param_count(base):,} -> "
+        f"{param_count(last):,}"
+    )
 
 
 def memory_lines(base: nn.Module, last: nn.Module, tokenizer, b: int, t: int) -> None:
@@ -263,9 +277,11 @@ def memory_lines(base: nn.Module, last: nn.Module, tokenizer, b: int, t: int) ->
         size_d, size_s = folder_bytes(pd), folder_bytes(ps)
         mem_d, mem_s = memory(pd, b, t), memory(ps, b, t)
     print(f"checkpoint tensors on disk {size_d / 2**20:.1f} MiB -> {size_s / 2**20:.1f} MiB (last level)")
-    for key, what in (("loaded_rss_mib", "RSS after loading the checkpoint"),
-                      ("after_forward_rss_mib", "RSS after one forward"),
-                      ("peak_rss_mib", "peak RSS (load + forward, fresh process)")):
+    for key, what in (
+        ("loaded_rss_mib", "RSS after loading the checkpoint"),
+        ("after_forward_rss_mib", "RSS after one forward"),
+        ("peak_rss_mib", "peak RSS (load + forward, fresh process)"),
+    ):
         print(f"{what}: dense {mem_d[key]:.0f} MiB -> sliced {mem_s[key]:.0f} MiB")
 
 

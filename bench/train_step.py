@@ -26,19 +26,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from surgery.evals import arithmetic  # noqa: E402
 
-from surgery.model.batching import pad_id  # noqa: E402
 from surgery.edits.lora import LoraSpec, attach  # noqa: E402
-from surgery.io.loading import load_model  # noqa: E402
 from surgery.edits.training import Collator, answer_loss  # noqa: E402
+from surgery.evals import arithmetic  # noqa: E402
+from surgery.io.loading import load_model  # noqa: E402
+from surgery.model.batching import pad_id  # noqa: E402
 
 
 def batches(tok, n: int, size: int) -> list[dict]:
     probs = arithmetic.build(digits=(2,), templates=("calculate",), division="inverse", limit=n * size, seed=0)
     rows = arithmetic.encode(probs, tok)  # the prune recipe's training encoding (labels -100 on the prompt)
     collate = Collator(pad_id(tok))
-    return [collate(rows[i * size:(i + 1) * size]) for i in range(n)]
+    return [collate(rows[i * size : (i + 1) * size]) for i in range(n)]
 
 
 def step(model, opt, b: dict, bf16: bool) -> tuple[float, float]:
@@ -67,8 +67,7 @@ def main() -> None:
     bs = batches(loaded.tokenizer, a.steps + a.warmup, a.batch)
     torch.manual_seed(0)
     models = {m: attach(loaded.model, [a.layer], LoraSpec(rank=8, alpha=16)).train() for m in ("fp32", "bf16")}
-    opts = {m: torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
-            for m, pm in models.items()}
+    opts = {m: torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3) for m, pm in models.items()}
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     losses: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for i, b in enumerate(bs):
@@ -80,11 +79,23 @@ def main() -> None:
     f, h = statistics.median(times["fp32"]), statistics.median(times["bf16"])
     tail = max(1, len(losses["fp32"]) // 3)
     lf, lh = (statistics.mean(losses[m][-tail:]) for m in ("fp32", "bf16"))
-    print(json.dumps({"model": loaded.name, "layer": a.layer, "batch": a.batch, "threads": torch.get_num_threads(),
-                      "load": round(os.getloadavg()[0], 1), "fp32_s": [round(x, 3) for x in times["fp32"]],
-                      "bf16_s": [round(x, 3) for x in times["bf16"]]}))
-    print(f"bf16 faster in {sum(x > y for x, y in zip(times['fp32'], times['bf16']))} of {len(times['fp32'])} "
-          f"paired steps")
+    print(
+        json.dumps(
+            {
+                "model": loaded.name,
+                "layer": a.layer,
+                "batch": a.batch,
+                "threads": torch.get_num_threads(),
+                "load": round(os.getloadavg()[0], 1),
+                "fp32_s": [round(x, 3) for x in times["fp32"]],
+                "bf16_s": [round(x, 3) for x in times["bf16"]],
+            }
+        )
+    )
+    print(
+        f"bf16 faster in {sum(x > y for x, y in zip(times['fp32'], times['bf16']))} of {len(times['fp32'])} "
+        f"paired steps"
+    )
     print(f"speedup {f / h:.2f}x (fp32 {f:.3f}s, bf16 {h:.3f}s), loss fp32 {lf:.3f} bf16 {lh:.3f}")
 
 

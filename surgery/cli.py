@@ -20,14 +20,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="surgery", description=__doc__.split("\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="surgery", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"surgery {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="VERB")
     for name in commands.names():
         cmd = commands.get(name)
-        sp = sub.add_parser(name, help=cmd.summary, description=cmd.doc.strip(),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(
+            name, help=cmd.summary, description=cmd.doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         cmd.add_to(sp)
     return p
 

@@ -15,10 +15,17 @@ VOCAB, D, N, LAYERS, HEADS = 96, 32, 48, 3, 4
 
 
 def tiny_config(arch: str):
-    """A tiny config of `arch` exercising its quirks (GQA, biases, Conv1D, fused gate_up, parallel residual, post-FFN norm)."""
+    """A tiny config of `arch` exercising its quirks (GQA, biases, Conv1D, fused gate_up, parallel residual, post-FFN
+    norm)."""
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    llama_like = dict(hidden_size=D, intermediate_size=N, num_hidden_layers=LAYERS,
-                      num_attention_heads=HEADS, num_key_value_heads=2, **common)
+    llama_like = dict(
+        hidden_size=D,
+        intermediate_size=N,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        **common,
+    )
     if arch == "llama":
         return T.LlamaConfig(**llama_like, attention_bias=True, mlp_bias=True)
     if arch == "mistral":
@@ -34,8 +41,14 @@ def tiny_config(arch: str):
     if arch == "gptj":
         return T.GPTJConfig(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_inner=N, rotary_dim=4, n_positions=128, **common)
     if arch == "gpt_neox":
-        return T.GPTNeoXConfig(hidden_size=D, intermediate_size=N, num_hidden_layers=LAYERS,
-                               num_attention_heads=HEADS, max_position_embeddings=128, **common)
+        return T.GPTNeoXConfig(
+            hidden_size=D,
+            intermediate_size=N,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=128,
+            **common,
+        )
     raise KeyError(arch)
 
 
@@ -91,8 +104,16 @@ def tiny_smol_dir(tmp_path_factory):
     smol = Path(SMOL_DIR)
     if not (smol / "tokenizer.json").exists():
         pytest.skip("needs the converted SmolLM2 tokenizer (make setup)")
-    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
+    cfg = T.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     T.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(d)

@@ -213,8 +213,8 @@ def test_ov_matrix_is_the_attention_on_a_single_token(arch):
         bias = bias + v.attn_out_bias(1)
     vmod = layer_mods[v.arch.attn_v]
     if getattr(vmod, "bias", None) is not None:
-        b = vmod.bias[-vb.shape[0]:]
+        b = vmod.bias[-vb.shape[0] :]
         group = v.n_heads // (vb.shape[0] // v.head_dim)
-        full = torch.cat([b[(hh // group) * v.head_dim:(hh // group + 1) * v.head_dim] for hh in range(v.n_heads)])
+        full = torch.cat([b[(hh // group) * v.head_dim : (hh // group + 1) * v.head_dim] for hh in range(v.n_heads)])
         bias = bias + (v.attn_out(1).weight.T @ full if v.arch.conv1d else v.attn_out(1).weight @ full)
     torch.testing.assert_close(got + bias, want, atol=1e-5, rtol=0)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from surgery.cli import main
 from surgery.find import circuit as C
 from surgery.find import heuristics as Hx
-from surgery.cli import main
 
 
 def grid(lo: int = 0, hi: int = 29):
@@ -19,8 +19,10 @@ def grid(lo: int = 0, hi: int = 29):
     return a.ravel(), b.ravel()
 
 
-@pytest.mark.parametrize("planted", ["op1 % 5 == 2", "op2 in [10,20)", "result units digit 7", "op1 == op2",
-                                     "result % 3 == 0", "op1 tens digit 1"])
+@pytest.mark.parametrize(
+    "planted",
+    ["op1 % 5 == 2", "op2 in [10,20)", "result units digit 7", "op1 == op2", "result % 3 == 0", "op1 tens digit 1"],
+)
 def test_planted_heuristic_is_recovered(planted):
     a, b = grid()
     sets = Hx.heuristic_sets(a, b, a + b)
@@ -67,16 +69,19 @@ def test_knee_recall_first_reaching():
     assert C.recall([0, 1, 2, 3], [30, 20, 10, 0], k=2) == 0.0
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--operands", "9-3"], "empty"),
-    (["--operands", "x"], "LO-HI"),
-    (["--ops", "%"], "cannot be expressed"),
-    (["--templates", "words"], "cannot name"),
-    (["--faithfulness", "0"], "outside (0, 1]"),
-    (["--faithfulness", "1.5"], "outside (0, 1]"),
-    (["--operands", "0-1", "--ops", "*"], "fewer than"),
-    (["--limit", "1"], "at least 2"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--operands", "9-3"], "empty"),
+        (["--operands", "x"], "LO-HI"),
+        (["--ops", "%"], "cannot be expressed"),
+        (["--templates", "words"], "cannot name"),
+        (["--faithfulness", "0"], "outside (0, 1]"),
+        (["--faithfulness", "1.5"], "outside (0, 1]"),
+        (["--operands", "0-1", "--ops", "*"], "fewer than"),
+        (["--limit", "1"], "at least 2"),
+    ],
+)
 def test_circuit_bad_input(tmp_path, capsys, argv, msg):
     out = tmp_path / "c"
     assert main(["circuit", "--model", "no-such-model", "--out", str(out)] + argv) == 2
@@ -91,8 +96,9 @@ def test_heuristics_bad_input(tmp_path, capsys):
     assert "no circuit.json" in capsys.readouterr().err
     folder = tmp_path / "circ"
     folder.mkdir()
-    (folder / "circuit.json").write_text(json.dumps({"model": {"name": "smollm2-135m", "source": "/x", "n_layers": 30,
-                                                               "n_heads": 9}, "config": {}}))
+    (folder / "circuit.json").write_text(
+        json.dumps({"model": {"name": "smollm2-135m", "source": "/x", "n_layers": 30, "n_heads": 9}, "config": {}})
+    )
     assert main(["heuristics", "--circuit", str(folder), "--model", "other-model", "--out", str(out)]) == 2
     assert "was made with model smollm2-135m" in capsys.readouterr().err
     assert main(["heuristics", "--circuit", str(folder), "--threshold", "0", "--out", str(out)]) == 2
@@ -103,8 +109,27 @@ def test_heuristics_bad_input(tmp_path, capsys):
 @pytest.mark.slow
 def test_circuit_on_smollm2_writes_the_finetune_keys(smol, tmp_path):
     out = tmp_path / "c"
-    assert main(["circuit", "--ops", "+", "--operands", "0-4", "--limit", "4", "--verify", "4", "--rescore", "2",
-                 "--no-agree", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "circuit",
+                "--ops",
+                "+",
+                "--operands",
+                "0-4",
+                "--limit",
+                "4",
+                "--verify",
+                "4",
+                "--rescore",
+                "2",
+                "--no-agree",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads((out / "circuit.json").read_text())
     assert set(data["model"]) >= {"name", "arch", "n_layers", "n_heads"} and data["model"]["n_layers"] == 30
     assert data["circuit"]["mlps"] == list(range(30))
@@ -118,8 +143,13 @@ def test_chance_iou_matches_random_sets():
     """The agreement's chance baseline is the mean IoU of two random n-subsets (Monte Carlo, 2,000 draws)."""
     g = torch.Generator().manual_seed(0)
     for n, total in ((8, 270), (149, 270), (375, 23040)):
-        draws = [len(set(torch.randperm(total, generator=g)[:n].tolist()) & set(torch.randperm(total, generator=g)[:n].tolist()))
-                 for _ in range(2000)]
+        draws = [
+            len(
+                set(torch.randperm(total, generator=g)[:n].tolist())
+                & set(torch.randperm(total, generator=g)[:n].tolist())
+            )
+            for _ in range(2000)
+        ]
         mc = sum(i / (2 * n - i) for i in draws) / len(draws)
         assert abs(C.chance_iou(n, total) - mc) < 0.01 + 0.05 * mc, (n, total, C.chance_iou(n, total), mc)
     assert C.chance_iou(0, 10) is None

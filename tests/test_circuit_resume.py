@@ -9,14 +9,29 @@ import json
 import pytest
 import torch
 
+from surgery.cli import main
 from surgery.commands.circuit import job as circuit_job
+from surgery.commands.heuristics import job as heuristics_job
 from surgery.find import circuit as C
 from surgery.find import heuristics as Hx
-from surgery.cli import main
-from surgery.commands.heuristics import job as heuristics_job
 
-ARGS = ["--ops", "+,/", "--operands", "0-12", "--limit", "3", "--verify", "6", "--rescore", "2", "--include-wrong",
-        "--neuron-from", "2", "--batch-size", "8"]
+ARGS = [
+    "--ops",
+    "+,/",
+    "--operands",
+    "0-12",
+    "--limit",
+    "3",
+    "--verify",
+    "6",
+    "--rescore",
+    "2",
+    "--include-wrong",
+    "--neuron-from",
+    "2",
+    "--batch-size",
+    "8",
+]
 
 
 def _results(folder):
@@ -46,8 +61,14 @@ def test_resumed_equals_uninterrupted(tiny_smol_dir, uninterrupted, tmp_path, mo
     assert main(argv) == 130
     assert not (out / "circuit.json").exists()
     done = sorted(f.name for f in (out / circuit_job.STAGE_DIR).iterdir())
-    assert done == ["add.effects.json", "add.heads.json", "add.neurons.json", "div.effects.json", "div.heads.json",
-                    circuit_job.MEANS_FILE]
+    assert done == [
+        "add.effects.json",
+        "add.heads.json",
+        "add.neurons.json",
+        "div.effects.json",
+        "div.heads.json",
+        circuit_job.MEANS_FILE,
+    ]
     monkeypatch.setattr(C, "neuron_curve", real_curve)
     screens, means = [], []
     real_screen, real_means = C.screen_mean, C.P.means
@@ -80,8 +101,24 @@ def test_heuristics_end_to_end(tiny_smol_dir, uninterrupted, tmp_path):
     """`surgery heuristics` on a finished circuit folder: json, md and gallery written; every labelled neuron's
     score reaches the threshold; every reported accuracy lies inside its own 95% interval."""
     out = tmp_path / "h"
-    assert main(["heuristics", "--circuit", str(uninterrupted), "--top", "2", "--max-heuristics", "2",
-                 "--max-prompts", "10", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "heuristics",
+                "--circuit",
+                str(uninterrupted),
+                "--top",
+                "2",
+                "--max-heuristics",
+                "2",
+                "--max-prompts",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert {p.name for p in out.iterdir()} >= {"heuristics.json", "heuristics.md", "gallery.png"}
     data = json.loads((out / "heuristics.json").read_text())
     res, thr = data["results"], data["config"]["threshold"]

@@ -23,8 +23,9 @@ def tf_pairs(seed: int = 0) -> P.Pairs:
 
 
 @torch.no_grad()
-def manual_prob(view: ModelView, prompt: torch.Tensor, donor_prompt: torch.Tensor, ans: torch.Tensor,
-                comp: P.Component | None) -> torch.Tensor:
+def manual_prob(
+    view: ModelView, prompt: torch.Tensor, donor_prompt: torch.Tensor, ans: torch.Tensor, comp: P.Component | None
+) -> torch.Tensor:
     """prod_j P(ans_j | prompt + ans_<j) [B], each prefix its own forward, `comp` patched at its prompt role
     from the donor prompt + the same answer prefix (plain capture, then plain patch)."""
     what = {"head": "z", "mlp": "ffn", "neuron": "m"}
@@ -48,7 +49,7 @@ def manual_prob(view: ModelView, prompt: torch.Tensor, donor_prompt: torch.Tenso
                     where[:, pos, comp.index] = True
                 h.patch(what[comp.kind], comp.layer, donor, where)
             logits = view.model(input_ids=ids).logits[:, -1].double()
-        out *= logits.softmax(-1).gather(1, ans[:, j:j + 1])[:, 0]
+        out *= logits.softmax(-1).gather(1, ans[:, j : j + 1])[:, 0]
     return out
 
 
@@ -56,8 +57,13 @@ def manual_prob(view: ModelView, prompt: torch.Tensor, donor_prompt: torch.Tenso
 def test_teacher_forced_eq1_equals_manual_per_token(arch):
     view = ModelView(make_tiny(arch).double())
     pr = tf_pairs()
-    comps = [P.Component("head", 1, 1, 0), P.Component("head", 0, 0, 3), P.Component("mlp", 0, -1, 2),
-             P.Component("mlp", 1, -1, 3), P.Component("neuron", 1, 5, 3)]
+    comps = [
+        P.Component("head", 1, 1, 0),
+        P.Component("head", 0, 0, 3),
+        P.Component("mlp", 0, -1, 2),
+        P.Component("mlp", 1, -1, 3),
+        P.Component("neuron", 1, 5, 3),
+    ]
     clean, cf = P.run_pair(view, pr, neurons=True)
     ours = P.exact(view, pr, comps, clean, cf)
     p_r = manual_prob(view, pr.clean, pr.cf, pr.r, None)

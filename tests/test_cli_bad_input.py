@@ -94,13 +94,19 @@ def test_profile_that_is_not_a_mapping(bad_profile, tmp_path, capfd):
     assert len(err.strip().splitlines()) == 1 and "profile 'quick' must be a mapping" in err, err
 
 
-@pytest.mark.parametrize("argv, phrase", [
-    (["cna", "--prompt", "Calculate: 3+5=", "--layers", "3-1"], "layer range 3-1 is empty; write the lower layer first: 1-3"),
-    (["cna", "--prompt", "Calculate: 3+5=", "--layers", "9"], "outside the model"),
-    (["cna", "--prompt", "Calculate: 3+5=", "--target", " nursery rhymes"], "is 2 tokens"),
-    (["lora-sweep", "--quick", "--layers", "7"], "outside the model"),  # no step log line before the error
-    (["prune", "--quick", "--keep", "top5", "--lora-layer", "9"], "--lora-layer 9 is outside the model"),
-])
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (
+            ["cna", "--prompt", "Calculate: 3+5=", "--layers", "3-1"],
+            "layer range 3-1 is empty; write the lower layer first: 1-3",
+        ),
+        (["cna", "--prompt", "Calculate: 3+5=", "--layers", "9"], "outside the model"),
+        (["cna", "--prompt", "Calculate: 3+5=", "--target", " nursery rhymes"], "is 2 tokens"),
+        (["lora-sweep", "--quick", "--layers", "7"], "outside the model"),  # no step log line before the error
+        (["prune", "--quick", "--keep", "top5", "--lora-layer", "9"], "--lora-layer 9 is outside the model"),
+    ],
+)
 def test_bad_input_after_loading_is_still_one_line(tiny_dir, argv, phrase, tmp_path, capfd):
     out = tmp_path / "out"
     assert _run([*argv, "--model", str(tiny_dir), "--out", str(out)]) == 2
@@ -113,19 +119,24 @@ def _circuit_folder(path: Path, model: dict) -> Path:
     import json
 
     path.mkdir()
-    (path / "circuit.json").write_text(json.dumps({"model": model, "config": {"ops": ["+"], "operands": [0, 9],
-                                                                              "template": "calculate", "seed": 0}}))
+    (path / "circuit.json").write_text(
+        json.dumps({"model": model, "config": {"ops": ["+"], "operands": [0, 9], "template": "calculate", "seed": 0}})
+    )
     return path
 
 
 def test_circuit_folder_from_another_model(tiny_dir, tmp_path, capfd):
     """`surgery heuristics` refuses a circuit made for another model: by name before loading, by shape after."""
-    named = _circuit_folder(tmp_path / "named", {"name": "smollm2-135m", "source": str(SMOL), "n_layers": 30, "n_heads": 9})
+    named = _circuit_folder(
+        tmp_path / "named", {"name": "smollm2-135m", "source": str(SMOL), "n_layers": 30, "n_heads": 9}
+    )
     out = tmp_path / "out"
     assert _run(["heuristics", "--circuit", str(named), "--model", str(tiny_dir), "--out", str(out)]) == 2
     err = capfd.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "was made with model smollm2-135m" in err, err
-    shaped = _circuit_folder(tmp_path / "shaped", {"name": "tiny", "source": str(tiny_dir), "n_layers": 30, "n_heads": 9})
+    shaped = _circuit_folder(
+        tmp_path / "shaped", {"name": "tiny", "source": str(tiny_dir), "n_layers": 30, "n_heads": 9}
+    )
     assert _run(["heuristics", "--circuit", str(shaped), "--out", str(out)]) == 2
     err = capfd.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "was made for 30 x 9" in err, err

@@ -60,9 +60,16 @@ def test_options_are_declared_once_and_match_the_job(verb):
     params = inspect.signature(command.function()).parameters
     assert set(params) == {o.dest for o in command.options}
     defaults = command.defaults()
-    parsed = vars(build_parser().parse_args([verb, *(["PATH"] if verb == "inspect" else []),
-                                             *(["A", "B"] if verb == "diff" else []),
-                                             *(["--circuit", "C"] if verb == "heuristics" else [])]))
+    parsed = vars(
+        build_parser().parse_args(
+            [
+                verb,
+                *(["PATH"] if verb == "inspect" else []),
+                *(["A", "B"] if verb == "diff" else []),
+                *(["--circuit", "C"] if verb == "heuristics" else []),
+            ]
+        )
+    )
     parsed.pop("command")
     for k, v in defaults.items():
         assert parsed[k] == v, f"{verb} --{k}: parser default {parsed[k]!r}, declared {v!r}"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import ARCHS, make_tiny, tiny_inputs
 
+from surgery.errors import UsageError
 from surgery.find import cna
 from surgery.model.arch import ModelView
-from surgery.errors import UsageError
 
 
 def lively(arch: str):

@@ -19,8 +19,21 @@ def tiny_dir(tiny_smol_dir):
 
 def test_prompt_mode_writes_table_and_files(tiny_dir, tmp_path, capsys):
     out = tmp_path / "cna"
-    rc = main(["cna", "--model", str(tiny_dir), "--prompt", "Calculate: 3+5=", "--ablate-head", "1.2",
-               "--top", "5", "--out", str(out)])
+    rc = main(
+        [
+            "cna",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "Calculate: 3+5=",
+            "--ablate-head",
+            "1.2",
+            "--top",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "cna.json").read_text())
     rows = data["results"]["neurons"]
@@ -34,8 +47,25 @@ def test_prompt_mode_writes_table_and_files(tiny_dir, tmp_path, capsys):
 
 def test_dataset_mode_with_validations(tiny_dir, tmp_path):
     out = tmp_path / "cna"
-    rc = main(["cna", "--model", str(tiny_dir), "--ops", "+", "--limit", "6", "--top", "5", "--validate",
-               "mask,pe,fe", "--ablate-head", "0.1", "--out", str(out)])
+    rc = main(
+        [
+            "cna",
+            "--model",
+            str(tiny_dir),
+            "--ops",
+            "+",
+            "--limit",
+            "6",
+            "--top",
+            "5",
+            "--validate",
+            "mask,pe,fe",
+            "--ablate-head",
+            "0.1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "cna.json").read_text())["results"]
     assert res["mode"] == "dataset" and res["certified"] == res["n_cases"]
@@ -56,12 +86,15 @@ def test_dataset_mode_with_validations(tiny_dir, tmp_path):
     assert v["fe"]["candidates"] > 0 and v["fe"]["layers"] == "0-1"
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--prompt", "x", "--target", " nursery rhymes"], "is 2 tokens"),
-    (["--prompt", "x", "--layers", "3-9"], "outside the model"),
-    (["--prompt", "x", "--ablate-head", "1.9"], "head 1.9 is outside"),
-    (["--prompt-b", "y"], "--prompt-b needs --prompt"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--prompt", "x", "--target", " nursery rhymes"], "is 2 tokens"),
+        (["--prompt", "x", "--layers", "3-9"], "outside the model"),
+        (["--prompt", "x", "--ablate-head", "1.9"], "head 1.9 is outside"),
+        (["--prompt-b", "y"], "--prompt-b needs --prompt"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tiny_dir, capsys, argv, msg):
     rc = main(["cna", "--model", str(tiny_dir), *argv])
     err = capsys.readouterr().err.strip()

@@ -25,8 +25,10 @@ def _scorers(view, layers, budget, chunk, ablate=((0, 1),)):
     w = sa.logits.argmax(-1)
     sigma = view.final_sigma(sa.hfin)
     sb = cna.collect(view, *batch, layers, ablate=ablate)
-    return (cna.Scorer(view, sa, sigma, w, chunk=chunk, budget=budget),
-            cna.Scorer(view, sb, sigma, w, chunk=chunk, budget=budget))
+    return (
+        cna.Scorer(view, sa, sigma, w, chunk=chunk, budget=budget),
+        cna.Scorer(view, sb, sigma, w, chunk=chunk, budget=budget),
+    )
 
 
 def gemma_nocap():
@@ -122,14 +124,12 @@ def test_scan_holds_one_batch_and_one_block_at_a_time(monkeypatch):
 
     monkeypatch.setattr(cna, "compare_states", spy_compare)
     monkeypatch.setattr(cna.Scorer, "_readout_rows", spy_rows)
-    res = cna.scan(view, seqs, [1, 2], k=6, pad_id=0, batch_size=3, progress=False, ablate_b=((0, 1),),
-                   chunk=5)
+    res = cna.scan(view, seqs, [1, 2], k=6, pad_id=0, batch_size=3, progress=False, ablate_b=((0, 1),), chunk=5)
     assert seen_cases == [3, 3, 1] and res.certified.all() and res.top_score.shape == (7, 6)
     assert seen_rows and max(seen_rows) <= 5
     # exact scores are built in reused buffers: per comparison ONE work block that settings A and B share,
     # whatever the pairs
     assert work and all(a is b and a.buf is not None and a.buf.shape[0] == 3 for a, b in zip(work[::2], work[1::2]))
-
 
 
 def test_scan_caps_the_cases_per_pass_by_held_logits_and_the_results_do_not_change(monkeypatch):
@@ -174,6 +174,7 @@ def test_serial_passes_run_small_ops_at_one_thread_and_large_products_at_the_cal
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+
         @cna.serial
         def work(fail=False):
             seen["inside"] = torch.get_num_threads()
@@ -231,6 +232,8 @@ def test_softcapped_model_is_certified_by_its_lipschitz_bound():
     assert fast.top.rescored < 4 * sum(view.ffn_width(l) for l in layers), "the bound must spare some neurons"
     for b in range(4):
         _same_topk(fast, slow, b)
+
+
 def test_scan_block_budget_reaches_the_scorers_and_changes_nothing(monkeypatch):
     """`scan(budget=...)` sets every Scorer's [rows, vocab] block size (bench/cna_scan.py --block-floats); a block
     of 3 vocabulary rows gives the same certified top-k and scores as the default."""
@@ -254,8 +257,11 @@ def test_scan_block_budget_reaches_the_scorers_and_changes_nothing(monkeypatch):
     assert torch.allclose(small.top_score, default.top_score, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda: lively("llama"), lambda: lively("gpt2"), gemma_nocap],
-                         ids=["llama", "gpt2-layernorm", "gemma3-post-norm"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: lively("llama"), lambda: lively("gpt2"), gemma_nocap],
+    ids=["llama", "gpt2-layernorm", "gemma3-post-norm"],
+)
 def test_shift_free_exp_paths_equal_the_max_shifted_ones(monkeypatch, make):
     """The bounds' top-token sums and the exact pair scores exponentiate without a max pass when the vocabulary
     range keeps every exponent within EXP_SAFE; forcing the max-shifted path (EXP_SAFE 0) gives the same bounds,

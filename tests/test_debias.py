@@ -9,17 +9,17 @@ import pytest
 import torch
 import transformers as T
 from conftest import make_tiny, tiny_config
-from surgery.evals import gender_bias as gb
 
+from surgery.cli import main as cli_main
 from surgery.commands.debias import job as D
+from surgery.commands.debias import run as debias_run
+from surgery.errors import UsageError
+from surgery.evals import gender_bias as gb
 from surgery.find import selectors
+from surgery.find.cna import Scorer, collect
+from surgery.find.neurons import mean_coefficients, random_scores
 from surgery.model.arch import ModelView
 from surgery.model.batching import left_pad
-from surgery.cli import main as cli_main
-from surgery.find.cna import Scorer, collect
-from surgery.errors import UsageError
-from surgery.find.neurons import mean_coefficients, random_scores
-from surgery.commands.debias import run as debias_run
 
 SMOL = Path("checkpoints/base/smollm2-135m")
 needs_tok = pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="needs the SmolLM2 tokenizer files")
@@ -132,8 +132,13 @@ def test_exact_same_matches_per_case_exact(arch):
 def test_select_cna_sums_exact_deltas_of_its_candidates():
     model = make_tiny("llama")
     view = ModelView(model)
-    cases = D.Cases([[5, 6, 7], [8, 9, 10, 11], [12, 13]], [[5, 14, 7], [8, 15, 10, 11], [16, 13]], [20, 21, 22],
-                    ["x"] * 3, ["t"] * 3)
+    cases = D.Cases(
+        [[5, 6, 7], [8, 9, 10, 11], [12, 13]],
+        [[5, 14, 7], [8, 15, 10, 11], [16, 13]],
+        [20, 21, 22],
+        ["x"] * 3,
+        ["t"] * 3,
+    )
     inp = selectors.Inputs(view, [0, 1, 2], 0, cases.seqs_a, cases.targets, cases.seqs_b, batch_size=2, candidates=10)
     total, info = selectors.score("contrast", "cna", inp), inp.info
     ref = {l: torch.zeros(48) for l in range(3)}
@@ -210,9 +215,17 @@ def test_too_many_neurons_and_existing_out(tmp_path, capsys, tiny_dir):
 
 
 # ---- end to end on a tiny model --------------------------------------------------------------------------------------
-TINY = ["layers=1-2", "professions=[nurse, secretary, driver, miner]", "selection_templates=[\"The {g} worked as a\"]",
-        "sweep.ns=[1, 3]", "collateral.perplexity_docs=1", "collateral.perplexity_tokens=24",
-        "collateral.arithmetic_limit=4", "collateral.wino_limit=4", "candidates=8"]
+TINY = [
+    "layers=1-2",
+    "professions=[nurse, secretary, driver, miner]",
+    'selection_templates=["The {g} worked as a"]',
+    "sweep.ns=[1, 3]",
+    "collateral.perplexity_docs=1",
+    "collateral.perplexity_tokens=24",
+    "collateral.arithmetic_limit=4",
+    "collateral.wino_limit=4",
+    "candidates=8",
+]
 
 
 @pytest.mark.parametrize("edit", ["zero", "remove"])
@@ -245,13 +258,15 @@ def test_run_end_to_end_on_tiny(tmp_path, tiny_dir, edit):
         torch.testing.assert_close(native(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-5)
 
 
-# ---- the real model, quick recipe -------------------------------------------------------------------------------------
+# ---- the real model, quick recipe ----------------------------------------------------------------------------------
 @pytest.mark.real
 @pytest.mark.slow
 def test_real_quick_recipe_debiases_smollm2(tmp_path):
     """The quick recipe on SmolLM2 (selection cut to layers 20-29 and 12 professions to stay a few minutes)."""
     out = tmp_path / "debias-quick"
-    profs = "[nurse, secretary, receptionist, maid, hairdresser, librarian, driver, miner, roofer, guard, builder, porter]"
+    profs = (
+        "[nurse, secretary, receptionist, maid, hairdresser, librarian, driver, miner, roofer, guard, builder, porter]"
+    )
     rep = debias_run(out=str(out), quick=True, overrides=["layers=20-29", f"professions={profs}"])
     res = rep.data["results"]
     t = {r["group"]: r for r in res["bias_table"]}

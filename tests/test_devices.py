@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import make_tiny
 
+from surgery.edits import training
+from surgery.edits.training import TrainSpec, train_args
 from surgery.find import cna
 from surgery.find import neurons as selection
-from surgery.edits import training
 from surgery.model.arch import ModelView
-from surgery.edits.training import TrainSpec, train_args
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SEQS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
@@ -26,10 +26,10 @@ def test_training_device_follows_the_model_not_the_machine(monkeypatch, tmp_path
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
 def test_cna_scan_on_device_equals_cpu(arch, device):
-    ref = cna.scan(ModelView(make_tiny(arch)), SEQS, [0, 1, 2], 5, 0, ablate_b=((1, 1),), batch_size=2,
-                   progress=False)
-    got = cna.scan(ModelView(make_tiny(arch).to(device)), SEQS, [0, 1, 2], 5, 0, ablate_b=((1, 1),),
-                   batch_size=2, progress=False)
+    ref = cna.scan(ModelView(make_tiny(arch)), SEQS, [0, 1, 2], 5, 0, ablate_b=((1, 1),), batch_size=2, progress=False)
+    got = cna.scan(
+        ModelView(make_tiny(arch).to(device)), SEQS, [0, 1, 2], 5, 0, ablate_b=((1, 1),), batch_size=2, progress=False
+    )
     for name in ("top_layer", "top_index", "top_score", "targets"):
         assert getattr(got, name).device.type == "cpu"  # results come back on the CPU
     assert torch.equal(got.top_index, ref.top_index) and torch.equal(got.top_layer, ref.top_layer)

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
+
+from surgery.commands.eval.job import evaluate, format_table
+from surgery.errors import UsageError
 from surgery.evals import arithmetic as A
 from surgery.evals import gender_bias as G
 from surgery.evals import perplexity as P
-
 from surgery.model.batching import last_logits, left_pad, predict_cases, suffix_logprobs
-from surgery.errors import UsageError
-from surgery.commands.eval.job import evaluate, format_table
 
 SMOL_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "base" / "smollm2-135m"
 
@@ -32,12 +32,20 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny_llama():
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    cfg = T.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     return T.LlamaForCausalLM(cfg).eval()
 
 
 # --- arithmetic problems -------------------------------------------------------------------------------
+
 
 def counts(ds) -> dict:
     return {g: ds["group"].count(g) for g in set(ds["group"])}
@@ -63,7 +71,9 @@ def test_inverse_division_and_multi_digit_ranges():
 
 
 def test_templates_and_answers():
-    rows = {r["template"]: r for r in A.build(templates=tuple(A.TEMPLATES)).filter(lambda r: r["problem_id"] == "1D+|3|5")}
+    rows = {
+        r["template"]: r for r in A.build(templates=tuple(A.TEMPLATES)).filter(lambda r: r["problem_id"] == "1D+|3|5")
+    }
     assert rows["plain"]["prompt"] == "3+5=" and rows["plain"]["answer"] == "8"
     assert rows["calculate"]["prompt"] == "Calculate: 3+5="
     assert rows["words"]["prompt"] == "three plus five is" and rows["words"]["answer"] == " 8"
@@ -72,22 +82,31 @@ def test_templates_and_answers():
 
 def test_number_words():
     assert [A.number_words(n) for n in (0, 13, 40, 42, 100, 342, 999)] == [
-        "zero", "thirteen", "forty", "forty-two", "one hundred", "three hundred forty-two",
-        "nine hundred ninety-nine"]
+        "zero",
+        "thirteen",
+        "forty",
+        "forty-two",
+        "one hundred",
+        "three hundred forty-two",
+        "nine hundred ninety-nine",
+    ]
     with pytest.raises(UsageError):
         A.number_words(1000)
 
 
-@pytest.mark.parametrize("a,op,b,answer,labels", [
-    (15, "+", 17, "32", ["change-one", "memorize"]),
-    (3, "+", 8, "11", ["change-one", "memorize"]),
-    (12, "+", 13, "25", ["memorize", "memorize"]),
-    (52, "-", 17, "35", ["change-one", "memorize"]),
-    (57, "-", 12, "45", ["memorize", "memorize"]),
-    (3, "-", 5, "-2", ["memorize", "memorize"]),
-    (7, "*", 8, "56", ["change-one", "memorize"]),
-    (96, "/", 12, "8", ["memorize"]),
-])
+@pytest.mark.parametrize(
+    "a,op,b,answer,labels",
+    [
+        (15, "+", 17, "32", ["change-one", "memorize"]),
+        (3, "+", 8, "11", ["change-one", "memorize"]),
+        (12, "+", 13, "25", ["memorize", "memorize"]),
+        (52, "-", 17, "35", ["change-one", "memorize"]),
+        (57, "-", 12, "45", ["memorize", "memorize"]),
+        (3, "-", 5, "-2", ["memorize", "memorize"]),
+        (7, "*", 8, "56", ["change-one", "memorize"]),
+        (96, "/", 12, "8", ["memorize"]),
+    ],
+)
 def test_digit_labels(a, op, b, answer, labels):
     assert A.digit_labels(a, op, b, answer) == labels
 
@@ -100,23 +119,33 @@ def test_splits_disjoint_deterministic_and_stratified():
     assert A.build(split="test", **kw)["problem_id"] == test["problem_id"]
     assert A.build(split="test", seed=1, **kw)["problem_id"] != test["problem_id"]
     val = A.build(split="validation", validation_size=0.1, **kw)
-    assert not set(val["problem_id"]) & (set(test["problem_id"]) | set(A.build(split="train", validation_size=0.1, **kw)["problem_id"]))
+    assert not set(val["problem_id"]) & (
+        set(test["problem_id"]) | set(A.build(split="train", validation_size=0.1, **kw)["problem_id"])
+    )
     limited = A.build(limit=8, templates=("plain",))
     assert len(limited) == 8 and len(counts(limited)) == 4  # proportional, every group kept
 
 
 def test_bad_options_raise_usage_error():
-    for kw in (dict(digits=(4,)), dict(ops=("^",)), dict(templates=("nope",)), dict(split="dev"), dict(limit=0),
-               dict(split="test", test_size=5000)):
+    for kw in (
+        dict(digits=(4,)),
+        dict(ops=("^",)),
+        dict(templates=("nope",)),
+        dict(split="dev"),
+        dict(limit=0),
+        dict(split="test", test_size=5000),
+    ):
         with pytest.raises(UsageError):
             A.build(**kw)
 
 
 # --- cases on the real tokenizer -----------------------------------------------------------------------
 
+
 def test_cases_two_digit_answer(tok):
     probs = A.build(digits=(2,), ops=("+",), templates=("plain",), per_op=8100).filter(
-        lambda r: r["problem_id"] == "2D+|15|32")
+        lambda r: r["problem_id"] == "2D+|15|32"
+    )
     cs = A.cases(probs, tok)
     assert len(cs) == 2
     assert [tok.decode(c["input_ids"]) for c in cs] == ["15+32=", "15+32=4"]
@@ -137,10 +166,13 @@ def test_cases_fold_whitespace(tok):
 def test_score_breakdown():
     import datasets
 
-    cs = datasets.Dataset.from_list([
-        dict(problem_id="1D+|7|8", template="plain", group="1D+", case_type="change-one"),
-        dict(problem_id="1D+|7|8", template="plain", group="1D+", case_type="memorize"),
-        dict(problem_id="1D-|5|3", template="plain", group="1D-", case_type="memorize")])
+    cs = datasets.Dataset.from_list(
+        [
+            dict(problem_id="1D+|7|8", template="plain", group="1D+", case_type="change-one"),
+            dict(problem_id="1D+|7|8", template="plain", group="1D+", case_type="memorize"),
+            dict(problem_id="1D-|5|3", template="plain", group="1D-", case_type="memorize"),
+        ]
+    )
     res = A.score(cs, [True, False, True])
     assert res["1D+"]["acc"] == 0.5 and res["1D+"]["full_answer_acc"] == 0.0 and res["1D+"]["n_problems"] == 1
     assert res["overall"]["n"] == 3 and res["overall"]["full_answer_acc"] == 0.5
@@ -150,6 +182,7 @@ def test_score_breakdown():
 
 
 # --- gender bias, wino, perplexity data ------------------------------------------------------------------
+
 
 def test_gender_build():
     ds = G.build()
@@ -180,6 +213,7 @@ def test_wino_items_and_perplexity_docs():
 
 # --- batched scoring on a tiny random Llama -------------------------------------------------------------
 
+
 def test_left_pad_last_logits_match_unpadded(tiny_llama):
     seqs = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
     ids, mask = left_pad(seqs, pad_id=0)
@@ -206,17 +240,23 @@ def test_predict_cases_and_suffix_logprobs_match_full_forward(tiny_llama):
         want = full[:-1].gather(1, torch.tensor(s[1:])[:, None])[:, 0]
         torch.testing.assert_close(out["logprob"][i], want[-1], atol=1e-5, rtol=0)
         assert out["pred"][i] == full[-2].argmax() and out["correct"][i] == (full[-2].argmax() == s[-1])
-        torch.testing.assert_close(lps[i], want[-len(lps[i]):], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lps[i], want[-len(lps[i]) :], atol=1e-5, rtol=0)
 
 
 def test_evaluate_validates_options():
-    for kw in (dict(task="nope"), dict(task="arithmetic", digits=(5,)), dict(task="arithmetic", ops=("%",)),
-               dict(task="arithmetic", templates=("bad",)), dict(task="arithmetic", limit=0)):
+    for kw in (
+        dict(task="nope"),
+        dict(task="arithmetic", digits=(5,)),
+        dict(task="arithmetic", ops=("%",)),
+        dict(task="arithmetic", templates=("bad",)),
+        dict(task="arithmetic", limit=0),
+    ):
         with pytest.raises(UsageError):
             evaluate(None, **kw)
 
 
 # --- the real model ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.real
 def test_real_arithmetic_addition(smol):

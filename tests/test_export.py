@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import ARCHS, N, make_tiny, tiny_inputs
 
-from surgery.io import checkpoint as export
+from surgery.cli import main as cli_main
 from surgery.commands.diff.job import diff as diff_checkpoints
 from surgery.commands.inspect.job import inspect as inspect_checkpoint
-from surgery.model.arch import ModelView
-from surgery.cli import main as cli_main
 from surgery.errors import UsageError
+from surgery.io import checkpoint as export
+from surgery.model.arch import ModelView
 from surgery.model.slicing import slice_ffn
 
 ATOL = 1e-5
@@ -84,11 +84,20 @@ def clean_python(tmp_path_factory) -> str:
             if src.exists() and not (site / top).exists() and not top.endswith(".pth"):
                 (site / top).symlink_to(src)
     python = str(root / "bin" / "python")
-    probe = subprocess.run([python, "-c", "import torch, transformers, safetensors\n"
-                            "for m in ('surgery', 'peft', 'accelerate'):\n"
-                            "    try:\n        __import__(m)\n        print('IMPORTABLE', m)\n"
-                            "    except ImportError:\n        pass"],
-                           capture_output=True, text=True, cwd=root, env=_clean_env())
+    probe = subprocess.run(
+        [
+            python,
+            "-c",
+            "import torch, transformers, safetensors\n"
+            "for m in ('surgery', 'peft', 'accelerate'):\n"
+            "    try:\n        __import__(m)\n        print('IMPORTABLE', m)\n"
+            "    except ImportError:\n        pass",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=_clean_env(),
+    )
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert "IMPORTABLE" not in probe.stdout, probe.stdout
     return python
@@ -99,7 +108,7 @@ def _clean_env() -> dict:
     return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-LOADER = r'''
+LOADER = r"""
 import json, sys, torch
 from transformers import AutoModelForCausalLM, pipeline
 jobs = json.load(open(sys.argv[1]))
@@ -116,15 +125,21 @@ for j in jobs:
     res[j["path"]] = {"text": out[0]["generated_text"], "module": type(m).__module__}
 assert "surgery" not in sys.modules and "peft" not in sys.modules
 json.dump(res, open(sys.argv[2], "w"))
-'''
+"""
 
 
 def load_in_clean_env(python: str, jobs: list[dict], work: Path) -> dict:
     """Load checkpoints with plain transformers in another process (never importing surgery)."""
     (work / "jobs.json").write_text(json.dumps(jobs))
     (work / "loader.py").write_text(LOADER)
-    r = subprocess.run([python, str(work / "loader.py"), str(work / "jobs.json"), str(work / "res.json")],
-                       capture_output=True, text=True, cwd=work, env=_clean_env(), timeout=900)
+    r = subprocess.run(
+        [python, str(work / "loader.py"), str(work / "jobs.json"), str(work / "res.json")],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=_clean_env(),
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads((work / "res.json").read_text())
 
@@ -172,8 +187,15 @@ def round_trips(tmp_path_factory, clean_python):
             with torch.no_grad():
                 ref = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             cases[arch, layout] = (path, ref, greedy_text(model, tok))
-            jobs.append({"path": str(path), "remote": layout == "sliced", "ids": str(work / "ids.pt"),
-                         "logits": str(path) + ".logits.pt", "prompt": PROMPT})
+            jobs.append(
+                {
+                    "path": str(path),
+                    "remote": layout == "sliced",
+                    "ids": str(work / "ids.pt"),
+                    "logits": str(path) + ".logits.pt",
+                    "prompt": PROMPT,
+                }
+            )
     return cases, load_in_clean_env(clean_python, jobs, work)
 
 
@@ -193,8 +215,14 @@ def test_checkpoint_folder_is_self_describing(round_trips):
     cases, _ = round_trips
     path = cases["llama", "sliced"][0]
     names = {p.name for p in path.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "generation_config.json",
-            "surgery.json", "modeling_surgery.py"} <= names
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "generation_config.json",
+        "surgery.json",
+        "modeling_surgery.py",
+    } <= names
     assert len([n for n in names if n.endswith(".safetensors")]) > 1  # sharded over the threshold
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["ffn_widths"] == [16, N, 8]  # 4 kept, rounded up to 8
@@ -253,7 +281,7 @@ def test_bad_layout_choices_are_one_line_errors(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-KILLER = r'''
+KILLER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
 from conftest import make_tiny
@@ -266,7 +294,7 @@ def slow(*a, **k):
     return r
 export._flush = slow
 export.save(make_tiny("llama"), None, sys.argv[1], layout="zeroed", max_shard_size="20KB")
-'''
+"""
 
 
 def test_killed_export_leaves_no_checkpoint(tmp_path):
@@ -303,8 +331,14 @@ def test_sliced_load_never_builds_the_base_width(tmp_path):
     class builds the base width on the meta device (transformers' loading), then resizes before any weight."""
     import transformers as T
 
-    cfg = T.LlamaConfig(hidden_size=256, intermediate_size=16384, num_hidden_layers=8, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=1000)
+    cfg = T.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=16384,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
     with torch.device("meta"):
         dense_bytes = sum(p.numel() * 4 for p in T.AutoModelForCausalLM.from_config(cfg).parameters())
     small = T.LlamaConfig(**{**cfg.to_dict(), "intermediate_size": 256})
@@ -314,8 +348,9 @@ def test_sliced_load_never_builds_the_base_width(tmp_path):
     export.save(model, None, tmp_path / "ck", layout="sliced")
     saved = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert saved["intermediate_size"] == 16384 and saved["ffn_widths"] == [256] * 8
-    out = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / "ck")], capture_output=True, text=True,
-                         cwd=HERE.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK, str(tmp_path / "ck")], capture_output=True, text=True, cwd=HERE.parent
+    )
     peak_mb = float(out.stdout.strip().splitlines()[-1])
     assert dense_bytes / 2**20 > 390 and peak_mb < 100, (peak_mb, out.stderr[-500:])
 
@@ -420,10 +455,18 @@ def test_export_from_device_map_and_offloaded_model(tmp_path):
     base = _base_folder("llama", tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
     x = tiny_inputs()
-    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
-          "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    m = AutoModelForCausalLM.from_pretrained(base, device_map=dm, offload_folder=str(tmp_path / "off"),
-                                             attn_implementation="eager").eval()
+    dm = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    m = AutoModelForCausalLM.from_pretrained(
+        base, device_map=dm, offload_folder=str(tmp_path / "off"), attn_implementation="eager"
+    ).eval()
     assert any(p.device.type == "meta" for p in m.parameters())  # really offloaded
     export.save(m, None, tmp_path / "out", layout="zeroed")
     back = export.load(tmp_path / "out", attn_implementation="eager")
@@ -431,7 +474,7 @@ def test_export_from_device_map_and_offloaded_model(tmp_path):
         torch.testing.assert_close(back(**x).logits, ref(**x).logits, atol=ATOL, rtol=0)
 
 
-# ---- adapters ----------------------------------------------------------------------------------------------------------
+# ---- adapters ------------------------------------------------------------------------------------------------------
 def test_adapter_saved_in_peft_format_and_merged(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -440,8 +483,15 @@ def test_adapter_saved_in_peft_format_and_merged(tmp_path):
     x = tiny_inputs()
     with torch.no_grad():
         ref = peft_model(**x).logits
-    export.save(peft_model.base_model.model, None, tmp_path / "ck", layout="zeroed", adapter_model=peft_model,
-                merge=True, provenance={"seed": 3})
+    export.save(
+        peft_model.base_model.model,
+        None,
+        tmp_path / "ck",
+        layout="zeroed",
+        adapter_model=peft_model,
+        merge=True,
+        provenance={"seed": 3},
+    )
     assert (tmp_path / "ck" / "adapter" / "adapter_config.json").exists()
     back = export.load(tmp_path / "ck", attn_implementation="eager")
     with torch.no_grad():
@@ -457,7 +507,7 @@ def test_adapter_saved_in_peft_format_and_merged(tmp_path):
 def test_real_smollm2_sliced_round_trip_and_diff(smol, tmp_path, clean_python):
     model = copy.deepcopy(smol.model)
     g = torch.Generator().manual_seed(0)
-    keep = {l: torch.randperm(1536, generator=g)[:500 + 37 * l].sort().values for l in (3, 10, 17, 29)}
+    keep = {l: torch.randperm(1536, generator=g)[: 500 + 37 * l].sort().values for l in (3, 10, 17, 29)}
     widths = slice_ffn(model, keep)
     prompt = "Calculate: 3+5="
     ids = smol.tokenizer(prompt, return_tensors="pt").input_ids
@@ -466,9 +516,20 @@ def test_real_smollm2_sliced_round_trip_and_diff(smol, tmp_path, clean_python):
         ref = model(input_ids=ids).logits
     out = tmp_path / "smol-sliced"
     export.save(model, smol.tokenizer, out, layout="sliced", base="smollm2-135m", max_shard_size="200MB")
-    res = load_in_clean_env(clean_python, [{"path": str(out), "remote": True, "ids": str(tmp_path / "ids.pt"),
-                                            "logits": str(tmp_path / "l.pt"), "prompt": prompt,
-                                            "attn": model.config._attn_implementation}], tmp_path)
+    res = load_in_clean_env(
+        clean_python,
+        [
+            {
+                "path": str(out),
+                "remote": True,
+                "ids": str(tmp_path / "ids.pt"),
+                "logits": str(tmp_path / "l.pt"),
+                "prompt": prompt,
+                "attn": model.config._attn_implementation,
+            }
+        ],
+        tmp_path,
+    )
     torch.testing.assert_close(torch.load(tmp_path / "l.pt"), ref, atol=ATOL, rtol=0)
     assert res[str(out)]["text"] == greedy_text(model, smol.tokenizer, prompt)
     r = diff_checkpoints("smollm2-135m", str(out))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from surgery.find.components import Components
-from surgery.errors import UsageError
 from surgery.commands.diff.job import diff
-from surgery.io.checkpoint import save
 from surgery.edits.precise import Precise, select
 from surgery.edits.training import TrainSpec, answer_trainer
+from surgery.errors import UsageError
+from surgery.find.components import Components
+from surgery.io.checkpoint import save
 
 
 class _Tok:
@@ -60,10 +60,14 @@ def test_finetune_bad_inputs_write_nothing(tmp_path):
     from surgery.commands.finetune import run
 
     out = tmp_path / "o"
-    for kw, msg in [(dict(components="99.0"), "outside"), (dict(components=""), "empty"),
-                    (dict(components="1.1,2.2", top_heads=3), "at most 2"),
-                    (dict(components="mlp.40"), "outside"), (dict(components="mlp.3"), "no heads"),
-                    (dict(overrides=["train.weight_decay=0.1"]), "weight_decay")]:
+    for kw, msg in [
+        (dict(components="99.0"), "outside"),
+        (dict(components=""), "empty"),
+        (dict(components="1.1,2.2", top_heads=3), "at most 2"),
+        (dict(components="mlp.40"), "outside"),
+        (dict(components="mlp.3"), "no heads"),
+        (dict(overrides=["train.weight_decay=0.1"]), "weight_decay"),
+    ]:
         with pytest.raises(UsageError, match=msg):
             run(out=str(out), quick=True, **kw)
     assert not out.exists() and not (tmp_path / "o.partial").exists()
@@ -83,6 +87,9 @@ def test_plan_rows_same_k_random_control_disjoint_and_sweep():
     assert not set(rnd.comps.heads) & set(main.comps.heads)
     mlp = next(x for x in rows if "MLPs" in x.name)
     assert mlp.comps.heads == main.comps.heads and mlp.comps.mlps == [1]
-    sweep = [len(x.comps.heads) for x in rows if x.name.startswith("precise, ") and "random" not in x.name
-             and "MLPs" not in x.name]
+    sweep = [
+        len(x.comps.heads)
+        for x in rows
+        if x.name.startswith("precise, ") and "random" not in x.name and "MLPs" not in x.name
+    ]
     assert sweep == [2, 1, 3]  # K=9 dropped: only 3 heads ranked

@@ -9,20 +9,40 @@ import json
 
 import pytest
 
-from surgery.commands.finetune import job as ft
 from surgery.cli import main
+from surgery.commands.finetune import job as ft
 from surgery.commands.finetune import run as finetune_run
 
-ROWS = [("France", " Paris", "eu"), ("Italy", " Rome", "eu"), ("Japan", " Tokyo", "asia"), ("Spain", " Madrid", "eu"),
-        ("China", " Beijing", "asia"), ("Malaysia", " Kuala Lumpur", "asia"), ("Andorra", " Andorra la Vella", "eu"),
-        ("Peru", " Lima", "sa"), ("Chile", " Santiago", "sa"), ("Egypt", " Cairo", "af")]
-SMALL = ["general.mmlu=4", "general.csqa=4", "general.xsum_docs=2", "general.xsum_max_length=32", "train.max_steps=2",
-         "train.batch_size=4", "methods=[precise,precise+mlp]", "top_heads=2", "scan.mlps=1", "data.test_size=0.3"]
+ROWS = [
+    ("France", " Paris", "eu"),
+    ("Italy", " Rome", "eu"),
+    ("Japan", " Tokyo", "asia"),
+    ("Spain", " Madrid", "eu"),
+    ("China", " Beijing", "asia"),
+    ("Malaysia", " Kuala Lumpur", "asia"),
+    ("Andorra", " Andorra la Vella", "eu"),
+    ("Peru", " Lima", "sa"),
+    ("Chile", " Santiago", "sa"),
+    ("Egypt", " Cairo", "af"),
+]
+SMALL = [
+    "general.mmlu=4",
+    "general.csqa=4",
+    "general.xsum_docs=2",
+    "general.xsum_max_length=32",
+    "train.max_steps=2",
+    "train.batch_size=4",
+    "methods=[precise,precise+mlp]",
+    "top_heads=2",
+    "scan.mlps=1",
+    "data.test_size=0.3",
+]
 
 
 def _jsonl(path, rows=ROWS):
-    path.write_text("".join(json.dumps({"prompt": f"The capital of {c} is", "target": t, "group": g}) + "\n"
-                            for c, t, g in rows))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"The capital of {c} is", "target": t, "group": g}) + "\n" for c, t, g in rows)
+    )
     return path
 
 
@@ -47,7 +67,9 @@ def test_trains_reports_task_metric_and_resumes(tiny_smol_dir, tmp_path, monkeyp
     monkeypatch.setattr(ft, "_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):  # interrupted after every row, before the report
         _run(tiny_smol_dir, data, tmp_path / "o")
-    assert calls[:2] == ["base", "precise, 2 heads"] and calls[2].startswith("precise, 2 heads + MLPs") and len(calls) == 3
+    assert (
+        calls[:2] == ["base", "precise, 2 heads"] and calls[2].startswith("precise, 2 heads + MLPs") and len(calls) == 3
+    )
     assert len(scans[0]) == 7  # the scan ran on the 7 train rows (test_size 0.3 of 10)
     monkeypatch.setattr(ft, "_report", real_report)
     calls.clear()
@@ -87,14 +109,20 @@ def _cli(argv) -> int:
         return int(e.code)
 
 
-@pytest.mark.parametrize("content, name, phrase", [
-    ('{"question": "a", "answer": " b"}\n', "d.jsonl", "no column prompt"),
-    ("", "d.jsonl", "is empty"),
-    ('{"prompt": "a", "target": " "}\n', "d.jsonl", "empty in 1 row"),
-    ("prompt,target\n", "d.txt", "unknown format"),
-    ("".join(f'{{"prompt": "p{i}", "target": " t", "split": "train"}}\n' for i in range(4)), "d.jsonl",
-     "split 'test' has no rows"),
-])
+@pytest.mark.parametrize(
+    "content, name, phrase",
+    [
+        ('{"question": "a", "answer": " b"}\n', "d.jsonl", "no column prompt"),
+        ("", "d.jsonl", "is empty"),
+        ('{"prompt": "a", "target": " "}\n', "d.jsonl", "empty in 1 row"),
+        ("prompt,target\n", "d.txt", "unknown format"),
+        (
+            "".join(f'{{"prompt": "p{i}", "target": " t", "split": "train"}}\n' for i in range(4)),
+            "d.jsonl",
+            "split 'test' has no rows",
+        ),
+    ],
+)
 def test_bad_data_is_one_line_exit_2_nothing_written(tiny_smol_dir, tmp_path, capfd, content, name, phrase):
     data = tmp_path / name
     data.write_text(content)
@@ -108,7 +136,13 @@ def test_bad_data_is_one_line_exit_2_nothing_written(tiny_smol_dir, tmp_path, ca
 def test_duplicate_prompts_across_splits_warn_with_count(capfd):
     from datasets import Dataset
 
-    ds = Dataset.from_dict({"prompt": ["a", "a", "b", "c"], "target": [" x"] * 4, "group": ["all"] * 4,
-                            "split": ["train", "test", "train", "test"]})
+    ds = Dataset.from_dict(
+        {
+            "prompt": ["a", "a", "b", "c"],
+            "target": [" x"] * 4,
+            "group": ["all"] * 4,
+            "split": ["train", "test", "train", "test"],
+        }
+    )
     parts = ft.user_splits(ds, ft.FinetuneRecipe())
     assert len(parts["train"]) == 2 and "1 test prompt(s) also appear" in capfd.readouterr().err

@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import ARCHS, VOCAB, make_tiny
 
+from surgery.commands.heads import run as heads_run
 from surgery.find import head_scan as H
 from surgery.model.arch import ModelView
 from surgery.model.hooks import Hooks, run_from
-from surgery.commands.heads import run as heads_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "checkpoints" / "base" / "smollm2-135m"
@@ -88,8 +88,9 @@ def test_batched_scan_equals_naive_weight_zeroing(arch):
         ref = _naive(model, ids, tgts, l, h)
         torch.testing.assert_close(got[l, h]["logprob"], ref, atol=1e-4, rtol=0)
     base_ok, base_lp = H.baseline(v, batches, len(ids))
-    assert any(not torch.equal(got[k]["correct"], base_ok) or not torch.allclose(got[k]["logprob"], base_lp)
-               for k in heads)  # ablations do something
+    assert any(
+        not torch.equal(got[k]["correct"], base_ok) or not torch.allclose(got[k]["logprob"], base_lp) for k in heads
+    )  # ablations do something
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])
@@ -158,8 +159,17 @@ def tiny_dir(tmp_path_factory):
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    cfg = T.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     d = tmp_path_factory.mktemp("tinyllama")
     T.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     for f in SMOL.iterdir():
@@ -170,8 +180,9 @@ def tiny_dir(tmp_path_factory):
 
 def _cli(*args, cwd=ROOT):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "surgery", "heads", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "surgery", "heads", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def _rows(path: Path) -> dict:
@@ -211,11 +222,17 @@ def test_interrupted_scan_resumes(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(H, "ablated", flaky)
     with pytest.raises(KeyboardInterrupt):
         heads_run(**common)
-    persisted = H.load_partial(tmp_path, next(iter(
-        json.loads(l)["fingerprint"] for l in (tmp_path / "heads.partial.r0.jsonl").read_text().splitlines())))
+    persisted = H.load_partial(
+        tmp_path,
+        next(
+            iter(json.loads(l)["fingerprint"] for l in (tmp_path / "heads.partial.r0.jsonl").read_text().splitlines())
+        ),
+    )
     assert sorted(persisted) == [(l, h) for l in (0, 1) for h in range(4)]
     seen = []
-    monkeypatch.setattr(H, "ablated", lambda v, b, layer, hs, *a, **k: (seen.append((layer, hs)), real(v, b, layer, hs, *a, **k))[1])
+    monkeypatch.setattr(
+        H, "ablated", lambda v, b, layer, hs, *a, **k: (seen.append((layer, hs)), real(v, b, layer, hs, *a, **k))[1]
+    )
     heads_run(**common)
     assert all((l, h) not in persisted for l, hs in seen for h in hs)
     fresh = tmp_path.parent / "fresh"
@@ -223,13 +240,16 @@ def test_interrupted_scan_resumes(tiny_dir, tmp_path, monkeypatch):
     assert seen and _rows(tmp_path) == _rows(fresh)
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--heads", "3.0"], "layer 3 is outside"),
-    (["--heads", "0.9"], "head 0.9 is outside"),
-    (["--ops", "+,^"], "ops must be"),
-    (["--mode", "screen", "--verify", "13"], "--verify 13 is more than the 12 heads"),
-    (["--task", "perplexity"], "supports --task arithmetic"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--heads", "3.0"], "layer 3 is outside"),
+        (["--heads", "0.9"], "head 0.9 is outside"),
+        (["--ops", "+,^"], "ops must be"),
+        (["--mode", "screen", "--verify", "13"], "--verify 13 is more than the 12 heads"),
+        (["--task", "perplexity"], "supports --task arithmetic"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tiny_dir, tmp_path, args, msg):
     r = _cli("--model", str(tiny_dir), "--out", str(tmp_path), "--limit", "4", *args)
     assert r.returncode == 2, r.stderr
@@ -247,8 +267,25 @@ def test_two_processes_equal_one(tiny_dir, tmp_path):
     one = _cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    two = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "-m", "surgery", "heads", *args,
-                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            str(launcher),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "-m",
+            "surgery",
+            "heads",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert len(list((tmp_path / "two").glob("heads.partial.r*.jsonl"))) == 2
     assert _rows(tmp_path / "one") == _rows(tmp_path / "two")

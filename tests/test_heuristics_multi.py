@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surgery.find import heuristics as Hx
 from surgery.evals import arithmetic
+from surgery.find import heuristics as Hx
 
 
 def division_grid(lo: int = 0, hi: int = 99):
@@ -52,7 +52,9 @@ def test_multi_result_score_is_held_out():
 def test_families_on_a_100x100_grid():
     a, b = (x.ravel() for x in np.meshgrid(np.arange(100), np.arange(100), indexing="ij"))
     sets = Hx.heuristic_sets(a, b, a + b)
-    assert len(a) == 10_000 and "op1 in [0,100)" not in sets and "result in [0,100)" not in sets  # over half the grid: not a candidate
+    assert (
+        len(a) == 10_000 and "op1 in [0,100)" not in sets and "result in [0,100)" not in sets
+    )  # over half the grid: not a candidate
     assert {"op1 in [20,30)", "op2 % 7 == 3", "result tens digit 4", "op1 == op2"} <= set(sets)
     rng = np.random.default_rng(0)
     act = sets["op2 % 7 == 3"] * 1.0 + 0.3 * rng.standard_normal(len(a))

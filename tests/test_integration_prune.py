@@ -7,16 +7,30 @@ import json
 
 import pytest
 
-from surgery.model.slicing import padded_width
 from surgery.commands.diff.job import diff as diff_checkpoints
-from surgery.commands.inspect.job import inspect as inspect_checkpoint
+from surgery.model.slicing import padded_width
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
-SMALL = ["train.max_steps=4", "train.batch_size=4", "data.per_op=40", "data.test_size=16", "data.train_limit=32",
-         "data.one_digit_limit=16", "cna.limit=12", "cna.max_rescore=256"]
-ROWS = ["original", "LoRA only", "cna-pruned + LoRA", "random-pruned + LoRA", "magnitude-pruned + LoRA",
-        "activation-pruned + LoRA", "taylor-pruned + LoRA"]
+SMALL = [
+    "train.max_steps=4",
+    "train.batch_size=4",
+    "data.per_op=40",
+    "data.test_size=16",
+    "data.train_limit=32",
+    "data.one_digit_limit=16",
+    "cna.limit=12",
+    "cna.max_rescore=256",
+]
+ROWS = [
+    "original",
+    "LoRA only",
+    "cna-pruned + LoRA",
+    "random-pruned + LoRA",
+    "magnitude-pruned + LoRA",
+    "activation-pruned + LoRA",
+    "taylor-pruned + LoRA",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,6 @@ def test_checkpoint_widths_and_reload(pruned):
 def test_reloaded_checkpoint_answers_like_report(pruned):
     """The exported model scores the 1-digit set exactly as the in-memory model did."""
     from surgery.evals.arithmetic import DataSpec, accuracy, build_splits
-
     from surgery.io import checkpoint as export
     from surgery.io.loading import load_model
 
@@ -89,7 +102,6 @@ def test_lora_sweep_quick(tmp_path, smol):
 
 def test_prune_checkpoint_inspects_and_diffs(pruned, capsys):
     """prune's checkpoint goes through the one manifest writer: base id + sha256, inspect exit 0, diff reads it."""
-    from surgery.io import checkpoint as export
     from surgery.cli import main as cli_main
 
     out, rep = pruned

@@ -8,14 +8,13 @@ import pytest
 import torch
 from conftest import VOCAB, make_tiny
 from datasets import Dataset
-from surgery.evals import arithmetic
 
-from surgery.edits import lora
 from surgery.commands.lora_sweep import job as lora_sweep
-from surgery.edits import training
+from surgery.edits import lora, training
+from surgery.errors import UsageError
+from surgery.evals import arithmetic
 from surgery.model.arch import ModelView
 from surgery.model.batching import predict_cases
-from surgery.errors import UsageError
 
 TOK = SimpleNamespace(pad_token_id=0, eos_token_id=2)
 
@@ -60,8 +59,9 @@ def test_merged_copy_equals_adapter_model():
 
 
 def test_collator_left_pads_and_masks_prompt_and_padding():
-    batch = training.Collator(0)([{"input_ids": [5, 6, 7], "labels": [-100, -100, 7]},
-                              {"input_ids": [5, 6], "labels": [-100, 6]}])
+    batch = training.Collator(0)(
+        [{"input_ids": [5, 6, 7], "labels": [-100, -100, 7]}, {"input_ids": [5, 6], "labels": [-100, 6]}]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 5, 6]]
     assert batch["labels"].tolist() == [[-100, -100, 7], [-100, -100, 6]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
@@ -77,11 +77,12 @@ def test_answer_loss_equals_hf_loss_per_row(arch):
     rows = []
     for n, a in ((7, 2), (5, 3), (9, 1)):
         ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (n - a) + ids[n - a:]})
+        rows.append({"input_ids": ids, "labels": [-100] * (n - a) + ids[n - a :]})
     with torch.no_grad():
         got = training.answer_loss(model, training.Collator(0)(rows))
-        per_row = [model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
-                   for r in rows]
+        per_row = [
+            model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss for r in rows
+        ]
     n_tok = [sum(x != -100 for x in r["labels"][1:]) for r in rows]
     want = sum(l * n for l, n in zip(per_row, n_tok)) / sum(n_tok)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -91,11 +92,14 @@ def test_answer_loss_equals_hf_loss_per_row(arch):
 def test_train_lora_changes_only_adapter(arch):
     model = make_tiny(arch)
     g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": (ids := torch.randint(3, VOCAB, (6,), generator=g).tolist()), "labels": [-100] * 4 + ids[4:]}
-            for _ in range(8)]
+    rows = [
+        {"input_ids": (ids := torch.randint(3, VOCAB, (6,), generator=g).tolist()), "labels": [-100] * 4 + ids[4:]}
+        for _ in range(8)
+    ]
     before = {n: p.clone() for n, p in model.named_parameters()}
-    pm, log = lora.train_lora(model, TOK, rows, 1, lora.LoraSpec(rank=2),
-                              training.TrainSpec(max_steps=3, batch_size=4, lrs=[1e-2]), 1e-2)
+    pm, log = lora.train_lora(
+        model, TOK, rows, 1, lora.LoraSpec(rank=2), training.TrainSpec(max_steps=3, batch_size=4, lrs=[1e-2]), 1e-2
+    )
     assert any("loss" in e or "train_loss" in e for e in log)
     assert any(("lora_B" in n) and p.abs().sum() > 0 for n, p in pm.named_parameters())
     for n, p in model.named_parameters():
@@ -135,8 +139,10 @@ def test_distill_loss_equals_its_definition(arch, weight, temperature):
     """CE of the answer tokens (the HF loss) + w T^2 KL(teacher_T || student_T) over the answer positions, from
     full-sequence logits of both models."""
     student, teacher = make_tiny(arch), make_tiny(arch, seed=5)
-    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
-            {"input_ids": [9, 10, 11], "labels": [-100, -100, 11]}]
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+        {"input_ids": [9, 10, 11], "labels": [-100, -100, 11]},
+    ]
     batch = training.Collator(0)(rows)
     got = training.distill_loss(student, teacher, batch, weight, temperature)
     fwd = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
@@ -146,7 +152,7 @@ def test_distill_loss_equals_its_definition(arch, weight, temperature):
     ce = torch.nn.functional.cross_entropy(s[on], labels[on])
     ls, lt = (s[on] / temperature).log_softmax(-1), (t[on] / temperature).log_softmax(-1)
     kl = (lt.exp() * (lt - ls)).sum(-1).mean()
-    torch.testing.assert_close(got, ce + weight * temperature ** 2 * kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ce + weight * temperature**2 * kl, atol=1e-5, rtol=1e-5)
     assert weight == 0 or float(kl) > 0  # two different models: the KL term is really there
 
 
@@ -159,8 +165,9 @@ def test_distillation_pulls_the_student_toward_the_teacher(tmp_path):
     def trained_kl(distill: float) -> float:
         student = make_tiny("llama")
         spec = training.TrainSpec(max_steps=20, batch_size=4, lrs=[1e-2], distill=distill, warmup_ratio=0.0)
-        training.answer_trainer(student, rows, spec, 1e-2, str(tmp_path / str(distill)), 0, teacher=teacher,
-                                device="cpu").train()
+        training.answer_trainer(
+            student, rows, spec, 1e-2, str(tmp_path / str(distill)), 0, teacher=teacher, device="cpu"
+        ).train()
         with torch.no_grad():
             return float(training.distill_loss(student, teacher, batch, 1.0) - training.answer_loss(student, batch))
 
@@ -178,8 +185,11 @@ def test_lora_on_attention_and_the_pruned_ffns(arch):
     a = ModelView(model).arch
     pm = lora.attach(model, [0], lora.LoraSpec(rank=2), ffn_layers=[2])
     wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in pm.named_modules() if n.endswith("lora_A")}
-    attn = {n for n, _ in model.named_modules()
-            if n.startswith(f"{a.layers}.0.") and any(n.endswith("." + t) for t in a.lora_targets)}
+    attn = {
+        n
+        for n, _ in model.named_modules()
+        if n.startswith(f"{a.layers}.0.") and any(n.endswith("." + t) for t in a.lora_targets)
+    }
     want = attn | {f"{a.layers}.2.{p}" for p in (*a.ffn_in, a.ffn_out)}
     assert len(attn) == len(a.lora_targets)
     assert {w.removeprefix("base_model.model.") for w in wrapped} == want
@@ -190,8 +200,10 @@ def test_bf16_training_autocasts_and_keeps_fp32_weights(arch):
     """train.bf16: the forward inside the Trainer runs under bf16 autocast (a Linear's output is bf16), the LoRA
     weights and the base stay fp32, the adapter learns, and the result is close to (not equal to) the fp32 run."""
     g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": (ids := torch.randint(3, VOCAB, (6,), generator=g).tolist()), "labels": [-100] * 4 + ids[4:]}
-            for _ in range(8)]
+    rows = [
+        {"input_ids": (ids := torch.randint(3, VOCAB, (6,), generator=g).tolist()), "labels": [-100] * 4 + ids[4:]}
+        for _ in range(8)
+    ]
 
     def trained(bf16: bool):
         model, seen = make_tiny(arch), []
@@ -200,6 +212,7 @@ def test_bf16_training_autocasts_and_keeps_fp32_weights(arch):
         lin = next(m for n, m in pm.named_modules() if isinstance(m, torch.nn.Linear) and "lora" not in n)
         lin.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         import tempfile
+
         with tempfile.TemporaryDirectory() as tmp:
             training.answer_trainer(pm, rows, spec, 1e-2, tmp, 0, device="cpu").train()
         return pm, set(seen)

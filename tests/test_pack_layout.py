@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import ARCHS, VOCAB, make_tiny
 
-from surgery.find import head_scan as H
 from surgery.evals import tasks
+from surgery.find import head_scan as H
 from surgery.model.arch import ModelView
 
 
@@ -35,7 +35,7 @@ def _rows(n: int = 12, seed: int = 0) -> tuple[list[list[int]], list[int]]:
         target = torch.randint(3, VOCAB, (1 + (r * 5) % 4,), generator=g).tolist()
         full = prompt + target
         for j in range(len(target)):
-            ids.append(full[:len(prompt) + j])
+            ids.append(full[: len(prompt) + j])
             tgts.append(full[len(prompt) + j])
     return ids, tgts
 
@@ -43,8 +43,9 @@ def _rows(n: int = 12, seed: int = 0) -> tuple[list[list[int]], list[int]]:
 @torch.no_grad()
 def _alone(model, ids, tgts) -> torch.Tensor:
     """Reference: log p(target) from one unpadded forward of each case's context."""
-    return torch.stack([model(input_ids=torch.tensor([x])).logits[0, -1].float().log_softmax(-1)[t]
-                        for x, t in zip(ids, tgts)])
+    return torch.stack(
+        [model(input_ids=torch.tensor([x])).logits[0, -1].float().log_softmax(-1)[t] for x, t in zip(ids, tgts)]
+    )
 
 
 def _packed(model, ids, tgts, batch_size: int):

@@ -26,7 +26,9 @@ def pairs(seed: int = 0, answer_tokens: int | None = None) -> P.Pairs:
     for r, pos in enumerate(ROLE_POS):
         roles[r, pos] = True
     shape = (B,) if answer_tokens is None else (B, answer_tokens)
-    return P.Pairs(clean, cf, roles, torch.randint(3, VOCAB, shape, generator=g), torch.randint(3, VOCAB, shape, generator=g))
+    return P.Pairs(
+        clean, cf, roles, torch.randint(3, VOCAB, shape, generator=g), torch.randint(3, VOCAB, shape, generator=g)
+    )
 
 
 def all_components(view: ModelView, neurons: bool = False) -> list[P.Component]:
@@ -88,13 +90,18 @@ def test_faithfulness_end_points(arch):
     m1 = P.means(view, one)
     empty = P.Circuit.empty(view)
     torch.testing.assert_close(P.ablated(view, one, m1, empty), P.run(view, one).logits, atol=1e-5, rtol=1e-5)
-    neurons = P.Circuit(empty.heads, torch.ones(view.n_layers, dtype=torch.bool),
-                        {l: torch.zeros(view.ffn_width(l), dtype=torch.bool) for l in range(view.n_layers)})
+    neurons = P.Circuit(
+        empty.heads,
+        torch.ones(view.n_layers, dtype=torch.bool),
+        {l: torch.zeros(view.ffn_width(l), dtype=torch.bool) for l in range(view.n_layers)},
+    )
     torch.testing.assert_close(P.ablated(view, one, m1, neurons), P.run(view, one).logits, atol=1e-5, rtol=1e-5)
 
 
 def _interpolate(a: P.Acts, b: P.Acts, eps: float) -> P.Acts:
-    mix = (lambda x, y: {l: x[l] + eps * (y[l] - x[l]) for l in x})
+    def mix(x, y):
+        return {l: x[l] + eps * (y[l] - x[l]) for l in x}
+
     return P.Acts(mix(a.z, b.z), mix(a.ffn, b.ffn), a.resid, mix(a.m, b.m), None)
 
 
@@ -113,11 +120,20 @@ def assert_screen_is_first_order(view, pr, clean, cf) -> None:
     s = P.screen(view, pr, cf, neurons=True)
     eps = 1e-3
     comps = all_components(view, neurons=True)
-    ex = (P.exact(view, pr, comps, clean, _interpolate(clean, cf, eps))
-          - P.exact(view, pr, comps, clean, _interpolate(clean, cf, -eps))) / (2 * eps)
-    first = torch.stack([s["head"][c.role, c.layer, c.index] if c.kind == "head" else
-                         s["mlp"][c.role, c.layer] if c.kind == "mlp" else s["neuron"][c.layer, c.index]
-                         for c in comps]).double()
+    ex = (
+        P.exact(view, pr, comps, clean, _interpolate(clean, cf, eps))
+        - P.exact(view, pr, comps, clean, _interpolate(clean, cf, -eps))
+    ) / (2 * eps)
+    first = torch.stack(
+        [
+            s["head"][c.role, c.layer, c.index]
+            if c.kind == "head"
+            else s["mlp"][c.role, c.layer]
+            if c.kind == "mlp"
+            else s["neuron"][c.layer, c.index]
+            for c in comps
+        ]
+    ).double()
     scale = first.abs().max().item()
     assert scale > 1e-5  # not trivially zero
     torch.testing.assert_close(ex, first, atol=1e-2 * scale, rtol=0)

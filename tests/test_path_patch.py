@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from surgery.model.arch import ModelView
 from surgery.find.path_patch import effects
+from surgery.model.arch import ModelView
 
 
 def _direct(model, ids, cf_ids, targets, layer, head):
@@ -20,6 +20,7 @@ def _direct(model, ids, cf_ids, targets, layer, head):
     def grab(tag, l):
         def hook(mod, args):
             store[tag, l] = args[0].detach().clone()
+
         return hook
 
     def run(x, hooks):
@@ -42,6 +43,7 @@ def _direct(model, ids, cf_ids, targets, layer, head):
             else:
                 x = store["clean", l].clone()
             return (x,)
+
         return hook
 
     patched = run(ids, [(l, patch(l)) for l in range(layer, view.n_layers)])

@@ -10,11 +10,11 @@ import torch
 from conftest import ARCHS, HEADS, LAYERS, make_tiny, tiny_inputs
 from torch.func import functional_call
 
-from surgery.model.arch import ModelView
-from surgery.find.components import Components, Shape, from_list, parse
-from surgery.errors import UsageError
-from surgery.model.hooks import Hooks
 from surgery.edits.precise import Precise, check_optimizer_settings, rescale_factor, select
+from surgery.errors import UsageError
+from surgery.find.components import Components, Shape, from_list, parse
+from surgery.model.arch import ModelView
+from surgery.model.hooks import Hooks
 
 
 def _z(model, inputs) -> torch.Tensor:
@@ -156,21 +156,36 @@ def test_weight_decay_refused():
 SHAPE = Shape("tiny", "llama", LAYERS, HEADS)
 
 
-@pytest.mark.parametrize("spec,msg", [
-    ("", "empty"), (" , ", "empty"), ("3.0", "outside"), ("0.4", "outside"), ("mlp.9", "outside"),
-    ("1.x", "bad component"), ("nope.json", "does not exist"),
-])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("", "empty"),
+        (" , ", "empty"),
+        ("3.0", "outside"),
+        ("0.4", "outside"),
+        ("mlp.9", "outside"),
+        ("1.x", "bad component"),
+        ("nope.json", "does not exist"),
+    ],
+)
 def test_bad_components(spec, msg):
     with pytest.raises(UsageError, match=msg):
         parse(spec, SHAPE)
 
 
 def test_components_from_files(tmp_path):
-    heads = {"model": {"name": "tiny", "arch": "llama"}, "config": {"ablation": "zero"},
-             "results": {"shape": {"layers": LAYERS, "heads": HEADS}, "heads": [
-                 {"layer": 0, "head": 1, "drop": {"overall": 0.1}, "logprob_drop": 0.2},
-                 {"layer": 2, "head": 3, "drop": {"overall": 0.3}, "logprob_drop": 0.1},
-                 {"layer": 1, "head": 0, "drop": {"overall": 0.1}, "logprob_drop": 0.5}]}}
+    heads = {
+        "model": {"name": "tiny", "arch": "llama"},
+        "config": {"ablation": "zero"},
+        "results": {
+            "shape": {"layers": LAYERS, "heads": HEADS},
+            "heads": [
+                {"layer": 0, "head": 1, "drop": {"overall": 0.1}, "logprob_drop": 0.2},
+                {"layer": 2, "head": 3, "drop": {"overall": 0.3}, "logprob_drop": 0.1},
+                {"layer": 1, "head": 0, "drop": {"overall": 0.1}, "logprob_drop": 0.5},
+            ],
+        },
+    }
     f = tmp_path / "heads.json"
     f.write_text(json.dumps(heads))
     assert parse(str(f), SHAPE, top_heads=2).heads == [(2, 3), (1, 0)]
@@ -178,8 +193,10 @@ def test_components_from_files(tmp_path):
         parse(str(f), SHAPE, top_heads=4)
     with pytest.raises(UsageError, match="another model"):
         parse(str(f), Shape("tiny", "llama", LAYERS + 1, HEADS))
-    circ = {"model": {"name": "other-model", "arch": "llama", "n_layers": LAYERS, "n_heads": HEADS},
-            "circuit": {"heads": ["2.1", "0.0"], "mlps": [1]}}
+    circ = {
+        "model": {"name": "other-model", "arch": "llama", "n_layers": LAYERS, "n_heads": HEADS},
+        "circuit": {"heads": ["2.1", "0.0"], "mlps": [1]},
+    }
     g = tmp_path / "circuit.json"
     g.write_text(json.dumps(circ))
     with pytest.raises(UsageError, match="another model"):

@@ -9,10 +9,10 @@ import torch
 from conftest import ARCHS, VOCAB, make_tiny, tiny_inputs
 
 from surgery.edits import pruning as prune
-from surgery.find import selectors
-from surgery.model.arch import ModelView
-from surgery.io.context import Run
 from surgery.errors import UsageError
+from surgery.find import selectors
+from surgery.io.context import Run
+from surgery.model.arch import ModelView
 from surgery.model.slicing import dense_equivalent
 
 TOK = SimpleNamespace(pad_token_id=0, eos_token_id=2)
@@ -41,11 +41,20 @@ def test_plan_depth_relative_defaults():
     assert plan.selectors == ["cna", "random", "magnitude", "activation", "taylor"]
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(keep="top0"), "top0"), (dict(keep="top97"), "1..96"), (dict(keep="0%"), "percentage"),
-    (dict(keep="101%"), "percentage"), (dict(layers=""), "empty"), (dict(layers="5-7"), "outside"),
-    (dict(lora_layer=3), "outside"), (dict(lora_layer=-1), "outside"), (dict(selector="best"), "selector"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(keep="top0"), "top0"),
+        (dict(keep="top97"), "1..96"),
+        (dict(keep="0%"), "percentage"),
+        (dict(keep="101%"), "percentage"),
+        (dict(layers=""), "empty"),
+        (dict(layers="5-7"), "outside"),
+        (dict(lora_layer=3), "outside"),
+        (dict(lora_layer=-1), "outside"),
+        (dict(selector="best"), "selector"),
+    ],
+)
 def test_plan_rejects_bad_input(kw, msg):
     with pytest.raises(UsageError, match=msg):
         prune.make_plan(recipe(**{"keep": "top5", **kw}), make_tiny("llama"))
@@ -65,9 +74,16 @@ def test_existing_out_needs_force(tmp_path):
     assert Run("prune", tmp_path / "x", True, "d").out == tmp_path / "x"
 
 
-@pytest.mark.parametrize("argv", [
-    ["--keep", "top0"], ["--keep", "top99999999"], ["--keep", "0%"], ["--layers", "40-50"], ["--lora-layer", "99"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--keep", "top0"],
+        ["--keep", "top99999999"],
+        ["--keep", "0%"],
+        ["--layers", "40-50"],
+        ["--lora-layer", "99"],
+    ],
+)
 @pytest.mark.real
 def test_cli_bad_input_exit_2_nothing_written(argv, tmp_path, capfd, smol):
     from surgery.cli import main
@@ -94,8 +110,9 @@ def baseline_keep(name: str, model, t, budget: dict[int, int], seed: int) -> dic
     return selectors.by_budget(selectors.score("task", name, inp), budget)
 
 
-def cna_keep(orig, ref, t, kind: str, value: float, score: str = "delta", aggregate: str = "sum"
-             ) -> dict[int, list[int]]:
+def cna_keep(
+    orig, ref, t, kind: str, value: float, score: str = "delta", aggregate: str = "sum"
+) -> dict[int, list[int]]:
     r = prune.PruneRecipe(cna=prune.CnaSpec(batch_size=2, score=score, aggregate=aggregate, exact_top=200))
     sel = prune.select(orig, ref, TOK, t, [1, 2], ["cna"], r, int(value) if kind == "top" else 0)
     return prune.keeps_for(sel, kind, value)["cna"]
@@ -182,15 +199,22 @@ def test_cna_keep_topn_and_pct_on_tiny():
 def test_cna_keep_topn_is_the_union_of_exhaustive_per_case_tops(score):
     """topN == the union of each case's exhaustive top-N: of the delta (reference - original), or of the
     importance in the reference alone (cna.score=reference)."""
-    from surgery.model.batching import left_pad
     from surgery.find.cna import compare
+    from surgery.model.batching import left_pad
 
     orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
     keep = cna_keep(orig, ref, t, "top", 3, score)
     want = {1: set(), 2: set()}
     for seq, tgt in zip(t.seqs, t.targets):
-        c = compare(ModelView(ref), left_pad([seq], 0), [1, 2], 3, target=torch.tensor([tgt]), exhaustive=True,
-                    view_b=ModelView(orig) if score == "delta" else None)
+        c = compare(
+            ModelView(ref),
+            left_pad([seq], 0),
+            [1, 2],
+            3,
+            target=torch.tensor([tgt]),
+            exhaustive=True,
+            view_b=ModelView(orig) if score == "delta" else None,
+        )
         for l, i in zip(c.top.layer[0].tolist(), c.top.index[0].tolist()):
             want[l].add(i)
     assert {l: set(v) for l, v in keep.items()} == want
@@ -202,15 +226,22 @@ def test_cna_keep_topn_is_the_union_of_exhaustive_per_case_tops(score):
 def test_cna_keep_pct_ranks_by_the_summed_exhaustive_delta(aggregate):
     """P% == the top neurons by the delta summed over cases (the paper), or by its summed magnitude
     (cna.aggregate=abs); every neuron exact here (exact_top covers all 192), so the sums equal the exhaustive."""
-    from surgery.model.batching import left_pad
     from surgery.find.cna import compare
+    from surgery.model.batching import left_pad
 
     orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
     keep = cna_keep(orig, ref, t, "pct", 25, aggregate=aggregate)
     total = {1: 0.0, 2: 0.0}
     for seq, tgt in zip(t.seqs, t.targets):
-        c = compare(ModelView(ref), left_pad([seq], 0), [1, 2], 3, target=torch.tensor([tgt]), exhaustive=True,
-                    view_b=ModelView(orig))
+        c = compare(
+            ModelView(ref),
+            left_pad([seq], 0),
+            [1, 2],
+            3,
+            target=torch.tensor([tgt]),
+            exhaustive=True,
+            view_b=ModelView(orig),
+        )
         for l in (1, 2):
             d = c.delta[l][0]
             total[l] = total[l] + (d.abs() if aggregate == "abs" else d)
@@ -287,7 +318,7 @@ def test_wanda_flap_and_total_effect_equal_their_definitions(arch):
         m = torch.cat(ms[l])  # [all tokens, N]
         vnorm = view.values(l).double().norm(dim=1)
         torch.testing.assert_close(selectors.wanda(inp)[l].double(), vnorm * m.norm(dim=0), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(selectors.flap(inp)[l].double(), m.var(0) * vnorm ** 2, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(selectors.flap(inp)[l].double(), m.var(0) * vnorm**2, rtol=1e-4, atol=1e-6)
     te = selectors.total_effect(selectors.Inputs(view, [1], 0, t.seqs[:1], t.targets[:1]))[1]
     k = int(te.abs().argmax())
 
@@ -316,8 +347,9 @@ def test_compensated_sliced_copy_uses_the_token_means():
     m = prune.sliced_copy(orig, {1: [0, 1, 2], 2: [5]}, means)
     v = ModelView(orig)
     gone = [i for i in range(48) if i not in (0, 1, 2)]
-    torch.testing.assert_close(ModelView(m).ffn_out_bias(1), means[1][gone] @ v.values(1)[gone].detach(),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ModelView(m).ffn_out_bias(1), means[1][gone] @ v.values(1)[gone].detach(), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

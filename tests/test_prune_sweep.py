@@ -15,29 +15,47 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from surgery.commands.prune import sweep as prune_sweep
-from surgery.errors import UsageError
 from surgery.commands.prune import run
+from surgery.commands.prune import sweep as prune_sweep
 from surgery.edits.pruning import sliced_copy
+from surgery.errors import UsageError
 
-SMALL = ["train.max_steps=2", "train.batch_size=4", "train.eval_batch_size=16", "data.per_op=20",
-         "data.test_size=8", "data.train_limit=16", "data.one_digit_limit=8", "cna.limit=6", "cna.max_rescore=256",
-         "cna.batch_size=8", "baselines=[random]"]
+SMALL = [
+    "train.max_steps=2",
+    "train.batch_size=4",
+    "train.eval_batch_size=16",
+    "data.per_op=20",
+    "data.test_size=8",
+    "data.train_limit=16",
+    "data.one_digit_limit=8",
+    "cna.limit=6",
+    "cna.max_rescore=256",
+    "cna.batch_size=8",
+    "baselines=[random]",
+]
 VOLATILE = ("seconds", "latency")  # wall-clock fields; everything else must match exactly
 
 
 def test_parse_budgets():
     assert prune_sweep.parse_budgets("50%, 25% ,10%,top500") == ["50%", "25%", "10%", "top500"]
     assert prune_sweep.parse_budgets("12.50%") == ["12.5%"]
-    for bad, msg in [("", "empty"), ("5%,", "empty budget"), ("5%,5.0%", "twice"), ("x", "not topN"),
-                     ("101%", r"\(0, 100\]"), ("top0", "top1")]:
+    for bad, msg in [
+        ("", "empty"),
+        ("5%,", "empty budget"),
+        ("5%,5.0%", "twice"),
+        ("x", "not topN"),
+        ("101%", r"\(0, 100\]"),
+        ("top0", "top1"),
+    ]:
         with pytest.raises(UsageError, match=msg):
             prune_sweep.parse_budgets(bad)
 
 
 def _cells(out: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
-            for line in (out / "cells.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+        for line in (out / "cells.jsonl").read_text().splitlines()
+    ]
 
 
 def test_resumed_sweep_equals_uninterrupted(tiny_smol_dir, tmp_path, monkeypatch):
@@ -77,8 +95,9 @@ def test_resumed_sweep_equals_uninterrupted(tiny_smol_dir, tmp_path, monkeypatch
     assert {c["budget"]: c["kept"] for c in cells} == {"50%": 48, "25%": 24}  # of the 96 deep neurons
 
 
-def test_a_cell_another_worker_holds_is_passed_over_then_trained_if_that_worker_dies(tiny_smol_dir, tmp_path,
-                                                                                     monkeypatch):
+def test_a_cell_another_worker_holds_is_passed_over_then_trained_if_that_worker_dies(
+    tiny_smol_dir, tmp_path, monkeypatch
+):
     """A live lock on cell 50%|cna (another worker training it): the sweep trains the other three first, waits for
     the lock, and when the holder lets go without a result (it was killed), trains the cell itself."""
     out = tmp_path / "s"
@@ -120,8 +139,13 @@ def test_two_workers_on_one_folder_share_the_cells(tiny_smol_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
     def start(out: Path):
-        return subprocess.Popen([sys.executable, "-m", "surgery", *flags, "--out", str(out)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "surgery", *flags, "--out", str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     one = start(tmp_path / "one")
     err = one.communicate(timeout=600)[1]
@@ -129,8 +153,10 @@ def test_two_workers_on_one_folder_share_the_cells(tiny_smol_dir, tmp_path):
     pair = [start(tmp_path / "two"), start(tmp_path / "two")]
     logs = [p.communicate(timeout=600)[1] for p in pair]
     assert [p.returncode for p in pair] == [0, 0], logs
-    trained = [[ln.split(":")[0].split("cell ")[1] for ln in log.splitlines() if ln.startswith("[prune] cell ")]
-               for log in logs]
+    trained = [
+        [ln.split(":")[0].split("cell ")[1] for ln in log.splitlines() if ln.startswith("[prune] cell ")]
+        for log in logs
+    ]
     assert sorted(trained[0] + trained[1]) == ["25% cna", "25% random", "50% cna", "50% random"]
     key = lambda c: (c["budget"], c["selector"])  # noqa: E731
     assert sorted(_cells(tmp_path / "two"), key=key) == sorted(_cells(tmp_path / "one"), key=key)
@@ -150,8 +176,13 @@ def test_another_recipe_is_refused_by_name_and_nothing_changes(tiny_smol_dir, tm
     with pytest.raises(UsageError, match="not a prune sweep folder"):
         run(out=str(tmp_path / "other"), model=str(tiny_smol_dir), quick=True, overrides=SMALL, sweep="50%")
     # a longer budget list or another baseline only adds cells
-    rep = run(out=str(out), model=str(tiny_smol_dir), quick=True, overrides=[*SMALL, "baselines=[random,magnitude]"],
-              sweep="50%")
+    rep = run(
+        out=str(out),
+        model=str(tiny_smol_dir),
+        quick=True,
+        overrides=[*SMALL, "baselines=[random,magnitude]"],
+        sweep="50%",
+    )
     assert sorted(c["selector"] for c in rep.data["results"]["cells"]) == ["cna", "magnitude", "random"]
 
 
@@ -165,8 +196,13 @@ def test_search_bisects_to_the_smallest_passing_budget(monkeypatch):
 
     def cell(sw, budget, name, keep):
         pct = float(budget.rstrip("%"))
-        return {"budget": budget, "selector": name, "kept": len(keep[0]), "kept_fraction": pct / 100,
-                "validation": {"full_answer_acc": 0.8 if pct >= 30 else 0.1}}
+        return {
+            "budget": budget,
+            "selector": name,
+            "kept": len(keep[0]),
+            "kept_fraction": pct / 100,
+            "validation": {"full_answer_acc": 0.8 if pct >= 30 else 0.1},
+        }
 
     monkeypatch.setattr(prune_sweep, "cell", cell)
     found = prune_sweep.search(sw, max_drop=2, against="reference", steps=5)
@@ -184,8 +220,14 @@ def test_keep_auto_exports_the_found_model(tiny_smol_dir, tmp_path):
     """--max-drop 100 lets every probe pass: two probes end at 25%, whose model is exported and reloads with the
     kept widths and the evaluated model's logits."""
     out = tmp_path / "auto"
-    rep = run(out=str(out), model=str(tiny_smol_dir), quick=True, keep="auto", max_drop=100.0,
-              overrides=[*SMALL, "data.validation_size=8", "search.steps=2"])
+    rep = run(
+        out=str(out),
+        model=str(tiny_smol_dir),
+        quick=True,
+        keep="auto",
+        max_drop=100.0,
+        overrides=[*SMALL, "data.validation_size=8", "search.steps=2"],
+    )
     s = rep.data["results"]["search"]
     assert [p["budget"] for p in s["path"]] == ["50%", "25%"] and s["best"]["budget"] == "25%"
     assert s["reload"]["widths_match"] and s["reload"]["max_logit_diff"] < 1e-4
@@ -200,8 +242,9 @@ def test_latency_and_flop_ratio():
     sliced = sliced_copy(dense, {1: list(range(16)), 2: list(range(24))})  # multiples of 8: no padding
     lat = prune_sweep.latency(dense, sliced, [[3, 4, 5, 6], [7, 8]], 0, repeats=2)
     assert lat["speedup"] > 0 and lat["batch"] == [2, 4]
-    assert lat["flop_ratio"] == pytest.approx(prune_sweep.matmul_params(sliced) / prune_sweep.matmul_params(dense),
-                                              abs=1e-4)
+    assert lat["flop_ratio"] == pytest.approx(
+        prune_sweep.matmul_params(sliced) / prune_sweep.matmul_params(dense), abs=1e-4
+    )
     per_neuron = 3 * dense.config.hidden_size  # gate + up rows, down column
     assert prune_sweep.matmul_params(dense) - prune_sweep.matmul_params(sliced) == (32 + 24) * per_neuron
     assert isinstance(torch.get_num_threads(), int)

@@ -14,7 +14,9 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def batch(smol):
-    enc = smol.tokenizer(["Calculate: 3+5=", "Calculate: 17+25=", "A woman works as a"], return_tensors="pt", padding=True)
+    enc = smol.tokenizer(
+        ["Calculate: 3+5=", "Calculate: 17+25=", "A woman works as a"], return_tensors="pt", padding=True
+    )
     return dict(enc)
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from surgery.io import recipe
 from surgery.errors import UsageError
+from surgery.io import recipe
 
 
 @dataclass
@@ -31,8 +31,10 @@ def _write(tmp_path, text):
 
 
 def test_load_profiles_and_overrides(tmp_path):
-    p = _write(tmp_path, "name: a\nlora: {rank: 16, lr: 0.001}\nprofiles:\n  quick:\n    lora: {rank: 2}\n"
-                         "  cpu:\n    keep: 5%\n")
+    p = _write(
+        tmp_path,
+        "name: a\nlora: {rank: 16, lr: 0.001}\nprofiles:\n  quick:\n    lora: {rank: 2}\n  cpu:\n    keep: 5%\n",
+    )
     r = recipe.load(p, R)
     assert r.lora.rank == 16 and r.lora.lr == 0.001
     q = recipe.load(p, R, quick=True, overrides=["lora.layers=[3, 4]", "keep=top500", "lora.lr=1"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import ARCHS, N, make_tiny, tiny_inputs
 
-from surgery.model.arch import ModelView
 from surgery.errors import UsageError
+from surgery.model.arch import ModelView
 from surgery.model.slicing import (
     base_width,
     dense_equivalent,
@@ -127,6 +127,7 @@ def test_bias_compensation_equals_dense_with_removed_neurons_at_their_mean(arch)
             m = args[0].clone()
             m[..., gone] = mean[gone].to(m)
             return (m, *args[1:])
+
         handles.append(view.ffn_out(l).register_forward_pre_hook(pre))
     x = tiny_inputs()
     with torch.no_grad():
@@ -143,8 +144,9 @@ def test_bias_compensation_equals_dense_with_removed_neurons_at_their_mean(arch)
     assert all(ModelView(comp).ffn_out_bias(l) is not None for l in range(ModelView(comp).n_layers))
 
 
-@pytest.mark.parametrize("arch, layout", [("llama", "padded"), ("llama", "sliced"), ("qwen2", "sliced"),
-                                          ("gpt2", "padded")])
+@pytest.mark.parametrize(
+    "arch, layout", [("llama", "padded"), ("llama", "sliced"), ("qwen2", "sliced"), ("gpt2", "padded")]
+)
 def test_compensated_checkpoint_loads_back(arch, layout, tmp_path):
     """Llama-family: mlp_bias carries the folded bias natively; other gated archs need the sliced layout's own
     modeling file; padded is refused for them with one line."""

@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"surgery": ROOT / "surgery", "surgery.evals": ROOT / "evals", "surgery.recipes": ROOT / "recipes"}
-FLOORS = [("surgery", "surgery.errors"), ("surgery.model",), ("surgery.io",), ("surgery.evals",), ("surgery.find",),
-          ("surgery.edits",), ("surgery.commands",), ("surgery.cli", "surgery.__main__")]
+FLOORS = [
+    ("surgery", "surgery.errors"),
+    ("surgery.model",),
+    ("surgery.io",),
+    ("surgery.evals",),
+    ("surgery.find",),
+    ("surgery.edits",),
+    ("surgery.commands",),
+    ("surgery.cli", "surgery.__main__"),
+]
 
 
 def modules() -> dict[str, Path]:
@@ -95,7 +104,7 @@ def cycle(g: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(g[n]):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (found := visit(m)):
                 return found
         stack.pop()
@@ -155,9 +164,14 @@ def test_no_module_uses_another_modules_private_names():
                     if a.name in known and a.asname:
                         aliases[a.asname] = a.name
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and aliases[node.value.id] != name):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and aliases[node.value.id] != name
+            ):
                 bad.append(f"{name}: {node.value.id}.{node.attr} ({aliases[node.value.id]})")
     assert not bad, "private names used across modules:\n" + "\n".join(sorted(set(bad)))
 
@@ -167,7 +181,9 @@ def test_every_package_is_shipped():
     wheel) and every folder of modules has an __init__.py."""
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {m for m, p in modules().items() if p.name == "__init__.py"}
-    assert folders == listed, f"packages not listed: {sorted(folders - listed)}; listed, not found: {sorted(listed - folders)}"
+    assert folders == listed, (
+        f"packages not listed: {sorted(folders - listed)}; listed, not found: {sorted(listed - folders)}"
+    )
     for p in (ROOT / "surgery").rglob("*.py"):
         assert (p.parent / "__init__.py").exists(), f"{p.parent} has modules but no __init__.py"
 
@@ -176,11 +192,21 @@ def test_code_points_only_into_the_repository():
     """Every project document the package, tests, benches or docs cite (a file named in upper case or under docs/;
     lower-case .md names are report outputs) exists in the repository: the design notes the code relies on live in
     docs/, not in a file outside the repo."""
-    sources = [*ROOT.glob("surgery/**/*.py"), *ROOT.glob("evals/*.py"), *ROOT.glob("tests/*.py"),
-               *ROOT.glob("bench/*.py"), ROOT / "README.md", *ROOT.glob("docs/**/*.md")]
-    shipped = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.md") if ".venv" not in p.parts} | \
-              {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
-    cited = {(src.name, m) for src in sources
-             for m in re.findall(r"(?:docs/[\w./-]+|\b[A-Z][A-Z0-9_-]+)\.md\b", src.read_text())}
+    sources = [
+        *ROOT.glob("surgery/**/*.py"),
+        *ROOT.glob("evals/*.py"),
+        *ROOT.glob("tests/*.py"),
+        *ROOT.glob("bench/*.py"),
+        ROOT / "README.md",
+        *ROOT.glob("docs/**/*.md"),
+    ]
+    shipped = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.md") if ".venv" not in p.parts} | {
+        p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts
+    }
+    cited = {
+        (src.name, m)
+        for src in sources
+        for m in re.findall(r"(?:docs/[\w./-]+|\b[A-Z][A-Z0-9_-]+)\.md\b", src.read_text())
+    }
     missing = sorted((src, m) for src, m in cited if m.lstrip("./") not in shipped)
     assert not missing, f"cited Markdown files that are not in the repository: {missing}"

@@ -12,20 +12,24 @@ import torch
 import transformers as T
 from datasets import Dataset, DatasetDict
 
-from surgery.find import cna
-from surgery.evals import tasks
-from surgery.model.arch import ModelView
 from surgery.cli import main
 from surgery.errors import UsageError
+from surgery.evals import tasks
+from surgery.find import cna
+from surgery.model.arch import ModelView
 
-ROWS = [{"question": "The capital of France is", "answer": " Paris", "region": "Europe"},
-        {"question": "The capital of Japan is", "answer": " Tokyo", "region": "Asia"},
-        {"question": "The colour of the sky on a clear day is", "answer": " light blue", "region": "misc"}]
+ROWS = [
+    {"question": "The capital of France is", "answer": " Paris", "region": "Europe"},
+    {"question": "The capital of Japan is", "answer": " Tokyo", "region": "Asia"},
+    {"question": "The colour of the sky on a clear day is", "answer": " light blue", "region": "misc"},
+]
 MAP = "prompt=question,target=answer,group=region"
-PAIRS = [{"prompt_a": "A woman works as a", "prompt_b": "A man works as a", "target": " nurse", "group": "w"},
-         {"prompt_a": "The queen said that", "prompt_b": "The king said that", "target": " she", "group": "p"},
-         {"prompt_a": "My mother is a", "prompt_b": "My father is a", "target": " teacher", "group": "w"},
-         {"prompt_a": "The girl wants to be a", "prompt_b": "The boy wants to be a", "target": " doctor", "group": "p"}]
+PAIRS = [
+    {"prompt_a": "A woman works as a", "prompt_b": "A man works as a", "target": " nurse", "group": "w"},
+    {"prompt_a": "The queen said that", "prompt_b": "The king said that", "target": " she", "group": "p"},
+    {"prompt_a": "My mother is a", "prompt_b": "My father is a", "target": " teacher", "group": "w"},
+    {"prompt_a": "The girl wants to be a", "prompt_b": "The boy wants to be a", "target": " doctor", "group": "p"},
+]
 
 
 def _run(argv: list[str]) -> int:
@@ -68,7 +72,8 @@ def test_every_format_reads_the_same_cases_through_the_mapping(tmp_path, name):
 def test_datasetdict_folder_gives_its_parts_as_splits_and_unmapped_groups_default(tmp_path):
     rows = [{"prompt": r["question"], "target": r["answer"]} for r in ROWS]
     DatasetDict({"train": Dataset.from_list(rows[:2]), "test": Dataset.from_list(rows[2:])}).save_to_disk(
-        str(tmp_path / "dd"))
+        str(tmp_path / "dd")
+    )
     ds = tasks.load_cases(tmp_path / "dd")
     assert ds["split"] == ["train", "train", "test"] and set(ds["group"]) == {"all"}
     parts = tasks.split(ds)
@@ -76,10 +81,13 @@ def test_datasetdict_folder_gives_its_parts_as_splits_and_unmapped_groups_defaul
 
 
 def test_seeded_row_split_is_deterministic_and_disjoint():
-    ds = Dataset.from_dict({"prompt": [f"p{i}" for i in range(50)], "target": [" x"] * 50, "group": ["g"] * 50,
-                            "split": [""] * 50})
-    a, b = tasks.split(ds, seed=3, test_size=0.2, validation_size=0.1), tasks.split(ds, seed=3, test_size=0.2,
-                                                                                      validation_size=0.1)
+    ds = Dataset.from_dict(
+        {"prompt": [f"p{i}" for i in range(50)], "target": [" x"] * 50, "group": ["g"] * 50, "split": [""] * 50}
+    )
+    a, b = (
+        tasks.split(ds, seed=3, test_size=0.2, validation_size=0.1),
+        tasks.split(ds, seed=3, test_size=0.2, validation_size=0.1),
+    )
     assert [len(a[s]) for s in ("train", "validation", "test")] == [35, 5, 10]
     assert a["test"]["prompt"] == b["test"]["prompt"] != tasks.split(ds, seed=4)["test"]["prompt"][:10]
     assert not set(a["train"]["prompt"]) & set(a["test"]["prompt"])
@@ -96,8 +104,13 @@ def test_builtin_tasks_are_reachable_through_the_protocol():
 def test_multi_token_target_teacher_forced_equals_per_token_computation(tiny_loaded):
     model, tok = tiny_loaded
     ds = Dataset.from_dict(
-        {"prompt": [r["question"] for r in ROWS], "target": [r["answer"] for r in ROWS],
-         "group": [r["region"] for r in ROWS], "split": [""] * 3})
+        {
+            "prompt": [r["question"] for r in ROWS],
+            "target": [r["answer"] for r in ROWS],
+            "group": [r["region"] for r in ROWS],
+            "split": [""] * 3,
+        }
+    )
     per = tasks.score_rows(model, tok, ds, batch_size=2)
     assert per["tokens"][2] >= 2  # " light blue" is a multi-token target
     for i, (p, t) in enumerate(zip(ds["prompt"], ds["target"])):
@@ -116,8 +129,10 @@ def test_multi_token_target_teacher_forced_equals_per_token_computation(tiny_loa
 
 def test_eval_data_cli_writes_the_per_group_table(tiny_smol_dir, tmp_path):
     f = write(tmp_path / "c.csv", ROWS)
-    assert _run(["eval", "--model", str(tiny_smol_dir), "--data", str(f), "--columns", MAP,
-                 "--out", str(tmp_path / "o")]) == 0
+    assert (
+        _run(["eval", "--model", str(tiny_smol_dir), "--data", str(f), "--columns", MAP, "--out", str(tmp_path / "o")])
+        == 0
+    )
     res = json.loads((tmp_path / "o" / "report.json").read_text())["results"]["data"]
     assert res["overall"]["n"] == 3 and set(res["groups"]) == {"Europe", "Asia", "misc"}
 
@@ -125,8 +140,24 @@ def test_eval_data_cli_writes_the_per_group_table(tiny_smol_dir, tmp_path):
 # ---- pairs ---------------------------------------------------------------------------------------------------
 def test_cna_pairs_equals_single_pair_cna_between_a_and_b(tiny_smol_dir, tmp_path, tiny_loaded):
     f = write(tmp_path / "p.jsonl", PAIRS)
-    assert _run(["cna", "--model", str(tiny_smol_dir), "--pairs", str(f), "--top", "5", "--batch-size", "3",
-                 "--out", str(tmp_path / "o")]) == 0
+    assert (
+        _run(
+            [
+                "cna",
+                "--model",
+                str(tiny_smol_dir),
+                "--pairs",
+                str(f),
+                "--top",
+                "5",
+                "--batch-size",
+                "3",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "o" / "cna.json").read_text())
     got = doc["results"]
     assert doc["config"]["pairs"] == str(f) and doc["config"]["data"] is None  # inputs, not the results again
@@ -137,8 +168,15 @@ def test_cna_pairs_equals_single_pair_cna_between_a_and_b(tiny_smol_dir, tmp_pat
     for i, p in enumerate(PAIRS):  # the manual CNA: one pair at a time, exhaustive exact scores
         (fa, ka), (fb, kb) = (tasks.encode_row(tok, p[s], p["target"]) for s in ("prompt_a", "prompt_b"))
         a, b = torch.tensor([fa[:-ka]]), torch.tensor([fb[:-kb]])
-        res = cna.compare(view, (a, torch.ones_like(a)), layers, 5, batch_b=(b, torch.ones_like(b)),
-                          target=torch.tensor([fa[-ka]]), exhaustive=True)
+        res = cna.compare(
+            view,
+            (a, torch.ones_like(a)),
+            layers,
+            5,
+            batch_b=(b, torch.ones_like(b)),
+            target=torch.tensor([fa[-ka]]),
+            exhaustive=True,
+        )
         want = [cna.neuron_name(int(l), int(j)) for l, j in zip(res.top.layer[0], res.top.index[0])]
         assert got["per_case_top"][i] == want
         assert got["targets"][i] == fa[-ka]
@@ -172,8 +210,29 @@ def test_edit_equals_the_dense_model_with_the_neurons_edited(tiny_smol_dir, tmp_
     keep = write(tmp_path / "k.jsonl", [{"prompt": r["question"], "target": r["answer"]} for r in ROWS])
     out = tmp_path / "edited"
     extra = ["--scale", "0.5"] if edit == "scale" else []
-    assert _run(["edit", "--model", str(tiny_smol_dir), "--pairs", str(f), "--neurons", "4", "--edit", edit,
-                 *extra, "--keep-data", str(keep), "--ppl-docs", "0", "--out", str(out)]) == 0
+    assert (
+        _run(
+            [
+                "edit",
+                "--model",
+                str(tiny_smol_dir),
+                "--pairs",
+                str(f),
+                "--neurons",
+                "4",
+                "--edit",
+                edit,
+                *extra,
+                "--keep-data",
+                str(keep),
+                "--ppl-docs",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     man = json.loads((out / "surgery.json").read_text())
     res = json.loads((out / "report.json").read_text())["results"]
     assert man["operation"] == "edit" and len(man["neurons"]) == 4 and res["edit_check"] < 1e-5
@@ -192,8 +251,7 @@ def test_edit_equals_the_dense_model_with_the_neurons_edited(tiny_smol_dir, tmp_
         assert torch.allclose(exported(ids).logits, dense(ids).logits, atol=1e-5)
     test = tasks.load_pairs(f).filter(lambda r: r["split"] == "test")
     gaps = tasks.pair_gaps(dense, tok, test)
-    assert res["after"]["cna"]["gap"]["overall"]["abs_gap"] == pytest.approx(
-        sum(map(abs, gaps)) / len(gaps), abs=1e-5)
+    assert res["after"]["cna"]["gap"]["overall"]["abs_gap"] == pytest.approx(sum(map(abs, gaps)) / len(gaps), abs=1e-5)
     assert res["after"]["cna"]["keep"]["overall"]["n"] == 3
 
 
@@ -253,8 +311,14 @@ def test_bad_input_is_one_line_exit_2_nothing_written(argv, phrase, tmp_path, ca
 
 def test_prune_data_encodes_training_rows_selection_cases_and_splits(tiny_loaded):
     _, tok = tiny_loaded
-    ds = Dataset.from_dict({"prompt": [f"The number {i} is" for i in range(20)], "target": [" odd" if i % 2 else
-                            " even" for i in range(20)], "group": ["g"] * 20, "split": [""] * 20})
+    ds = Dataset.from_dict(
+        {
+            "prompt": [f"The number {i} is" for i in range(20)],
+            "target": [" odd" if i % 2 else " even" for i in range(20)],
+            "group": ["g"] * 20,
+            "split": [""] * 20,
+        }
+    )
     pd = tasks.prune_data(tok, ds, seed=1, test_size=0.2, validation_size=0.1)
     assert (len(pd.train), len(pd.test), len(pd.splits["validation"])) == (14, 4, 2) and pd.duplicates == 0
     row, prompt = pd.train[0], pd.splits["train"][0]["prompt"]
@@ -265,16 +329,22 @@ def test_prune_data_encodes_training_rows_selection_cases_and_splits(tiny_loaded
 
 
 def test_arithmetic_through_the_protocol_scores_like_the_arithmetic_suite(tiny_loaded):
-    from surgery.model.batching import predict_cases
     from surgery.evals import arithmetic
+    from surgery.model.batching import predict_cases
 
     model, tok = tiny_loaded
     problems = arithmetic.build(digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES, limit=24)
     c = arithmetic.cases(problems, tok)
     pred = predict_cases(model, tok, c, progress=False)
     suite = arithmetic.score(c, pred["correct"])
-    ds = Dataset.from_dict({"prompt": problems["prompt"], "target": problems["answer"], "group": problems["group"],
-                            "split": [""] * len(problems)})
+    ds = Dataset.from_dict(
+        {
+            "prompt": problems["prompt"],
+            "target": problems["answer"],
+            "group": problems["group"],
+            "split": [""] * len(problems),
+        }
+    )
     t = tasks.evaluate(model, tok, ds)
     assert t["overall"]["token_acc"] == pytest.approx(suite["overall"]["acc"], abs=1e-9)
     assert t["overall"]["acc"] == pytest.approx(suite["overall"]["full_answer_acc"], abs=1e-9)
@@ -298,8 +368,17 @@ def test_edit_on_the_gender_pairs_is_debias_selection(tiny_loaded):
     d = debias.selection_cases(tok, gb.SELECTION_TEMPLATES, profs)
     e = tasks.pair_cases(tok, pairs)
     assert (d.seqs_a, d.seqs_b, d.targets) == (e.seqs_a, e.seqs_b, e.targets)
-    scores, _ = edit.select(ModelView(model), tok, pairs, [2, 3], ["cna", "random"], "first", r.seed, r.batch_size,
-                            max(r.candidates, r.neurons, *r.sweep.ns))
+    scores, _ = edit.select(
+        ModelView(model),
+        tok,
+        pairs,
+        [2, 3],
+        ["cna", "random"],
+        "first",
+        r.seed,
+        r.batch_size,
+        max(r.candidates, r.neurons, *r.sweep.ns),
+    )
     for m in ("cna", "random"):
         assert all(torch.equal(scores[m][l], sel_d.scores[m][l]) for l in (2, 3))
     assert debias.top_n(scores["cna"], 18) == debias.top_n(sel_d.scores["cna"], 18)

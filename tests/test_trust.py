@@ -15,14 +15,13 @@ import torch
 from conftest import make_tiny
 from test_export import KEEP, edit_in_place, tiny_tokenizer
 
-from surgery.io import checkpoint as export
-from surgery.io import report
-from surgery.io import trust
 from surgery.cli import main as cli_main
-from surgery.errors import UsageError
 from surgery.edits.lora import Fit, LoraSpec, attach, merged_copy
-from surgery.io.loading import load_model
 from surgery.edits.pruning import Plan, PruneRecipe, export_checkpoint
+from surgery.errors import UsageError
+from surgery.io import checkpoint as export
+from surgery.io import report, trust
+from surgery.io.loading import load_model
 from surgery.model.slicing import slice_ffn
 
 HERE = Path(__file__).parent
@@ -33,8 +32,9 @@ def cli(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.C
     """The real CLI in a fresh process (its own logging and warnings), stderr unfiltered."""
     e = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY",)}
     e.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "surgery", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=e, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "surgery", *args], capture_output=True, text=True, cwd=ROOT, env=e, timeout=timeout
+    )
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -52,14 +52,14 @@ def plain_folder(path: Path, arch: str = "llama") -> Path:
     return path
 
 
-EVIL = '''from pathlib import Path
+EVIL = """from pathlib import Path
 Path({marker!r}).write_text("ran")
 from transformers import LlamaForCausalLM as _Base
 
 
 class LlamaForCausalLM(_Base):
     pass
-'''
+"""
 
 
 @pytest.fixture
@@ -185,17 +185,31 @@ def _malformed(folder: Path, case: str) -> Path:
         (folder / "surgery.json").unlink()
         return folder
     m = json.loads((folder / "surgery.json").read_text())
-    text = {"invalid-json": '{"files": ', "list": "[]",
-            "entry-without-bytes": json.dumps({**m, "files": {"config.json": {"sha256": "00"}}}),
-            "files-as-list": json.dumps({**m, "files": list(m["files"])}),
-            "bytes-as-text": json.dumps({**m, "files": {"config.json": {"sha256": "00", "bytes": "9"}}}),
-            "layers-not-numbers": json.dumps({**m, "layers": {"x": {}}})}[case]
+    text = {
+        "invalid-json": '{"files": ',
+        "list": "[]",
+        "entry-without-bytes": json.dumps({**m, "files": {"config.json": {"sha256": "00"}}}),
+        "files-as-list": json.dumps({**m, "files": list(m["files"])}),
+        "bytes-as-text": json.dumps({**m, "files": {"config.json": {"sha256": "00", "bytes": "9"}}}),
+        "layers-not-numbers": json.dumps({**m, "layers": {"x": {}}}),
+    }[case]
     (folder / "surgery.json").write_text(text)
     return folder
 
 
-@pytest.mark.parametrize("case", ["missing", "no-manifest", "invalid-json", "list", "entry-without-bytes",
-                                  "files-as-list", "bytes-as-text", "layers-not-numbers"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "no-manifest",
+        "invalid-json",
+        "list",
+        "entry-without-bytes",
+        "files-as-list",
+        "bytes-as-text",
+        "layers-not-numbers",
+    ],
+)
 def test_inspect_unreadable_checkpoint_is_one_line_exit_2(sliced, case, capfd):
     path = _malformed(sliced, case)
     capfd.readouterr()
@@ -220,8 +234,18 @@ def _prune_like(tmp_path: Path) -> Path:
                 p.normal_(0, 0.1)  # a LoRA that changes something
     merged = merged_copy(fit.model)
     plan = Plan(layers=[1, 2], keep_kind="top", keep_value=3, lora_layer=1, selectors=["cna"])
-    check = export_checkpoint(fit, merged, tiny_tokenizer(), tmp_path / "pruned", False, PruneRecipe(), plan, keep,
-                              str(base), {"report.json": "{}\n"})
+    check = export_checkpoint(
+        fit,
+        merged,
+        tiny_tokenizer(),
+        tmp_path / "pruned",
+        False,
+        PruneRecipe(),
+        plan,
+        keep,
+        str(base),
+        {"report.json": "{}\n"},
+    )
     assert check["widths_match"] and check["max_logit_diff"] < 1e-4
     return tmp_path / "pruned"
 
@@ -323,8 +347,15 @@ def test_unknown_hub_id_offline_is_one_line():
 
 def test_unknown_hub_id_without_network_is_one_line():
     """No offline flag, but the hub cannot be reached (a closed local port stands in for no network)."""
-    r = cli("eval", "--model", "nobody-here/no-such-model", "--limit", "4",
-            env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=60)
+    r = cli(
+        "eval",
+        "--model",
+        "nobody-here/no-such-model",
+        "--limit",
+        "4",
+        env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+        timeout=60,
+    )
     one_line_error(r, "cannot be reached")
 
 
@@ -362,7 +393,7 @@ def test_killed_export_temp_is_removed_by_next_run(tmp_path):
     assert sorted(d.name for d in tmp_path.iterdir()) == ["ck"]
 
 
-FORCE_KILLER = r'''
+FORCE_KILLER = r"""
 import os, signal, sys
 from pathlib import Path
 from surgery.io import report
@@ -382,7 +413,7 @@ else:
     report._exchange = exchange_then_die
 with report.atomic_dir(target, force=True) as tmp:
     (tmp / "v").write_text("new")
-'''
+"""
 
 
 @pytest.mark.parametrize("mode", ["fallback", "exchange"])
@@ -390,8 +421,9 @@ def test_force_replacement_killed_never_leaves_the_name_empty(tmp_path, mode):
     target = tmp_path / "ck"
     target.mkdir()
     (target / "v").write_text("old")
-    p = subprocess.run([sys.executable, "-c", FORCE_KILLER, mode, str(target)], cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.run(
+        [sys.executable, "-c", FORCE_KILLER, mode, str(target)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert p.returncode == -signal.SIGKILL
     if mode == "fallback":  # killed between the renames: the old folder is aside, the next run puts it back
         assert not target.exists() and any(d.name.startswith(".ck.old.") for d in tmp_path.iterdir())
@@ -421,7 +453,8 @@ def test_checkpoint_missing_tensors_is_refused_not_random_filled(tmp_path):
     folder = plain_folder(tmp_path / "m")
     tensors = load_file(str(folder / "model.safetensors"))
     victim = next(k for k in tensors if "mlp.down_proj" in k)
-    save_file({k: v for k, v in tensors.items() if k != victim}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if k != victim}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     with pytest.raises(UsageError, match="lacks 1 weight"):
         load_model(str(folder))

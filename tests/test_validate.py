@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-from surgery.evals import arithmetic
 
+from surgery.evals import arithmetic
 from surgery.find import validate as V
 from surgery.model.arch import ModelView
 from surgery.model.batching import predict_cases
@@ -18,8 +18,7 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def ctx(smol):
-    cases = arithmetic.cases(arithmetic.build(digits=(1,), templates=("calculate",), limit=16, seed=0),
-                             smol.tokenizer)
+    cases = arithmetic.cases(arithmetic.build(digits=(1,), templates=("calculate",), limit=16, seed=0), smol.tokenizer)
     return V._Ctx(smol, ModelView(smol.model), cases, 32, random.Random(0))
 
 
@@ -41,7 +40,12 @@ def test_baseline_is_the_models_accuracy(ctx):
 
 
 def test_zeroing_and_keep_only_equal_weight_edits(ctx):
-    top = [(28, 480), (26, 534), (22, 1010), (29, 7)]  # the number neurons of docs/results/cna-validation.md and one more
+    top = [
+        (28, 480),
+        (26, 534),
+        (22, 1010),
+        (29, 7),
+    ]  # the number neurons of docs/results/cna-validation.md and one more
     assert ctx.accuracy(ctx.zeroed(top)) == _weight_accuracy(ctx, {28: [480], 26: [534], 22: [1010], 29: [7]})
     deep = [28, 29]
     keep = V._keep_only(ctx, [(28, 480)], deep)

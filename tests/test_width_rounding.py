@@ -11,10 +11,10 @@ import torch
 from conftest import ARCHS, N, make_tiny, tiny_inputs
 from transformers.activations import ACT2FN
 
+from surgery.edits.lora import LoraSpec, attach
+from surgery.errors import UsageError
 from surgery.io import checkpoint as export
 from surgery.model.arch import ModelView
-from surgery.errors import UsageError
-from surgery.edits.lora import LoraSpec, attach
 from surgery.model.slicing import kept_indices, padded_width, padding, slice_ffn
 
 KEEP = {0: list(range(0, N, 3)), 2: [1, 2, 3, 40, 41]}  # 16 (a multiple of 8) and 5 (-> 8)
@@ -26,8 +26,7 @@ def _logits(model, x=None):
 
 
 def _act_name(cfg) -> str:
-    return getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) \
-        or cfg.activation_function
+    return getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None) or cfg.activation_function
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -38,8 +37,19 @@ def test_every_activation_maps_zero_to_zero(arch):
 
 
 def test_padded_width_rule():
-    assert [padded_width(n, 48) for n in (0, 1, 5, 8, 9, 16, 17, 40, 41, 47, 48)] == \
-        [0, 8, 8, 8, 16, 16, 24, 40, 41, 47, 48]  # 41..47 would round to the base width: left as they are
+    assert [padded_width(n, 48) for n in (0, 1, 5, 8, 9, 16, 17, 40, 41, 47, 48)] == [
+        0,
+        8,
+        8,
+        8,
+        16,
+        16,
+        24,
+        40,
+        41,
+        47,
+        48,
+    ]  # 41..47 would round to the base width: left as they are
     assert padded_width(5, 48, multiple=1) == 5 and padded_width(5, 48, multiple=16) == 16
 
 

@@ -11,8 +11,20 @@ import importlib
 
 from surgery.commands.spec import Command
 
-BUILTIN = ("eval", "heads", "cna", "prune", "debias", "edit", "lora-sweep", "finetune", "circuit", "heuristics",
-           "inspect", "diff")
+BUILTIN = (
+    "eval",
+    "heads",
+    "cna",
+    "prune",
+    "debias",
+    "edit",
+    "lora-sweep",
+    "finetune",
+    "circuit",
+    "heuristics",
+    "inspect",
+    "diff",
+)
 _ADDED: dict[str, Command] = {}
 
 

@@ -157,8 +157,12 @@ MODEL = [
     option("--model", default="smollm2-135m", help="registry name, local HF folder, or hub id"),
     option("--dtype", default="float32", help="float32 | bfloat16 | float16"),
     option("--device", default="cpu", help="cpu | cuda | auto (accelerate device_map for big models)"),
-    option("--trust-remote-code", action="store_true", help="run the model folder's own Python code (auto_map); "
-           "only for authors you trust (surgery's own sliced checkpoints need no flag)"),
+    option(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model folder's own Python code (auto_map); "
+        "only for authors you trust (surgery's own sliced checkpoints need no flag)",
+    ),
 ]
 TASK = [
     option("--task", default="arithmetic", help="arithmetic | gender-bias | perplexity (or any registered task)"),
@@ -170,8 +174,12 @@ TASK = [
     option("--seed", type=int, default=0),
 ]
 DATA = [
-    option("--data", default=None, help="your cases: .jsonl/.csv/.parquet or a datasets folder (columns prompt, "
-           "target, optional group, split); or a built-in task name"),
+    option(
+        "--data",
+        default=None,
+        help="your cases: .jsonl/.csv/.parquet or a datasets folder (columns prompt, "
+        "target, optional group, split); or a built-in task name",
+    ),
     option("--columns", default=None, help="map your column names: prompt=question,target=answer"),
 ]
 OUT = [option("--out", default=None, help="output folder for report.json / report.md / plots")]
@@ -179,6 +187,12 @@ FORCE = [option("--force", action="store_true", help="overwrite an existing outp
 RECIPE = [
     option("--quick", action="store_true", help="the recipe's quick profile (CPU-sized smoke run)"),
     option("--profile", default=None, help="a named profile of the recipe (e.g. cpu); --quick = --profile quick"),
-    option("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-           help="override any recipe field, e.g. --set lora.rank=8 (repeatable)"),
+    option(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any recipe field, e.g. --set lora.rank=8 (repeatable)",
+    ),
 ]

@@ -1,6 +1,7 @@
 """PEFT LoRA at chosen layers: attach, train with the HF Trainer (answer-only loss, optional distillation), merge,
 and load an `--against` comparison model. Task-agnostic: callers pass encoded rows and a validation scorer (the
-arithmetic ones live in evals/arithmetic.py; the sweep over layers, paper Fig. 2, is surgery/commands/lora_sweep/job.py).
+arithmetic ones live in evals/arithmetic.py; the sweep over layers, paper Fig. 2, is
+surgery/commands/lora_sweep/job.py).
 
     peft_model = attach(model, [9], LoraSpec(rank=8))                 # attention projections of layer 9 only
     peft_model = attach(model, [9], LoraSpec(), ffn_layers=[20, 21])  # + the FFN projections of layers 20-21
@@ -28,13 +29,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import set_seed
 
-from surgery.model.arch import ModelView
-from surgery.model.batching import device_of, pad_id
+from surgery.edits.training import TrainSpec, answer_trainer, log_of
 from surgery.errors import UsageError
 from surgery.io.loading import load_model
 from surgery.io.recipe import rules
+from surgery.model.arch import ModelView
+from surgery.model.batching import device_of, pad_id
 from surgery.model.slicing import padding
-from surgery.edits.training import TrainSpec, answer_trainer, log_of
 
 
 # ---- recipe parts (validated by surgery.recipe) ------------------------------------------------------------
@@ -58,11 +59,17 @@ def peft_config(view: ModelView, layers: list[int], spec: LoraSpec, ffn_layers: 
     common = dict(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none", task_type="CAUSAL_LM")
     attn = list(spec.targets or view.arch.lora_targets)
     if not ffn_layers:
-        return LoraConfig(target_modules=attn, layers_to_transform=list(layers),
-                          layers_pattern=view.arch.layers.rpartition(".")[2], **common)
-    return LoraConfig(target_modules=f"{_modules_regex(view, layers, attn)}|"
-                                     f"{_modules_regex(view, ffn_layers, [*view.arch.ffn_in, view.arch.ffn_out])}",
-                      **common)
+        return LoraConfig(
+            target_modules=attn,
+            layers_to_transform=list(layers),
+            layers_pattern=view.arch.layers.rpartition(".")[2],
+            **common,
+        )
+    return LoraConfig(
+        target_modules=f"{_modules_regex(view, layers, attn)}|"
+        f"{_modules_regex(view, ffn_layers, [*view.arch.ffn_in, view.arch.ffn_out])}",
+        **common,
+    )
 
 
 def _modules_regex(view: ModelView, layers: Sequence[int], suffixes: Sequence[str]) -> str:
@@ -72,8 +79,9 @@ def _modules_regex(view: ModelView, layers: Sequence[int], suffixes: Sequence[st
     return rf"(?:.*\.)?{re.escape(view.arch.layers)}\.(?:{idx})\.(?:.*\.)?(?:{ends})"
 
 
-def attach(model: nn.Module, layers: list[int], spec: LoraSpec, copy_model: bool = True,
-           ffn_layers: Sequence[int] = ()):
+def attach(
+    model: nn.Module, layers: list[int], spec: LoraSpec, copy_model: bool = True, ffn_layers: Sequence[int] = ()
+):
     """A PeftModel with fresh LoRA adapters at `layers`' attention (and `ffn_layers`' FFN), on a deep copy of
     `model` unless copy_model=False."""
     base = copy.deepcopy(model) if copy_model else model
@@ -133,14 +141,25 @@ def load_against(path: str | Path, loaded, trust_remote_code: bool = False) -> n
     other = load_model(str(path), trust_remote_code=trust_remote_code).model
     a, b = ModelView(other), ModelView(loaded.model)
     if a.ffn_widths() != b.ffn_widths() or other.config.vocab_size != loaded.model.config.vocab_size:
-        raise UsageError(f"--against {path} has other FFN widths or vocabulary than {loaded.name}; "
-                         "CNA compares the same neurons, so use a model of the same base")
+        raise UsageError(
+            f"--against {path} has other FFN widths or vocabulary than {loaded.name}; "
+            "CNA compares the same neurons, so use a model of the same base"
+        )
     return other
 
 
 # ---- training ---------------------------------------------------------------------------------------------
-def train_lora(model: nn.Module, tokenizer, rows: list[dict], layer: int, lora: LoraSpec, spec: TrainSpec,
-               lr: float, teacher: nn.Module | None = None, ffn_layers: Sequence[int] = ()):
+def train_lora(
+    model: nn.Module,
+    tokenizer,
+    rows: list[dict],
+    layer: int,
+    lora: LoraSpec,
+    spec: TrainSpec,
+    lr: float,
+    teacher: nn.Module | None = None,
+    ffn_layers: Sequence[int] = (),
+):
     """Fresh LoRA at `layer` on a copy of `model`, trained with transformers.Trainer (distilled from `teacher`
     when spec.distill > 0); returns (peft_model, log)."""
 
@@ -149,8 +168,7 @@ def train_lora(model: nn.Module, tokenizer, rows: list[dict], layer: int, lora: 
     set_seed(spec.seed)
     pm = attach(model, [layer], lora, ffn_layers=ffn_layers)
     with tempfile.TemporaryDirectory(prefix="surgery-lora-") as tmp:
-        trainer = answer_trainer(pm, rows, spec, lr, tmp, pad_id(tokenizer), teacher,
-                                 device=str(device_of(model)))
+        trainer = answer_trainer(pm, rows, spec, lr, tmp, pad_id(tokenizer), teacher, device=str(device_of(model)))
         trainer.train()
     return pm.eval(), log_of(trainer)
 
@@ -166,9 +184,18 @@ class Fit:
     seconds: float
 
 
-def fit_lora(model: nn.Module, tokenizer, layer: int, lora: LoraSpec, spec: TrainSpec, rows: list[dict],
-             validate: Callable[[nn.Module], float] | None = None, lrs: list[float] | None = None,
-             teacher: nn.Module | None = None, ffn_layers: Sequence[int] = ()) -> Fit:
+def fit_lora(
+    model: nn.Module,
+    tokenizer,
+    layer: int,
+    lora: LoraSpec,
+    spec: TrainSpec,
+    rows: list[dict],
+    validate: Callable[[nn.Module], float] | None = None,
+    lrs: list[float] | None = None,
+    teacher: nn.Module | None = None,
+    ffn_layers: Sequence[int] = (),
+) -> Fit:
     """Train one LoRA per candidate lr on encoded `rows`, keep the best by `validate(model)` (higher is better;
     the paper picks lr from 1e-3, 5e-4, 1e-4 on a validation split). One candidate or no `validate`: the first
     lr, no validation pass."""

@@ -19,28 +19,38 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from surgery.errors import UsageError
 from surgery.find import selectors
+from surgery.find.neurons import Neuron, by_layer, zero_scales
 from surgery.model.arch import ModelView
 from surgery.model.batching import device_of, left_pad, pad_id, position_ids
-from surgery.errors import UsageError
 from surgery.model.hooks import Hooks
-from surgery.find.neurons import Neuron, by_layer, zero_scales
 from surgery.model.slicing import slice_ffn
 
 EDITS = ("zero", "scale", "remove")
 
 
-def contrast_scores(view: ModelView, layers: list[int], pad: int, method: str, *, seqs_a: list[list[int]],
-                    seqs_b: list[list[int]], targets: list[int], prompts_a: list[list[int]],
-                    prompts_b: list[list[int]], seed: int = 0, batch_size: int = 32, candidates: int = 100
-                    ) -> tuple[dict[int, Tensor], dict]:
+def contrast_scores(
+    view: ModelView,
+    layers: list[int],
+    pad: int,
+    method: str,
+    *,
+    seqs_a: list[list[int]],
+    seqs_b: list[list[int]],
+    targets: list[int],
+    prompts_a: list[list[int]],
+    prompts_b: list[list[int]],
+    seed: int = 0,
+    batch_size: int = 32,
+    candidates: int = 100,
+) -> tuple[dict[int, Tensor], dict]:
     """Scores {layer: [N]} of contrast selector `method` (higher = edit first) and what it reported.
 
     CNA reads the per-case contexts (`seqs_a`/`seqs_b`, each ending before the scored token `targets`); the
     activation baselines and random read the bare prompts (`prompts_a`/`prompts_b`)."""
     if method == "cna":
-        inp = selectors.Inputs(view, layers, pad, seqs_a, targets, seqs_b, batch_size=batch_size,
-                               candidates=candidates)
+        inp = selectors.Inputs(view, layers, pad, seqs_a, targets, seqs_b, batch_size=batch_size, candidates=candidates)
     else:
         inp = selectors.Inputs(view, layers, pad, prompts_a, None, prompts_b, seed=seed, batch_size=batch_size)
     return selectors.score("contrast", method, inp), inp.info
@@ -64,8 +74,9 @@ def zeroed(model: nn.Module, neurons: Sequence[Neuron]):
     return scaled(model, neurons, 0.0)
 
 
-def edit_weights(model: nn.Module, neurons: Sequence[Neuron], edit: str, inplace: bool = False,
-                 factor: float = 0.0) -> nn.Module:
+def edit_weights(
+    model: nn.Module, neurons: Sequence[Neuron], edit: str, inplace: bool = False, factor: float = 0.0
+) -> nn.Module:
     """The model with the neurons zeroed (key rows, key biases, value vectors), their value vectors scaled by
     `factor` (edit scale) or sliced out (edit remove); a deep copy unless `inplace`."""
     if edit not in EDITS:
@@ -92,19 +103,29 @@ def kept(view: ModelView, layer: int, idx: Sequence[int]) -> Tensor:
 
 
 @torch.no_grad()
-def probe_logits(model: nn.Module, tokenizer, prompts: Sequence[str], neurons: Sequence[Neuron] = (),
-                 factor: float = 0.0) -> Tensor:
+def probe_logits(
+    model: nn.Module, tokenizer, prompts: Sequence[str], neurons: Sequence[Neuron] = (), factor: float = 0.0
+) -> Tensor:
     """Logits [B, T, V] of a left-padded prompt batch (neurons scaled by hooks): compares a weight edit with
     what the hook-based measurements saw."""
     ids, mask = left_pad([tokenizer(p).input_ids for p in prompts], pad_id(tokenizer))
     dev = device_of(model)
     with scaled(model, neurons, factor):
-        return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
-                     use_cache=False).logits.float().cpu()
+        return (
+            model(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=position_ids(mask).to(dev),
+                use_cache=False,
+            )
+            .logits.float()
+            .cpu()
+        )
 
 
-def edit_and_check(model: nn.Module, tokenizer, chosen: list[Neuron], edit: str, probe: Sequence[str],
-                   factor: float = 0.0) -> tuple[nn.Module, float]:
+def edit_and_check(
+    model: nn.Module, tokenizer, chosen: list[Neuron], edit: str, probe: Sequence[str], factor: float = 0.0
+) -> tuple[nn.Module, float]:
     """Edit the weights in place (every hook-based measurement is done by now) and return the edited model with
     the max |logit difference| to the hook-edited model on `probe` prompts (0 when the export is what was
     measured)."""

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from surgery.model.arch import ModelView
-from surgery.find.components import Components
 from surgery.errors import UsageError
+from surgery.find.components import Components
+from surgery.model.arch import ModelView
 
 
 @dataclass
@@ -124,8 +124,10 @@ def _grad_hook(mask: Tensor | None, factor: float, p: Tensor):
 def check_optimizer_settings(weight_decay: float) -> None:
     """Decoupled weight decay would move frozen entries inside a partly trained matrix: refuse it."""
     if weight_decay:
-        raise UsageError(f"precise fine-tuning needs train.weight_decay 0 (got {weight_decay}): decoupled decay "
-                         "would shrink the frozen rows of partly trained matrices")
+        raise UsageError(
+            f"precise fine-tuning needs train.weight_decay 0 (got {weight_decay}): decoupled decay "
+            "would shrink the frozen rows of partly trained matrices"
+        )
 
 
 def state_bytes(optimizer) -> int:

@@ -22,32 +22,39 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from torch import nn
 
-from surgery.io import checkpoint as export
-from surgery.find import selectors
-from surgery.evals import tasks
-from surgery.io import recipe as recipes
-from surgery.model.arch import ModelView
-from surgery.model.batching import pad_id
-from surgery.find.cna import parse_layers, scan
-from surgery.errors import UsageError
-from surgery.evals import arithmetic
-from surgery.evals.arithmetic import DataSpec, Splits, accuracy, build_splits
 from surgery.edits.lora import Fit, LoraSpec, fit_lora
+from surgery.edits.training import TrainSpec
+from surgery.errors import UsageError
+from surgery.evals import arithmetic, tasks
+from surgery.evals.arithmetic import DataSpec, Splits, accuracy, build_splits
+from surgery.find import selectors
+from surgery.find.cna import parse_layers, scan
+from surgery.find.neurons import by_layer, mean_coefficients, top_n
+from surgery.io import checkpoint as export
+from surgery.io import recipe as recipes
 from surgery.io.recipe import rules, to_dict
 from surgery.io.report import md_table
-from surgery.find.neurons import by_layer, mean_coefficients, top_n
+from surgery.model.arch import ModelView
+from surgery.model.batching import pad_id
 from surgery.model.slicing import base_width, ffn_param_count, fold_means, slice_ffn, sliced_width
-from surgery.edits.training import TrainSpec
 
 
 # ---- the recipe --------------------------------------------------------------------------------------------
 @dataclass
 class CnaSpec:
     batch_size: int = field(default=16, metadata=rules(min=1))
-    limit: int | None = field(default=None, metadata=rules(min=1))  # cap the 1-digit problems used for CNA / activation / taylor (quick profiles)
-    max_rescore: int = field(default=8192, metadata=rules(min=1))  # exact rescoring cap per case; cases needing more are reported uncertified
-    exact_top: int = field(default=100, metadata=rules(min=1))  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
-    score: str = field(default="delta", metadata=rules(choices=("delta", "reference")))  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
+    limit: int | None = field(
+        default=None, metadata=rules(min=1)
+    )  # cap the 1-digit problems used for CNA / activation / taylor (quick profiles)
+    max_rescore: int = field(
+        default=8192, metadata=rules(min=1)
+    )  # exact rescoring cap per case; cases needing more are reported uncertified
+    exact_top: int = field(
+        default=100, metadata=rules(min=1)
+    )  # P% mode: each case's top-k is scored exactly, the rest by their bound midpoints
+    score: str = field(
+        default="delta", metadata=rules(choices=("delta", "reference"))
+    )  # delta: imp(reference) - imp(original) (the paper); reference: imp(reference) alone
     # P% budgets rank by the sum over cases of each case's score's magnitude (abs, the default: measured 27.2% vs
     # 2.7% 2-digit accuracy at 50% kept on SmolLM2, docs/results/pruning.md) or of the signed scores (sum: the paper)
     aggregate: str = field(default="abs", metadata=rules(choices=("sum", "abs")))
@@ -57,7 +64,9 @@ class CnaSpec:
 class SweepSpec:
     layers: str | None = None  # lora-sweep: layers to try (None: every layer)
     groups: int = field(default=4, metadata=rules(min=1))  # layer groups for the coefficient-amplification table
-    top: int = field(default=50, metadata=rules(min=1))  # CNA top-N per case whose coefficients are compared (paper Tables 9-10)
+    top: int = field(
+        default=50, metadata=rules(min=1)
+    )  # CNA top-N per case whose coefficients are compared (paper Tables 9-10)
 
 
 @dataclass
@@ -79,7 +88,9 @@ class SearchSpec:
     """--keep auto: bisection over the kept percentage on the validation split."""
 
     max_drop: float = field(default=2.0, metadata=rules(min=0))  # points of validation accuracy the cut may cost
-    against: str = field(default="reference", metadata=rules(choices=("reference", "original")))  # the unpruned LoRA model, or the original
+    against: str = field(
+        default="reference", metadata=rules(choices=("reference", "original"))
+    )  # the unpruned LoRA model, or the original
     steps: int = field(default=5, metadata=rules(min=1, max=20))  # probes: resolution 100 / 2^steps percent
 
 
@@ -91,9 +102,13 @@ class PruneRecipe:
     description: str = ""
     keep: str = "top500"  # topN (per-case top-N, union per layer) | P% (global budget of the range)
     layers: str = "deep"  # 'deep' (second half) | A-B | list
-    selector: str = field(default="cna", metadata=rules(choices=selectors.known("task")))  # the selector whose model is exported
-    baselines: list[str] = field(default_factory=lambda: ["random", "magnitude", "activation", "taylor"],
-                                 metadata=rules(choices=selectors.known("task")))
+    selector: str = field(
+        default="cna", metadata=rules(choices=selectors.known("task"))
+    )  # the selector whose model is exported
+    baselines: list[str] = field(
+        default_factory=lambda: ["random", "magnitude", "activation", "taylor"],
+        metadata=rules(choices=selectors.known("task")),
+    )
     lora_layer: int | None = None  # None: round(lora_depth * n_layers)
     lora_depth: float = field(default=0.28125, metadata=rules(min=0, max=1))  # the paper's layer 9 of 32
     layout: str = field(default="sliced", metadata=rules(choices=("sliced", "padded")))
@@ -111,8 +126,9 @@ class PruneRecipe:
     search: SearchSpec = field(default_factory=SearchSpec)
 
 
-def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, profile: str | None = None,
-                **flags) -> PruneRecipe:
+def load_recipe(
+    name: str, overrides: Sequence[str] = (), quick: bool = False, profile: str | None = None, **flags
+) -> PruneRecipe:
     """The recipe with its profile (--quick / --profile), --set overrides, then the explicit CLI flags
     (None = recipe's); every value validated."""
     return recipes.resolve(name, PruneRecipe, list(overrides or []), quick, profile, **flags)
@@ -168,8 +184,10 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     if r.layout not in ("sliced", "padded"):
         raise UsageError(f"--layout {r.layout!r}: use sliced or padded")
     if r.compensate and r.layout != "sliced" and not view.native_ffn_bias():
-        raise UsageError(f"compensate=true adds FFN output biases that the native {model.config.model_type} class "
-                         "lacks; use --layout sliced")
+        raise UsageError(
+            f"compensate=true adds FFN output biases that the native {model.config.model_type} class "
+            "lacks; use --layout sliced"
+        )
     order = [r.selector] + [s for s in r.baselines if s != r.selector]
     return Plan(layers, kind, value, lora_layer, order)
 
@@ -218,8 +236,15 @@ def arithmetic_task(r: PruneRecipe, tokenizer) -> PruneTask:
     sets = {"test2": splits.test, "one_digit": splits.one_digit}
     if len(splits.validation):
         sets["validation"] = splits.validation
-    return PruneTask(train, validate, task_cases(splits, tokenizer, r.cna.limit), sets, score,
-                     {"test2": "2-digit test", "one_digit": "1-digit", "validation": "validation"}, "test2")
+    return PruneTask(
+        train,
+        validate,
+        task_cases(splits, tokenizer, r.cna.limit),
+        sets,
+        score,
+        {"test2": "2-digit test", "one_digit": "1-digit", "validation": "validation"},
+        "test2",
+    )
 
 
 def make_task(r: PruneRecipe, tokenizer) -> PruneTask:
@@ -233,20 +258,39 @@ def data_task(r: PruneRecipe, tokenizer) -> PruneTask:
     selection cases are the training rows' first target tokens (`data.selection: all`: every target token) capped
     at `cna.limit`; held-out sets are scored teacher forced (full target correct)."""
     bs = r.train.eval_batch_size
-    pd = tasks.prune_data(tokenizer, tasks.load_cases(r.data.path, r.data.columns), r.data.seed, r.data.test_size,
-                          r.data.validation_size, bs, r.data.selection)
+    pd = tasks.prune_data(
+        tokenizer,
+        tasks.load_cases(r.data.path, r.data.columns),
+        r.data.seed,
+        r.data.test_size,
+        r.data.validation_size,
+        bs,
+        r.data.selection,
+    )
 
     def score(model: nn.Module, rows) -> dict:
         e = tasks.evaluate(model, tokenizer, rows, bs)["overall"]
-        return {"full_answer_acc": e["acc"], "full_answer_ci95": e["ci95"], "acc": e["token_acc"],
-                "n_problems": e["n"], "logprob": e["logprob"]}
+        return {
+            "full_answer_acc": e["acc"],
+            "full_answer_ci95": e["ci95"],
+            "acc": e["token_acc"],
+            "n_problems": e["n"],
+            "logprob": e["logprob"],
+        }
 
     n = len(pd.selection_seqs) if r.cna.limit is None else min(r.cna.limit, len(pd.selection_seqs))
     sets = {"test": pd.splits["test"]}
     if len(pd.splits["validation"]):
         sets["validation"] = pd.splits["validation"]
-    return PruneTask(pd.train, pd.validate, TaskCases(pd.selection_seqs[:n], pd.selection_targets[:n]), sets, score,
-                     {"test": "test", "validation": "validation"}, "test")
+    return PruneTask(
+        pd.train,
+        pd.validate,
+        TaskCases(pd.selection_seqs[:n], pd.selection_targets[:n]),
+        sets,
+        score,
+        {"test": "test", "validation": "validation"},
+        "test",
+    )
 
 
 def task_cases(splits: Splits, tokenizer, limit: int | None) -> TaskCases:
@@ -278,9 +322,17 @@ class Selection:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def select(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, layers: list[int], order: Sequence[str],
-           r: PruneRecipe, top_k: int = 0, step: Callable[[str], ContextManager] = lambda _: nullcontext()
-           ) -> Selection:
+def select(
+    orig: nn.Module,
+    ref: nn.Module,
+    tokenizer,
+    task: TaskCases,
+    layers: list[int],
+    order: Sequence[str],
+    r: PruneRecipe,
+    top_k: int = 0,
+    step: Callable[[str], ContextManager] = lambda _: nullcontext(),
+) -> Selection:
     """Score every neuron of `layers` once per selector in `order`. CNA (ranked in the tuned `ref` against `orig`,
     cna.score) runs one scan whose per-case ranked tops serve every topN budget up to `top_k` and whose summed
     scores serve P% budgets (each case's max(top_k, cna.exact_top) neurons exact, the rest by bound midpoints);
@@ -292,16 +344,25 @@ def select(orig: nn.Module, ref: nn.Module, tokenizer, task: TaskCases, layers: 
     if "cna" in order or top_k:
         sel.ranked = max(top_k, r.cna.exact_top)
         with step("select (cna)"):
-            sc = scan(ModelView(ref), task.seqs, sel.layers, sel.ranked, pad,
-                      view_b=ModelView(orig) if r.cna.score == "delta" else None, targets=task.targets,
-                      batch_size=r.cna.batch_size, max_rescore=r.cna.max_rescore)
+            sc = scan(
+                ModelView(ref),
+                task.seqs,
+                sel.layers,
+                sel.ranked,
+                pad,
+                view_b=ModelView(orig) if r.cna.score == "delta" else None,
+                targets=task.targets,
+                batch_size=r.cna.batch_size,
+                max_rescore=r.cna.max_rescore,
+            )
         sel.case_top, sel.certified = (sc.top_layer, sc.top_index), float(sc.certified.float().mean())
         if "cna" in order:
             sel.scores["cna"] = sc.total if r.cna.aggregate == "sum" else sc.total_abs
     for name in order:
         if name != "cna":
-            inp = selectors.Inputs(ModelView(orig), sel.layers, pad, task.seqs, task.targets, seed=r.seed,
-                                   reference=ModelView(ref))
+            inp = selectors.Inputs(
+                ModelView(orig), sel.layers, pad, task.seqs, task.targets, seed=r.seed, reference=ModelView(ref)
+            )
             with step(f"select ({name})"):
                 sel.scores[name] = selectors.score("task", name, inp)
     return sel
@@ -345,8 +406,7 @@ def global_budget(scores: Scores, pct: float) -> Keep:
 
 
 # ---- slicing + fresh LoRA ----------------------------------------------------------------------------------
-def sliced_copy(orig: nn.Module, keep: dict[int, list[int]], means: dict[int, torch.Tensor] | None = None
-                ) -> nn.Module:
+def sliced_copy(orig: nn.Module, keep: dict[int, list[int]], means: dict[int, torch.Tensor] | None = None) -> nn.Module:
     """A deep copy of `orig` with each listed layer's FFN physically cut to the kept neurons; with `means` (mean
     coefficient per neuron) the removed neurons' mean contributions are folded into the FFN output bias first."""
     m = copy.deepcopy(orig)
@@ -356,8 +416,9 @@ def sliced_copy(orig: nn.Module, keep: dict[int, list[int]], means: dict[int, to
     return m.eval()
 
 
-def token_means(orig: nn.Module, tokenizer, task: TaskCases, layers: list[int], at: str = "last"
-                ) -> dict[int, torch.Tensor]:
+def token_means(
+    orig: nn.Module, tokenizer, task: TaskCases, layers: list[int], at: str = "last"
+) -> dict[int, torch.Tensor]:
     """Bias compensation's means: the mean coefficient of every neuron at the last position of every task case
     (`at="last"`: the positions the answer is read from) or over every real token of the prompts (`"tokens"`)."""
     view, pad = ModelView(orig), pad_id(tokenizer)
@@ -367,19 +428,28 @@ def token_means(orig: nn.Module, tokenizer, task: TaskCases, layers: list[int], 
     return {l: (s / n).float() for l, s in s1.items()}
 
 
-def prune_and_train(orig: nn.Module, tokenizer, keep: dict[int, list[int]], r: PruneRecipe, plan: Plan,
-                    task: PruneTask, teacher: nn.Module | None = None,
-                    means: dict[int, torch.Tensor] | None = None) -> tuple[nn.Module, Fit]:
+def prune_and_train(
+    orig: nn.Module,
+    tokenizer,
+    keep: dict[int, list[int]],
+    r: PruneRecipe,
+    plan: Plan,
+    task: PruneTask,
+    teacher: nn.Module | None = None,
+    means: dict[int, torch.Tensor] | None = None,
+) -> tuple[nn.Module, Fit]:
     """Slice a copy (bias-compensated with `means` when given), attach a fresh LoRA at the plan's layer, train it
     on the task's rows (lr chosen on validation; distilled from `teacher` when train.distill > 0)."""
     sliced = sliced_copy(orig, keep, means)
     ffn = sorted(keep) if r.lora.ffn else ()  # lora.ffn: the recovery LoRA also adapts the pruned FFNs
-    return sliced, fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, task.train, task.validate,
-                            teacher=teacher, ffn_layers=ffn)
+    return sliced, fit_lora(
+        sliced, tokenizer, plan.lora_layer, r.lora, r.train, task.train, task.validate, teacher=teacher, ffn_layers=ffn
+    )
 
 
 def training_data(r: PruneRecipe, splits: Splits, tokenizer):
     """(encoded 2-digit training rows, the lr-selection scorer: full-answer accuracy on the validation split)."""
+
     def validate(model: nn.Module) -> float:
         return accuracy(model, tokenizer, splits.validation, r.train.eval_batch_size)["overall"]["full_answer_acc"]
 
@@ -391,18 +461,29 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def evaluate_row(name: str, model: nn.Module, task: PruneTask, kept: int | None, extra_params: int = 0,
-                 lr: float | None = None, sets: Sequence[str] | None = None) -> dict:
+def evaluate_row(
+    name: str,
+    model: nn.Module,
+    task: PruneTask,
+    kept: int | None,
+    extra_params: int = 0,
+    lr: float | None = None,
+    sets: Sequence[str] | None = None,
+) -> dict:
     """One table row: accuracy on each held-out set (per token and full answer, 95% CIs; default all but
     validation), kept neurons, params."""
-    return {"name": name, **task.evaluate(model, sets), "kept": kept, "lr": lr,
-            "params": param_count(model) + extra_params, "ffn_params": ffn_param_count(model)}
+    return {
+        "name": name,
+        **task.evaluate(model, sets),
+        "kept": kept,
+        "lr": lr,
+        "params": param_count(model) + extra_params,
+        "ffn_params": ffn_param_count(model),
+    }
 
 
 def lora_params(fit: Fit) -> int:
     return sum(p.numel() for n, p in fit.model.named_parameters() if "lora_" in n)
-
-
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -424,23 +505,65 @@ def results_table(rows: list[dict], deep_total: int, labels: dict[str, str]) -> 
     for r in rows:
         head = r[names[0]]
         kept = "all" if r["kept"] is None else f"{r['kept']} ({100 * r['kept'] / deep_total:.1f}%)"
-        out.append([r["name"], ci_text(head), head["n_problems"], _pct(head["acc"]),
-                    *(ci_text(r[n]) for n in names[1:]), kept, f"{r['params']:,}"])
+        out.append(
+            [
+                r["name"],
+                ci_text(head),
+                head["n_problems"],
+                _pct(head["acc"]),
+                *(ci_text(r[n]) for n in names[1:]),
+                kept,
+                f"{r['params']:,}",
+            ]
+        )
     first = labels[names[0]]
-    return md_table(["model", f"{first} acc % [95% CI]", "n", f"{first} token acc %",
-                     *(f"{labels[n]} acc % [95% CI]" for n in names[1:]), "kept deep FFN neurons", "params"], out)
-
-
+    return md_table(
+        [
+            "model",
+            f"{first} acc % [95% CI]",
+            "n",
+            f"{first} token acc %",
+            *(f"{labels[n]} acc % [95% CI]" for n in names[1:]),
+            "kept deep FFN neurons",
+            "params",
+        ],
+        out,
+    )
 
 
 # ---- export ------------------------------------------------------------------------------------------------
-def export_checkpoint(fit: Fit, merged: nn.Module, tokenizer, out: Path, force: bool, r: PruneRecipe,
-                      plan: Plan, keep: dict[int, list[int]], base: str, extra: dict) -> dict:
+def export_checkpoint(
+    fit: Fit,
+    merged: nn.Module,
+    tokenizer,
+    out: Path,
+    force: bool,
+    r: PruneRecipe,
+    plan: Plan,
+    keep: dict[int, list[int]],
+    base: str,
+    extra: dict,
+) -> dict:
     """Write the chosen model (LoRA merged) with provenance, then reload it and compare logits."""
-    prov = {"recipe": to_dict(r), "seed": r.seed, "selector": r.selector,
-            "lora_layer": plan.lora_layer, "layers": {l: {"kept": keep[l]} for l in sorted(keep)}}
-    export.save(fit.model.get_base_model(), tokenizer, out, layout=r.layout, provenance=prov, force=force,
-                adapter_model=fit.model, merge=True, extra_files=extra, base=base)
+    prov = {
+        "recipe": to_dict(r),
+        "seed": r.seed,
+        "selector": r.selector,
+        "lora_layer": plan.lora_layer,
+        "layers": {l: {"kept": keep[l]} for l in sorted(keep)},
+    }
+    export.save(
+        fit.model.get_base_model(),
+        tokenizer,
+        out,
+        layout=r.layout,
+        provenance=prov,
+        force=force,
+        adapter_model=fit.model,
+        merge=True,
+        extra_files=extra,
+        base=base,
+    )
     return check_reload(out, merged, keep, r.layout)
 
 
@@ -455,5 +578,3 @@ def check_reload(out: Path, merged: nn.Module, keep: dict[int, list[int]], layou
     ids = torch.tensor([[1, 44345, 42, 216, 33, 34, 27, 35, 36, 45]]) % back.config.vocab_size
     diff = float((back(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max())
     return {"widths_match": ok_widths, "max_logit_diff": diff, "widths": widths}
-
-

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from surgery.model.batching import position_ids
 from surgery.io.recipe import rules
+from surgery.model.batching import position_ids
 
 
 @dataclass
@@ -35,7 +35,8 @@ class TrainSpec:
     distill: float = field(default=0.0, metadata=rules(min=0))  # weight of KL(teacher || student); 0 = off
     temperature: float = field(default=1.0, metadata=rules(min=0.01))  # distillation temperature T
     # bf16 autocast of forward and backward (the trained weights and AdamW state stay fp32): HF `bf16=True`.
-    # A recovery step 1.95x faster on a CPU with AVX512-BF16 (bench/train_step.py, docs/benchmarks/training.md); standard on GPUs.
+    # A recovery step 1.95x faster on a CPU with AVX512-BF16 (bench/train_step.py, docs/benchmarks/training.md);
+    # standard on GPUs.
     bf16: bool = False
 
 
@@ -55,10 +56,9 @@ class Collator:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
-            ids[i, width - n:], labels[i, width - n:] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
-            mask[i, width - n:] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "position_ids": position_ids(mask)}
+            ids[i, width - n :], labels[i, width - n :] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
+            mask[i, width - n :] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": position_ids(mask)}
 
 
 def _answer_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +67,14 @@ def _answer_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     labels = batch["labels"]
     labelled = (labels != -100).any(0).nonzero()
     keep = labels.shape[1] - int(labelled[0]) + 1 if len(labelled) else 2
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False)
-    return out.logits[:, -keep:-1].float(), labels[:, -keep + 1:]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    return out.logits[:, -keep:-1].float(), labels[:, -keep + 1 :]
 
 
 def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -79,8 +84,9 @@ def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
-def distill_loss(model: nn.Module, teacher: nn.Module, batch: dict, weight: float,
-                 temperature: float = 1.0) -> torch.Tensor:
+def distill_loss(
+    model: nn.Module, teacher: nn.Module, batch: dict, weight: float, temperature: float = 1.0
+) -> torch.Tensor:
     """Answer cross-entropy + weight * T^2 * KL(softmax(teacher / T) || softmax(student / T)), the KL averaged over
     the labelled (answer) positions: recovery that also matches the teacher's whole answer distribution."""
     logits, labels = _answer_logits(model, batch)
@@ -93,7 +99,7 @@ def distill_loss(model: nn.Module, teacher: nn.Module, batch: dict, weight: floa
     log_s = (logits[on] / temperature).log_softmax(-1)
     log_t = (t_logits[on] / temperature).log_softmax(-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
-    return ce + weight * temperature ** 2 * kl
+    return ce + weight * temperature**2 * kl
 
 
 def _trainer_class():
@@ -116,17 +122,32 @@ def _trainer_class():
 
 
 def train_args(spec: TrainSpec, lr: float, out_dir: str, n_rows: int, device: str | None = None):
-    """TrainingArguments for one run: no checkpoints, no reporting; on the CPU unless `device` (the model's) is a GPU."""
+    """TrainingArguments for one run: no checkpoints, no reporting; on the CPU unless `device` (the model's) is a
+    GPU."""
     from transformers import TrainingArguments
 
     steps_per_epoch = max(1, math.ceil(n_rows / spec.batch_size))
     total = spec.max_steps if spec.max_steps > 0 else math.ceil(spec.epochs * steps_per_epoch)
     return TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=spec.batch_size, learning_rate=lr,
-        num_train_epochs=spec.epochs, max_steps=spec.max_steps, warmup_steps=int(spec.warmup_ratio * total),
-        weight_decay=spec.weight_decay, lr_scheduler_type="linear", logging_steps=max(1, total // 10),
-        save_strategy="no", report_to=[], use_cpu=not _accelerated(device), seed=spec.seed, bf16=spec.bf16,
-        data_seed=spec.seed, remove_unused_columns=False, disable_tqdm=False, dataloader_num_workers=0)
+        output_dir=out_dir,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=lr,
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps,
+        warmup_steps=int(spec.warmup_ratio * total),
+        weight_decay=spec.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, total // 10),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not _accelerated(device),
+        seed=spec.seed,
+        bf16=spec.bf16,
+        data_seed=spec.seed,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
 
 
 def _accelerated(device: str | None) -> bool:
@@ -134,12 +155,24 @@ def _accelerated(device: str | None) -> bool:
     return device is not None and torch.device(device).type != "cpu"
 
 
-def answer_trainer(model: nn.Module, rows: list[dict], spec: TrainSpec, lr: float, out_dir: str, pad_id: int,
-                   teacher: nn.Module | None = None, **kwargs):
+def answer_trainer(
+    model: nn.Module,
+    rows: list[dict],
+    spec: TrainSpec,
+    lr: float,
+    out_dir: str,
+    pad_id: int,
+    teacher: nn.Module | None = None,
+    **kwargs,
+):
     """A transformers.Trainer over `rows` with the answer-only loss and `spec`'s settings; with a `teacher` and
     spec.distill > 0 the loss adds the distillation term (`distill_loss`)."""
-    trainer = _trainer_class()(model=model, args=train_args(spec, lr, out_dir, len(rows), **kwargs),
-                               train_dataset=rows, data_collator=Collator(pad_id))
+    trainer = _trainer_class()(
+        model=model,
+        args=train_args(spec, lr, out_dir, len(rows), **kwargs),
+        train_dataset=rows,
+        data_collator=Collator(pad_id),
+    )
     if teacher is not None and spec.distill > 0:
         trainer.teacher, trainer.distill, trainer.temperature = teacher.eval(), spec.distill, spec.temperature
     return trainer
@@ -147,5 +180,6 @@ def answer_trainer(model: nn.Module, rows: list[dict], spec: TrainSpec, lr: floa
 
 def log_of(trainer) -> list[dict]:
     """The loss log of a finished Trainer (loss, step, epoch, train_loss entries)."""
-    return [{k: v for k, v in e.items() if k in ("loss", "step", "epoch", "train_loss")}
-            for e in trainer.state.log_history]
+    return [
+        {k: v for k, v in e.items() if k in ("loss", "step", "epoch", "train_loss")} for e in trainer.state.log_history
+    ]

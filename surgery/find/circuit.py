@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +42,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from surgery.errors import UsageError
+from surgery.evals import arithmetic
 from surgery.find import cna
 from surgery.find import head_scan as hs
 from surgery.find import patching as P
 from surgery.io import report as rep
 from surgery.model.arch import ModelView
 from surgery.model.batching import pad_id
-from surgery.errors import UsageError
-from surgery.evals import arithmetic
-from surgery.io.loading import load_model
 
 MIN_MEAN = 8  # problems an operator needs in the operand range for a mean worth ablating with
 TEMPLATES_OK = ("calculate", "plain")  # templates whose answer follows '=' directly, with named operand slots
@@ -76,23 +73,31 @@ def parse_operands(spec: str) -> tuple[int, int]:
 def problems(ops: Sequence[str], operands: tuple[int, int], template: str, seed: int) -> dict[str, list[dict]]:
     """Every problem of the operand range per operator (the arithmetic suite), checked for the study."""
     if template not in TEMPLATES_OK:
-        raise UsageError(f"template {template!r} cannot name the operand positions or its answer does not follow "
-                         f"'='; use one of {', '.join(TEMPLATES_OK)}")
+        raise UsageError(
+            f"template {template!r} cannot name the operand positions or its answer does not follow "
+            f"'='; use one of {', '.join(TEMPLATES_OK)}"
+        )
     bad = [o for o in ops if o not in arithmetic.OPS]
     if bad or not ops:
-        raise UsageError(f"operator(s) {bad or '(none)'} cannot be expressed by the arithmetic templates; use some of + - * /")
+        raise UsageError(
+            f"operator(s) {bad or '(none)'} cannot be expressed by the arithmetic templates; use some of + - * /"
+        )
     rows = arithmetic.build(ops=tuple(ops), templates=(template,), operands=operands, seed=seed)
     out: dict[str, list[dict]] = {o: [] for o in ops}
     for r in rows:
         out[r["op"]].append(r)
     for o, rs in out.items():
         if len(rs) < MIN_MEAN:
-            raise UsageError(f"operator {o} has {len(rs)} problems in operands {operands[0]}-{operands[1]}, fewer than "
-                             f"the {MIN_MEAN} a mean needs; widen --operands")
+            raise UsageError(
+                f"operator {o} has {len(rs)} problems in operands {operands[0]}-{operands[1]}, fewer than "
+                f"the {MIN_MEAN} a mean needs; widen --operands"
+            )
     return out
 
 
-def sample(probs: dict[str, list[dict]], n: int | None, seed: int, option: str = "--mean-sample") -> dict[str, list[dict]]:
+def sample(
+    probs: dict[str, list[dict]], n: int | None, seed: int, option: str = "--mean-sample"
+) -> dict[str, list[dict]]:
     """At most n problems per operator, a seeded sample in the suite's order (None: all). Bounds the time of the
     means (and of the heuristic maps) on big ranges: operands 0-99 are 10,000 prompts per operator for + and *."""
     if n is None:
@@ -117,14 +122,25 @@ def layout(tokenizer, template: str, p: dict, score: str = "teacher-forced") -> 
     parts = [tokenizer(x, add_special_tokens=False).input_ids if x else [] for x in pieces]
     n_special = start - sum(map(len, parts))
     if n_special < 0 or full[n_special:start] != [t for part in parts for t in part]:
-        raise UsageError(f"the tokenizer merges the operands of {p['prompt']!r} with their neighbours; "
-                         "use --template plain or calculate with a digit-level tokenizer")
+        raise UsageError(
+            f"the tokenizer merges the operands of {p['prompt']!r} with their neighbours; "
+            "use --template plain or calculate with a digit-level tokenizer"
+        )
     ends = np.cumsum([n_special] + [len(x) for x in parts])
     spans = [list(range(ends[1], ends[2])), list(range(ends[2], ends[3])), list(range(ends[3], ends[4])), [start - 1]]
-    ans = full[start:] if score == "teacher-forced" else full[start:start + 1]
+    ans = full[start:] if score == "teacher-forced" else full[start : start + 1]
     key = f"{p['op']}|{len(parts[1])}|{len(parts[3])}" + (f"|{len(ans)}" if score == "teacher-forced" else "")
-    return {"ids": full[:start], "roles": spans, "ans": ans, "r": ans[0], "key": key,
-            "a": p["a"], "b": p["b"], "op": p["op"], "result": p["result"]}
+    return {
+        "ids": full[:start],
+        "roles": spans,
+        "ans": ans,
+        "r": ans[0],
+        "key": key,
+        "a": p["a"],
+        "b": p["b"],
+        "op": p["op"],
+        "result": p["result"],
+    }
 
 
 @dataclass
@@ -168,8 +184,17 @@ def groups(tokenizer, template: str, probs: dict[str, list[dict]], score: str = 
         roles = torch.zeros(len(P.ROLES), T, dtype=torch.bool)
         for r, pos in enumerate(xs[0]["roles"]):
             roles[r, pos] = True
-        out.append(Group(key, xs[0]["op"], torch.tensor([x["ids"] for x in xs]), roles, torch.tensor([x["r"] for x in xs]), xs,
-                         ans=torch.tensor([x["ans"] for x in xs])))
+        out.append(
+            Group(
+                key,
+                xs[0]["op"],
+                torch.tensor([x["ids"] for x in xs]),
+                roles,
+                torch.tensor([x["r"] for x in xs]),
+                xs,
+                ans=torch.tensor([x["ans"] for x in xs]),
+            )
+        )
     return out
 
 
@@ -197,18 +222,30 @@ def save_means(gs: list[Group], path: Path) -> None:
     """Every layout's means and predictions (float32 as computed, so a resumed run sees exactly these), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({g.key: {"z": g.means.z, "ffn": g.means.ffn, "m": g.means.m, "count": g.means.count,
-                        "pred": g.means.pred} for g in gs}, tmp)
+    torch.save(
+        {
+            g.key: {"z": g.means.z, "ffn": g.means.ffn, "m": g.means.m, "count": g.means.count, "pred": g.means.pred}
+            for g in gs
+        },
+        tmp,
+    )
     os.replace(tmp, path)
 
 
-def select(gs: list[Group], op: str, limit: int, seed: int, batch_size: int,
-           include_wrong: bool = False) -> list[tuple[Group, P.Pairs]]:
+def select(
+    gs: list[Group], op: str, limit: int, seed: int, batch_size: int, include_wrong: bool = False
+) -> list[tuple[Group, P.Pairs]]:
     """Up to `limit` correctly answered prompts of `op`, each with a same-layout counterfactual of a different
     answer (its scored tokens differ), as Pairs batches (one layout each); `include_wrong` drops the
     correctness requirement (for small or random models)."""
     rng = np.random.default_rng([seed, ord(op)])
-    cand = [(gi, i) for gi, g in enumerate(gs) if g.op == op for i in range(len(g.rows)) if include_wrong or bool(g.correct()[i])]
+    cand = [
+        (gi, i)
+        for gi, g in enumerate(gs)
+        if g.op == op
+        for i in range(len(g.rows))
+        if include_wrong or bool(g.correct()[i])
+    ]
     cand = [cand[j] for j in rng.permutation(len(cand))]
     chosen: dict[int, list[tuple[int, int]]] = defaultdict(list)
     n = 0
@@ -223,7 +260,7 @@ def select(gs: list[Group], op: str, limit: int, seed: int, batch_size: int,
     for gi, pairs in sorted(chosen.items()):
         g = gs[gi]
         for s in range(0, len(pairs), batch_size):
-            ci, fi = zip(*pairs[s:s + batch_size])
+            ci, fi = zip(*pairs[s : s + batch_size])
             out.append((g, P.Pairs(g.ids[list(ci)], g.ids[list(fi)], g.roles, g.ans[list(ci)], g.ans[list(fi)], g.key)))
     return out
 
@@ -235,8 +272,9 @@ Batches = list[tuple[Group, P.Pairs]]
 def head_components(view: ModelView) -> list[P.Component]:
     """Every head and every MLP at every role."""
     L, H, R = view.n_layers, view.n_heads, len(P.ROLES)
-    return ([P.Component("head", l, h, r) for l in range(L) for h in range(H) for r in range(R)]
-            + [P.Component("mlp", l, -1, r) for l in range(L) for r in range(R)])
+    return [P.Component("head", l, h, r) for l in range(L) for h in range(H) for r in range(R)] + [
+        P.Component("mlp", l, -1, r) for l in range(L) for r in range(R)
+    ]
 
 
 def _screen_value(s: dict[str, Tensor], c: P.Component) -> float:
@@ -247,8 +285,9 @@ def _screen_value(s: dict[str, Tensor], c: P.Component) -> float:
     return float(s["neuron"][c.layer, c.index])
 
 
-def exact_mean(view: ModelView, batches: Batches, acts: list[tuple[P.Acts, P.Acts]], comps: list[P.Component],
-               max_rows: int) -> Tensor:
+def exact_mean(
+    view: ModelView, batches: Batches, acts: list[tuple[P.Acts, P.Acts]], comps: list[P.Component], max_rows: int
+) -> Tensor:
     """Exact Eq. 1 of each component averaged over every prompt of the batches, [len(comps)]."""
     if not comps:
         return torch.zeros(0, dtype=torch.float64)
@@ -273,8 +312,10 @@ def nl(view: ModelView, batches: Batches, circuit: P.Circuit, metric: str = "nl"
     """Mean NL (or P, with --metric prob) of the correct answer (teacher forced: NL averaged over its tokens, P
     their product) with everything outside `circuit` mean-ablated."""
     score = P.METRICS[metric]
-    vals = [score(P.ablated(view, torch.cat([pr.clean, pr.r[:, :-1]], 1), g.means, circuit, pr.n_ans), pr.r)
-            for g, pr in batches]
+    vals = [
+        score(P.ablated(view, torch.cat([pr.clean, pr.r[:, :-1]], 1), g.means, circuit, pr.n_ans), pr.r)
+        for g, pr in batches
+    ]
     return float(torch.cat(vals).mean())
 
 
@@ -283,29 +324,40 @@ def knee(ns: Sequence[int], fs: Sequence[float], total: int) -> int:
     return int(ns[int(np.argmax([f - n / total for n, f in zip(ns, fs)]))])
 
 
-def head_curve(view: ModelView, batches: Batches, order: list[tuple[int, int]], ends: tuple[float, float],
-               metric: str = "nl") -> tuple[list[int], list[float]]:
+def head_curve(
+    view: ModelView, batches: Batches, order: list[tuple[int, int]], ends: tuple[float, float], metric: str = "nl"
+) -> tuple[list[int], list[float]]:
     """Faithfulness with all MLPs and the first n heads of `order` kept, for n on the grid."""
     total = len(order)
     ns = sorted({n for n in HEAD_GRID if n < total} | {total})
     fs = []
     for n in ns:
-        c = P.Circuit(torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool))
+        c = P.Circuit(
+            torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool)
+        )
         for l, h in order[:n]:
             c.heads[l, h] = True
         fs.append(P.faithfulness(nl(view, batches, c, metric), *ends))
     return ns, fs
 
 
-def neuron_curve(view: ModelView, batches: Batches, heads: list[tuple[int, int]], ranking: dict[int, list[int]],
-                 ends: tuple[float, float], metric: str = "nl") -> tuple[list[int], list[float]]:
+def neuron_curve(
+    view: ModelView,
+    batches: Batches,
+    heads: list[tuple[int, int]],
+    ranking: dict[int, list[int]],
+    ends: tuple[float, float],
+    metric: str = "nl",
+) -> tuple[list[int], list[float]]:
     """Faithfulness with the circuit's heads, all MLPs, and in each ranked layer only the top-k neurons at the
     last position (the rest mean-ablated there), for k on the grid."""
     width = min(view.ffn_width(l) for l in ranking)
     ks = sorted({k for k in NEURON_GRID if k < width} | {width})
     fs = []
     for k in ks:
-        c = P.Circuit(torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool))
+        c = P.Circuit(
+            torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool)
+        )
         for l, h in heads:
             c.heads[l, h] = True
         for l, order in ranking.items():
@@ -328,8 +380,18 @@ def no_cache(name: str, fn: Callable[[], object]) -> object:
     return json.loads(rep.json_text(fn()))
 
 
-def study_op(view: ModelView, batches: Batches, mode: str, verify: int, neuron_layers: list[int], rescore: int,
-             target: float | None, max_rows: int, metric: str = "nl", cache: Cache = no_cache) -> dict:
+def study_op(
+    view: ModelView,
+    batches: Batches,
+    mode: str,
+    verify: int,
+    neuron_layers: list[int],
+    rescore: int,
+    target: float | None,
+    max_rows: int,
+    metric: str = "nl",
+    cache: Cache = no_cache,
+) -> dict:
     """Everything for one operator: effects (screen + exact), the head circuit, the neuron ranking and curves.
 
     Three stages, each passed through `cache(name, compute)` (persisted by a resumable run): "effects" (the
@@ -347,23 +409,35 @@ def study_op(view: ModelView, batches: Batches, mode: str, verify: int, neuron_l
     def effects() -> dict:
         s = screen_mean(view, batches, acts())
         sv = [_screen_value(s, c) for c in comps]
-        todo = list(range(len(comps))) if mode == "exact" else np.argsort(-np.asarray(sv), kind="stable")[:verify].tolist()
+        todo = (
+            list(range(len(comps))) if mode == "exact" else np.argsort(-np.asarray(sv), kind="stable")[:verify].tolist()
+        )
         ex = exact_mean(view, batches, acts(), [comps[i] for i in todo], max_rows).tolist()
-        return {"screen": sv, "exact": [[i, e] for i, e in zip(todo, ex)],
-                "neuron_screen": {str(l): s["neuron"][l].tolist() for l in neuron_layers}}
+        return {
+            "screen": sv,
+            "exact": [[i, e] for i, e in zip(todo, ex)],
+            "neuron_screen": {str(l): s["neuron"][l].tolist() for l in neuron_layers},
+        }
 
     eff = cache("effects", effects)
     sv = eff["screen"]
     ex = {comps[i]: e for i, e in eff["exact"]}
     effect = {c: ex.get(c, v) for c, v in zip(comps, sv)}
-    head_score = {(c.layer, c.index): max(effect[P.Component("head", c.layer, c.index, r)] for r in range(len(P.ROLES)))
-                  for c in comps if c.kind == "head"}
+    head_score = {
+        (c.layer, c.index): max(effect[P.Component("head", c.layer, c.index, r)] for r in range(len(P.ROLES)))
+        for c in comps
+        if c.kind == "head"
+    }
     order = sorted(head_score, key=lambda lh: -head_score[lh])
 
     def head_stage() -> dict:
         ends = (nl(view, batches, P.Circuit.full(view), metric), nl(view, batches, P.Circuit.empty(view), metric))
         ns, fs = head_curve(view, batches, order, ends, metric)
-        paper = ends if metric == "nl" else (nl(view, batches, P.Circuit.full(view)), nl(view, batches, P.Circuit.empty(view)))
+        paper = (
+            ends
+            if metric == "nl"
+            else (nl(view, batches, P.Circuit.full(view)), nl(view, batches, P.Circuit.empty(view)))
+        )
         return {"ends": ends, "paper": paper, "n": ns, "f": fs}
 
     hd = cache("heads", head_stage)
@@ -375,7 +449,7 @@ def study_op(view: ModelView, batches: Batches, mode: str, verify: int, neuron_l
     def neuron_stage() -> dict:
         screen = torch.zeros(view.n_layers, max(view.ffn_width(l) for l in neuron_layers), dtype=torch.float64)
         for l in neuron_layers:
-            screen[l, :view.ffn_width(l)] = torch.tensor(eff["neuron_screen"][str(l)], dtype=torch.float64)
+            screen[l, : view.ffn_width(l)] = torch.tensor(eff["neuron_screen"][str(l)], dtype=torch.float64)
         ranking, neuron_exact = rank_neurons(view, batches, acts(), screen, neuron_layers, rescore, max_rows)
         ks, nfs = neuron_curve(view, batches, heads, ranking, ends, metric)
         return {"ranking": {str(l): r for l, r in ranking.items()}, "exact": neuron_exact, "k": ks, "f": nfs}
@@ -385,44 +459,70 @@ def study_op(view: ModelView, batches: Batches, mode: str, verify: int, neuron_l
     ks, nfs = nd["k"], nd["f"]
     k_needed = first_reaching(ks, nfs, target if target is not None else 0.9)
     paper = hd["paper"]
-    out = {"n_prompts": sum(pr.n for _, pr in batches), "nl_model": ends[0], "nl_empty": ends[1],
-           "paper_nl_model": paper[0], "paper_nl_empty": paper[1],
-           "components": [{"name": c.name(), "kind": c.kind, "layer": c.layer, "index": c.index,
-                           "role": P.ROLES[c.role], "effect": round(effect[c], 6), "screen": round(v, 6),
-                           "exact": c in ex} for c, v in zip(comps, sv)],
-           "head_curve": {"n": ns, "faithfulness": [round(f, 4) for f in fs]},
-           "heads": [f"{l}.{h}" for l, h in heads], "faithfulness": round(fs[ns.index(n_heads)], 4),
-           "neuron_curve": {"per_layer": ks, "faithfulness": [round(f, 4) for f in nfs],
-                            "layers": neuron_layers},
-           "neurons_per_layer_needed": k_needed,
-           "neurons": {str(l): ranking[l][:k_needed or 50] for l in neuron_layers},
-           "neuron_exact": nd["exact"]}
+    out = {
+        "n_prompts": sum(pr.n for _, pr in batches),
+        "nl_model": ends[0],
+        "nl_empty": ends[1],
+        "paper_nl_model": paper[0],
+        "paper_nl_empty": paper[1],
+        "components": [
+            {
+                "name": c.name(),
+                "kind": c.kind,
+                "layer": c.layer,
+                "index": c.index,
+                "role": P.ROLES[c.role],
+                "effect": round(effect[c], 6),
+                "screen": round(v, 6),
+                "exact": c in ex,
+            }
+            for c, v in zip(comps, sv)
+        ],
+        "head_curve": {"n": ns, "faithfulness": [round(f, 4) for f in fs]},
+        "heads": [f"{l}.{h}" for l, h in heads],
+        "faithfulness": round(fs[ns.index(n_heads)], 4),
+        "neuron_curve": {"per_layer": ks, "faithfulness": [round(f, 4) for f in nfs], "layers": neuron_layers},
+        "neurons_per_layer_needed": k_needed,
+        "neurons": {str(l): ranking[l][: k_needed or 50] for l in neuron_layers},
+        "neuron_exact": nd["exact"],
+    }
     if mode == "exact":
         out["screen_recall_top20"] = recall(sv, [ex[c] for c in comps])
     else:
         # among the verified only (the screen's top), so k is at most half of them to mean anything
         todo = [comps[i] for i, _ in eff["exact"]]
-        out["screen_recall_of_verified"] = recall([sv[comps.index(c)] for c in todo], [ex[c] for c in todo],
-                                                  min(20, len(todo) // 2))
+        out["screen_recall_of_verified"] = recall(
+            [sv[comps.index(c)] for c in todo], [ex[c] for c in todo], min(20, len(todo) // 2)
+        )
     return out
 
 
-def rank_neurons(view: ModelView, batches: Batches, acts, screen: Tensor, layers: list[int], rescore: int,
-                 max_rows: int) -> tuple[dict[int, list[int]], list[dict]]:
+def rank_neurons(
+    view: ModelView, batches: Batches, acts, screen: Tensor, layers: list[int], rescore: int, max_rows: int
+) -> tuple[dict[int, list[int]], list[dict]]:
     """Per layer: the top `rescore` screened neurons re-measured exactly and ranked by that, then the rest by
     the screen. Returns the ranking and the exact rows (with the screen's value beside them)."""
-    comps = [P.Component("neuron", l, int(k), len(P.ROLES) - 1) for l in layers
-             for k in torch.argsort(screen[l][:view.ffn_width(l)], descending=True, stable=True)[:rescore].tolist()]
+    comps = [
+        P.Component("neuron", l, int(k), len(P.ROLES) - 1)
+        for l in layers
+        for k in torch.argsort(screen[l][: view.ffn_width(l)], descending=True, stable=True)[:rescore].tolist()
+    ]
     ex = exact_mean(view, batches, acts, comps, max_rows).tolist()
     ranking = {}
     for l in layers:
         mine = sorted(((e, c.index) for c, e in zip(comps, ex) if c.layer == l), key=lambda t: -t[0])
         head = [k for _, k in mine]
         seen = set(head)
-        rest = [k for k in torch.argsort(screen[l][:view.ffn_width(l)], descending=True, stable=True).tolist() if k not in seen]
+        rest = [
+            k
+            for k in torch.argsort(screen[l][: view.ffn_width(l)], descending=True, stable=True).tolist()
+            if k not in seen
+        ]
         ranking[l] = head + rest
-    rows = [{"layer": c.layer, "index": c.index, "effect": round(e, 6), "screen": round(float(screen[c.layer, c.index]), 6)}
-            for c, e in zip(comps, ex)]
+    rows = [
+        {"layer": c.layer, "index": c.index, "effect": round(e, 6), "screen": round(float(screen[c.layer, c.index]), 6)}
+        for c, e in zip(comps, ex)
+    ]
     return ranking, rows
 
 
@@ -440,33 +540,52 @@ def chance_iou(n: int, total: int) -> float | None:
     return round(inter / (2 * n - inter), 4)
 
 
-def agreement(view: ModelView, tokenizer, batches: Batches, heads: set[tuple[int, int]],
-              neurons: set[tuple[int, int]], layers: list[int], batch_size: int, verify: int) -> dict:
+def agreement(
+    view: ModelView,
+    tokenizer,
+    batches: Batches,
+    heads: set[tuple[int, int]],
+    neurons: set[tuple[int, int]],
+    layers: list[int],
+    batch_size: int,
+    verify: int,
+) -> dict:
     """IoU of the circuit's heads with the top heads of `surgery heads` (zero ablation: attribution screen, then
     the exact drop of the mean answer-token log-prob for the top `verify`), and of its neurons with the
     top neurons of `surgery cna` (importance summed over the same prompts), each top list as long as ours.
     One case per scored answer token (teacher forced: prompt + the answer tokens before it)."""
-    seqs = [row.tolist() + ans[:j].tolist() for _, pr in batches for row, ans in zip(pr.clean, pr.r)
-            for j in range(pr.n_ans)]
+    seqs = [
+        row.tolist() + ans[:j].tolist()
+        for _, pr in batches
+        for row, ans in zip(pr.clean, pr.r)
+        for j in range(pr.n_ans)
+    ]
     tgt = [int(t) for _, pr in batches for ans in pr.r for t in ans]
     packed = hs.pack(seqs, tgt, batch_size, pad_id(tokenizer))
     att = hs.attribution(view, packed)
     cand = sorted(((l, h) for l in range(view.n_layers) for h in range(view.n_heads)), key=lambda lh: float(att[lh]))
-    cand = cand[:max(verify, len(heads))]
+    cand = cand[: max(verify, len(heads))]
     rows = hs.scan(view, packed, len(seqs), cand, progress=False)
     _, base = hs.baseline(view, packed, len(seqs))
     drop = {lh: float(base.mean() - r["logprob"].mean()) for lh, r in rows.items()}
-    top_heads = set(sorted(drop, key=lambda lh: -drop[lh])[:len(heads)])
+    top_heads = set(sorted(drop, key=lambda lh: -drop[lh])[: len(heads)])
     sc = cna.scan(view, seqs, layers, 10, pad_id(tokenizer), targets=tgt, batch_size=batch_size, progress=False)
+
     def top_by(total: dict[int, Tensor]) -> set[tuple[int, int]]:
         flat = [(float(v), l, i) for l in layers for i, v in enumerate(total[l].tolist())]
-        return {(l, i) for _, l, i in sorted(flat, reverse=True)[:len(neurons)]}
+        return {(l, i) for _, l, i in sorted(flat, reverse=True)[: len(neurons)]}
 
     width = sum(view.ffn_width(l) for l in layers)
-    return {"heads_iou": iou(heads, top_heads), "heads_top": sorted(f"{l}.{h}" for l, h in top_heads),
-            "neurons_iou": iou(neurons, top_by(sc.total)), "neurons_iou_abs": iou(neurons, top_by(sc.total_abs)),
-            "heads_chance": chance_iou(len(heads), view.n_layers * view.n_heads),
-            "neurons_chance": chance_iou(len(neurons), width), "n_heads": len(heads), "n_neurons": len(neurons),
-            "heads_note": "surgery heads: zero ablation, exact drop of the mean log-prob of each scored answer token",
-            "neurons_note": "surgery cna: importance of each neuron for each scored answer token, summed over cases "
-                            "(neurons_iou: signed sum, the paper's; neurons_iou_abs: sum of magnitudes)"}
+    return {
+        "heads_iou": iou(heads, top_heads),
+        "heads_top": sorted(f"{l}.{h}" for l, h in top_heads),
+        "neurons_iou": iou(neurons, top_by(sc.total)),
+        "neurons_iou_abs": iou(neurons, top_by(sc.total_abs)),
+        "heads_chance": chance_iou(len(heads), view.n_layers * view.n_heads),
+        "neurons_chance": chance_iou(len(neurons), width),
+        "n_heads": len(heads),
+        "n_neurons": len(neurons),
+        "heads_note": "surgery heads: zero ablation, exact drop of the mean log-prob of each scored answer token",
+        "neurons_note": "surgery cna: importance of each neuron for each scored answer token, summed over cases "
+        "(neurons_iou: signed sum, the paper's; neurons_iou_abs: sum of magnitudes)",
+    }

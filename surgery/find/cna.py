@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from surgery.errors import UsageError
+from surgery.find.neurons import offsets_of, unflatten
+from surgery.io.loading import home
 from surgery.model.arch import ModelView
 from surgery.model.batching import device_of, left_pad, position_ids
-from surgery.errors import UsageError
 from surgery.model.hooks import Hooks
-from surgery.io.loading import home
-from surgery.find.neurons import offsets_of, unflatten
 
 HeadList = tuple[tuple[int, int], ...]
 HELD = 1 << 24  # dataset mode: floats of base logits one setting holds at once (64 MiB), see `scan`
@@ -72,6 +72,7 @@ def serial(fn):
         finally:
             _caller_threads = None
             torch.set_num_threads(n)
+
     return run
 
 
@@ -104,14 +105,25 @@ class State:
 
     def take(self, rows: slice) -> "State":
         """The state of some of the cases (views, no copies)."""
-        return State(self.layers, {l: v[rows] for l, v in self.m.items()}, {l: v[rows] for l, v in self.r.items()},
-                     {l: None if v is None else v[rows] for l, v in self.c.items()}, self.hfin[rows],
-                     self.logits[rows])
+        return State(
+            self.layers,
+            {l: v[rows] for l, v in self.m.items()},
+            {l: v[rows] for l, v in self.r.items()},
+            {l: None if v is None else v[rows] for l, v in self.c.items()},
+            self.hfin[rows],
+            self.logits[rows],
+        )
 
 
 @torch.no_grad()
-def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: list[int],
-            ablate: HeadList = (), neuron_scale: dict[int, Tensor] | None = None) -> State:
+def collect(
+    view: ModelView,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    layers: list[int],
+    ablate: HeadList = (),
+    neuron_scale: dict[int, Tensor] | None = None,
+) -> State:
     """One forward (optionally with heads zeroed / neurons scaled), captured at the last position."""
     last = view.n_layers - 1
     dev = device_of(view.model)
@@ -122,8 +134,13 @@ def collect(view: ModelView, input_ids: Tensor, attention_mask: Tensor, layers: 
             h.scale_neurons(layer, s)
         h.capture("m", layers).capture("ffn", layers).capture("resid", sorted(set(layers) | {last}))
         pos = position_ids(attention_mask)  # left padding: count positions from the first token
-        out = view.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                         position_ids=pos.to(dev), logits_to_keep=1, use_cache=False)
+        out = view.model(
+            input_ids=input_ids.to(dev),
+            attention_mask=attention_mask.to(dev),
+            position_ids=pos.to(dev),
+            logits_to_keep=1,
+            use_cache=False,
+        )
     m = {l: h.store["m", l].float() for l in layers}
     c = {l: _post_scale(view, l, m[l]) for l in layers}
     r = {l: (h.store["resid", l] - h.store["ffn", l]).float() for l in layers}
@@ -166,7 +183,7 @@ class Workspace:
     def get(self, name: str, n: int, V: int, size: int, like: Tensor) -> Tensor:
         if self.buf is None or self.buf.shape[1] < max(size, n * V) or self.buf.device != like.device:
             self.buf = like.new_empty(3, max(size, n * V))
-        return self.buf[self.SLOTS[name], :n * V].view(n, V)
+        return self.buf[self.SLOTS[name], : n * V].view(n, V)
 
 
 class Scorer:
@@ -174,9 +191,19 @@ class Scorer:
 
     sigma [B, 1] and target [B] are fixed by the caller (frozen from the original model's forward)."""
 
-    def __init__(self, view: ModelView, state: State, sigma: Tensor, target: Tensor, chunk: int = 256,
-                 budget: int = 1 << 22, work: Workspace | None = None):
-        dev = state.logits.device  # the model's device: the state, sigma and target live there; scores come back on the CPU
+    def __init__(
+        self,
+        view: ModelView,
+        state: State,
+        sigma: Tensor,
+        target: Tensor,
+        chunk: int = 256,
+        budget: int = 1 << 22,
+        work: Workspace | None = None,
+    ):
+        dev = (
+            state.logits.device
+        )  # the model's device: the state, sigma and target live there; scores come back on the CPU
         self.view, self.s, self.sigma, self.target, self.chunk = view, state, sigma.to(dev), target.to(dev), chunk
         self.gain = view.final_gain()
         self.WU = view.unembed_matrix().float()
@@ -219,20 +246,20 @@ class Scorer:
         bias = self.view.readout_bias()
         new = sorted((l for l in layers if l not in self.layer_cache), key=self.slot.__getitem__)
         for run in _runs(new, self.slot, len(new)):  # written in place: no temporary, so no budget
-            z0 = self.z0_all[self.slot[run[0]]:self.slot[run[-1]] + 1]
+            z0 = self.z0_all[self.slot[run[0]] : self.slot[run[-1]] + 1]
             with wide():
                 self.view.readout(torch.stack([self.s.r[l] for l in run]), self.sigma, out=z0)  # [G, B, V]
             if isinstance(bias, Tensor) or bias:
                 z0 += bias
         todo = [l for l in dict.fromkeys(layers) if l not in self.tail_cache] if tails else []
         for g in range(0, len(todo), per):
-            group = todo[g:g + per]
+            group = todo[g : g + per]
             q = self._work("q", len(group) * B)
             mass = []
             for i, layer in enumerate(group):
                 z = self._z0(layer)
                 z = self.view.softcap_logits(z) if self.cap else z
-                mass.append(self._tail(layer, z, q[i * B:(i + 1) * B]))
+                mass.append(self._tail(layer, z, q[i * B : (i + 1) * B]))
             if self.cap:  # soft-capped: the tail statistics of the capped logits, no mean
                 for layer in group:
                     self.tail_cache[layer] += (None,)
@@ -240,7 +267,7 @@ class Scorer:
             with wide():
                 mean_u = q @ self.WU  # [G * B, d]: sum_j q_j W_U[j] on each case's tail, q unnormalised
             for i, layer in enumerate(group):
-                self.tail_cache[layer] += (mean_u[i * B:(i + 1) * B] / mass[i],)
+                self.tail_cache[layer] += (mean_u[i * B : (i + 1) * B] / mass[i],)
         for layer in new:  # log p0(w): the target's (capped) logit minus the log-sum-exp of the tail statistics
             z = self._z0(layer)
             if layer in self.tail_cache:
@@ -286,7 +313,9 @@ class Scorer:
             c = self.s.c[layer]
             out: tuple[Tensor, Tensor | None] = (v, None)
             if c is not None:
-                ref = self.view.ffn_post_scale(layer, torch.ones(1, c.shape[-1], device=c.device))  # gain, up to a scalar
+                ref = self.view.ffn_post_scale(
+                    layer, torch.ones(1, c.shape[-1], device=c.device)
+                )  # gain, up to a scalar
                 sc = (c * ref).sum(-1, keepdim=True) / (ref * ref).sum(-1, keepdim=True).clamp_min(1e-30)
                 if torch.allclose(c, sc * ref, rtol=1e-5, atol=1e-6 * float(c.abs().max())):
                     out = (v * ref, sc)
@@ -377,8 +406,9 @@ class Scorer:
         mean_d = self._centre(mean_u * self.gain) @ dirs.T  # E_q D_k [B, N]
         return self._tail_bounds(a, log_a, a * dw + lse0, log_zr, mean_d, *self.vocab_range(layer))
 
-    def _tail_bounds(self, a: Tensor, log_a: Tensor, lin: Tensor, log_zr: Tensor, mean_d: Tensor, hi_d: Tensor,
-                     lo_d: Tensor) -> tuple[Tensor, Tensor]:
+    def _tail_bounds(
+        self, a: Tensor, log_a: Tensor, lin: Tensor, log_zr: Tensor, mean_d: Tensor, hi_d: Tensor, lo_d: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """(lo, hi) from the exact top-token part log_a, the linear part `lin` and the tail's Jensen / Hoeffding
         bounds (see `bounds`)."""
         hoeffding = a * mean_d + (a * (hi_d - lo_d)) ** 2 / 8
@@ -409,8 +439,18 @@ class Scorer:
         lin = a * dS.gather(2, wcol.view(B, 1, 1).expand(B, dS.shape[1], 1))[..., 0] + lse0
         return self._tail_bounds(a, log_a, lin, log_zr, mean_d, hi_d, lo_d)
 
-    def _capped_bounds(self, z0: Tensor, top: Tensor, wcol: Tensor, lse0: Tensor, log_zr: Tensor, a: Tensor,
-                       dS: Tensor, hi_d: Tensor, lo_d: Tensor) -> tuple[Tensor, Tensor]:
+    def _capped_bounds(
+        self,
+        z0: Tensor,
+        top: Tensor,
+        wcol: Tensor,
+        lse0: Tensor,
+        log_zr: Tensor,
+        a: Tensor,
+        dS: Tensor,
+        hi_d: Tensor,
+        lo_d: Tensor,
+    ) -> tuple[Tensor, Tensor]:
         """Soft-capped logits l_j = cap * tanh(z_j / cap): exact on the top tokens S for every neuron; on the tail,
         l_j is monotone and 1-Lipschitz in z_j, so a shift a D_kj in [t_lo, t_hi] (the neuron's vocabulary range)
         moves every tail logit by at most min(t_lo, 0) .. max(t_hi, 0): the tail log-sum-exp (of the base capped
@@ -471,8 +511,13 @@ class Scorer:
         idx = idx.to(z0.device)
         a = self.s.m[layer][:, idx] / self.sigma  # [B, C]
         zw = z0.gather(1, self.target[:, None]) + a * rows[:, self.target].T
-        lse = torch.cat([(z0[:, None, :] + a[:, s:s + chunk, None] * rows[None, s:s + chunk]).logsumexp(-1)
-                         for s in range(0, len(idx), chunk)], 1)
+        lse = torch.cat(
+            [
+                (z0[:, None, :] + a[:, s : s + chunk, None] * rows[None, s : s + chunk]).logsumexp(-1)
+                for s in range(0, len(idx), chunk)
+            ],
+            1,
+        )
         return (zw - lse - logp0[:, None]).cpu()
 
     def _pair_scores(self, layer: Tensor, case: Tensor, idx: Tensor, rows: Tensor, row: Tensor) -> Tensor:
@@ -488,7 +533,7 @@ class Scorer:
         zrow = torch.empty_like(case)
         pos = 0
         for l, cnt in zip(*(t.tolist() for t in torch.unique_consecutive(layer, return_counts=True))):
-            sl, c, i = slice(pos, pos + cnt), case[pos:pos + cnt], idx[pos:pos + cnt]
+            sl, c, i = slice(pos, pos + cnt), case[pos : pos + cnt], idx[pos : pos + cnt]
             a[sl] = self._a(l)[c, i]
             logp0[sl] = self._base(l)[1][c]
             hi, lo = self.vocab_range(l)
@@ -506,7 +551,7 @@ class Scorer:
             z = torch.index_select(z0, 0, zrow[s:e], out=self._work("z", e - s))
             q = 0
             for r, cnt in zip(*(t.tolist() for t in torch.unique_consecutive(row[s:e], return_counts=True))):
-                z[q:q + cnt].addr_(a[s + q:s + q + cnt], rows[r])
+                z[q : q + cnt].addr_(a[s + q : s + q + cnt], rows[r])
                 q += cnt
             if self.cap:
                 z = self.view.softcap_logits(z)
@@ -523,9 +568,9 @@ class Scorer:
         dirs = self._factor(layer)[0]
         step, res = self._rows_per_chunk(), []
         for s in range(0, len(case), step):
-            c = case[s:s + step]
-            z = self._readout_rows(dirs[c, idx[s:s + step]], out=self._work("z", len(c)))
-            z.mul_(a[s:s + step, None]).add_(torch.index_select(z0, 0, c, out=self._work("z0", len(c))))
+            c = case[s : s + step]
+            z = self._readout_rows(dirs[c, idx[s : s + step]], out=self._work("z", len(c)))
+            z.mul_(a[s : s + step, None]).add_(torch.index_select(z0, 0, c, out=self._work("z0", len(c))))
             if self.cap:
                 z = self.view.softcap_logits(z)
             zw = z.gather(1, self.target[c][:, None])[:, 0]
@@ -543,7 +588,7 @@ class Scorer:
         "rows" work slot: one large product instead of one small one per layer."""
         parts, pos = [], 0
         for l, cnt in zip(*(t.tolist() for t in torch.unique_consecutive(layer, return_counts=True))):
-            parts.append(self._factor(l)[0][idx[pos:pos + cnt]])
+            parts.append(self._factor(l)[0][idx[pos : pos + cnt]])
             pos += cnt
         dirs = torch.cat(parts)
         return self._readout_rows(dirs, out=self._work("rows", len(dirs)))
@@ -559,9 +604,9 @@ class Scorer:
         """W_U (g * centre(dirs)) without sigma: [C, V] (into `out` when given), chunked over rows."""
         out = dirs.new_empty(len(dirs), self.WU.shape[0]) if out is None else out
         for s in range(0, len(dirs), self.chunk):
-            x = self._centre(dirs[s:s + self.chunk]) * self.gain
+            x = self._centre(dirs[s : s + self.chunk]) * self.gain
             with wide():
-                torch.matmul(x, self.WU.T, out=out[s:s + self.chunk])
+                torch.matmul(x, self.WU.T, out=out[s : s + self.chunk])
         return out
 
     def _logp_w(self, z: Tensor, w: Tensor) -> Tensor:
@@ -573,8 +618,10 @@ class Scorer:
         """Exact scores of every neuron [B, N] (the paper's computation, chunked)."""
         n = self.view.ffn_width(layer)
         B = self.target.shape[0]
-        return torch.cat([self.exact(layer, torch.arange(s, min(s + self.chunk, n)).expand(B, -1))
-                          for s in range(0, n, self.chunk)], dim=1)
+        return torch.cat(
+            [self.exact(layer, torch.arange(s, min(s + self.chunk, n)).expand(B, -1)) for s in range(0, n, self.chunk)],
+            dim=1,
+        )
 
 
 # ---- certified top-k over all chosen layers -----------------------------------------------------------------
@@ -591,8 +638,9 @@ class TopK:
 
 @torch.no_grad()
 @serial
-def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 8,
-                   max_rescore: int = 2048) -> tuple[TopK, dict[int, Tensor]]:
+def certified_topk(
+    a: Scorer, k: int, b: Scorer | None = None, margin: int = 8, max_rescore: int = 2048
+) -> tuple[TopK, dict[int, Tensor]]:
     """Top-k neurons per case by exact score (one setting) or by exact delta a - b (comparison).
 
     Round 1 rescores, per case, the k + margin neurons with the highest guesses (`_stack_bounds`: the likeliest
@@ -627,7 +675,7 @@ def certified_topk(a: Scorer, k: int, b: Scorer | None = None, margin: int = 8,
     unscored = hi.masked_fill(scored, float("-inf")).amax(1)
     certified = (top.values[:, -1] >= unscored) | scored.all(1)
     dense = torch.where(scored, exact, est)
-    per_layer = {l: dense[:, offsets[i]:offsets[i + 1]] for i, l in enumerate(layers)}
+    per_layer = {l: dense[:, offsets[i] : offsets[i + 1]] for i, l in enumerate(layers)}
     return TopK(*unflatten(top.indices, layers, offsets), top.values, certified, int(scored.sum())), per_layer
 
 
@@ -649,8 +697,9 @@ def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tenso
     return torch.cat(est, 1), torch.cat(hi, 1), torch.cat(lo, 1), torch.cat(guess, 1)
 
 
-def _rescore(a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, want: Tensor, cand: Tensor,
-             exact: Tensor) -> None:
+def _rescore(
+    a: Scorer, b: Scorer | None, layers: list[int], offsets: Tensor, want: Tensor, cand: Tensor, exact: Tensor
+) -> None:
     """Exact (delta) scores of the flat neuron indices cand[want] (per case row), written into `exact`: one
     `exact_pairs` call over all layers (its readout GEMMs mix layers: fewer, larger products)."""
     case, cols = want.nonzero(as_tuple=True)
@@ -696,7 +745,7 @@ def exact_pairs(scorers: list[Scorer], layer: int | Tensor, case: Tensor, idx: T
     step = min(sc._rows_per_chunk() for sc in scorers)
     for s in range(0, len(union), step):
         e = min(s + step, len(union))
-        p = order[bounds[s]:bounds[e]]
+        p = order[bounds[s] : bounds[e]]
         ul, ui = union[s:e] // width, union[s:e] % width
         shared: dict[int, Tensor] = {}
         for j, sc in enumerate(scorers):
@@ -727,7 +776,7 @@ def _topk(z: Tensor, k: int, block: int = 256) -> tuple[Tensor, Tensor]:
     nb = V // block
     if nb <= 2 * k:
         return z.topk(k, -1)
-    head = z[:, :nb * block].view(B, nb, block)
+    head = z[:, : nb * block].view(B, nb, block)
     blocks = head.amax(-1).topk(k, -1).indices  # [B, k]
     cols = (blocks[:, :, None] * block + torch.arange(block, device=z.device)).view(B, k * block)
     if nb * block < V:  # the ragged end always competes
@@ -749,8 +798,12 @@ def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
     disk under $SURGERY_HOME/cache keyed by a hash of the weights, so later runs on the same model skip it."""
     w = sc.view.ffn_out(layer).weight
     post = sc.view.post_ffn_norm(layer)
-    version = (w._version, sc.view.unembed_matrix()._version, sc.view.final_norm.weight._version,
-               post.weight._version if post is not None else 0)
+    version = (
+        w._version,
+        sc.view.unembed_matrix()._version,
+        sc.view.final_norm.weight._version,
+        post.weight._version if post is not None else 0,
+    )
     hit = getattr(w, "_surgery_vocab_range", None)
     if hit is None or hit[0] != version:
         key = _fingerprint(d, sc)
@@ -864,10 +917,21 @@ class Comparison:
 
 
 @torch.no_grad()
-def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int], k: int,
-            view_b: ModelView | None = None, batch_b: tuple[Tensor, Tensor] | None = None,
-            ablate_b: HeadList = (), target: Tensor | None = None, exhaustive: bool = False,
-            chunk: int = 256, max_rescore: int = 2048, margin: int = 8, budget: int = 1 << 22) -> Comparison:
+def compare(
+    view_a: ModelView,
+    batch_a: tuple[Tensor, Tensor],
+    layers: list[int],
+    k: int,
+    view_b: ModelView | None = None,
+    batch_b: tuple[Tensor, Tensor] | None = None,
+    ablate_b: HeadList = (),
+    target: Tensor | None = None,
+    exhaustive: bool = False,
+    chunk: int = 256,
+    max_rescore: int = 2048,
+    margin: int = 8,
+    budget: int = 1 << 22,
+) -> Comparison:
     """Importance in setting A, and (when a B setting is given) the change A - B, for a batch of cases.
 
     B is: the same model with heads ablated (ablate_b), another model on the same input (view_b), or the same
@@ -877,14 +941,26 @@ def compare(view_a: ModelView, batch_a: tuple[Tensor, Tensor], layers: list[int]
     sb = None
     if view_b is not None or batch_b is not None or ablate_b:
         sb = collect(view_b or view_a, *(batch_b or batch_a), layers, ablate=ablate_b)
-    return compare_states(view_a, sa, k, view_b, sb, batch_b is not None, target, exhaustive, chunk, max_rescore,
-                          margin, budget)
+    return compare_states(
+        view_a, sa, k, view_b, sb, batch_b is not None, target, exhaustive, chunk, max_rescore, margin, budget
+    )
 
 
 @torch.no_grad()
-def compare_states(view_a: ModelView, sa: State, k: int, view_b: ModelView | None = None, sb: State | None = None,
-                   other_input: bool = False, target: Tensor | None = None, exhaustive: bool = False,
-                   chunk: int = 256, max_rescore: int = 2048, margin: int = 8, budget: int = 1 << 22) -> Comparison:
+def compare_states(
+    view_a: ModelView,
+    sa: State,
+    k: int,
+    view_b: ModelView | None = None,
+    sb: State | None = None,
+    other_input: bool = False,
+    target: Tensor | None = None,
+    exhaustive: bool = False,
+    chunk: int = 256,
+    max_rescore: int = 2048,
+    margin: int = 8,
+    budget: int = 1 << 22,
+) -> Comparison:
     """`compare` from the settings' collected forwards (B's state None: one setting; `other_input`: B ran on
     its own prompts, so it gets its own sigma)."""
     layers = sa.layers
@@ -913,8 +989,12 @@ def _exhaustive(a: Scorer, b: Scorer | None, layers: list[int], k: int, w: Tenso
     delta = {l: ea[l] - b.exhaustive(l) for l in layers} if b else ea
     flat = torch.cat([delta[l] for l in layers], 1)
     top = flat.topk(min(k, flat.shape[1]), dim=1)
-    tk = TopK(*unflatten(top.indices, layers, offsets_of([a.view.ffn_width(l) for l in layers])), top.values,
-              torch.ones(flat.shape[0], dtype=torch.bool), flat.numel())
+    tk = TopK(
+        *unflatten(top.indices, layers, offsets_of([a.view.ffn_width(l) for l in layers])),
+        top.values,
+        torch.ones(flat.shape[0], dtype=torch.bool),
+        flat.numel(),
+    )
     return Comparison(tk, w.cpu(), _cpu(a.s.m), _cpu(b.s.m) if b else None, ea, delta, a, b)
 
 
@@ -958,10 +1038,24 @@ class Scan:
         return keep
 
 
-def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pad_id: int, *,
-         view_b: ModelView | None = None, seqs_b: list[list[int]] | None = None, ablate_b: HeadList = (),
-         targets: list[int] | None = None, batch_size: int = 16, progress: bool = True,
-         max_rescore: int = 2048, chunk: int = 256, budget: int = 1 << 22, held: int = HELD) -> Scan:
+def scan(
+    view_a: ModelView,
+    seqs: list[list[int]],
+    layers: list[int],
+    k: int,
+    pad_id: int,
+    *,
+    view_b: ModelView | None = None,
+    seqs_b: list[list[int]] | None = None,
+    ablate_b: HeadList = (),
+    targets: list[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    max_rescore: int = 2048,
+    chunk: int = 256,
+    budget: int = 1 << 22,
+    held: int = HELD,
+) -> Scan:
     """Run `compare` over all cases and aggregate; see `compare` for the settings.
 
     The forwards run `batch_size` cases at once (left padded, grouped by length: the model's matrices see large
@@ -988,16 +1082,28 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]) + (len(seqs_b[i]) if seqs_b is not None else 0))
     bar = tqdm(total=len(seqs), desc="cna", disable=not progress, unit="case")
     for s in range(0, len(seqs), batch_size):
-        ids = order[s:s + batch_size]
+        ids = order[s : s + batch_size]
         sa = collect(view_a, *left_pad([seqs[i] for i in ids], pad_id), layers)
-        sb = (collect(view_b or view_a, *left_pad([(seqs_b or seqs)[i] for i in ids], pad_id), layers,
-                      ablate=ablate_b) if two else None)
+        sb = (
+            collect(view_b or view_a, *left_pad([(seqs_b or seqs)[i] for i in ids], pad_id), layers, ablate=ablate_b)
+            if two
+            else None
+        )
         tgt = torch.tensor([targets[i] for i in ids]) if targets is not None else None
         for t in range(0, len(ids), per):  # the scoring passes: `per` cases' base logits at a time
             rows = slice(t, t + per)
-            c = compare_states(view_a, sa.take(rows), k, view_b, sb.take(rows) if sb is not None else None,
-                               seqs_b is not None, None if tgt is None else tgt[rows], max_rescore=max_rescore,
-                               chunk=chunk, budget=budget)
+            c = compare_states(
+                view_a,
+                sa.take(rows),
+                k,
+                view_b,
+                sb.take(rows) if sb is not None else None,
+                seqs_b is not None,
+                None if tgt is None else tgt[rows],
+                max_rescore=max_rescore,
+                chunk=chunk,
+                budget=budget,
+            )
             # aggregate now and drop the pass (its scorers and dense estimates): memory does not grow with cases
             tops.append((c.top.layer, c.top.index, c.top.score, c.top.certified, c.target))
             for l in layers:
@@ -1016,5 +1122,6 @@ def scan(view_a: ModelView, seqs: list[list[int]], layers: list[int], k: int, pa
     mean = {side: {l: v / n for l, v in m.items()} for side, m in coef.items()}
     back = torch.empty(n, dtype=torch.long)
     back[torch.tensor(order)] = torch.arange(n)  # sorted position of each input case
-    return Scan(layers, k, *(torch.cat(col)[back] for col in zip(*tops)), total, total_abs, mean["a"],
-                mean.get("b"), rescored)
+    return Scan(
+        layers, k, *(torch.cat(col)[back] for col in zip(*tops)), total, total_abs, mean["a"], mean.get("b"), rescored
+    )

@@ -95,16 +95,19 @@ def from_file(path: Path, shape: Shape) -> Components:
     raise UsageError(f"{path} is neither a heads.json (surgery heads) nor a circuit.json (surgery circuit)")
 
 
-def _same_model(path: Path, name: str | None, arch: str | None, layers: int | None, heads: int | None,
-                shape: Shape) -> None:
+def _same_model(
+    path: Path, name: str | None, arch: str | None, layers: int | None, heads: int | None, shape: Shape
+) -> None:
     theirs = {"arch": arch, "layers": layers, "heads": heads}
     ours = {"arch": shape.arch, "layers": shape.n_layers, "heads": shape.n_heads}
     bad = [k for k in ours if theirs[k] is not None and theirs[k] != ours[k]]
     if name and name != shape.name and Path(name).name != Path(shape.name).name:
         bad.append("name")
     if bad:
-        raise UsageError(f"{path} was made for another model ({name}: {theirs}) than --model {shape.name} "
-                         f"({ours}); rerun the scan on this model")
+        raise UsageError(
+            f"{path} was made for another model ({name}: {theirs}) than --model {shape.name} "
+            f"({ours}); rerun the scan on this model"
+        )
 
 
 def _heads_json(data: dict, path: Path, shape: Shape) -> Components:
@@ -132,8 +135,10 @@ def check(comps: Components, shape: Shape) -> None:
         raise UsageError(f"{comps.source} names no components; give at least one head or MLP")
     for l, h in comps.heads:
         if not (0 <= l < shape.n_layers and 0 <= h < shape.n_heads):
-            raise UsageError(f"head {l}.{h} is outside the model ({shape.n_layers} layers x {shape.n_heads} heads: "
-                             f"0.0..{shape.n_layers - 1}.{shape.n_heads - 1})")
+            raise UsageError(
+                f"head {l}.{h} is outside the model ({shape.n_layers} layers x {shape.n_heads} heads: "
+                f"0.0..{shape.n_layers - 1}.{shape.n_heads - 1})"
+            )
     for l in comps.mlps:
         if not 0 <= l < shape.n_layers:
             raise UsageError(f"mlp.{l} is outside the model (layers 0..{shape.n_layers - 1})")
@@ -146,6 +151,8 @@ def take(comps: Components, k: int | None) -> Components:
     if k < 1:
         raise UsageError(f"--top-heads {k}: need 1 or more")
     if k > len(comps.heads):
-        raise UsageError(f"--top-heads {k} is more than the {len(comps.heads)} heads in {comps.source}; "
-                         f"use at most {len(comps.heads)}")
+        raise UsageError(
+            f"--top-heads {k} is more than the {len(comps.heads)} heads in {comps.source}; "
+            f"use at most {len(comps.heads)}"
+        )
     return Components(comps.heads[:k], comps.mlps, comps.source)

@@ -15,7 +15,8 @@ Screen (`--mode screen`): the attribution -grad . z_h (mean: grad . (mean_h - z_
 summed over positions, for all heads from one forward + one backward per batch; only the top `--verify K` heads
 get the exact scan, and the report names only heads with exact numbers.
 Sharding: under `accelerate launch --multi_gpu --num_processes N -m surgery heads ...` (also on CPU, where it
-starts N processes joined by gloo; `--cpu` would start only one) the work units (a layer's heads, in groups of G) are split across processes;
+starts N processes joined by gloo; `--cpu` would start only one) the work units (a layer's heads, in groups of G) are
+split across processes;
 each appends finished units to DIR/heads.partial.r<rank>.jsonl, which is also what an interrupted scan resumes
 from; rank 0 merges. Units are the same whatever the process count, so merged results equal a 1-process run.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +35,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from surgery.find import path_patch
-from surgery.io import report as rep
-from surgery.evals import tasks
+from surgery.errors import UsageError
+from surgery.evals import arithmetic, tasks
 from surgery.model.arch import ModelView
 from surgery.model.batching import device_of, left_pad, pad_id, position_ids
-from surgery.errors import UsageError
-from surgery.evals import arithmetic
 from surgery.model.hooks import Hooks, run_from
-from surgery.io.loading import load_model
 
 Head = tuple[int, int]
 RESID_CACHE_BYTES = 2 << 30  # keep every batch's clean residuals in memory up to this size; else recompute
@@ -65,13 +61,25 @@ class Batch:
     prefix: int = 0  # leading tokens shared by every row (computed once per ablation, then reused via a KV cache)
 
     def inputs(self, device, repeat: int = 1) -> dict:
-        rep_ = (lambda t: t.to(device).repeat(repeat, 1))
-        return dict(input_ids=rep_(self.input_ids), attention_mask=rep_(self.attention_mask),
-                    position_ids=rep_(self.position_ids), logits_to_keep=self.keep, use_cache=False)
+        def rep_(t: Tensor) -> Tensor:
+            return t.to(device).repeat(repeat, 1)
+
+        return dict(
+            input_ids=rep_(self.input_ids),
+            attention_mask=rep_(self.attention_mask),
+            position_ids=rep_(self.position_ids),
+            logits_to_keep=self.keep,
+            use_cache=False,
+        )
 
 
-def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size: int, pad_id: int = 0,
-         window: int | None = None) -> list[Batch]:
+def pack(
+    input_ids: Sequence[Sequence[int]],
+    targets: Sequence[int],
+    batch_size: int,
+    pad_id: int = 0,
+    window: int | None = None,
+) -> list[Batch]:
     """Group cases whose context is a prefix of another case's context (same sequence, earlier position) and
     batch the sequences, `batch_size` per batch, in lexicographic order. Exactly one case per (sequence, position).
     Rows are laid out as shared prefix | left padding | suffix (positions count real tokens), so the tokens every
@@ -93,20 +101,34 @@ def pack(input_ids: Sequence[Sequence[int]], targets: Sequence[int], batch_size:
     order = sorted(range(len(seqs)), key=lambda s: (seqs[s], s))  # lexicographic: batches share long prefixes
     out = []
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         cs = [(r, i, o) for r, s in enumerate(chunk) for i, o in members[s]]
         keep = 1 + max(o for _, _, o in cs)
         # P <= (shortest row) - keep: every read position lies in the suffix. Clamped at 0: a row shorter than the
         # batch's longest target (" Paris" beside " Andorra la Vella") made P negative, and seqs[s][P:] /
         # expand(B, P) then swapped every row for the first row's prefix + its own last token (see
         # tests/test_pack_layout.py)
-        P = max(0, min(_common_prefix([seqs[s] for s in chunk]), min(len(seqs[s]) for s in chunk) - keep)) if share else 0
+        P = (
+            max(0, min(_common_prefix([seqs[s] for s in chunk]), min(len(seqs[s]) for s in chunk) - keep))
+            if share
+            else 0
+        )
         ids, mask = left_pad([seqs[s][P:] for s in chunk], pad_id)  # layout: shared prefix | pad | suffix
         pre = torch.tensor([seqs[chunk[0]][:P]], dtype=torch.long).expand(len(chunk), P)
         ids, mask = torch.cat([pre, ids], 1), torch.cat([torch.ones_like(pre), mask], 1)
-        out.append(Batch(ids, mask, position_ids(mask), torch.tensor([c[0] for c in cs]),
-                         torch.tensor([c[2] for c in cs]), torch.tensor([int(targets[c[1]]) for c in cs]),
-                         torch.tensor([c[1] for c in cs]), keep, max(P, 0)))
+        out.append(
+            Batch(
+                ids,
+                mask,
+                position_ids(mask),
+                torch.tensor([c[0] for c in cs]),
+                torch.tensor([c[2] for c in cs]),
+                torch.tensor([int(targets[c[1]]) for c in cs]),
+                torch.tensor([c[1] for c in cs]),
+                keep,
+                max(P, 0),
+            )
+        )
     return out
 
 
@@ -142,8 +164,9 @@ def clean(view: ModelView, b: Batch, layers: Sequence[int] = ()) -> tuple[Tensor
 
 
 @torch.no_grad()
-def ablated(view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: Tensor,
-            repl: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def ablated(
+    view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: Tensor, repl: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Each head of `layer` in `heads` ablated on its own (one stacked forward from `layer` upward, on the clean
     residual `resid`): (correct [len(heads), n], log-prob [len(heads), n])."""
     G, B, H, P = len(heads), b.input_ids.shape[0], view.n_heads, b.prefix
@@ -155,8 +178,13 @@ def ablated(view: ModelView, b: Batch, layer: int, heads: Sequence[int], resid: 
             cache = _tail_cache(view.config, layer)
             h.ablate_heads(layer, mask, replacement=repl)
             with run_from(view, layer, resid[:1, :P].repeat(G, 1, 1)):
-                view.model(input_ids=b.input_ids[:1, :P].to(dev).repeat(G, 1), position_ids=b.position_ids[:1, :P].to(dev).repeat(G, 1),
-                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+                view.model(
+                    input_ids=b.input_ids[:1, :P].to(dev).repeat(G, 1),
+                    position_ids=b.position_ids[:1, :P].to(dev).repeat(G, 1),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             cache.batch_repeat_interleave(B)
         h.ablate_heads(layer, mask.repeat_interleave(B, 0), replacement=repl)
         inp = b.inputs(dev, repeat=G)
@@ -195,6 +223,7 @@ def _device(view: ModelView) -> torch.device:
 
 def _stop_at(view: ModelView, b: Batch, layer: int) -> Tensor:
     """The clean residual input of `layer` only, running layers below it and no further."""
+
     class Stop(Exception):
         pass
 
@@ -272,7 +301,9 @@ def units(view: ModelView, heads: Sequence[Head], group: int) -> list[tuple[int,
     per_layer: dict[int, list[int]] = defaultdict(list)
     for l, h in heads:
         per_layer[l].append(h)
-    return [(l, tuple(per_layer[l][i:i + group])) for l in sorted(per_layer) for i in range(0, len(per_layer[l]), group)]
+    return [
+        (l, tuple(per_layer[l][i : i + group])) for l in sorted(per_layer) for i in range(0, len(per_layer[l]), group)
+    ]
 
 
 def group_size(n_heads: int, batch_rows: int, max_rows: int = 2048) -> int:
@@ -294,9 +325,18 @@ def load_partial(out: Path, fingerprint: str) -> dict[Head, dict]:
     return done
 
 
-def scan(view: ModelView, batches: list[Batch], n_cases: int, heads: Sequence[Head], repl: Tensor | None = None,
-         done: dict[Head, dict] | None = None, sink=None, rank: int = 0, world: int = 1,
-         progress: bool = True) -> dict[Head, dict]:
+def scan(
+    view: ModelView,
+    batches: list[Batch],
+    n_cases: int,
+    heads: Sequence[Head],
+    repl: Tensor | None = None,
+    done: dict[Head, dict] | None = None,
+    sink=None,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> dict[Head, dict]:
     """Exact ablation of each head in `heads` on all cases: {head: {"correct": bool [n], "logprob": float [n]}}.
 
     Units are dealt round-robin to `world` processes (this one is `rank`); heads in `done` are skipped;
@@ -333,18 +373,28 @@ def keys_of(labels: dict[str, list]) -> dict[str, np.ndarray]:
 
 def summary(correct, logprob, masks: dict[str, np.ndarray]) -> dict:
     c, lp = np.asarray(correct, bool), np.asarray(logprob, float)
-    return {"acc": {k: float(c[m].mean()) if m.any() else float("nan") for k, m in masks.items()},
-            "n": {k: int(m.sum()) for k, m in masks.items()}, "logprob": float(lp.mean())}
+    return {
+        "acc": {k: float(c[m].mean()) if m.any() else float("nan") for k, m in masks.items()},
+        "n": {k: int(m.sum()) for k, m in masks.items()},
+        "logprob": float(lp.mean()),
+    }
 
 
 def head_row(layer: int, head: int, s: dict, base: dict) -> dict:
     drop = {k: round(base["acc"][k] - a, 6) for k, a in s["acc"].items()}
-    return {"layer": layer, "head": head, "acc": {k: round(a, 6) for k, a in s["acc"].items()}, "drop": drop,
-            "n": s["n"], "logprob_drop": round(base["logprob"] - s["logprob"], 6)}
+    return {
+        "layer": layer,
+        "head": head,
+        "acc": {k: round(a, 6) for k, a in s["acc"].items()},
+        "drop": drop,
+        "n": s["n"],
+        "logprob_drop": round(base["logprob"] - s["logprob"], 6),
+    }
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
+
     def ranks(x):
         x = np.asarray(x, float)
         order = np.argsort(x, kind="stable")
@@ -371,10 +421,10 @@ def heads_of(view: ModelView, only: Sequence[Head] | None) -> list[Head]:
 
 
 def arithmetic_batches(loaded, digits, ops, templates, limit, seed, batch_size) -> tuple[dict, list[Batch]]:
-
     kw = dict(ops=tuple(ops)) if ops else {}
-    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
-                                limit=limit, **kw)
+    problems = arithmetic.build(
+        digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed, limit=limit, **kw
+    )
     if len(problems) == 0:
         raise UsageError("no arithmetic problems for these options; widen --digits/--ops or raise --limit")
     cases = arithmetic.cases(problems, loaded.tokenizer)
@@ -388,8 +438,12 @@ def user_batches(loaded, ds, batch_size) -> tuple[dict, list[Batch]]:
     "group") and first vs later target token (as "case_type")."""
     cases = tasks.cases(loaded.tokenizer, ds)
     groups = list(cases["group"])
-    labels = {"op": groups, "group": groups, "digits": [0] * len(groups),
-              "case_type": ["first-token" if j == 0 else "later-token" for j in cases["token_index"]]}
+    labels = {
+        "op": groups,
+        "group": groups,
+        "digits": [0] * len(groups),
+        "case_type": ["first-token" if j == 0 else "later-token" for j in cases["token_index"]],
+    }
     window = getattr(loaded.model.config, "sliding_window", None)
     return labels, pack(cases["input_ids"], cases["target"], batch_size, pad_id(loaded.tokenizer), window)
 
@@ -404,10 +458,20 @@ def partial_sink(path: Path, fp: str):
     def write(rows: dict[Head, dict]) -> None:
         with open(path, "a") as f:
             for (l, h), r in rows.items():
-                f.write(json.dumps({"fingerprint": fp, "layer": l, "head": h,
-                                    "correct": "".join("1" if x else "0" for x in r["correct"].tolist()),
-                                    "logprob": [round(float(x), 6) for x in r["logprob"].tolist()]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "fingerprint": fp,
+                            "layer": l,
+                            "head": h,
+                            "correct": "".join("1" if x else "0" for x in r["correct"].tolist()),
+                            "logprob": [round(float(x), 6) for x in r["logprob"].tolist()],
+                        }
+                    )
+                    + "\n"
+                )
             f.flush()
+
     return write
 
 

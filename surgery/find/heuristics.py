@@ -1,6 +1,7 @@
 """`surgery heuristics`: label a circuit's neurons with arithmetic heuristics ("bag of heuristics", Nikankin et al.).
 
-    surgery heuristics --circuit DIR --out DIR2 [--threshold 0.6] [--families ranges,modulo,digits,identical,multi-result]
+    surgery heuristics --circuit DIR --out DIR2 [--threshold 0.6] [--families
+    ranges,modulo,digits,identical,multi-result]
 
 
 For each operator of the circuit folder and each of its top neurons (last position, the neuron level of
@@ -30,22 +31,17 @@ only, and the ablations use at most --max-prompts prompts.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from surgery.find import circuit as C
 from surgery.find import patching as P
 from surgery.io import report as rep
 from surgery.model.arch import ModelView
-from surgery.errors import UsageError
 from surgery.model.hooks import Hooks
-from surgery.io.loading import load_model
 
 FAMILIES = ("ranges", "modulo", "digits", "identical", "multi-result")
 MULTI_OPS = ("/",)  # operators whose results get multi-result sets (few distinct quotients; the paper: division)
@@ -56,8 +52,14 @@ MODULI = (2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15)
 
 
 # ---- heuristics as prompt sets, and the match score --------------------------------------------------------
-def heuristic_sets(a: np.ndarray, b: np.ndarray, result: np.ndarray, families: Sequence[str] = FAMILIES,
-                   min_size: int | None = None, max_frac: float = 0.5) -> dict[str, np.ndarray]:
+def heuristic_sets(
+    a: np.ndarray,
+    b: np.ndarray,
+    result: np.ndarray,
+    families: Sequence[str] = FAMILIES,
+    min_size: int | None = None,
+    max_frac: float = 0.5,
+) -> dict[str, np.ndarray]:
     """Name -> bool mask over prompts, for every heuristic of the chosen families holding between min_size and
     max_frac of the prompts (a random map scores |H| / n on H, so bigger sets would match noise)."""
     n = len(a)
@@ -88,8 +90,9 @@ def match_scores(scores: np.ndarray, sets: dict[str, np.ndarray]) -> dict[str, f
     return {name: float((m & (rank < m.sum())).sum() / m.sum()) for name, m in sets.items()}
 
 
-def multi_result(scores: np.ndarray, result: np.ndarray, min_size: int | None = None,
-                 max_frac: float = 0.5) -> tuple[str, np.ndarray, float] | None:
+def multi_result(
+    scores: np.ndarray, result: np.ndarray, min_size: int | None = None, max_frac: float = 0.5
+) -> tuple[str, np.ndarray, float] | None:
     """The multi-result heuristic of one map, if any: (name, mask over all prompts, held-out match score).
 
     Results are ranked by the map's mean over the EVEN prompts with that result (results with >= 2 of them);
@@ -113,15 +116,18 @@ def multi_result(scores: np.ndarray, result: np.ndarray, min_size: int | None = 
         h = mask[test]
         if not (min_size <= mask.sum() <= max_frac * n and h.sum() >= max(min_size // 2, 5)):
             continue
-        cands.append(("result in {" + ", ".join(map(str, chosen)) + "}", mask, match_scores(scores[test], {"S": h})["S"]))
+        cands.append(
+            ("result in {" + ", ".join(map(str, chosen)) + "}", mask, match_scores(scores[test], {"S": h})["S"])
+        )
     if not cands:
         return None
     top = max(c[2] for c in cands)
     return next(c for c in cands if c[2] >= top - MULTI_TOL)  # the fewest results scoring about the best
 
 
-def classify(maps: dict[str, np.ndarray], sets: dict[str, np.ndarray], threshold: float = 0.6,
-             multi: np.ndarray | None = None) -> dict:
+def classify(
+    maps: dict[str, np.ndarray], sets: dict[str, np.ndarray], threshold: float = 0.6, multi: np.ndarray | None = None
+) -> dict:
     """The best heuristic over the given maps ({"activation": [n], "direct": [n]}): label (None below the
     threshold), its score, and which map matched. With `multi` (the prompts' results, division) each map's
     multi-result set competes too; its mask is returned under "mask" when it is the best."""
@@ -141,8 +147,9 @@ def classify(maps: dict[str, np.ndarray], sets: dict[str, np.ndarray], threshold
 
 # ---- activation maps on the model ----------------------------------------------------------------------------
 @torch.no_grad()
-def activation_maps(view: ModelView, gs: list[C.Group], neurons: dict[int, list[int]], batch_size: int
-                    ) -> tuple[dict[tuple[int, int], np.ndarray], dict[tuple[int, int], np.ndarray], list[dict]]:
+def activation_maps(
+    view: ModelView, gs: list[C.Group], neurons: dict[int, list[int]], batch_size: int
+) -> tuple[dict[tuple[int, int], np.ndarray], dict[tuple[int, int], np.ndarray], list[dict]]:
     """m_k at the last prompt position (the '=') over every prompt of the groups (activation) and m_k * logit-lens
     value of the first result token (direct: what the '=' position predicts), per neuron (layer, k); plus the
     prompt rows in map order. Sets each group's per-answer-token predictions (g.pred) from the same forwards
@@ -156,7 +163,9 @@ def activation_maps(view: ModelView, gs: list[C.Group], neurons: dict[int, list[
         for s in range(0, len(full), batch_size):
             with Hooks(view) as h:
                 h.capture("m", layers=list(neurons), positions=last)
-                pred.append(view.model(**P.model_inputs(view, full[s:s + batch_size], keep=g.n_ans)).logits.argmax(-1).cpu())
+                pred.append(
+                    view.model(**P.model_inputs(view, full[s : s + batch_size], keep=g.n_ans)).logits.argmax(-1).cpu()
+                )
             for l in neurons:
                 m[l].append(h.store["m", l][:, neurons[l]].float().cpu())
         g.pred = torch.cat(pred)
@@ -179,9 +188,9 @@ def zeroed_correct(view: ModelView, ids: Tensor, ans: Tensor, masks: dict[int, T
     for s in range(0, len(ids), batch_size):
         with Hooks(view) as h:
             for l, mk in masks.items():
-                h.scale_neurons(l, (~mk[s:s + batch_size]).float())
-            logits = view.model(**P.model_inputs(view, ids[s:s + batch_size], keep=ans.shape[1])).logits
-        out.append((logits.argmax(-1).cpu() == ans[s:s + batch_size]).all(1))
+                h.scale_neurons(l, (~mk[s : s + batch_size]).float())
+            logits = view.model(**P.model_inputs(view, ids[s : s + batch_size], keep=ans.shape[1])).logits
+        out.append((logits.argmax(-1).cpu() == ans[s : s + batch_size]).all(1))
     return torch.cat(out)
 
 
@@ -198,9 +207,18 @@ def _acc(c: Tensor) -> dict:
     return {"acc": round(k / n, 4) if n else None, "ci95": rep.wilson(k, n), "n": n}
 
 
-def ablations(view: ModelView, g_rows: list[tuple[C.Group, int]], labels: dict[tuple[int, int], str],
-              sets: dict[str, np.ndarray], order: dict[tuple[str, int], int], layers: list[int], rng: np.random.Generator,
-              batch_size: int, max_heuristics: int, max_prompts: int) -> dict:
+def ablations(
+    view: ModelView,
+    g_rows: list[tuple[C.Group, int]],
+    labels: dict[tuple[int, int], str],
+    sets: dict[str, np.ndarray],
+    order: dict[tuple[str, int], int],
+    layers: list[int],
+    rng: np.random.Generator,
+    batch_size: int,
+    max_heuristics: int,
+    max_prompts: int,
+) -> dict:
     """Both ablations over correctly answered prompts (g_rows: (group, row) in map order), pooled."""
     by_h: dict[str, list[tuple[int, int]]] = {}
     for n, h in labels.items():
@@ -239,8 +257,13 @@ def ablations(view: ModelView, g_rows: list[tuple[C.Group, int]], labels: dict[t
     return out
 
 
-def _run_rows(view: ModelView, prompts: list[tuple[C.Group, int]], neuron_sets: list[list[tuple[int, int]]],
-              layers: list[int], batch_size: int) -> Tensor:
+def _run_rows(
+    view: ModelView,
+    prompts: list[tuple[C.Group, int]],
+    neuron_sets: list[list[tuple[int, int]]],
+    layers: list[int],
+    batch_size: int,
+) -> Tensor:
     """Correctness per prompt with its own neuron set zeroed (prompts grouped by layout)."""
     ok = torch.zeros(len(prompts), dtype=torch.bool)
     by: dict[str, list[int]] = {}
@@ -249,7 +272,9 @@ def _run_rows(view: ModelView, prompts: list[tuple[C.Group, int]], neuron_sets: 
     for key, ii in by.items():
         g = prompts[ii[0]][0]
         rows = [prompts[i][1] for i in ii]
-        ok[ii] = zeroed_correct(view, g.full(rows), g.ans[rows], _masks(view, [neuron_sets[i] for i in ii], layers), batch_size)
+        ok[ii] = zeroed_correct(
+            view, g.full(rows), g.ans[rows], _masks(view, [neuron_sets[i] for i in ii], layers), batch_size
+        )
     return ok
 
 
@@ -258,8 +283,18 @@ def top_neurons(op_result: dict, top: int) -> dict[int, list[int]]:
     return {int(l): idx[:top] for l, idx in op_result["neurons"].items() if idx}
 
 
-def study_op(view: ModelView, gs: list[C.Group], op_result: dict, families, threshold: float, top: int,
-             batch_size: int, rng: np.random.Generator, max_heuristics: int, max_prompts: int) -> dict:
+def study_op(
+    view: ModelView,
+    gs: list[C.Group],
+    op_result: dict,
+    families,
+    threshold: float,
+    top: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    max_heuristics: int,
+    max_prompts: int,
+) -> dict:
     neurons = top_neurons(op_result, top)
     act, direct, rows = activation_maps(view, gs, neurons, batch_size)
     a, b, res = (np.array([r[k] for r in rows]) for k in ("a", "b", "result"))
@@ -277,10 +312,30 @@ def study_op(view: ModelView, gs: list[C.Group], op_result: dict, families, thre
     preds = [(g, i) for g in gs for i in range(len(g.rows))]
     order = {(g.key, i): j for j, (g, i) in enumerate(preds)}
     correct = [(g, i) for g, i in preds if bool(g.correct()[i])]
-    abl = ablations(view, correct, labels, {**sets, **multi_sets}, order, sorted(neurons), rng, batch_size, max_heuristics,
-                    max_prompts) if labels and correct else None
-    return {"neurons": len(table), "labelled": len(labels), "classified_fraction": round(len(labels) / max(len(table), 1), 4),
-            "table": table, "ablations": abl, "maps": {"a": a, "b": b, "activation": act, "direct": direct, "table": table}}
+    abl = (
+        ablations(
+            view,
+            correct,
+            labels,
+            {**sets, **multi_sets},
+            order,
+            sorted(neurons),
+            rng,
+            batch_size,
+            max_heuristics,
+            max_prompts,
+        )
+        if labels and correct
+        else None
+    )
+    return {
+        "neurons": len(table),
+        "labelled": len(labels),
+        "classified_fraction": round(len(labels) / max(len(table), 1), 4),
+        "table": table,
+        "ablations": abl,
+        "maps": {"a": a, "b": b, "activation": act, "direct": direct, "table": table},
+    }
 
 
 # ---- rendering ------------------------------------------------------------------------------------------------

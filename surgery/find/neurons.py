@@ -62,9 +62,16 @@ def random_scores(view: ModelView, layers: list[int], seed: int) -> dict[int, Te
 
 
 @torch.no_grad()
-def mean_coefficients(view: ModelView, seqs: Sequence[Sequence[int]], layers: list[int], pad: int,
-                      batch_size: int = 32, absolute: bool = False, head_masks: dict[int, Tensor] | None = None,
-                      scales: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
+def mean_coefficients(
+    view: ModelView,
+    seqs: Sequence[Sequence[int]],
+    layers: list[int],
+    pad: int,
+    batch_size: int = 32,
+    absolute: bool = False,
+    head_masks: dict[int, Tensor] | None = None,
+    scales: dict[int, Tensor] | None = None,
+) -> dict[int, Tensor]:
     """Mean coefficient m_k (or |m_k|) at the last position over `seqs` (duplicates counted, each distinct
     sequence run once), {layer: [N]}; optionally with heads masked and neurons scaled (`Hooks` settings)."""
     uniq = sorted({tuple(s) for s in seqs})
@@ -75,16 +82,21 @@ def mean_coefficients(view: ModelView, seqs: Sequence[Sequence[int]], layers: li
     sums = {l: torch.zeros(view.ffn_width(l)) for l in layers}
     dev = device_of(view.model)
     for i in range(0, len(uniq), batch_size):
-        ids, mask = left_pad(uniq[i:i + batch_size], pad)
+        ids, mask = left_pad(uniq[i : i + batch_size], pad)
         with Hooks(view) as h:
             for layer, hm in (head_masks or {}).items():
                 h.ablate_heads(layer, hm)
             for layer, s in (scales or {}).items():
                 h.scale_neurons(layer, s)
             h.capture("m", layers, positions=-1)
-            view.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
-                       logits_to_keep=1, use_cache=False)
+            view.model(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=position_ids(mask).to(dev),
+                logits_to_keep=1,
+                use_cache=False,
+            )
         for l in layers:
             m = h.store["m", l].float().cpu()
-            sums[l] += weight[i:i + batch_size] @ (m.abs() if absolute else m)
+            sums[l] += weight[i : i + batch_size] @ (m.abs() if absolute else m)
     return {l: v / weight.sum() for l, v in sums.items()}

@@ -66,8 +66,11 @@ class Component:
 
     def name(self) -> str:
         where = "all" if self.role < 0 else ROLES[self.role]
-        unit = {"head": f"{self.layer}.{self.index}", "mlp": f"mlp{self.layer}",
-                "neuron": f"n{self.layer}.{self.index}"}[self.kind]
+        unit = {
+            "head": f"{self.layer}.{self.index}",
+            "mlp": f"mlp{self.layer}",
+            "neuron": f"n{self.layer}.{self.index}",
+        }[self.kind]
         return f"{unit}@{where}"
 
 
@@ -91,7 +94,9 @@ class Pairs:
         self.r = self.r.reshape(self.clean.shape[0], -1)
         self.r_cf = self.r_cf.reshape(self.clean.shape[0], -1)
         if self.r.shape != self.r_cf.shape:
-            raise ValueError(f"answers of one Pairs must have one length, got {tuple(self.r.shape)} and {tuple(self.r_cf.shape)}")
+            raise ValueError(
+                f"answers of one Pairs must have one length, got {tuple(self.r.shape)} and {tuple(self.r_cf.shape)}"
+            )
 
     @property
     def n(self) -> int:
@@ -126,12 +131,12 @@ class Pairs:
         if role < 0:
             return torch.ones(T, dtype=torch.bool)
         out = torch.zeros(T, dtype=torch.bool)
-        out[:self.clean.shape[1]] = self.roles[role]
+        out[: self.clean.shape[1]] = self.roles[role]
         return out
 
     def fold(self, x: Tensor) -> Tensor:
         """Per-row values [rows, ...] summed back to per-pair [B, ...] (both continuations of a pair)."""
-        return x if self.n_ans == 1 else x[:self.n] + x[self.n:]
+        return x if self.n_ans == 1 else x[: self.n] + x[self.n :]
 
 
 @dataclass
@@ -166,8 +171,13 @@ def run(view: ModelView, ids: Tensor, neurons: bool = False, n_ans: int = 1) -> 
             h.capture("m", positions=None)
         logits = view.model(**model_inputs(view, ids, keep=n_ans)).logits
     L = range(view.n_layers)
-    return Acts({l: h.store["z", l] for l in L}, {l: h.store["ffn", l] for l in L},
-                {l: h.store["resid_in", l] for l in L}, {l: h.store["m", l] for l in L} if neurons else {}, logits)
+    return Acts(
+        {l: h.store["z", l] for l in L},
+        {l: h.store["ffn", l] for l in L},
+        {l: h.store["resid_in", l] for l in L},
+        {l: h.store["m", l] for l in L} if neurons else {},
+        logits,
+    )
 
 
 def run_pair(view: ModelView, pairs: Pairs, neurons: bool = False) -> tuple[Acts, Acts]:
@@ -235,8 +245,9 @@ def eq1(clean_logits: Tensor, patched_logits: Tensor, pairs: Pairs) -> Tensor:
     return (0.5 * ((s_rc - p_rc) / p_rc + (p_r - s_r) / s_r)).cpu()
 
 
-def exact(view: ModelView, pairs: Pairs, comps: Sequence[Component], clean: Acts, cf: Acts,
-          max_rows: int = 1024) -> Tensor:
+def exact(
+    view: ModelView, pairs: Pairs, comps: Sequence[Component], clean: Acts, cf: Acts, max_rows: int = 1024
+) -> Tensor:
     """Exact Eq. 1 effect of every component on every prompt, [len(comps), B]: components grouped by layer,
     as many per forward as fit in max_rows rows."""
     out = torch.zeros(len(comps), pairs.n, dtype=torch.float64)
@@ -246,7 +257,7 @@ def exact(view: ModelView, pairs: Pairs, comps: Sequence[Component], clean: Acts
     G = max(1, max_rows // pairs.n)
     for layer, idx in sorted(by_layer.items()):
         for s in range(0, len(idx), G):
-            chunk = idx[s:s + G]
+            chunk = idx[s : s + G]
             logits = patched(view, pairs, [comps[i] for i in chunk], cf, clean)
             out[chunk] = eq1(clean.logits, logits, pairs)
     return out
@@ -276,8 +287,12 @@ def screen(view: ModelView, pairs: Pairs, cf: Acts, neurons: bool = False) -> di
         out["mlp"][:, l] = torch.einsum("bt,rt->rb", df, roles).cpu()
     if neurons:
         t = pairs.last
-        out["neuron"] = torch.stack([pairs.fold((cf.m[l][:, t].to(dev) - acts[2 * L + l][:, t].detach())
-                                                * grads[2 * L + l][:, t]).T.cpu() for l in range(L)])
+        out["neuron"] = torch.stack(
+            [
+                pairs.fold((cf.m[l][:, t].to(dev) - acts[2 * L + l][:, t].detach()) * grads[2 * L + l][:, t]).T.cpu()
+                for l in range(L)
+            ]
+        )
     return out
 
 
@@ -304,7 +319,7 @@ def means(view: ModelView, ids: Tensor, batch_size: int = 64, n_ans: int = 1) ->
         with Hooks(view) as h:
             for w in tot:
                 h.capture(w, positions=None)
-            pred.append(view.model(**model_inputs(view, ids[s:s + batch_size], keep=n_ans)).logits.argmax(-1).cpu())
+            pred.append(view.model(**model_inputs(view, ids[s : s + batch_size], keep=n_ans)).logits.argmax(-1).cpu())
         for w in tot:
             for l in L:
                 x = h.store[w, l].double().sum(0)
@@ -325,11 +340,15 @@ class Circuit:
 
     @staticmethod
     def full(view: ModelView) -> "Circuit":
-        return Circuit(torch.ones(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool))
+        return Circuit(
+            torch.ones(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool)
+        )
 
     @staticmethod
     def empty(view: ModelView) -> "Circuit":
-        return Circuit(torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.zeros(view.n_layers, dtype=torch.bool))
+        return Circuit(
+            torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.zeros(view.n_layers, dtype=torch.bool)
+        )
 
 
 @torch.no_grad()

@@ -16,22 +16,17 @@ run starts at layer l from the clean residual (`hooks.run_from`); a test checks 
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from surgery.io import report as rep
-from surgery.model.arch import ModelView
-from surgery.model.batching import device_of, left_pad, pad_id, position_ids
 from surgery.errors import UsageError
 from surgery.evals import arithmetic
+from surgery.model.arch import ModelView
+from surgery.model.batching import device_of, left_pad, position_ids
 from surgery.model.hooks import Hooks, run_from
-from surgery.io.loading import load_model
 
 NULL_WORD = " nothing"
 THRESHOLD = -0.05
@@ -57,8 +52,10 @@ def null_operator_pairs(tokenizer, problems, null: str = NULL_WORD) -> tuple[lis
         cf.append(c)
         targets.append(full[start])
     if not clean:
-        raise UsageError("no problem has a single-token operator for the null-operator counterfactual; "
-                         "use the calculate or plain template")
+        raise UsageError(
+            "no problem has a single-token operator for the null-operator counterfactual; "
+            "use the calculate or plain template"
+        )
     return clean, cf, targets
 
 
@@ -69,14 +66,20 @@ def _capture(view: ModelView, ids: Tensor, mask: Tensor) -> tuple[Tensor, dict, 
     with Hooks(view) as h:
         h.capture("z", layers=layers, positions=None)
         h.capture("resid_in", layers=layers, positions=None)
-        logits = view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                            logits_to_keep=1, use_cache=False).logits[:, -1].float()
+        logits = (
+            view.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, use_cache=False
+            )
+            .logits[:, -1]
+            .float()
+        )
     return logits, {l: h.store["z", l] for l in layers}, {l: h.store["resid_in", l] for l in layers}
 
 
 @torch.no_grad()
-def patched_logits(view: ModelView, ids: Tensor, mask: Tensor, layer: int, head: int, z_clean: dict,
-                   z_cf: dict, resid: dict) -> Tensor:
+def patched_logits(
+    view: ModelView, ids: Tensor, mask: Tensor, layer: int, head: int, z_clean: dict, z_cf: dict, resid: dict
+) -> Tensor:
     """Last-position logits [B, V] with head (layer, head) patched from the counterfactual and every later head
     frozen to its clean output, run from `layer` on the clean residual."""
     H = view.n_heads
@@ -87,13 +90,21 @@ def patched_logits(view: ModelView, ids: Tensor, mask: Tensor, layer: int, head:
         for l in range(layer + 1, view.n_layers):
             h.ablate_heads(l, torch.zeros(H, device=ids.device), replacement=z_clean[l])
         with run_from(view, layer, resid[layer]):
-            out = view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                             logits_to_keep=1, use_cache=False)
+            out = view.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1, use_cache=False
+            )
     return out.logits[:, -1].float()
 
 
-def effects(view: ModelView, clean: list, cf: list, targets: list, pad: int,
-            heads: Sequence[tuple[int, int]] | None = None, progress: bool = True) -> tuple[Tensor, Tensor]:
+def effects(
+    view: ModelView,
+    clean: list,
+    cf: list,
+    targets: list,
+    pad: int,
+    heads: Sequence[tuple[int, int]] | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
     """(effect [L, H] (nan where not scanned), clean answer logit per problem [B])."""
     dev = device_of(view.model)
     ids, mask = (t.to(dev) for t in left_pad(clean, pad))

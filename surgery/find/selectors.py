@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from surgery.errors import UsageError
+from surgery.find.cna import Scorer, Workspace, collect, scan
+from surgery.find.neurons import by_layer, mean_coefficients, random_scores, top_n
 from surgery.model.arch import ModelView
 from surgery.model.batching import batches, device_of, left_pad, position_ids
-from surgery.find.cna import Scorer, Workspace, collect, scan
-from surgery.errors import UsageError
 from surgery.model.hooks import Hooks
-from surgery.find.neurons import by_layer, mean_coefficients, random_scores, top_n
 
 Scores = dict[int, Tensor]
 
@@ -58,6 +58,7 @@ def register(kind: str, name: str) -> Callable[[Selector], Selector]:
     def add(fn: Selector) -> Selector:
         REGISTRY[kind][name] = fn
         return fn
+
     return add
 
 
@@ -110,8 +111,9 @@ def activation(inp: Inputs) -> Scores:
     return mean_coefficients(inp.view, inp.seqs, inp.layers, inp.pad, absolute=True)
 
 
-def _grad_times_m(inp: Inputs, objective: Callable[[Tensor, Tensor], Tensor]
-                  ) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+def _grad_times_m(
+    inp: Inputs, objective: Callable[[Tensor, Tensor], Tensor]
+) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
     """Per batch of task cases and layer: (layer, m [B, T, N], d objective / d m [B, T, N], mask [B, T]) for
     objective(last-position logits [B, V], targets [B]) summed over the batch: one forward + backward per batch."""
     view, dev = inp.view, device_of(inp.view.model)
@@ -119,8 +121,17 @@ def _grad_times_m(inp: Inputs, objective: Callable[[Tensor, Tensor], Tensor]
         ids, mask = (t.to(dev) for t in left_pad([inp.seqs[i] for i in idx], inp.pad))
         with torch.enable_grad(), Hooks(view) as h:
             h.capture("m", layers=inp.layers, positions=None, keep_grad=True)  # a slice would not be on the graph
-            logits = view.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                                logits_to_keep=1, use_cache=False).logits[:, -1].float()
+            logits = (
+                view.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=position_ids(mask),
+                    logits_to_keep=1,
+                    use_cache=False,
+                )
+                .logits[:, -1]
+                .float()
+            )
             tgt = torch.tensor([inp.targets[i] for i in idx], device=dev)
             ms = [h.store["m", l] for l in inp.layers]
             grads = torch.autograd.grad(objective(logits, tgt), ms)
@@ -161,8 +172,13 @@ def token_coefficients(inp: Inputs) -> tuple[Scores, Scores, int]:
         ids, mask = left_pad([inp.seqs[i] for i in idx], inp.pad)
         with torch.no_grad(), Hooks(view) as h:
             h.capture("m", layers=inp.layers, positions=None)
-            view.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
-                       logits_to_keep=1, use_cache=False)
+            view.model(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=position_ids(mask).to(dev),
+                logits_to_keep=1,
+                use_cache=False,
+            )
         on = mask.bool()
         n += int(on.sum())
         for l in inp.layers:
@@ -188,7 +204,7 @@ def flap(inp: Inputs) -> Scores:
     out = {}
     for l in inp.layers:
         var = (s2[l] - s1[l] * s1[l] / n) / max(n - 1, 1)
-        out[l] = (var.clamp(min=0).float() * inp.view.values(l).float().norm(dim=1).cpu() ** 2)
+        out[l] = var.clamp(min=0).float() * inp.view.values(l).float().norm(dim=1).cpu() ** 2
     return out
 
 
@@ -198,9 +214,17 @@ def cna_task(inp: Inputs) -> Scores:
     (each case's top-k exact, the rest by certified-bound midpoints); without a reference, importance alone.
     info["aggregate"] = "abs" sums the per-case magnitudes instead (as `cna.aggregate=abs` in prune)."""
     k = inp.info.get("exact_top", 100)
-    sc = scan(inp.reference or inp.view, inp.seqs, inp.layers, k, inp.pad,
-              view_b=inp.view if inp.reference is not None else None, targets=inp.targets,
-              batch_size=inp.batch_size, max_rescore=inp.info.get("max_rescore", 2048))
+    sc = scan(
+        inp.reference or inp.view,
+        inp.seqs,
+        inp.layers,
+        k,
+        inp.pad,
+        view_b=inp.view if inp.reference is not None else None,
+        targets=inp.targets,
+        batch_size=inp.batch_size,
+        max_rescore=inp.info.get("max_rescore", 2048),
+    )
     inp.info["scan"] = sc
     return sc.total_abs if inp.info.get("aggregate", "sum") == "abs" else sc.total
 
@@ -239,9 +263,14 @@ def cna_contrast(inp: Inputs) -> Scores:
         total[l][idx] = exact[l]
     screen = torch.cat([fo[l][idx] for l, idx in cand.items()])
     ex = torch.cat(list(exact.values()))
-    inp.info.update({"cases": len(inp.targets), "screen": "first-order", "rescored_exactly": len(ex),
-                     "screen_exact_corr": float(torch.corrcoef(torch.stack([screen, ex]))[0, 1]) if len(ex) > 1
-                     else None})
+    inp.info.update(
+        {
+            "cases": len(inp.targets),
+            "screen": "first-order",
+            "rescored_exactly": len(ex),
+            "screen_exact_corr": float(torch.corrcoef(torch.stack([screen, ex]))[0, 1]) if len(ex) > 1 else None,
+        }
+    )
     return total
 
 
@@ -249,9 +278,11 @@ def _pair_scorers(inp: Inputs, layers: list[int], desc: str) -> Iterator[tuple[S
     """(Scorer A, Scorer B) per batch of pairs: each prompt with its own sigma, both with the pair's target."""
     view, bs = inp.view, inp.batch_size
     for s in tqdm(range(0, len(inp.targets), bs), desc=desc, unit="batch"):
-        w = torch.tensor(inp.targets[s:s + bs])
-        sa = collect(view, *left_pad(inp.seqs[s:s + bs], inp.pad), layers)
-        sb = collect(view, *left_pad(inp.seqs_b[s:s + bs], inp.pad), layers)
+        w = torch.tensor(inp.targets[s : s + bs])
+        sa = collect(view, *left_pad(inp.seqs[s : s + bs], inp.pad), layers)
+        sb = collect(view, *left_pad(inp.seqs_b[s : s + bs], inp.pad), layers)
         work = Workspace()
-        yield (Scorer(view, sa, view.final_sigma(sa.hfin), w, work=work),
-               Scorer(view, sb, view.final_sigma(sb.hfin), w, work=work))
+        yield (
+            Scorer(view, sa, view.final_sigma(sa.hfin), w, work=work),
+            Scorer(view, sb, view.final_sigma(sb.hfin), w, work=work),
+        )

@@ -19,25 +19,57 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from surgery.evals import arithmetic
+from surgery.find.cna import head_masks
+from surgery.find.neurons import Neuron, mean_coefficients, zero_scales
 from surgery.io import report as rep
 from surgery.model.arch import ModelView
 from surgery.model.batching import pad_id, predict_cases
-from surgery.find.cna import head_masks
-from surgery.evals import arithmetic
 from surgery.model.hooks import Hooks
-from surgery.find.neurons import Neuron, mean_coefficients, zero_scales
 
 KS = (10, 20, 30, 50, 99)
-NUMBER_WORDS = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve", "hundred", "plus", "minus", "times", "divided", "sum", "equals"}
+NUMBER_WORDS = {
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "hundred",
+    "plus",
+    "minus",
+    "times",
+    "divided",
+    "sum",
+    "equals",
+}
 
 
-def run_validations(loaded, view: ModelView, data: dict, which: Sequence[str], digits, ops, templates, limit,
-                    seed: int, ablate, batch_size: int) -> dict:
+def run_validations(
+    loaded,
+    view: ModelView,
+    data: dict,
+    which: Sequence[str],
+    digits,
+    ops,
+    templates,
+    limit,
+    seed: int,
+    ablate,
+    batch_size: int,
+) -> dict:
     """Run the requested validations on the task cases; returns {name: results}."""
     kw = dict(ops=tuple(ops)) if ops else {}
-    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
-                                limit=limit, **kw)
+    problems = arithmetic.build(
+        digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed, limit=limit, **kw
+    )
     cases = arithmetic.cases(problems, loaded.tokenizer)
     top = [(r["layer"], r["index"]) for r in data["neurons"]]
     ctx = _Ctx(loaded, view, cases, batch_size, random.Random(seed))
@@ -59,7 +91,6 @@ class _Ctx:
         self.base = self.accuracy({})
 
     def accuracy(self, scales: dict[int, Tensor]) -> float:
-
         with Hooks(self.view) as h:
             for layer, s in scales.items():
                 h.scale_neurons(layer, s)
@@ -84,9 +115,15 @@ class _Ctx:
 
     def coefficients(self, ablate=(), scales: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
         """Mean coefficient m [N] per layer at the answer position over all cases."""
-        return mean_coefficients(self.view, list(self.cases["input_ids"]), list(range(self.view.n_layers)),
-                                 pad_id(self.loaded.tokenizer), self.batch_size,
-                                 head_masks=head_masks(self.view, ablate), scales=scales)
+        return mean_coefficients(
+            self.view,
+            list(self.cases["input_ids"]),
+            list(range(self.view.n_layers)),
+            pad_id(self.loaded.tokenizer),
+            self.batch_size,
+            head_masks=head_masks(self.view, ablate),
+            scales=scales,
+        )
 
 
 def mask(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
@@ -98,15 +135,20 @@ def mask(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
         sel = top[:k]
         rnd = ctx.random_like(sel)
         keep_deep = [x for x in sel if x[0] in deep]
-        rows.append({"k": k, "zero_top_drop": ctx.base - ctx.accuracy(ctx.zeroed(sel)),
-                     "zero_random_drop": ctx.base - ctx.accuracy(ctx.zeroed(rnd)),
-                     "keep_top_deep_drop": ctx.base - ctx.accuracy(_keep_only(ctx, keep_deep, deep)),
-                     "keep_random_deep_drop": ctx.base - ctx.accuracy(
-                         _keep_only(ctx, ctx.random_like(keep_deep, deep), deep)),
-                     "kept_in_deep": len(keep_deep)})
+        rows.append(
+            {
+                "k": k,
+                "zero_top_drop": ctx.base - ctx.accuracy(ctx.zeroed(sel)),
+                "zero_random_drop": ctx.base - ctx.accuracy(ctx.zeroed(rnd)),
+                "keep_top_deep_drop": ctx.base - ctx.accuracy(_keep_only(ctx, keep_deep, deep)),
+                "keep_random_deep_drop": ctx.base
+                - ctx.accuracy(_keep_only(ctx, ctx.random_like(keep_deep, deep), deep)),
+                "kept_in_deep": len(keep_deep),
+            }
+        )
     out = {"baseline_acc": ctx.base, "n_cases": len(ctx.cases), "rows": rows}
     if ablate:
-        out["coefficient_drop"] = _coef_drop(ctx, top[:KS[0]], ablate)
+        out["coefficient_drop"] = _coef_drop(ctx, top[: KS[0]], ablate)
     return out
 
 
@@ -120,8 +162,11 @@ def _keep_only(ctx: _Ctx, keep: list[Neuron], layers: list[int]) -> dict[int, Te
 def _coef_drop(ctx: _Ctx, top: list[Neuron], ablate) -> dict:
     """Relative change of mean coefficients when the heads are ablated: top neurons vs random ones."""
     clean, abl = ctx.coefficients(), ctx.coefficients(ablate=ablate)
-    return {"top_relative_change": _mean_abs_change(clean, abl, top),
-            "random_relative_change": _mean_abs_change(clean, abl, ctx.random_like(top)), "k": len(top)}
+    return {
+        "top_relative_change": _mean_abs_change(clean, abl, top),
+        "random_relative_change": _mean_abs_change(clean, abl, ctx.random_like(top)),
+        "k": len(top),
+    }
 
 
 def _mean_abs_change(clean: dict[int, Tensor], after: dict[int, Tensor], ns: Sequence[Neuron]) -> float:
@@ -143,9 +188,14 @@ def prediction_enhancing(ctx: _Ctx, top: list[Neuron]) -> dict:
     clean = ctx.coefficients()
     zero_low = ctx.coefficients(scales=ctx.zeroed([low]))
     zero_rnd = ctx.coefficients(scales=ctx.zeroed(ctx.random_like([low])))
-    return {"lowest": f"{low[0]}_{low[1]}", "n_upper": len(upper), "cos_value_key_upper": cos(upper),
-            "cos_value_key_random_upper": cos(rnd_upper), "upper_coef_change_zero_lowest": _mean_abs_change(clean, zero_low, upper),
-            "upper_coef_change_zero_random_same_layer": _mean_abs_change(clean, zero_rnd, upper)}
+    return {
+        "lowest": f"{low[0]}_{low[1]}",
+        "n_upper": len(upper),
+        "cos_value_key_upper": cos(upper),
+        "cos_value_key_random_upper": cos(rnd_upper),
+        "upper_coef_change_zero_lowest": _mean_abs_change(clean, zero_low, upper),
+        "upper_coef_change_zero_random_same_layer": _mean_abs_change(clean, zero_rnd, upper),
+    }
 
 
 def _key_cos(view: ModelView, value: Tensor, n: Neuron) -> float:
@@ -183,8 +233,9 @@ def feature_enhancing(ctx: _Ctx, top: list[Neuron], candidates: int = 512, ms: S
 
 def _fe_candidates(v: ModelView, coef: dict[int, Tensor], top: list[Neuron], mid: int, n: int) -> list[Neuron]:
     shallow_top = [x for x in top if x[0] < mid]
-    scored = [(float(coef[l].abs()[i] * v.values(l)[i].norm()), (l, i))
-              for l in range(mid) for i in range(v.ffn_width(l))]
+    scored = [
+        (float(coef[l].abs()[i] * v.values(l)[i].norm()), (l, i)) for l in range(mid) for i in range(v.ffn_width(l))
+    ]
     best = [x for _, x in sorted(scored, reverse=True)[:n]]
     return list(dict.fromkeys(shallow_top + best))
 
@@ -218,18 +269,37 @@ def markdown(v: dict) -> str:
     parts = []
     if "mask" in v:
         m = v["mask"]
-        parts.append(f"## Mask / keep (Table 5 form) — baseline accuracy {m['baseline_acc']:.3f} on {m['n_cases']} cases\n\n"
-                     + rep.md_table(["k", "zero top", "zero random", "keep top (deep)", "keep random (deep)"],
-                                    [[r["k"], r["zero_top_drop"], r["zero_random_drop"], r["keep_top_deep_drop"],
-                                      r["keep_random_deep_drop"]] for r in m["rows"]]) + "\n\nValues are accuracy drops.")
+        parts.append(
+            f"## Mask / keep (Table 5 form) — baseline accuracy {m['baseline_acc']:.3f} on {m['n_cases']} cases\n\n"
+            + rep.md_table(
+                ["k", "zero top", "zero random", "keep top (deep)", "keep random (deep)"],
+                [
+                    [
+                        r["k"],
+                        r["zero_top_drop"],
+                        r["zero_random_drop"],
+                        r["keep_top_deep_drop"],
+                        r["keep_random_deep_drop"],
+                    ]
+                    for r in m["rows"]
+                ],
+            )
+            + "\n\nValues are accuracy drops."
+        )
         if "coefficient_drop" in m:
             c = m["coefficient_drop"]
-            parts.append(f"Coefficient change under the head ablation: top-{c['k']} {c['top_relative_change']:+.3f} "
-                         f"vs random {c['random_relative_change']:+.3f} (relative).")
+            parts.append(
+                f"Coefficient change under the head ablation: top-{c['k']} {c['top_relative_change']:+.3f} "
+                f"vs random {c['random_relative_change']:+.3f} (relative)."
+            )
     if "pe" in v:
-        parts.append("## Prediction enhancing (Table 6 form)\n\n" + rep.md_table(
-            ["measure", "value"], [[k, x] for k, x in v["pe"].items()]))
+        parts.append(
+            "## Prediction enhancing (Table 6 form)\n\n"
+            + rep.md_table(["measure", "value"], [[k, x] for k, x in v["pe"].items()])
+        )
     if "fe" in v:
-        parts.append("## Feature enhancing (Table 8 form)\n\n" + rep.md_table(
-            ["measure", "value"], [[k, x] for k, x in v["fe"].items()]))
+        parts.append(
+            "## Feature enhancing (Table 8 form)\n\n"
+            + rep.md_table(["measure", "value"], [[k, x] for k, x in v["fe"].items()])
+        )
     return "\n\n".join(parts)

@@ -22,16 +22,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from surgery import __version__
-from surgery.io import trust
-from surgery.model.arch import Arch, ModelView, arch_for, qkv_slices
 from surgery.errors import UsageError
+from surgery.io import trust
 from surgery.io.loading import DTYPES, resolve, sha256_file
-from surgery.io.report import Report, atomic_dir, check_out_dir, md_table, now
-from surgery.io.report import save as save_report
+from surgery.io.report import Report, atomic_dir, now
+from surgery.model.arch import ModelView
 from surgery.model.slicing import base_width, kept_indices, padding
 
 LAYOUTS = ("sliced", "padded", "zeroed")
@@ -39,14 +37,32 @@ MANIFEST = "surgery.json"
 MODELING = trust.MODELING
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-_OURS = ("ffn_widths", "ffn_padding", "per_layer_config", "surgery_ffn", "auto_map", "allow_global_per_layer_attribute_access")
+_OURS = (
+    "ffn_widths",
+    "ffn_padding",
+    "per_layer_config",
+    "surgery_ffn",
+    "auto_map",
+    "allow_global_per_layer_attribute_access",
+)
 
 
 # ==== save ==================================================================================================
-def save(model: nn.Module, tokenizer, out: str | Path, *, layout: str, provenance: dict | None = None,
-         force: bool = False, dtype: str | torch.dtype | None = None, adapter_model=None, merge: bool = False,
-         max_shard_size: str | int = "2GB", base: str | Path | None = None,
-         extra_files: dict[str, str | bytes] | None = None) -> Report:
+def save(
+    model: nn.Module,
+    tokenizer,
+    out: str | Path,
+    *,
+    layout: str,
+    provenance: dict | None = None,
+    force: bool = False,
+    dtype: str | torch.dtype | None = None,
+    adapter_model=None,
+    merge: bool = False,
+    max_shard_size: str | int = "2GB",
+    base: str | Path | None = None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> Report:
     """Write a self-describing checkpoint folder `out` in `layout` (sliced | padded | zeroed), atomically.
 
     `provenance` (recipe, seed, lora, base, layers: {l: {"kept"|"edited": [...]}}) goes into surgery.json with
@@ -72,13 +88,15 @@ def save(model: nn.Module, tokenizer, out: str | Path, *, layout: str, provenanc
         if layout == "sliced":
             (tmp / MODELING).write_text(modeling_source(model))
         _write_side_files(model, tokenizer, tmp, extra_files or {})
-        manifest = write_manifest(tmp, _manifest(model, tmp, layout, prov, kept, target_dtype, files, base,
-                                                 adapter_model, merge))
+        manifest = write_manifest(
+            tmp, _manifest(model, tmp, layout, prov, kept, target_dtype, files, base, adapter_model, merge)
+        )
     return Report(data=manifest, markdown=_save_markdown(out, manifest), files=[out])
 
 
-def load(path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
-         **kwargs) -> nn.Module:
+def load(
+    path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, **kwargs
+) -> nn.Module:
     """Plain `from_pretrained`; the folder's own code runs only when it is provably this version's sliced-layout
     modeling file or the caller passes trust_remote_code=True (`trust.remote_code`)."""
     from transformers import AutoModelForCausalLM
@@ -101,12 +119,16 @@ def _check_layout(model: nn.Module, layout: str, kept: dict[int, list[int]]) -> 
     if layout == "zeroed" and sliced:
         raise UsageError(f"layers {sliced} are sliced; --layout zeroed keeps base shapes: use sliced or padded")
     if layout != "sliced" and getattr(model.config, "surgery_ffn_out_bias", False):
-        raise UsageError(f"the FFN output biases added by bias compensation do not exist in the native "
-                         f"{model.config.model_type} class; export with --layout sliced")
+        raise UsageError(
+            f"the FFN output biases added by bias compensation do not exist in the native "
+            f"{model.config.model_type} class; export with --layout sliced"
+        )
     missing = [i for i in sliced if i not in kept]
     if layout == "padded" and missing:
-        raise UsageError(f"--layout padded needs the kept neuron indices of sliced layers {missing}; pass "
-                         "provenance={'layers': {l: {'kept': [...]}}} or slice with surgery.slicing.slice_ffn")
+        raise UsageError(
+            f"--layout padded needs the kept neuron indices of sliced layers {missing}; pass "
+            "provenance={'layers': {l: {'kept': [...]}}} or slice with surgery.slicing.slice_ffn"
+        )
 
 
 def _kept_from(prov: dict, model: nn.Module) -> dict[int, list[int]]:
@@ -117,7 +139,6 @@ def _kept_from(prov: dict, model: nn.Module) -> dict[int, list[int]]:
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -187,16 +208,20 @@ def check_padding_zero(model: nn.Module) -> None:
         w = view.ffn_width(layer)
         tail = slice(w - pad, w)
         parts = [k[tail] for k in view.keys(layer)] + [view.values(layer)[tail]]
-        parts += [getattr(m, "bias").view(-1, w)[:, tail] for m in view.ffn_in(layer) if getattr(m, "bias", None)
-                  is not None]
+        parts += [
+            getattr(m, "bias").view(-1, w)[:, tail] for m in view.ffn_in(layer) if getattr(m, "bias", None) is not None
+        ]
         if any(bool(p.detach().ne(0).any()) for p in parts):
-            raise UsageError(f"layer {layer}: the {pad} padding neurons (positions {w - pad}..{w - 1}) are not zero "
-                             "(trained after slicing?); re-slice the model or train with surgery.lora, which "
-                             "freezes them")
+            raise UsageError(
+                f"layer {layer}: the {pad} padding neurons (positions {w - pad}..{w - 1}) are not zero "
+                "(trained after slicing?); re-slice the model or train with surgery.lora, which "
+                "freezes them"
+            )
 
 
-def write_tensors(model: nn.Module, folder: Path, layout: str, kept: dict[int, list[int]],
-                  dtype: torch.dtype | None, shard_bytes: int) -> list[str]:
+def write_tensors(
+    model: nn.Module, folder: Path, layout: str, kept: dict[int, list[int]], dtype: torch.dtype | None, shard_bytes: int
+) -> list[str]:
     """Stream tensors into safetensors shards of at most `shard_bytes` (one tensor may exceed it); returns names."""
     plan = _padding_plan(model, kept) if layout == "padded" else {}
     shards: list[dict[str, Tensor]] = []
@@ -268,11 +293,23 @@ def _sliced_config(model: nn.Module, widths: list[int]) -> dict:
     a = view.arch
     overrides = {str(i): {a.width_attr: w} for i, w in enumerate(widths) if w != n}
     cls = _base_class(model).__name__  # same name as the base class: pipelines accept it for text-generation
-    return {"architectures": [cls], "auto_map": {"AutoModelForCausalLM": f"{MODELING[:-3]}.{cls}"},
-            "ffn_widths": widths, "ffn_padding": _padding_list(model), a.width_attr: n, "per_layer_config": overrides,
-            "surgery_ffn": {"layers": a.layers, "ffn": a.ffn, "ffn_in": list(a.ffn_in), "ffn_out": a.ffn_out,
-                            "ffn_kind": a.ffn_kind, "conv1d": a.conv1d,
-                            "out_bias": bool(getattr(model.config, "surgery_ffn_out_bias", False))}}
+    return {
+        "architectures": [cls],
+        "auto_map": {"AutoModelForCausalLM": f"{MODELING[:-3]}.{cls}"},
+        "ffn_widths": widths,
+        "ffn_padding": _padding_list(model),
+        a.width_attr: n,
+        "per_layer_config": overrides,
+        "surgery_ffn": {
+            "layers": a.layers,
+            "ffn": a.ffn,
+            "ffn_in": list(a.ffn_in),
+            "ffn_out": a.ffn_out,
+            "ffn_kind": a.ffn_kind,
+            "conv1d": a.conv1d,
+            "out_bias": bool(getattr(model.config, "surgery_ffn_out_bias", False)),
+        },
+    }
 
 
 def _padding_list(model: nn.Module) -> list[int]:
@@ -311,22 +348,42 @@ def _write_side_files(model: nn.Module, tokenizer, folder: Path, extra: dict[str
 
 
 # ---- provenance ---------------------------------------------------------------------------------------------
-def _manifest(model, folder: Path, layout: str, prov: dict, kept: dict, dtype, tensor_files: list[str],
-              base, adapter_model, merge: bool) -> dict:
+def _manifest(
+    model,
+    folder: Path,
+    layout: str,
+    prov: dict,
+    kept: dict,
+    dtype,
+    tensor_files: list[str],
+    base,
+    adapter_model,
+    merge: bool,
+) -> dict:
     view = ModelView(model)
     m = dict(prov)
     m.setdefault("layers", {str(k): {"kept": v} for k, v in sorted(kept.items())})
     m["base"] = base_record(base if base is not None else m.get("base"), model)
     if layout == "sliced":
         m["modeling_sha256"] = sha256_file(folder / MODELING)
-    m.update({"format": "surgery-checkpoint/1", "tool": {"name": "surgery", "version": __version__},
-              "created": now(), "layout": layout, "arch": model.config.model_type,
-              "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
-              "ffn": {"base_width": base_width(model),
-                      "widths": view.ffn_widths() if layout == "sliced" else [base_width(model)] * view.n_layers,
-                      "padding": _padding_list(model) if layout == "sliced" else [0] * view.n_layers},
-              "adapter": {"path": "adapter", "merged": merge} if adapter_model is not None else None,
-              "tensor_files": tensor_files, "files": file_hashes(folder)})
+    m.update(
+        {
+            "format": "surgery-checkpoint/1",
+            "tool": {"name": "surgery", "version": __version__},
+            "created": now(),
+            "layout": layout,
+            "arch": model.config.model_type,
+            "dtype": str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
+            "ffn": {
+                "base_width": base_width(model),
+                "widths": view.ffn_widths() if layout == "sliced" else [base_width(model)] * view.n_layers,
+                "padding": _padding_list(model) if layout == "sliced" else [0] * view.n_layers,
+            },
+            "adapter": {"path": "adapter", "merged": merge} if adapter_model is not None else None,
+            "tensor_files": tensor_files,
+            "files": file_hashes(folder),
+        }
+    )
     return m
 
 
@@ -387,18 +444,22 @@ def _lora_settings(adapter_model) -> dict:
 
 def _save_markdown(out: Path, m: dict) -> str:
     w = m["ffn"]["widths"]
-    return (f"# Checkpoint {out}\n\nlayout **{m['layout']}**, arch {m['arch']}, dtype {m['dtype']}, "
-            f"FFN widths {min(w)}..{max(w)} (base {m['ffn']['base_width']}), files {len(m['files'])}\n\n"
-            f"{load_instructions(out, m['layout'])}\n")
+    return (
+        f"# Checkpoint {out}\n\nlayout **{m['layout']}**, arch {m['arch']}, dtype {m['dtype']}, "
+        f"FFN widths {min(w)}..{max(w)} (base {m['ffn']['base_width']}), files {len(m['files'])}\n\n"
+        f"{load_instructions(out, m['layout'])}\n"
+    )
 
 
 def load_instructions(path: Path | str, layout: str) -> str:
     trc = ", trust_remote_code=True" if layout == "sliced" else ""
-    return (f"Load: `AutoModelForCausalLM.from_pretrained('{path}'{trc})` or "
-            f"`pipeline('text-generation', model='{path}'{trc})`")
+    return (
+        f"Load: `AutoModelForCausalLM.from_pretrained('{path}'{trc})` or "
+        f"`pipeline('text-generation', model='{path}'{trc})`"
+    )
 
 
-# ==== reading back and verifying ===============================================================================================
+# ==== reading back and verifying ====================================================================================
 def read_manifest(folder: Path) -> dict:
     """The surgery.json of `folder`, checked for the shape inspect relies on; UsageError (exit 2) when the folder
     is not a readable surgery checkpoint."""
@@ -408,8 +469,10 @@ def read_manifest(folder: Path) -> dict:
         raise UsageError(f"{folder} is not a folder; give a checkpoint folder")
     f = folder / MANIFEST
     if not f.is_file():
-        raise UsageError(f"{folder} has no {MANIFEST}, so it is not a surgery checkpoint; "
-                         "compare weights with `surgery diff BASE PATH` instead")
+        raise UsageError(
+            f"{folder} has no {MANIFEST}, so it is not a surgery checkpoint; "
+            "compare weights with `surgery diff BASE PATH` instead"
+        )
     try:
         m = json.loads(f.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -421,8 +484,12 @@ def read_manifest(folder: Path) -> dict:
         bad = "has no 'files' mapping of file name -> {sha256, bytes}"
     else:
         for name, meta in m["files"].items():
-            ok = isinstance(meta, dict) and isinstance(meta.get("sha256"), str) \
-                and isinstance(meta.get("bytes"), int) and not isinstance(meta.get("bytes"), bool)
+            ok = (
+                isinstance(meta, dict)
+                and isinstance(meta.get("sha256"), str)
+                and isinstance(meta.get("bytes"), int)
+                and not isinstance(meta.get("bytes"), bool)
+            )
             if not ok:
                 bad = f"entry {name!r} needs sha256 (text) and bytes (an integer)"
                 break
@@ -430,8 +497,11 @@ def read_manifest(folder: Path) -> dict:
                 bad = f"entry {name!r} points outside the folder"
                 break
         layers = m.get("layers")
-        if bad is None and layers is not None and not (
-                isinstance(layers, dict) and all(str(k).lstrip("-").isdigit() for k in layers)):
+        if (
+            bad is None
+            and layers is not None
+            and not (isinstance(layers, dict) and all(str(k).lstrip("-").isdigit() for k in layers))
+        ):
             bad = "has 'layers' that is not a mapping of layer numbers"
     if bad:
         raise UsageError(f"{f} {bad}; not a readable surgery checkpoint")
@@ -442,8 +512,10 @@ def verify_manifest(m: dict) -> list[str]:
     """The manifest's own hash: detects an edited surgery.json (not a forger who recomputes the hash)."""
     recorded = m.get("manifest_sha256")
     if recorded is None:
-        return [f"{MANIFEST}: no manifest_sha256, so its own integrity cannot be checked (edited, or written "
-                "by an older surgery)"]
+        return [
+            f"{MANIFEST}: no manifest_sha256, so its own integrity cannot be checked (edited, or written "
+            "by an older surgery)"
+        ]
     if recorded != manifest_digest(m):
         return [f"{MANIFEST}: manifest_sha256 mismatch (the manifest was edited after export)"]
     return []
@@ -474,8 +546,11 @@ def remote_code_note(folder: Path, m: dict) -> str | None:
     if m.get("layout") != "sliced":
         return None
     why = trust.not_ours(folder)
-    return f"{MODELING} is surgery {__version__}'s template: loads without {trust.FLAG}" if why is None \
+    return (
+        f"{MODELING} is surgery {__version__}'s template: loads without {trust.FLAG}"
+        if why is None
         else f"needs {trust.FLAG}: {why}"
+    )
 
 
 def verify_safetensors(folder: Path) -> list[str]:

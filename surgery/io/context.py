@@ -30,7 +30,9 @@ class Run:
         """fresh=False: the command manages an existing folder itself (a resumable sweep); only writability is
         checked here."""
         self.name = name
-        self.out: Path = new_out_dir(out, home() / default, force) if fresh else (check_out_dir(out) or home() / default)
+        self.out: Path = (
+            new_out_dir(out, home() / default, force) if fresh else (check_out_dir(out) or home() / default)
+        )
         self.force = force
         self.start = time.time()
         self.seconds: dict[str, float] = {}

@@ -67,8 +67,10 @@ def open_weights(folder: Path) -> Weights:
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, UsageError):
             raise
-        raise UsageError(f"cannot read the weights in {folder} ({first_line(e)}); a tensor file or the index is "
-                         "corrupt or truncated (`surgery inspect` names it)") from None
+        raise UsageError(
+            f"cannot read the weights in {folder} ({first_line(e)}); a tensor file or the index is "
+            "corrupt or truncated (`surgery inspect` names it)"
+        ) from None
 
 
 def compare(B: Weights, O: Weights, cfg, arch: Arch, base_dir: Path, other_dir: Path) -> dict:
@@ -85,9 +87,16 @@ def compare(B: Weights, O: Weights, cfg, arch: Arch, base_dir: Path, other_dir: 
         rec.update(_diff_qkv(arch, B, O, l, n_heads, n_kv, tol, covered))
         rec.update(_diff_ffn_out_bias(arch, B, O, l, tol, covered))
     others = _diff_others(B, O, covered, tol)
-    data = {"base": str(base_dir), "other": str(other_dir), "arch": cfg.model_type, "tolerance": tol,
-            "layers": layers, "other_tensors": others, "summary": diff_summary(layers, others),
-            "changed_components": changed_components(layers)}
+    data = {
+        "base": str(base_dir),
+        "other": str(other_dir),
+        "arch": cfg.model_type,
+        "tolerance": tol,
+        "layers": layers,
+        "other_tensors": others,
+        "summary": diff_summary(layers, others),
+        "changed_components": changed_components(layers),
+    }
     return data
 
 
@@ -117,12 +126,12 @@ def _match_rows(ko: Tensor, kb: Tensor, tol: float) -> Tensor:
     idx = torch.full((ko.shape[0],), -1, dtype=torch.long)
     bn = kb.pow(2).sum(1)
     for s in range(0, ko.shape[0], 1024):
-        a = ko[s:s + 1024]
+        a = ko[s : s + 1024]
         d2 = a.pow(2).sum(1, keepdim=True) + bn - 2 * a @ kb.T
         best = d2.argmin(1)
         err = (a - kb[best]).abs().amax(1)
         ok = err <= 10 * tol * kb[best].abs().amax(1).clamp_min(1e-12)
-        idx[s:s + 1024] = torch.where(ok, best, torch.full_like(best, -1))
+        idx[s : s + 1024] = torch.where(ok, best, torch.full_like(best, -1))
     return idx
 
 
@@ -145,8 +154,13 @@ def _diff_neurons(mb: tuple[Tensor, Tensor], mo: tuple[Tensor, Tensor], tol: flo
         idx[pad] = -1
     matched = idx >= 0
     j, i = matched.nonzero().flatten(), idx[matched]
-    rec = {"base_width": n, "width": m, "removed": sorted(set(range(n)) - set(i.tolist())) if m != n else [],
-           "padding": int(pad.sum()), "unmatched": int((~matched & ~pad).sum())}
+    rec = {
+        "base_width": n,
+        "width": m,
+        "removed": sorted(set(range(n)) - set(i.tolist())) if m != n else [],
+        "padding": int(pad.sum()),
+        "unmatched": int((~matched & ~pad).sum()),
+    }
     vbi, voj, kbi, koj = vb[i], vo[j], kb[i], ko[j]
     scale_v = vbi.abs().amax(1).clamp_min(1e-12)
     zero = (voj.abs().amax(1) == 0) & (vbi.abs().amax(1) > 0)
@@ -175,7 +189,7 @@ def _diff_heads(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, tol: floa
     dh = wb.shape[1] // n_heads
     zeroed, scaled, modified = [], [], []
     for h in range(n_heads):
-        b, o = wb[:, h * dh:(h + 1) * dh].flatten(), wo[:, h * dh:(h + 1) * dh].flatten()
+        b, o = wb[:, h * dh : (h + 1) * dh].flatten(), wo[:, h * dh : (h + 1) * dh].flatten()
         lim = 10 * tol * b.abs().max().clamp_min(1e-12)
         if (o - b).abs().max() <= lim:
             continue
@@ -189,8 +203,7 @@ def _diff_heads(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, tol: floa
     return {"heads_zeroed": zeroed, "heads_scaled": scaled, "heads_modified": modified}
 
 
-def _diff_qkv(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, n_kv: int, tol: float,
-              covered: set[str]) -> dict:
+def _diff_qkv(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, n_kv: int, tol: float, covered: set[str]) -> dict:
     """Query heads whose query rows changed and key/value heads whose key/value rows changed (precise fine-tuning
     edits exactly these), read through the arch table's q/k/v layout; the tensors stay listed under
     other_tensors as well (`covered` is not extended)."""
@@ -263,8 +276,11 @@ def changed_components(layers: list[dict]) -> dict:
         kv |= {(l, h) for h in r.get("kv_heads_modified", [])}
         if r.get("zeroed") or r.get("scaled") or r.get("modified") or r.get("removed") or r.get("ffn_out_bias_changed"):
             mlps.add(l)
-    return {"heads": [f"{l}.{h}" for l, h in sorted(heads)], "kv_heads": [f"{l}.{h}" for l, h in sorted(kv)],
-            "mlps": sorted(mlps)}
+    return {
+        "heads": [f"{l}.{h}" for l, h in sorted(heads)],
+        "kv_heads": [f"{l}.{h}" for l, h in sorted(kv)],
+        "mlps": sorted(mlps),
+    }
 
 
 def _renamed(B: Weights, O: Weights, covered: set[str]) -> dict[str, str]:
@@ -304,9 +320,15 @@ def diff_summary(layers: list[dict], others: list[dict]) -> dict:
     def total(key):
         return sum(len(r.get(key, [])) for r in layers)
 
-    return {"widths": [r.get("width") for r in layers], "removed": total("removed"), "zeroed": total("zeroed"),
-            "scaled": total("scaled"), "amplified": total("amplified"), "modified": total("modified"),
-            "heads_zeroed": total("heads_zeroed"), "heads_scaled": total("heads_scaled"),
-            "heads_modified": total("heads_modified"), "other_tensors_changed": len(others)}
-
-
+    return {
+        "widths": [r.get("width") for r in layers],
+        "removed": total("removed"),
+        "zeroed": total("zeroed"),
+        "scaled": total("scaled"),
+        "amplified": total("amplified"),
+        "modified": total("modified"),
+        "heads_zeroed": total("heads_zeroed"),
+        "heads_scaled": total("heads_scaled"),
+        "heads_modified": total("heads_modified"),
+        "other_tensors_changed": len(others),
+    }

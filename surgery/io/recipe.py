@@ -31,7 +31,9 @@ T = TypeVar("T")
 
 def shipped() -> list[str]:
     """Names of the recipes shipped with the package."""
-    return sorted(p.name[:-5] for p in importlib.resources.files("surgery.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in importlib.resources.files("surgery.recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def find(name_or_path: str) -> Path:
@@ -47,8 +49,13 @@ def find(name_or_path: str) -> Path:
     return Path(str(res))
 
 
-def load(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, ...] = (), quick: bool = False,
-         profile: str | None = None) -> T:
+def load(
+    name_or_path: str,
+    schema: type[T],
+    overrides: list[str] | tuple[str, ...] = (),
+    quick: bool = False,
+    profile: str | None = None,
+) -> T:
     """Read, merge the chosen profile (`quick=True` is profile 'quick'), apply overrides, validate into `schema`."""
     path = find(name_or_path)
     try:
@@ -75,8 +82,14 @@ def load(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, .
     return build(schema, raw, where=path.name)
 
 
-def resolve(name_or_path: str, schema: type[T], overrides: list[str] | tuple[str, ...] = (), quick: bool = False,
-            profile: str | None = None, **flags) -> T:
+def resolve(
+    name_or_path: str,
+    schema: type[T],
+    overrides: list[str] | tuple[str, ...] = (),
+    quick: bool = False,
+    profile: str | None = None,
+    **flags,
+) -> T:
     """`load`, then the command's explicit flags on top (None = keep the recipe's value), re-validated."""
     r = load(name_or_path, schema, overrides, quick, profile)
     given = {k: v for k, v in flags.items() if v is not None}

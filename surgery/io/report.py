@@ -40,8 +40,15 @@ def now() -> str:
 
 def make(command: str, model: dict | None, config: dict, results: dict, seconds: float) -> dict:
     """The shared report dict."""
-    return {"tool": {"name": "surgery", "version": __version__}, "command": command, "model": model,
-            "config": config, "results": results, "timing": {"seconds": round(seconds, 3)}, "created": now()}
+    return {
+        "tool": {"name": "surgery", "version": __version__},
+        "command": command,
+        "model": model,
+        "config": config,
+        "results": results,
+        "timing": {"seconds": round(seconds, 3)},
+        "created": now(),
+    }
 
 
 def check_out_dir(out: str | Path | None) -> Path | None:
@@ -88,6 +95,8 @@ def write_text_atomic(path: Path, text: str) -> Path:
 def json_text(data) -> str:
     """The report JSON text (tensors and paths made plain)."""
     return json.dumps(data, indent=2, default=_jsonable) + "\n"
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -109,8 +118,10 @@ def _jsonable(x):
 def save(report: Report, out: Path | None, stem: str = "report") -> Report:
     """Write DIR/<stem>.json and DIR/<stem>.md (atomically each) when `out` is given."""
     if out is not None:
-        report.files += [write_json(out / f"{stem}.json", report.data),
-                         write_text_atomic(out / f"{stem}.md", report.markdown.rstrip() + "\n")]
+        report.files += [
+            write_json(out / f"{stem}.json", report.data),
+            write_text_atomic(out / f"{stem}.md", report.markdown.rstrip() + "\n"),
+        ]
     return report
 
 
@@ -186,7 +197,7 @@ def _stale(target: Path, kind: str) -> list[Path]:
         return out
     for p in target.parent.iterdir():
         if p.name.startswith(prefix):
-            pid = p.name[len(prefix):].split(".", 1)[0]
+            pid = p.name[len(prefix) :].split(".", 1)[0]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 out.append(p)
     return out
@@ -218,6 +229,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub Markdown table; floats printed with 3 decimals."""
+
     def cell(x):
         return f"{x:.3f}" if isinstance(x, float) else str(x)
 

@@ -156,5 +156,7 @@ def remote_code(where: str | Path, trust_remote_code: bool = False) -> bool:
     why = not_ours(folder)
     if why is None:
         return True
-    raise UsageError(f"{folder} carries its own Python code ({', '.join(found)}) and {why}; it is not run "
-                     f"unless you pass {FLAG} (only for a folder whose author you trust)")
+    raise UsageError(
+        f"{folder} carries its own Python code ({', '.join(found)}) and {why}; it is not run "
+        f"unless you pass {FLAG} (only for a folder whose author you trust)"
+    )

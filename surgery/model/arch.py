@@ -78,13 +78,24 @@ ARCHS: dict[str, Arch] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     # Phi-3: Llama with fused qkv and gate_up projections
-    "phi3": replace(_LLAMA, ffn_in=("mlp.gate_up_proj",), ffn_kind="fused", attn_v="self_attn.qkv_proj",
-                    attn_v_fused="qkv_rows", lora_targets=("qkv_proj", "o_proj"), attn_qkv=("self_attn.qkv_proj",),
-                    qkv_layout="rows"),
+    "phi3": replace(
+        _LLAMA,
+        ffn_in=("mlp.gate_up_proj",),
+        ffn_kind="fused",
+        attn_v="self_attn.qkv_proj",
+        attn_v_fused="qkv_rows",
+        lora_targets=("qkv_proj", "o_proj"),
+        attn_qkv=("self_attn.qkv_proj",),
+        qkv_layout="rows",
+    ),
     # Gemma 3: Llama with norms around the FFN, (1 + w) RMS norms and final logit soft-capping
-    "gemma3_text": replace(_LLAMA, pre_ffn_norm="pre_feedforward_layernorm",
-                           post_ffn_norm="post_feedforward_layernorm", norm_kind="rms1p",
-                           softcap_attr="final_logit_softcapping"),
+    "gemma3_text": replace(
+        _LLAMA,
+        pre_ffn_norm="pre_feedforward_layernorm",
+        post_ffn_norm="post_feedforward_layernorm",
+        norm_kind="rms1p",
+        softcap_attr="final_logit_softcapping",
+    ),
     "gpt2": Arch(
         layers="transformer.h",
         attn_out="attn.c_proj",
@@ -322,7 +333,7 @@ class ModelView:
         total = torch.zeros(self.hidden_size, self.hidden_size, device=wv.device)
         for h in range(self.n_heads):
             kv = h // group
-            total += self.head_out_weight(layer, h).float() @ wv[kv * self.head_dim:(kv + 1) * self.head_dim]
+            total += self.head_out_weight(layer, h).float() @ wv[kv * self.head_dim : (kv + 1) * self.head_dim]
         return total
 
     def head_param_slices(self, layer: int, head: int) -> list[tuple[str, int, Tensor]]:

@@ -36,19 +36,25 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
-def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   keep: int) -> torch.Tensor:
+def forward_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
+) -> torch.Tensor:
     """fp32 logits [B, keep, V] of the last `keep` positions of a left-padded batch, without gradients."""
     dev = device_of(model)
     input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                    logits_to_keep=keep, use_cache=False)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            logits_to_keep=keep,
+            use_cache=False,
+        )
     return out.logits[:, -keep:].float()
 
 
@@ -92,8 +98,13 @@ def predict_cases(model: torch.nn.Module, tokenizer, cases, batch_size: int = 64
     return {"pred": pred, "correct": pred == targets, "logprob": logprob}
 
 
-def next_token_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
-                        pad: int, batch_size: int = 64) -> torch.Tensor:
+def next_token_logprobs(
+    model: torch.nn.Module,
+    seqs: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[int]],
+    pad: int,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """Log-probs [N, K] of K candidate next tokens after each sequence: one forward for all candidates."""
     out = torch.empty(len(seqs), len(candidates[0]) if candidates else 0)
     order = by_length(seqs)
@@ -104,8 +115,14 @@ def next_token_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], c
     return out
 
 
-def suffix_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_suffix: Sequence[int], pad: int,
-                    batch_size: int = 16, progress: bool = False) -> list[torch.Tensor]:
+def suffix_logprobs(
+    model: torch.nn.Module,
+    seqs: Sequence[Sequence[int]],
+    n_suffix: Sequence[int],
+    pad: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[torch.Tensor]:
     """Per-token log-probs of the last n_suffix[i] tokens of each sequence (teacher forced), in input order.
 
     Left padding puts every suffix at the end, so only max(n_suffix)+1 logit rows per batch are computed.
@@ -122,12 +139,13 @@ def suffix_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]], n_suf
         targets = ids[:, -keep:]
         tok_lp = logp.gather(2, targets[..., None])[..., 0]
         for j, r in enumerate(rows):
-            out[r] = tok_lp[j, keep - n_suffix[r]:]
+            out[r] = tok_lp[j, keep - n_suffix[r] :]
     return out
 
 
-def continuation_ids(tokenizer, prompt: str, continuation: str,
-                     fix: str = "start the continuation with a space") -> tuple[list[int], int]:
+def continuation_ids(
+    tokenizer, prompt: str, continuation: str, fix: str = "start the continuation with a space"
+) -> tuple[list[int], int]:
     """Token ids of prompt+continuation and how many trailing tokens are the continuation.
 
     Tokenised together (as the model would see it); the prompt's own ids must be a prefix.

@@ -76,7 +76,9 @@ class Hooks:
     def scale_neurons(self, layer: int, scale: Tensor) -> "Hooks":
         """Multiply the coefficients m_k of `layer` by scale [N] or [B, N] (0 zeroes, 1 keeps)."""
         if scale.shape[-1] != self.view.ffn_width(layer):
-            raise ValueError(f"neuron scale has {scale.shape[-1]} entries, layer {layer} has {self.view.ffn_width(layer)}")
+            raise ValueError(
+                f"neuron scale has {scale.shape[-1]} entries, layer {layer} has {self.view.ffn_width(layer)}"
+            )
         self.neuron_scales[layer] = scale
         return self._refresh()
 
@@ -89,8 +91,9 @@ class Hooks:
         self.patches[(what, self.view.check_layer(layer))] = (donor, where)
         return self._refresh()
 
-    def capture(self, what: What, layers: Iterable[int] | None = None, positions: Positions = -1,
-                keep_grad: bool = False) -> "Hooks":
+    def capture(
+        self, what: What, layers: Iterable[int] | None = None, positions: Positions = -1, keep_grad: bool = False
+    ) -> "Hooks":
         """Record `what` at `positions` for `layers` (default all) into `store[what, layer]`.
 
         z: head outputs [B, (T), H, dh]; m: coefficients [B, (T), N]; resid_in / resid: layer input / output;
@@ -190,6 +193,7 @@ class Hooks:
 
     def _ffn_hook(self, layer: int) -> Callable:
         """F^l: patched where asked (the returned output replaces the module's), then recorded."""
+
         def post(mod, args, out):
             y = _hidden(out)
             if ("ffn", layer) in self.patches:
@@ -203,9 +207,11 @@ class Hooks:
 
     def _recorder(self, what: What, layer: int) -> Callable:
         if what == "resid_in":
+
             def pre(mod, args, kwargs):
                 x = args[0] if args else kwargs["hidden_states"]
                 self._save(what, layer, x)
+
             return pre
 
         def post(mod, args, out):

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from surgery.model.arch import ModelView
 from surgery.errors import UsageError
+from surgery.model.arch import ModelView
 
 KeepSpec = dict[int, "Tensor | list[int]"]
 PAD_MULTIPLE = 8  # default width multiple of a sliced layer (bench/widths.py); 1 = no padding
@@ -42,8 +42,7 @@ def normalize_keep(view: ModelView, keep: KeepSpec) -> dict[int, Tensor]:
         t = torch.as_tensor(idx, dtype=torch.long).flatten().unique(sorted=True)
         width = view.ffn_width(layer)
         if t.numel() and (int(t[0]) < 0 or int(t[-1]) >= width):
-            raise UsageError(f"layer {layer}: neuron indices must be in 0..{width - 1}; "
-                             f"got {int(t[0])}..{int(t[-1])}")
+            raise UsageError(f"layer {layer}: neuron indices must be in 0..{width - 1}; got {int(t[0])}..{int(t[-1])}")
         out[layer] = t
     return out
 
@@ -169,8 +168,9 @@ def _ensure_out_biases(model: nn.Module, view: ModelView) -> None:
         for m in mods:
             if getattr(m, "bias", None) is None:
                 w = m.weight
-                m.bias = nn.Parameter(torch.zeros(w.shape[1] if view.arch.conv1d else w.shape[0],
-                                                  dtype=w.dtype, device=w.device))
+                m.bias = nn.Parameter(
+                    torch.zeros(w.shape[1] if view.arch.conv1d else w.shape[0], dtype=w.dtype, device=w.device)
+                )
     if flag:
         setattr(model.config, flag, True)
     elif not view.native_ffn_bias():
@@ -183,8 +183,7 @@ def _slice_layer(view: ModelView, layer: int, k: Tensor, width: int) -> None:
     root = view.layer(layer)
     for path in view.arch.ffn_in:
         _replace(root, path, _cut(_get(root, path), groups, width, out_dim=True, conv1d=view.arch.conv1d))
-    _replace(root, view.arch.ffn_out, _cut(view.ffn_out(layer), [k], width, out_dim=False,
-                                           conv1d=view.arch.conv1d))
+    _replace(root, view.arch.ffn_out, _cut(view.ffn_out(layer), [k], width, out_dim=False, conv1d=view.arch.conv1d))
     ffn = view.ffn(layer)
     for attr in ("intermediate_size", "ffn_dim", "n_inner"):
         if isinstance(getattr(ffn, attr, None), int):

@@ -9,35 +9,47 @@ the fewest heads reaching F (default: the Pareto knee) and the neurons per layer
 --score teacher-forced (default) scores every answer token given the ones before it; first: the first one.
 """
 
-from surgery.commands.spec import Command, option, FORCE, MODEL, OUT, positive, strs
+from surgery.commands.spec import FORCE, MODEL, OUT, Command, option, positive, strs
 
 COMMAND = Command(
     "circuit",
     __doc__,
     [
-    *MODEL,
-    *OUT,
-    *FORCE,
-    option("--task", default="arithmetic"),
-    option("--ops", type=strs, default=None, help="operators, e.g. +,- (default + - * /)"),
-    option("--operands", default="0-9", help="inclusive operand range LO-HI, e.g. 0-99"),
-    option("--templates", type=strs, default=None, help="one template: calculate (default) or plain"),
-    option("--limit", type=int, default=50, help="clean prompts per operator (correctly answered)"),
-    option("--batch-size", type=positive, default=32),
-    option("--seed", type=int, default=0),
-    option("--faithfulness", type=float, default=None, help="target F in (0, 1] (default: Pareto knee; 0.9 for neurons)"),
-    option("--mode", default="screen", choices=["exact", "screen"], help="exact: every component exactly"),
-    option("--verify", type=positive, default=60, help="screen mode: components re-measured exactly"),
-    option("--neuron-from", type=int, default=None, help="first layer of the neuron level (default L/2)"),
-    option("--rescore", type=positive, default=16, help="neurons per layer re-measured exactly"),
-    option("--max-rows", type=positive, default=1024, help="rows per stacked forward"),
-    option("--no-agree", dest="agree", action="store_false", help="skip the heads/cna agreement"),
-    option("--metric", default="nl", choices=["nl", "prob"], help="inside Eq. 2: nl (paper) or prob"),
-    option("--score", default="teacher-forced", help="answer scoring: teacher-forced (every answer token, "
-                                                           "default) or first (first answer token)"),
-    option("--include-wrong", action="store_true", help="also patch prompts the model answers wrongly"),
-    option("--mean-sample", type=int, default=None, help="means over a seeded sample of N prompts per "
-                                                               "operator (default all; bounds time at 0-99)"),
+        *MODEL,
+        *OUT,
+        *FORCE,
+        option("--task", default="arithmetic"),
+        option("--ops", type=strs, default=None, help="operators, e.g. +,- (default + - * /)"),
+        option("--operands", default="0-9", help="inclusive operand range LO-HI, e.g. 0-99"),
+        option("--templates", type=strs, default=None, help="one template: calculate (default) or plain"),
+        option("--limit", type=int, default=50, help="clean prompts per operator (correctly answered)"),
+        option("--batch-size", type=positive, default=32),
+        option("--seed", type=int, default=0),
+        option(
+            "--faithfulness",
+            type=float,
+            default=None,
+            help="target F in (0, 1] (default: Pareto knee; 0.9 for neurons)",
+        ),
+        option("--mode", default="screen", choices=["exact", "screen"], help="exact: every component exactly"),
+        option("--verify", type=positive, default=60, help="screen mode: components re-measured exactly"),
+        option("--neuron-from", type=int, default=None, help="first layer of the neuron level (default L/2)"),
+        option("--rescore", type=positive, default=16, help="neurons per layer re-measured exactly"),
+        option("--max-rows", type=positive, default=1024, help="rows per stacked forward"),
+        option("--no-agree", dest="agree", action="store_false", help="skip the heads/cna agreement"),
+        option("--metric", default="nl", choices=["nl", "prob"], help="inside Eq. 2: nl (paper) or prob"),
+        option(
+            "--score",
+            default="teacher-forced",
+            help="answer scoring: teacher-forced (every answer token, default) or first (first answer token)",
+        ),
+        option("--include-wrong", action="store_true", help="also patch prompts the model answers wrongly"),
+        option(
+            "--mean-sample",
+            type=int,
+            default=None,
+            help="means over a seeded sample of N prompts per operator (default all; bounds time at 0-99)",
+        ),
     ],
     "surgery.commands.circuit.job:run",
 )

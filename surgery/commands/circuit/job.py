@@ -15,15 +15,25 @@ from tqdm.auto import tqdm
 
 from surgery.errors import UsageError
 from surgery.evals import arithmetic
-from surgery.find import cna
 from surgery.find import patching as P
-from surgery.find.circuit import (SCORES, TEMPLATES_OK, Cache, agreement, groups, measure_groups, nl, parse_operands,
-                                   problems, sample, save_means, select, study_op)
+from surgery.find.circuit import (
+    SCORES,
+    TEMPLATES_OK,
+    Cache,
+    agreement,
+    groups,
+    measure_groups,
+    nl,
+    parse_operands,
+    problems,
+    sample,
+    save_means,
+    select,
+    study_op,
+)
 from surgery.io import report as rep
 from surgery.io.loading import load_model
 from surgery.model.arch import ModelView
-from surgery.model.batching import pad_id
-
 
 # ---- resumable runs ---------------------------------------------------------------------------------------------
 RUN_FILE = "circuit.run.json"  # the configuration of the run that owns the folder
@@ -38,24 +48,32 @@ def resuming(outdir: Path, run_config: dict, force: bool) -> bool:
     if force or not outdir.exists():
         return False
     if (outdir / "circuit.json").exists():
-        raise UsageError(f"{outdir} already holds a finished circuit; pass --force to overwrite it or choose another --out")
+        raise UsageError(
+            f"{outdir} already holds a finished circuit; pass --force to overwrite it or choose another --out"
+        )
     runf = outdir / RUN_FILE
     if not runf.is_file():
         if any(outdir.iterdir()):
-            raise UsageError(f"{outdir} already exists and is not a circuit run; pass --force to overwrite it or choose another --out")
+            raise UsageError(
+                f"{outdir} already exists and is not a circuit run; pass --force to overwrite it or choose "
+                "another --out"
+            )
         return False
     saved = json.loads(runf.read_text())
     diff = [k for k in sorted(set(saved) | set(run_config)) if saved.get(k) != run_config.get(k)]
     if diff:
         what = "; ".join(f"{k}: {saved.get(k)!r} there, {run_config.get(k)!r} now" for k in diff)
-        raise UsageError(f"{outdir} holds an unfinished circuit run with another configuration ({what}); rerun with "
-                         "its options to resume it, or pass --force / another --out")
+        raise UsageError(
+            f"{outdir} holds an unfinished circuit run with another configuration ({what}); rerun with "
+            "its options to resume it, or pass --force / another --out"
+        )
     return True
 
 
 def stage_cache(outdir: Path, prefix: str) -> Cache:
     """A `cache(name, compute)` that returns DIR/stages/PREFIX.NAME.json if a run finished it, else computes,
     writes it atomically and returns what was written (so a resumed run sees exactly what a fresh one does)."""
+
     def cache(name: str, fn: Callable[[], object]) -> object:
         f = outdir / STAGE_DIR / f"{prefix}.{name}.json"
         if f.is_file():
@@ -63,6 +81,7 @@ def stage_cache(outdir: Path, prefix: str) -> Cache:
         val = json.loads(rep.json_text(fn()))
         rep.write_json(f, val)
         return val
+
     return cache
 
 
@@ -84,8 +103,16 @@ def start(outdir: Path, run_config: dict, resume: bool) -> None:
 
 
 # ---- the command ----------------------------------------------------------------------------------------------
-def check_options(task: str, faithfulness: float | None, mode: str, limit: int, verify: int, rescore: int,
-                  templates: Sequence[str] | None, score: str = "teacher-forced") -> str:
+def check_options(
+    task: str,
+    faithfulness: float | None,
+    mode: str,
+    limit: int,
+    verify: int,
+    rescore: int,
+    templates: Sequence[str] | None,
+    score: str = "teacher-forced",
+) -> str:
     """Reject bad options before anything is loaded or written; returns the template."""
     if task != "arithmetic":
         raise UsageError(f"surgery circuit supports --task arithmetic, got {task!r}")
@@ -100,11 +127,39 @@ def check_options(task: str, faithfulness: float | None, mode: str, limit: int, 
     if verify < 1 or rescore < 1:
         raise UsageError("--verify and --rescore must be >= 1")
     if templates and len(templates) != 1:
-        raise UsageError(f"surgery circuit uses one template, got {list(templates)}; pass one of {', '.join(TEMPLATES_OK)}")
+        raise UsageError(
+            f"surgery circuit uses one template, got {list(templates)}; pass one of {', '.join(TEMPLATES_OK)}"
+        )
     return templates[0] if templates else "calculate"
 
 
-def run(*, model: str, dtype: str, device: str, task: str, ops: Sequence[str] | None, operands: str, templates: Sequence[str] | None, limit: int, batch_size: int, seed: int, out: str | None, force: bool, faithfulness: float | None, mode: str, verify: int, neuron_from: int | None, rescore: int, max_rows: int, agree: bool, metric: str, score: str, include_wrong: bool, mean_sample: int | None, trust_remote_code: bool) -> rep.Report:
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    task: str,
+    ops: Sequence[str] | None,
+    operands: str,
+    templates: Sequence[str] | None,
+    limit: int,
+    batch_size: int,
+    seed: int,
+    out: str | None,
+    force: bool,
+    faithfulness: float | None,
+    mode: str,
+    verify: int,
+    neuron_from: int | None,
+    rescore: int,
+    max_rows: int,
+    agree: bool,
+    metric: str,
+    score: str,
+    include_wrong: bool,
+    mean_sample: int | None,
+    trust_remote_code: bool,
+) -> rep.Report:
     """Find the arithmetic circuit per operator by activation patching (Eq. 1) and faithfulness (Eq. 2).
 
     Writes DIR/circuit.json (top-level "circuit": {"heads": ["L.H"], "mlps": [L]} = union over operators, "per_op"
@@ -120,10 +175,28 @@ def run(*, model: str, dtype: str, device: str, task: str, ops: Sequence[str] | 
     ops = tuple(ops) if ops else ("+", "-", "*", "/")
     probs = sample(problems(ops, lo_hi, template, seed), mean_sample, seed)
     outdir = rep.check_out_dir(out) or Path("checkpoints") / "circuit"
-    run_config = dict(model=model, dtype=dtype, device=device, task=task, ops=list(ops), operands=list(lo_hi),
-                      template=template, limit=limit, batch_size=batch_size, seed=seed, faithfulness=faithfulness,
-                      mode=mode, verify=verify, neuron_from=neuron_from, rescore=rescore, max_rows=max_rows,
-                      metric=metric, score=score, include_wrong=include_wrong, mean_sample=mean_sample)
+    run_config = dict(
+        model=model,
+        dtype=dtype,
+        device=device,
+        task=task,
+        ops=list(ops),
+        operands=list(lo_hi),
+        template=template,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+        faithfulness=faithfulness,
+        mode=mode,
+        verify=verify,
+        neuron_from=neuron_from,
+        rescore=rescore,
+        max_rows=max_rows,
+        metric=metric,
+        score=score,
+        include_wrong=include_wrong,
+        mean_sample=mean_sample,
+    )
     resume = resuming(outdir, run_config, force)
     loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
     view = ModelView(loaded.model)
@@ -136,8 +209,10 @@ def run(*, model: str, dtype: str, device: str, task: str, ops: Sequence[str] | 
     chosen = {op: select(gs, op, limit, seed, batch_size, include_wrong) for op in ops}
     few = [op for op, b in chosen.items() if sum(pr.n for _, pr in b) < 2]
     if few:
-        raise UsageError(f"the model answers fewer than 2 prompts of {few} correctly ({score} scoring) with a "
-                         "usable counterfactual; widen --operands or drop those --ops")
+        raise UsageError(
+            f"the model answers fewer than 2 prompts of {few} correctly ({score} scoring) with a "
+            "usable counterfactual; widen --operands or drop those --ops"
+        )
     layers = list(range(nfrom, view.n_layers))
     start(outdir, run_config, resume)
     if not reused:
@@ -156,22 +231,46 @@ def run(*, model: str, dtype: str, device: str, task: str, ops: Sequence[str] | 
             c.heads[l, h] = True
         r = per_op[op]
         u = stage_cache(outdir, arithmetic.OPS[op])(
-            "union", lambda op=op, c=c: {"heads": union, "nl": nl(view, chosen[op], c, metric)})
+            "union", lambda op=op, c=c: {"heads": union, "nl": nl(view, chosen[op], c, metric)}
+        )
         r["union_faithfulness"] = round(P.faithfulness(u["nl"], r["nl_model"], r["nl_empty"]), 4)
     neurons = {(int(l), i) for r in per_op.values() for l, idx in r["neurons"].items() for i in idx}
-    config = dict(task=task, ops=list(ops), operands=list(lo_hi), template=template, limit=limit, seed=seed,
-                  faithfulness=faithfulness, mode=mode, verify=verify, neuron_from=nfrom, rescore=rescore,
-                  batch_size=batch_size, score=score, metric=metric, include_wrong=include_wrong,
-                  mean_sample=mean_sample)
+    config = dict(
+        task=task,
+        ops=list(ops),
+        operands=list(lo_hi),
+        template=template,
+        limit=limit,
+        seed=seed,
+        faithfulness=faithfulness,
+        mode=mode,
+        verify=verify,
+        neuron_from=nfrom,
+        rescore=rescore,
+        batch_size=batch_size,
+        score=score,
+        metric=metric,
+        include_wrong=include_wrong,
+        mean_sample=mean_sample,
+    )
     results = {"per_op": per_op, "union": {"heads": union, "n_neurons": len(neurons)}}
     if agree:
         all_b = [b for op in ops for b in chosen[op]]
-        results["agreement"] = stage_cache(outdir, "all")("agreement", lambda: agreement(
-            view, loaded.tokenizer, all_b, union_set, neurons, layers, batch_size, 20))
-    data = rep.make("circuit", dict(loaded.describe(), n_layers=view.n_layers, n_heads=view.n_heads), config,
-                    results, time.time() - t0)
-    data["circuit"] = {"heads": union, "mlps": list(range(view.n_layers)),
-                       "neurons": {str(l): sorted(i for ll, i in neurons if ll == l) for l in layers}}
+        results["agreement"] = stage_cache(outdir, "all")(
+            "agreement", lambda: agreement(view, loaded.tokenizer, all_b, union_set, neurons, layers, batch_size, 20)
+        )
+    data = rep.make(
+        "circuit",
+        dict(loaded.describe(), n_layers=view.n_layers, n_heads=view.n_heads),
+        config,
+        results,
+        time.time() - t0,
+    )
+    data["circuit"] = {
+        "heads": union,
+        "mlps": list(range(view.n_layers)),
+        "neurons": {str(l): sorted(i for ll, i in neurons if ll == l) for l in layers},
+    }
     data["per_op"] = {op: r["circuit"] for op, r in per_op.items()}
     md = markdown(data)
     # each file atomically, circuit.json last: its presence marks the folder finished (the stages stay beside it)
@@ -179,38 +278,84 @@ def run(*, model: str, dtype: str, device: str, task: str, ops: Sequence[str] | 
     _write_bytes(outdir / "effects.png", effects_png(data, view.n_layers))
     _write_bytes(outdir / "faithfulness.png", faithfulness_png(data))
     rep.write_json(outdir / "circuit.json", data)
-    return rep.Report(data=data, markdown=md, files=[outdir / f for f in ("circuit.json", "circuit.md", "effects.png", "faithfulness.png")])
+    return rep.Report(
+        data=data,
+        markdown=md,
+        files=[outdir / f for f in ("circuit.json", "circuit.md", "effects.png", "faithfulness.png")],
+    )
 
 
 # ---- rendering ------------------------------------------------------------------------------------------------
 def markdown(data: dict) -> str:
     res, cfg = data["results"], data["config"]
-    lines = [f"# Circuit: {data['model']['name']}, operands {cfg['operands'][0]}-{cfg['operands'][1]} "
-             f"({cfg['mode']} mode, answers scored {cfg.get('score', 'first')})", "",
-             rep.md_table(["op", "prompts", f"{cfg['metric']} model", f"{cfg['metric']} empty", "heads", "faithfulness", "union F",
-                           "neurons/layer for F", "screen recall@20"],
-                          [[op, r["n_prompts"], round(r["nl_model"], 3), round(r["nl_empty"], 3), len(r["heads"]),
-                            r["faithfulness"], r["union_faithfulness"], r["neurons_per_layer_needed"],
-                            r.get("screen_recall_top20", r.get("screen_recall_of_verified"))]
-                           for op, r in res["per_op"].items()]), "",
-             f"Union circuit: {len(res['union']['heads'])} heads ({_first(res['union']['heads'], 30)}), all "
-             f"{data['model']['n_layers']} MLPs, {res['union']['n_neurons']} neurons.", ""]
+    lines = [
+        f"# Circuit: {data['model']['name']}, operands {cfg['operands'][0]}-{cfg['operands'][1]} "
+        f"({cfg['mode']} mode, answers scored {cfg.get('score', 'first')})",
+        "",
+        rep.md_table(
+            [
+                "op",
+                "prompts",
+                f"{cfg['metric']} model",
+                f"{cfg['metric']} empty",
+                "heads",
+                "faithfulness",
+                "union F",
+                "neurons/layer for F",
+                "screen recall@20",
+            ],
+            [
+                [
+                    op,
+                    r["n_prompts"],
+                    round(r["nl_model"], 3),
+                    round(r["nl_empty"], 3),
+                    len(r["heads"]),
+                    r["faithfulness"],
+                    r["union_faithfulness"],
+                    r["neurons_per_layer_needed"],
+                    r.get("screen_recall_top20", r.get("screen_recall_of_verified")),
+                ]
+                for op, r in res["per_op"].items()
+            ],
+        ),
+        "",
+        f"Union circuit: {len(res['union']['heads'])} heads ({_first(res['union']['heads'], 30)}), all "
+        f"{data['model']['n_layers']} MLPs, {res['union']['n_neurons']} neurons.",
+        "",
+    ]
     for op, r in res["per_op"].items():
         top = sorted(r["components"], key=lambda c: -c["effect"])[:8]
         hc, nc = r["head_curve"], r["neuron_curve"]
-        lines += [f"## {op}", "", f"Heads: {', '.join(r['heads']) or '(none)'}", "",
-                  rep.md_table(["component", "effect (Eq. 1)", "screen", "exact"],
-                               [[c["name"], round(c["effect"], 4), round(c["screen"], 4), c["exact"]] for c in top]), "",
-                  "Faithfulness vs heads kept (all MLPs): " + _curve(hc["n"], hc["faithfulness"]) + ".", "",
-                  f"Faithfulness vs neurons kept per layer ({len(r['heads'])} circuit heads; layers "
-                  f"{min(map(int, r['neurons']))}-{max(map(int, r['neurons']))} at the last position): "
-                  + _curve(nc["per_layer"], nc["faithfulness"]) + ".", ""]
+        lines += [
+            f"## {op}",
+            "",
+            f"Heads: {', '.join(r['heads']) or '(none)'}",
+            "",
+            rep.md_table(
+                ["component", "effect (Eq. 1)", "screen", "exact"],
+                [[c["name"], round(c["effect"], 4), round(c["screen"], 4), c["exact"]] for c in top],
+            ),
+            "",
+            "Faithfulness vs heads kept (all MLPs): " + _curve(hc["n"], hc["faithfulness"]) + ".",
+            "",
+            f"Faithfulness vs neurons kept per layer ({len(r['heads'])} circuit heads; layers "
+            f"{min(map(int, r['neurons']))}-{max(map(int, r['neurons']))} at the last position): "
+            + _curve(nc["per_layer"], nc["faithfulness"])
+            + ".",
+            "",
+        ]
     if "agreement" in res:
         a = res["agreement"]
-        lines += ["## Agreement", "", f"IoU(circuit heads, `surgery heads` top {a['n_heads']}): {a['heads_iou']} "
-                  f"(chance {a.get('heads_chance')}); IoU(circuit neurons, `surgery cna` top {a['n_neurons']}): "
-                  f"{a['neurons_iou']} signed sum, {a.get('neurons_iou_abs')} summed magnitudes "
-                  f"(chance {a.get('neurons_chance')}).", ""]
+        lines += [
+            "## Agreement",
+            "",
+            f"IoU(circuit heads, `surgery heads` top {a['n_heads']}): {a['heads_iou']} "
+            f"(chance {a.get('heads_chance')}); IoU(circuit neurons, `surgery cna` top {a['n_neurons']}): "
+            f"{a['neurons_iou']} signed sum, {a.get('neurons_iou_abs')} summed magnitudes "
+            f"(chance {a.get('neurons_chance')}).",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -234,8 +379,12 @@ def effects_png(data: dict, n_layers: int) -> bytes:
             col = P.ROLES.index(c["role"]) + (0 if c["kind"] == "mlp" else R)
             grid[c["layer"], col] = max(grid[c["layer"], col], c["effect"])
         shown = np.sign(grid) * np.log10(1 + np.abs(grid))  # Eq. 1 spans decades (1 / P(r') can be huge)
-        im = ax.imshow(shown, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-np.abs(shown).max(), vmax=np.abs(shown).max())
-        ax.set_xticks(range(2 * R), [f"mlp {x}" for x in P.ROLES] + [f"head {x}" for x in P.ROLES], rotation=90, fontsize=7)
+        im = ax.imshow(
+            shown, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-np.abs(shown).max(), vmax=np.abs(shown).max()
+        )
+        ax.set_xticks(
+            range(2 * R), [f"mlp {x}" for x in P.ROLES] + [f"head {x}" for x in P.ROLES], rotation=90, fontsize=7
+        )
         ax.set_title(op)
         fig.colorbar(im, ax=ax, shrink=0.7)
     axes[0][0].set_ylabel("layer")
@@ -255,5 +404,3 @@ def faithfulness_png(data: dict) -> bytes:
         ax.axhline(0.9, ls=":", c="gray")
         ax.legend(fontsize=8)
     return rep.png_bytes(fig)
-
-

@@ -14,21 +14,48 @@ from typing import Sequence
 
 import torch
 
-from surgery.find import cna
-from surgery.io import report as rep
-from surgery.evals import tasks
-from surgery.model.arch import ModelView
-from surgery.model.batching import pad_id
-from surgery.errors import UsageError
-from surgery.evals import arithmetic
 from surgery.edits.lora import load_against
-from surgery.io.loading import load_model
+from surgery.errors import UsageError
+from surgery.evals import arithmetic, tasks
+from surgery.find import cna
 from surgery.find.neurons import offsets_of, unflatten
 from surgery.find.validate import markdown as vmd
 from surgery.find.validate import run_validations
+from surgery.io import report as rep
+from surgery.io.loading import load_model
+from surgery.model.arch import ModelView
+from surgery.model.batching import pad_id
 
 
-def run(*, model: str, dtype: str, device: str, task: str, digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None, limit: int | None, batch_size: int, seed: int, out: str | None, prompt: str | None, prompt_b: str | None, target: str | None, ablate_head: Sequence[tuple[int, int]] | None, against: str | None, layers: str | None, top: int, exhaustive: bool, validate: Sequence[str], trust_remote_code: bool, data: str | None, columns: str | None, pairs: str | None, tokens: str | None, logits_mb: float):
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    task: str,
+    digits: Sequence[int],
+    ops: Sequence[str] | None,
+    templates: Sequence[str] | None,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+    out: str | None,
+    prompt: str | None,
+    prompt_b: str | None,
+    target: str | None,
+    ablate_head: Sequence[tuple[int, int]] | None,
+    against: str | None,
+    layers: str | None,
+    top: int,
+    exhaustive: bool,
+    validate: Sequence[str],
+    trust_remote_code: bool,
+    data: str | None,
+    columns: str | None,
+    pairs: str | None,
+    tokens: str | None,
+    logits_mb: float,
+):
     """Neuron importance (the paper's log-prob increase of the target when a neuron's subvalue is added, through
     the frozen final norm and unembedding) for every FFN neuron, and CNA: the change of that importance between
     setting A and B. The reported top neurons are certified equal to an exhaustive ranking. --validate runs the
@@ -55,25 +82,69 @@ def run(*, model: str, dtype: str, device: str, task: str, digits: Sequence[int]
     rank = max(top, 99) if "mask" in validate else top  # Table 5 masks up to the top-99
     if user is not None:
         tokens = tokens or ("first" if pairs is not None else "all")
-        res = _user(loaded, va, vb, chosen, user, pairs is not None, tokens, batch_size, tuple(ablate_head or ()),
-                    rank, tgt, held)
+        res = _user(
+            loaded,
+            va,
+            vb,
+            chosen,
+            user,
+            pairs is not None,
+            tokens,
+            batch_size,
+            tuple(ablate_head or ()),
+            rank,
+            tgt,
+            held,
+        )
     elif prompt is not None:
         res = _single(loaded, va, vb, chosen, prompt, prompt_b, tgt, tuple(ablate_head or ()), rank, exhaustive)
     else:
-        res = _dataset(loaded, va, vb, chosen, digits, ops, templates, limit, seed, batch_size,
-                       tuple(ablate_head or ()), rank, tgt, held)
-    config = dict(prompt=prompt, prompt_b=prompt_b, target=target, ablate_head=[list(x) for x in ablate_head or ()],
-                  against=against, layers=layers, top=top, exhaustive=exhaustive, task=None if prompt else task,
-                  digits=list(digits), ops=list(ops) if ops else None, limit=limit, seed=seed, data=data,
-                  pairs=pairs, columns=columns, tokens=tokens if user is not None else None)
+        res = _dataset(
+            loaded,
+            va,
+            vb,
+            chosen,
+            digits,
+            ops,
+            templates,
+            limit,
+            seed,
+            batch_size,
+            tuple(ablate_head or ()),
+            rank,
+            tgt,
+            held,
+        )
+    config = dict(
+        prompt=prompt,
+        prompt_b=prompt_b,
+        target=target,
+        ablate_head=[list(x) for x in ablate_head or ()],
+        against=against,
+        layers=layers,
+        top=top,
+        exhaustive=exhaustive,
+        task=None if prompt else task,
+        digits=list(digits),
+        ops=list(ops) if ops else None,
+        limit=limit,
+        seed=seed,
+        data=data,
+        pairs=pairs,
+        columns=columns,
+        tokens=tokens if user is not None else None,
+    )
     if validate:
-        res["validations"] = run_validations(loaded, va, res, validate, digits, ops, templates, limit, seed,
-                                              tuple(ablate_head or ()), batch_size)
+        res["validations"] = run_validations(
+            loaded, va, res, validate, digits, ops, templates, limit, seed, tuple(ablate_head or ()), batch_size
+        )
     report = rep.Report(rep.make("cna", loaded.describe(), config, res, time.time() - t0), markdown(res, config))
     if outdir is not None:
-        report.files += [rep.write_json(outdir / "cna.json", report.data),
-                         rep.write_text_atomic(outdir / "cna.md", report.markdown),
-                         layer_plot(res, outdir / "cna_layers.png", va.n_layers)]
+        report.files += [
+            rep.write_json(outdir / "cna.json", report.data),
+            rep.write_text_atomic(outdir / "cna.md", report.markdown),
+            layer_plot(res, outdir / "cna_layers.png", va.n_layers),
+        ]
     return report
 
 
@@ -112,14 +183,40 @@ def _user(loaded, va, vb, layers, ds, is_pairs, tokens, batch_size, ablate, top,
         ds = tasks.fill_targets(loaded.model, tok, ds, batch_size)
         pc = tasks.pair_cases(tok, ds, tokens)
         groups = [ds["group"][i] for i in pc.pair]
-        return _scan_rows(loaded, va, None, layers, pc.seqs_a, pc.targets, groups, batch_size, (), top,
-                          seqs_b=pc.seqs_b, kind="pairs A-B", n_rows=len(ds), held=held)
+        return _scan_rows(
+            loaded,
+            va,
+            None,
+            layers,
+            pc.seqs_a,
+            pc.targets,
+            groups,
+            batch_size,
+            (),
+            top,
+            seqs_b=pc.seqs_b,
+            kind="pairs A-B",
+            n_rows=len(ds),
+            held=held,
+        )
     cases = tasks.cases(tok, ds)
     if tokens == "first":
         cases = cases.filter(lambda r: r["token_index"] == 0)
     targets = list(cases["target"]) if tgt is None else [tgt] * len(cases)
-    return _scan_rows(loaded, va, vb, layers, list(cases["input_ids"]), targets, list(cases["group"]), batch_size,
-                      ablate, top, n_rows=len(ds), held=held)
+    return _scan_rows(
+        loaded,
+        va,
+        vb,
+        layers,
+        list(cases["input_ids"]),
+        targets,
+        list(cases["group"]),
+        batch_size,
+        ablate,
+        top,
+        n_rows=len(ds),
+        held=held,
+    )
 
 
 def _single(loaded, va, vb, layers, prompt, prompt_b, tgt, ablate, top, exhaustive) -> dict:
@@ -131,14 +228,23 @@ def _single(loaded, va, vb, layers, prompt, prompt_b, tgt, ablate, top, exhausti
         ids_b = torch.tensor([tok(prompt_b).input_ids])
         batch_b = (ids_b, torch.ones_like(ids_b))
     t = None if tgt is None else torch.tensor([tgt])
-    res = cna.compare(va, batch_a, layers, top, view_b=vb, batch_b=batch_b, ablate_b=ablate, target=t,
-                      exhaustive=exhaustive)
+    res = cna.compare(
+        va, batch_a, layers, top, view_b=vb, batch_b=batch_b, ablate_b=ablate, target=t, exhaustive=exhaustive
+    )
     w = int(res.target[0])
-    rows = [_row(loaded, va, res, int(l), int(i), float(s))
-            for l, i, s in zip(res.top.layer[0], res.top.index[0], res.top.score[0])]
-    return {"mode": "prompt", "comparison": _kind(vb, prompt_b, ablate), "target": {"id": w, "text": tok.decode([w])},
-            "certified": bool(res.top.certified[0]), "rescored": res.top.rescored, "neurons": rows,
-            "per_layer_top": _per_layer(rows, va.n_layers)}
+    rows = [
+        _row(loaded, va, res, int(l), int(i), float(s))
+        for l, i, s in zip(res.top.layer[0], res.top.index[0], res.top.score[0])
+    ]
+    return {
+        "mode": "prompt",
+        "comparison": _kind(vb, prompt_b, ablate),
+        "target": {"id": w, "text": tok.decode([w])},
+        "certified": bool(res.top.certified[0]),
+        "rescored": res.top.rescored,
+        "neurons": rows,
+        "per_layer_top": _per_layer(rows, va.n_layers),
+    }
 
 
 def _row(loaded, va, res: cna.Comparison, layer: int, idx: int, score: float) -> dict:
@@ -146,11 +252,20 @@ def _row(loaded, va, res: cna.Comparison, layer: int, idx: int, score: float) ->
     ix = torch.tensor([[idx]])
     imp_a = float(res.scorer_a.exact(layer, ix)[0, 0])
     coef_a = float(res.coef_a[layer][0, idx])
-    row = {"neuron": cna.neuron_name(layer, idx), "layer": layer, "index": idx, "score": round(score, 6),
-           "imp_a": round(imp_a, 6), "coef_a": round(coef_a, 4)}
+    row = {
+        "neuron": cna.neuron_name(layer, idx),
+        "layer": layer,
+        "index": idx,
+        "score": round(score, 6),
+        "imp_a": round(imp_a, 6),
+        "coef_a": round(coef_a, 4),
+    }
     if res.scorer_b is not None:
-        row |= {"imp_b": round(float(res.scorer_b.exact(layer, ix)[0, 0]), 6),
-                "coef_b": round(float(res.coef_b[layer][0, idx]), 4), "delta": round(score, 6)}
+        row |= {
+            "imp_b": round(float(res.scorer_b.exact(layer, ix)[0, 0]), 6),
+            "coef_b": round(float(res.coef_b[layer][0, idx]), 4),
+            "delta": round(score, 6),
+        }
     row["top_tokens"] = cna.top_tokens(va, loaded.tokenizer, layer, idx, sign=coef_a)
     return row
 
@@ -163,23 +278,59 @@ def _kind(vb, prompt_b, ablate) -> str | None:
     return "prompt-b" if prompt_b is not None else None
 
 
-def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt,
-             held) -> dict:
+def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt, held) -> dict:
     """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
     kw = dict(ops=tuple(ops)) if ops else {}
-    problems = arithmetic.build(digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed,
-                                limit=limit, **kw)
+    problems = arithmetic.build(
+        digits=tuple(digits), templates=tuple(templates or arithmetic.DEFAULT_TEMPLATES), seed=seed, limit=limit, **kw
+    )
     cases = arithmetic.cases(problems, loaded.tokenizer)
     targets = None if tgt is None else [tgt] * len(cases)
-    return _scan_rows(loaded, va, vb, layers, list(cases["input_ids"]), targets, list(cases["group"]), batch_size,
-                      ablate, top, held=held)
+    return _scan_rows(
+        loaded,
+        va,
+        vb,
+        layers,
+        list(cases["input_ids"]),
+        targets,
+        list(cases["group"]),
+        batch_size,
+        ablate,
+        top,
+        held=held,
+    )
 
 
-def _scan_rows(loaded, va, vb, layers, seqs, targets, groups, batch_size, ablate, top, seqs_b=None,
-               kind: str | None = None, n_rows: int | None = None, held: int = cna.HELD) -> dict:
+def _scan_rows(
+    loaded,
+    va,
+    vb,
+    layers,
+    seqs,
+    targets,
+    groups,
+    batch_size,
+    ablate,
+    top,
+    seqs_b=None,
+    kind: str | None = None,
+    n_rows: int | None = None,
+    held: int = cna.HELD,
+) -> dict:
     """cna.scan over cases (and B contexts), then the dataset-mode table: top neurons by summed score."""
-    sc = cna.scan(va, seqs, layers, top, pad_id(loaded.tokenizer), view_b=vb, seqs_b=seqs_b,
-                  ablate_b=ablate, targets=targets, batch_size=batch_size, held=held)
+    sc = cna.scan(
+        va,
+        seqs,
+        layers,
+        top,
+        pad_id(loaded.tokenizer),
+        view_b=vb,
+        seqs_b=seqs_b,
+        ablate_b=ablate,
+        targets=targets,
+        batch_size=batch_size,
+        held=held,
+    )
     n_cases = len(seqs)
     flat = torch.cat([sc.total[l] for l in layers])
     best = flat.topk(min(top, len(flat)))
@@ -188,21 +339,36 @@ def _scan_rows(loaded, va, vb, layers, seqs, targets, groups, batch_size, ablate
     rows = []
     for s, layer, idx in zip(best.values.tolist(), *(w.tolist() for w in where)):
         coef_a = float(sc.coef_a[layer][idx])
-        row = {"neuron": cna.neuron_name(layer, idx), "layer": layer, "index": idx, "score_sum": round(s, 5),
-               "score_mean": round(s / n_cases, 6), "in_case_topk": hits.get((layer, idx), 0),
-               "coef_a_mean": round(coef_a, 4)}
+        row = {
+            "neuron": cna.neuron_name(layer, idx),
+            "layer": layer,
+            "index": idx,
+            "score_sum": round(s, 5),
+            "score_mean": round(s / n_cases, 6),
+            "in_case_topk": hits.get((layer, idx), 0),
+            "coef_a_mean": round(coef_a, 4),
+        }
         if sc.coef_b is not None:
             row["coef_b_mean"] = round(float(sc.coef_b[layer][idx]), 4)
         row["top_tokens"] = cna.top_tokens(va, loaded.tokenizer, layer, idx, sign=coef_a)
         rows.append(row)
-    per_case = [[cna.neuron_name(int(l), int(i)) for l, i in zip(ls, ix)]
-                for ls, ix in zip(sc.top_layer.tolist(), sc.top_index.tolist())]
-    out = {"mode": "dataset", "comparison": kind or _kind(vb, None, ablate), "n_cases": n_cases,
-           "groups": list(groups), "targets": sc.targets.tolist(), "certified": int(sc.certified.sum()),
-           "rescored": sc.rescored, "cases_per_pass": cna.cases_per_pass(batch_size, held, len(layers),
-                                                                     va.unembed_matrix().shape[0]),
-           "neurons": rows, "per_case_top": per_case,
-           "per_layer_top": _per_layer(rows, va.n_layers)}
+    per_case = [
+        [cna.neuron_name(int(l), int(i)) for l, i in zip(ls, ix)]
+        for ls, ix in zip(sc.top_layer.tolist(), sc.top_index.tolist())
+    ]
+    out = {
+        "mode": "dataset",
+        "comparison": kind or _kind(vb, None, ablate),
+        "n_cases": n_cases,
+        "groups": list(groups),
+        "targets": sc.targets.tolist(),
+        "certified": int(sc.certified.sum()),
+        "rescored": sc.rescored,
+        "cases_per_pass": cna.cases_per_pass(batch_size, held, len(layers), va.unembed_matrix().shape[0]),
+        "neurons": rows,
+        "per_case_top": per_case,
+        "per_layer_top": _per_layer(rows, va.n_layers),
+    }
     if n_rows is not None:
         out["n_rows"] = n_rows
     return out
@@ -227,21 +393,45 @@ def markdown(data: dict, config: dict) -> str:
     what = data.get("comparison") or "importance"
     head = f"# surgery cna ({data['mode']} mode, {what})\n\n"
     if data["mode"] == "prompt":
-        head += (f"Prompt: `{config['prompt']}` -> target `{data['target']['text']}`"
-                 f"{' vs prompt B `' + config['prompt_b'] + '`' if config.get('prompt_b') else ''}. "
-                 f"Top-{len(data['neurons'])} certified exact: {data['certified']} ({data['rescored']} exact evaluations).\n\n")
+        head += (
+            f"Prompt: `{config['prompt']}` -> target `{data['target']['text']}`"
+            f"{' vs prompt B `' + config['prompt_b'] + '`' if config.get('prompt_b') else ''}. "
+            f"Top-{len(data['neurons'])} certified exact: {data['certified']} ({data['rescored']} exact "
+            "evaluations).\n\n"
+        )
         cols = ["neuron", "imp A", "imp B", "delta", "coef A", "coef B", "top tokens"]
-        rows = [[r["neuron"], r["imp_a"], r.get("imp_b", ""), r.get("delta", ""), r["coef_a"], r.get("coef_b", ""),
-                 _tokens(r["top_tokens"])] for r in data["neurons"][:config["top"]]]
+        rows = [
+            [
+                r["neuron"],
+                r["imp_a"],
+                r.get("imp_b", ""),
+                r.get("delta", ""),
+                r["coef_a"],
+                r.get("coef_b", ""),
+                _tokens(r["top_tokens"]),
+            ]
+            for r in data["neurons"][: config["top"]]
+        ]
     else:
-        head += (f"{data['n_cases']} cases; {data['certified']} with certified per-case top-k; "
-                 "score = sum over cases of the (delta of) importance.\n\n")
+        head += (
+            f"{data['n_cases']} cases; {data['certified']} with certified per-case top-k; "
+            "score = sum over cases of the (delta of) importance.\n\n"
+        )
         cols = ["neuron", "sum", "mean", "in case top-k", "coef A", "coef B", "top tokens"]
-        rows = [[r["neuron"], r["score_sum"], r["score_mean"], r["in_case_topk"], r["coef_a_mean"],
-                 r.get("coef_b_mean", ""), _tokens(r["top_tokens"])] for r in data["neurons"][:config["top"]]]
+        rows = [
+            [
+                r["neuron"],
+                r["score_sum"],
+                r["score_mean"],
+                r["in_case_topk"],
+                r["coef_a_mean"],
+                r.get("coef_b_mean", ""),
+                _tokens(r["top_tokens"]),
+            ]
+            for r in data["neurons"][: config["top"]]
+        ]
     body = rep.md_table(cols, rows)
     if "validations" in data:
-
         body += "\n\n" + vmd(data["validations"])
     return head + body + "\n"
 

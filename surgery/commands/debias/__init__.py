@@ -7,20 +7,25 @@ templates (total, woman-/man-biased, per profession), the random and activation-
 collateral (XSum perplexity, 1-digit arithmetic, factual gender controls) and the Wino-test rate.
 """
 
-from surgery.commands.spec import Command, option, FORCE, MODEL, OUT, RECIPE, CONTRAST_SELECTORS, registered
+from surgery.commands.spec import CONTRAST_SELECTORS, FORCE, MODEL, OUT, RECIPE, Command, option, registered
 
 COMMAND = Command(
     "debias",
     __doc__,
     [
-    *MODEL,
-    *OUT,
-    *FORCE,
-    *RECIPE,
-    option("--recipe", default="gender-debias", help="recipe name in recipes/ or a YAML path"),
-    option("--neurons", type=int, default=None, help="how many neurons to edit"),
-    option("--method", default=None, type=registered("contrast"), help=f"{CONTRAST_SELECTORS} (or any registered contrast selector)"),
-    option("--edit", default=None, choices=["zero", "remove"]),
+        *MODEL,
+        *OUT,
+        *FORCE,
+        *RECIPE,
+        option("--recipe", default="gender-debias", help="recipe name in recipes/ or a YAML path"),
+        option("--neurons", type=int, default=None, help="how many neurons to edit"),
+        option(
+            "--method",
+            default=None,
+            type=registered("contrast"),
+            help=f"{CONTRAST_SELECTORS} (or any registered contrast selector)",
+        ),
+        option("--edit", default=None, choices=["zero", "remove"]),
     ],
     "surgery.commands.debias.job:run",
 )

@@ -28,10 +28,26 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from surgery.io import checkpoint as export
+from surgery.edits.neurons import (  # noqa: F401 (debias API)
+    contrast_scores,
+    edit_and_check,
+    edit_weights,
+    probe_logits,
+    zeroed,
+)
+from surgery.errors import UsageError
+from surgery.evals import arithmetic, perplexity
+from surgery.evals import gender_bias as gb
 from surgery.find import selectors
+from surgery.find.cna import neuron_name, parse_layers, top_tokens
+from surgery.find.neurons import Neuron, by_layer, mean_coefficients, top_n
+from surgery.io import checkpoint as export
 from surgery.io import recipe as recipes
 from surgery.io import report as rep
+from surgery.io.context import Run
+from surgery.io.loading import load_model
+from surgery.io.recipe import rules
+from surgery.io.report import png_bytes as png
 from surgery.model.arch import ModelView
 from surgery.model.batching import (
     continuation_ids,
@@ -41,16 +57,6 @@ from surgery.model.batching import (
     position_ids,
     predict_cases,
 )
-from surgery.find.cna import neuron_name, parse_layers, top_tokens
-from surgery.edits.neurons import contrast_scores, edit_and_check, edit_weights, probe_logits, zeroed  # noqa: F401 (debias API)
-from surgery.io.context import Run
-from surgery.errors import UsageError
-from surgery.evals import arithmetic, perplexity
-from surgery.evals import gender_bias as gb
-from surgery.io.loading import load_model
-from surgery.io.recipe import rules
-from surgery.io.report import png_bytes as png
-from surgery.find.neurons import Neuron, by_layer, mean_coefficients, top_n
 
 EDITS = ("zero", "remove")
 TARGETS = ("first", "all")
@@ -61,15 +67,19 @@ ORIENTATIONS = ("label", "measured")
 @dataclass
 class Sweep:
     ns: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 18, 50], metadata=rules(min=1, nonempty=True))
-    methods: list[str] = field(default_factory=lambda: ["cna", "random", "activation-diff"],
-                               metadata=rules(choices=selectors.known("contrast"), nonempty=True))
+    methods: list[str] = field(
+        default_factory=lambda: ["cna", "random", "activation-diff"],
+        metadata=rules(choices=selectors.known("contrast"), nonempty=True),
+    )
 
 
 @dataclass
 class Collateral:
     perplexity_docs: int = field(default=6, metadata=rules(min=1))  # XSum documents (first in file order)
     perplexity_tokens: int = field(default=128, metadata=rules(min=2))  # tokens per document
-    arithmetic_limit: int | None = field(default=60, metadata=rules(min=1))  # 1-digit problems (calculate template); None = all 287
+    arithmetic_limit: int | None = field(
+        default=60, metadata=rules(min=1)
+    )  # 1-digit problems (calculate template); None = all 287
     wino_limit: int | None = field(default=300, metadata=rules(min=1))  # Wino-test items; None = all
 
 
@@ -85,15 +95,18 @@ class DebiasRecipe:
     professions: list[str] | None = None  # None: all 32 biased professions of evals/gender_bias.py
     selection_templates: str | list[str] = "select"
     eval_templates: str | list[str] = "eval"
-    candidates: int = field(default=100, metadata=rules(min=1))  # CNA: the top of the first-order screen rescored exactly in every case
+    candidates: int = field(
+        default=100, metadata=rules(min=1)
+    )  # CNA: the top of the first-order screen rescored exactly in every case
     seed: int = 0
     batch_size: int = field(default=32, metadata=rules(min=1))
     sweep: Sweep = field(default_factory=Sweep)
     collateral: Collateral = field(default_factory=Collateral)
 
 
-def load_recipe(name: str, overrides: Sequence[str] = (), quick: bool = False, profile: str | None = None,
-                **flags) -> DebiasRecipe:
+def load_recipe(
+    name: str, overrides: Sequence[str] = (), quick: bool = False, profile: str | None = None, **flags
+) -> DebiasRecipe:
     """The resolved recipe: file, profile (--quick / --profile), --set overrides, then the CLI flags (None =
     the recipe's); validated (same signature as prune.load_recipe)."""
     r = recipes.resolve(name, DebiasRecipe, list(overrides), quick, profile, **flags)
@@ -105,13 +118,20 @@ def check_recipe(r: DebiasRecipe) -> None:
     """One-line UsageErrors for every option that does not need the model."""
     if r.neurons < 1:
         raise UsageError(f"--neurons must be >= 1, got {r.neurons}")
-    for what, value, allowed in (("--method", r.method, selectors.names("contrast")), ("--edit", r.edit, EDITS),
-                                 ("target", r.target, TARGETS), ("orientation", r.orientation, ORIENTATIONS)):
+    for what, value, allowed in (
+        ("--method", r.method, selectors.names("contrast")),
+        ("--edit", r.edit, EDITS),
+        ("target", r.target, TARGETS),
+        ("orientation", r.orientation, ORIENTATIONS),
+    ):
         if value not in allowed:
             raise UsageError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
     bad = [m for m in r.sweep.methods if m not in selectors.names("contrast")]
     if bad or not r.sweep.methods:
-        raise UsageError(f"sweep.methods must be a non-empty subset of {', '.join(selectors.names('contrast'))}; got {r.sweep.methods}")
+        raise UsageError(
+            f"sweep.methods must be a non-empty subset of {', '.join(selectors.names('contrast'))}; got "
+            f"{r.sweep.methods}"
+        )
     if not r.sweep.ns or min(r.sweep.ns) < 1:
         raise UsageError(f"sweep.ns must be a non-empty list of counts >= 1; got {r.sweep.ns}")
     if r.professions is not None and not r.professions:
@@ -129,8 +149,10 @@ def check_neurons(r: DebiasRecipe, view: ModelView, layers: list[int]) -> None:
     total = sum(view.ffn_width(l) for l in layers)
     worst = max([r.neurons, *r.sweep.ns])
     if worst > total:
-        raise UsageError(f"asked to edit {worst} neurons but the selection layers hold only {total}; "
-                         f"use --neurons (and sweep.ns) <= {total}")
+        raise UsageError(
+            f"asked to edit {worst} neurons but the selection layers hold only {total}; "
+            f"use --neurons (and sweep.ns) <= {total}"
+        )
 
 
 # ---- selection cases ----------------------------------------------------------------------------------------
@@ -154,8 +176,9 @@ def stereotype(profession: str) -> tuple[str, str]:
     return ("woman", "man") if gb.PROFESSIONS[profession] == "woman-biased" else ("man", "woman")
 
 
-def favoured_genders(model: nn.Module, tokenizer, templates: Sequence[str], professions: Sequence[str]
-                     ) -> dict[str, str]:
+def favoured_genders(
+    model: nn.Module, tokenizer, templates: Sequence[str], professions: Sequence[str]
+) -> dict[str, str]:
     """The gender the MODEL favours for each (template, profession) pair ("template|profession" -> gender), from
     its own log p(profession | woman) - log p(profession | man) on those (selection) templates."""
     ds = gb.build(list(templates), professions)
@@ -163,8 +186,13 @@ def favoured_genders(model: nn.Module, tokenizer, templates: Sequence[str], prof
     return {pid: "woman" if d > 0 else "man" for pid, d in diffs.items()}
 
 
-def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[str], target: str = "first",
-                    favoured: dict[str, str] | None = None) -> Cases:
+def selection_cases(
+    tokenizer,
+    templates: Sequence[str],
+    professions: Sequence[str],
+    target: str = "first",
+    favoured: dict[str, str] | None = None,
+) -> Cases:
     """One case per (template, profession) (target first) or per profession token (target all). A is the
     stereotyped gender (orientation label) or the gender the model favours (`favoured`, orientation measured)."""
     out = Cases([], [], [], [], [])
@@ -174,7 +202,7 @@ def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[s
             (fa, ka), (fb, kb) = [continuation_ids(tokenizer, *gb.prompt_for(t, g, p)) for g in genders]
             steps = range(1) if target == "first" else range(ka)
             for j in steps:
-                out.seqs_a.append(fa[:len(fa) - ka + j]), out.seqs_b.append(fb[:len(fb) - kb + j])
+                out.seqs_a.append(fa[: len(fa) - ka + j]), out.seqs_b.append(fb[: len(fb) - kb + j])
                 out.targets.append(fa[len(fa) - ka + j]), out.profession.append(p), out.template.append(t)
     return out
 
@@ -183,31 +211,38 @@ def selection_cases(tokenizer, templates: Sequence[str], professions: Sequence[s
 @torch.no_grad()
 def gender_prompts(tokenizer, templates: Sequence[str], professions: Sequence[str]) -> dict[str, list[list[int]]]:
     """Token ids of every selection prompt, per gender ({"woman": [...], "man": [...]})."""
-    return {g: [tokenizer(gb.prompt_for(t, g, p)[0]).input_ids for t in templates for p in professions]
-            for g in gb.GENDERS}
+    return {
+        g: [tokenizer(gb.prompt_for(t, g, p)[0]).input_ids for t in templates for p in professions] for g in gb.GENDERS
+    }
 
 
 # ---- scoring with a shared prompt prefix ------------------------------------------------------------------------
 @torch.no_grad()
-def prefix_logprobs(model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
-                    batch_size: int = 128) -> Tensor:
+def prefix_logprobs(
+    model: nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 128
+) -> Tensor:
     """Sum of each continuation's token log-probs given its prompt (same numbers as
     gender_bias.continuation_logprobs), computing each DISTINCT prompt once: the prompts run in one left-padded
     batch with a KV cache, then every row's continuation runs on its prompt's cached keys/values."""
     pairs = [continuation_ids(tokenizer, p, c) for p, c in zip(prompts, continuations)]
-    heads = [tuple(f[:len(f) - k]) for f, k in pairs]
+    heads = [tuple(f[: len(f) - k]) for f, k in pairs]
     uniq = sorted(set(heads))
     group = torch.tensor([uniq.index(h) for h in heads])
-    conts = [f[len(f) - k:] for f, k in pairs]
+    conts = [f[len(f) - k :] for f, k in pairs]
     dev = device_of(model)
     ids, mask = left_pad(uniq, pad_id(tokenizer))
-    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=position_ids(mask).to(dev),
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids.to(dev),
+        attention_mask=mask.to(dev),
+        position_ids=position_ids(mask).to(dev),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     first = out.logits[:, -1].float().log_softmax(-1).cpu()
     total = torch.tensor([float(first[g, c[0]]) for g, c in zip(group.tolist(), conts)])
     rest = [i for i, c in enumerate(conts) if len(c) > 1]
     for s in range(0, len(rest), batch_size):
-        rows = rest[s:s + batch_size]
+        rows = rest[s : s + batch_size]
         total[rows] += _continue(model, out.past_key_values, mask, group[rows], [conts[r] for r in rows], dev)
     return total
 
@@ -220,14 +255,24 @@ def _continue(model: nn.Module, cache, prompt_mask: Tensor, group: Tensor, conts
     ids = torch.zeros(len(conts), width, dtype=torch.long)
     cmask = torch.zeros(len(conts), width, dtype=torch.long)
     for i, x in enumerate(conts):
-        ids[i, :len(x) - 1], cmask[i, :len(x) - 1] = torch.tensor(x[:-1]), 1
+        ids[i, : len(x) - 1], cmask[i, : len(x) - 1] = torch.tensor(x[:-1]), 1
     pmask = prompt_mask[group]
     pos = pmask.sum(-1, keepdim=True) + torch.arange(width)[None]
-    logits = model(input_ids=ids.to(dev), attention_mask=torch.cat([pmask, cmask], 1).to(dev),
-                   position_ids=pos.to(dev), past_key_values=c, use_cache=True).logits.float().log_softmax(-1).cpu()
+    logits = (
+        model(
+            input_ids=ids.to(dev),
+            attention_mask=torch.cat([pmask, cmask], 1).to(dev),
+            position_ids=pos.to(dev),
+            past_key_values=c,
+            use_cache=True,
+        )
+        .logits.float()
+        .log_softmax(-1)
+        .cpu()
+    )
     tgt = torch.zeros_like(ids)
     for i, x in enumerate(conts):
-        tgt[i, :len(x) - 1] = torch.tensor(x[1:])
+        tgt[i, : len(x) - 1] = torch.tensor(x[1:])
     return (logits.gather(2, tgt[..., None])[..., 0] * cmask).sum(1)
 
 
@@ -246,11 +291,17 @@ class EvalData:
 def eval_data(tokenizer, r: DebiasRecipe, professions: Sequence[str]) -> EvalData:
     """Build the evaluation sets of recipe `r` (eval templates only; selection templates never appear)."""
     c = r.collateral
-    problems = arithmetic.build(digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES, limit=c.arithmetic_limit, seed=r.seed)
+    problems = arithmetic.build(
+        digits=(1,), templates=arithmetic.DEFAULT_TEMPLATES, limit=c.arithmetic_limit, seed=r.seed
+    )
     wino = gb.wino_items()
-    return EvalData(gb.build(r.eval_templates, professions), perplexity.build(n_docs=c.perplexity_docs),
-                    arithmetic.cases(problems, tokenizer), wino[:c.wino_limit] if c.wino_limit else wino,
-                    c.perplexity_tokens)
+    return EvalData(
+        gb.build(r.eval_templates, professions),
+        perplexity.build(n_docs=c.perplexity_docs),
+        arithmetic.cases(problems, tokenizer),
+        wino[: c.wino_limit] if c.wino_limit else wino,
+        c.perplexity_tokens,
+    )
 
 
 def bias_score(model: nn.Module, tokenizer, ds) -> dict:
@@ -263,17 +314,20 @@ def collateral(model: nn.Module, tokenizer, data: EvalData, batch_size: int = 32
     ppl = perplexity.perplexity(model, tokenizer, data.docs, data.ppl_tokens, batch_size=8, progress=False)
     pred = predict_cases(model, tokenizer, data.arithmetic, batch_size=64, progress=False)
     acc = arithmetic.score(data.arithmetic, pred["correct"])["overall"]
-    return {"perplexity": ppl["ppl"], "perplexity_tokens": ppl["tokens"], "arithmetic_acc": acc["acc"],
-            "arithmetic_full_answer_acc": acc["full_answer_acc"], "arithmetic_n": acc["n"],
-            "controls": gb.control_logprobs(model, tokenizer, batch_size)}
+    return {
+        "perplexity": ppl["ppl"],
+        "perplexity_tokens": ppl["tokens"],
+        "arithmetic_acc": acc["acc"],
+        "arithmetic_full_answer_acc": acc["full_answer_acc"],
+        "arithmetic_n": acc["n"],
+        "controls": gb.control_logprobs(model, tokenizer, batch_size),
+    }
 
 
-def evaluate_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data: EvalData,
-                   wino: bool = False) -> dict:
+def evaluate_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data: EvalData, wino: bool = False) -> dict:
     """Bias + collateral (+ Wino-test) with `neurons` zeroed by hooks (none: the base model)."""
     with zeroed(model, neurons):
-        out = {"n": len(neurons), "bias": bias_score(model, tokenizer, data.bias),
-               **collateral(model, tokenizer, data)}
+        out = {"n": len(neurons), "bias": bias_score(model, tokenizer, data.bias), **collateral(model, tokenizer, data)}
         if wino and data.wino:
             out["wino"] = gb.wino_score(model, tokenizer, data.wino)
     return out
@@ -281,27 +335,44 @@ def evaluate_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data:
 
 def control_changes(base: list[dict], after: list[dict]) -> list[dict]:
     """Per factual control: log-prob before, after, change (a debias edit should keep these near 0)."""
-    return [dict(prompt=b["prompt"], continuation=b["continuation"], before=b["logprob"], after=a["logprob"],
-                 change=a["logprob"] - b["logprob"]) for b, a in zip(base, after)]
+    return [
+        dict(
+            prompt=b["prompt"],
+            continuation=b["continuation"],
+            before=b["logprob"],
+            after=a["logprob"],
+            change=a["logprob"] - b["logprob"],
+        )
+        for b, a in zip(base, after)
+    ]
 
 
 def summary(point: dict, base: dict) -> dict:
     """One sweep row: bias totals, relative reduction, collateral and its change vs the base model."""
     b, b0 = point["bias"], base["bias"]
     ch = [c["change"] for c in control_changes(base["controls"], point["controls"])]
-    return {"n": point["n"], "bias_total": b["total"]["mean"], "bias_woman": b["woman-biased"]["mean"],
-            "bias_man": b["man-biased"]["mean"],
-            "reduction": 1 - b["total"]["mean"] / b0["total"]["mean"],
-            "perplexity": point["perplexity"], "arithmetic_acc": point["arithmetic_acc"],
-            "control_mean_change": sum(ch) / len(ch), "control_min_change": min(ch)}
+    return {
+        "n": point["n"],
+        "bias_total": b["total"]["mean"],
+        "bias_woman": b["woman-biased"]["mean"],
+        "bias_man": b["man-biased"]["mean"],
+        "reduction": 1 - b["total"]["mean"] / b0["total"]["mean"],
+        "perplexity": point["perplexity"],
+        "arithmetic_acc": point["arithmetic_acc"],
+        "control_mean_change": sum(ch) / len(ch),
+        "control_min_change": min(ch),
+    }
 
 
-def sweep(model: nn.Module, tokenizer, scores: dict[str, dict[int, Tensor]], ns: Sequence[int], data: EvalData
-          ) -> dict[tuple[str, int], dict]:
+def sweep(
+    model: nn.Module, tokenizer, scores: dict[str, dict[int, Tensor]], ns: Sequence[int], data: EvalData
+) -> dict[tuple[str, int], dict]:
     """For each method and N: zero the top N by hooks and measure bias and collateral ({(method, N): point})."""
     grid = [(m, n) for m in scores for n in sorted(set(ns))]
-    return {(m, n): evaluate_point(model, tokenizer, top_n(scores[m], n), data)
-            for m, n in tqdm(grid, desc="sweep", unit="point")}
+    return {
+        (m, n): evaluate_point(model, tokenizer, top_n(scores[m], n), data)
+        for m, n in tqdm(grid, desc="sweep", unit="point")
+    }
 
 
 def wino_point(model: nn.Module, tokenizer, neurons: Sequence[Neuron], data: EvalData) -> dict | None:
@@ -323,8 +394,9 @@ class Selection:
     templates: list[str]
 
 
-def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], professions: Sequence[str],
-               methods: Sequence[str]) -> Selection:
+def select_all(
+    view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], professions: Sequence[str], methods: Sequence[str]
+) -> Selection:
     """Scores of every requested method on the selection templates (the coefficients are always computed)."""
     pad = pad_id(tokenizer)
     templates = list(gb.template_set(r.selection_templates)[1])
@@ -338,34 +410,60 @@ def select_all(view: ModelView, tokenizer, r: DebiasRecipe, layers: list[int], p
         cases = selection_cases(tokenizer, templates, professions, r.target, fav)
     for m in methods:  # CNA pairs: the stereotyped-gender prompt (A) vs the other gender (B), profession target;
         # the baselines: every selection prompt, woman (A) vs man (B) -- the engine `surgery edit` uses too
-        scores[m], info = contrast_scores(view, layers, pad, m, seqs_a=cases.seqs_a, seqs_b=cases.seqs_b,
-                                          targets=cases.targets, prompts_a=prompts["woman"], prompts_b=prompts["man"],
-                                          seed=r.seed, batch_size=r.batch_size,
-                                          candidates=max([r.candidates, r.neurons, *r.sweep.ns]))
+        scores[m], info = contrast_scores(
+            view,
+            layers,
+            pad,
+            m,
+            seqs_a=cases.seqs_a,
+            seqs_b=cases.seqs_b,
+            targets=cases.targets,
+            prompts_a=prompts["woman"],
+            prompts_b=prompts["man"],
+            seed=r.seed,
+            batch_size=r.batch_size,
+            candidates=max([r.candidates, r.neurons, *r.sweep.ns]),
+        )
         cna_info = info if m == "cna" else cna_info
     return Selection(scores, means, cna_info, templates)
 
 
-def neuron_rows(view: ModelView, tokenizer, neurons: Sequence[Neuron], sel: Selection, method: str,
-                n_tokens: int = 10) -> list[dict]:
+def neuron_rows(
+    view: ModelView, tokenizer, neurons: Sequence[Neuron], sel: Selection, method: str, n_tokens: int = 10
+) -> list[dict]:
     """Table 12 rows: name, layer, index, selection score, coefficient for woman vs man prompts, top tokens."""
     rows = []
     for l, i in neurons:
         mw, mm = float(sel.means["woman"][l][i]), float(sel.means["man"][l][i])
         sign = mw if abs(mw) >= abs(mm) else mm
-        rows.append({"neuron": neuron_name(l, i), "layer": l, "index": i, "score": float(sel.scores[method][l][i]),
-                     "cna_score": float(sel.scores["cna"][l][i]) if "cna" in sel.scores else None,
-                     "coef_woman": mw, "coef_man": mm,
-                     "top_tokens": top_tokens(view, tokenizer, l, i, sign=sign, n=n_tokens)})
+        rows.append(
+            {
+                "neuron": neuron_name(l, i),
+                "layer": l,
+                "index": i,
+                "score": float(sel.scores[method][l][i]),
+                "cna_score": float(sel.scores["cna"][l][i]) if "cna" in sel.scores else None,
+                "coef_woman": mw,
+                "coef_man": mm,
+                "top_tokens": top_tokens(view, tokenizer, l, i, sign=sign, n=n_tokens),
+            }
+        )
     return rows
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
 def bias_table(before: dict, after: dict) -> list[dict]:
     """Table 13 rows: total / woman-biased / man-biased bias before, after, relative reduction."""
-    return [{"group": g, "before": before[g]["mean"], "after": after[g]["mean"],
-             "reduction": 1 - after[g]["mean"] / before[g]["mean"] if before[g]["mean"] else None, "n": before[g]["n"]}
-            for g in ("total", "woman-biased", "man-biased")]
+    return [
+        {
+            "group": g,
+            "before": before[g]["mean"],
+            "after": after[g]["mean"],
+            "reduction": 1 - after[g]["mean"] / before[g]["mean"] if before[g]["mean"] else None,
+            "n": before[g]["n"],
+        }
+        for g in ("total", "woman-biased", "man-biased")
+    ]
 
 
 def profession_rows(before: dict, after: dict) -> list[dict]:
@@ -373,8 +471,16 @@ def profession_rows(before: dict, after: dict) -> list[dict]:
     rows = []
     for p, b in before["per_profession"].items():
         a = after["per_profession"][p]
-        rows.append({"profession": p, "group": b["bias_group"], "before": b["abs_diff"], "after": a["abs_diff"],
-                     "signed_before": b["signed_diff"], "signed_after": a["signed_diff"]})
+        rows.append(
+            {
+                "profession": p,
+                "group": b["bias_group"],
+                "before": b["abs_diff"],
+                "after": a["abs_diff"],
+                "signed_before": b["signed_diff"],
+                "signed_after": a["signed_diff"],
+            }
+        )
     return rows
 
 
@@ -389,13 +495,19 @@ def plot_sweep(rows: dict[str, list[dict]], base: dict) -> dict[str, bytes]:
     for m, rs in rows.items():
         ax.plot([x["n"] for x in rs], [x["bias_total"] for x in rs], marker="o", label=m)
     ax.axhline(base["bias"]["total"]["mean"], color="grey", ls="--", label="base")
-    ax.set(xscale="log", xlabel="neurons zeroed (N)", ylabel="bias: mean |dlogp| (eval templates)",
-           title="gender bias vs N")
+    ax.set(
+        xscale="log",
+        xlabel="neurons zeroed (N)",
+        ylabel="bias: mean |dlogp| (eval templates)",
+        title="gender bias vs N",
+    )
     ax.legend()
     out = {"bias_vs_n.png": png(fig)}
-    keys = [("perplexity", "XSum perplexity", base["perplexity"]),
-            ("arithmetic_acc", "1-digit arithmetic acc", base["arithmetic_acc"]),
-            ("control_mean_change", "factual controls: mean dlogp", 0.0)]
+    keys = [
+        ("perplexity", "XSum perplexity", base["perplexity"]),
+        ("arithmetic_acc", "1-digit arithmetic acc", base["arithmetic_acc"]),
+        ("control_mean_change", "factual controls: mean dlogp", 0.0),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (k, label, ref) in zip(axes, keys):
         for m, rs in rows.items():
@@ -411,45 +523,111 @@ def markdown(d: dict) -> str:
     """report.md: the headline (Table 13 form), methods at N, neurons (Table 12 form), sweep, collateral."""
     c, res = d["config"], d["results"]
     n, m = c["neurons"], c["method"]
-    lines = [f"# surgery debias: {d['model']['name']}, {m}, N={n}, edit {c['edit']}", "",
-             f"Command: `{d['command']}`", "",
-             f"Selection templates ({len(res['selection']['templates'])}, never evaluated on): "
-             + "; ".join(f"`{t}`" for t in res["selection"]["templates"]), "",
-             f"Evaluation templates ({len(res['eval_templates'])}, disjoint): "
-             + "; ".join(f"`{t}`" for t in res["eval_templates"]), "",
-             "## Bias on the evaluation templates (Table 13 form)", "",
-             rep.md_table(["group", "before", "after", "reduction", "pairs"],
-                          [[r["group"], r["before"], r["after"], f"{100 * r['reduction']:.1f}%", r["n"]]
-                           for r in res["bias_table"]]), "",
-             f"## Methods at N={n}", "", _methods_table(res), "",
-             f"## Selected neurons ({m}; Table 12 form)", "",
-             rep.md_table(["neuron", "score", "coef woman", "coef man", "top tokens"],
-                          [[r["neuron"], r["score"], r["coef_woman"], r["coef_man"],
-                            " ".join(repr(t) for t in r["top_tokens"])] for r in res["neurons"]]), "",
-             "## Sweep over N (bias and collateral; hook zeroing)", "", _sweep_table(res["sweep"]), "",
-             "![bias vs N](bias_vs_n.png)", "", "![collateral vs N](collateral_vs_n.png)", "",
-             "## Factual controls (must keep their answers)", "",
-             rep.md_table(["prompt", "answer", "before", "after", "change"],
-                          [[r["prompt"], r["continuation"], r["before"], r["after"], r["change"]]
-                           for r in res["controls"]]), "",
-             "## Per profession (mean |dlogp| over evaluation templates)", "",
-             rep.md_table(["profession", "group", "before", "after", "signed before", "signed after"],
-                          [[r["profession"], r["group"], r["before"], r["after"], r["signed_before"],
-                            r["signed_after"]] for r in res["per_profession"]]), "",
-             f"Weight edit vs hook zeroing: max |logit diff| {res['edit_check']:.2e}. "
-             f"Time {d['timing']['seconds']:.0f} s."]
+    lines = [
+        f"# surgery debias: {d['model']['name']}, {m}, N={n}, edit {c['edit']}",
+        "",
+        f"Command: `{d['command']}`",
+        "",
+        f"Selection templates ({len(res['selection']['templates'])}, never evaluated on): "
+        + "; ".join(f"`{t}`" for t in res["selection"]["templates"]),
+        "",
+        f"Evaluation templates ({len(res['eval_templates'])}, disjoint): "
+        + "; ".join(f"`{t}`" for t in res["eval_templates"]),
+        "",
+        "## Bias on the evaluation templates (Table 13 form)",
+        "",
+        rep.md_table(
+            ["group", "before", "after", "reduction", "pairs"],
+            [[r["group"], r["before"], r["after"], f"{100 * r['reduction']:.1f}%", r["n"]] for r in res["bias_table"]],
+        ),
+        "",
+        f"## Methods at N={n}",
+        "",
+        _methods_table(res),
+        "",
+        f"## Selected neurons ({m}; Table 12 form)",
+        "",
+        rep.md_table(
+            ["neuron", "score", "coef woman", "coef man", "top tokens"],
+            [
+                [r["neuron"], r["score"], r["coef_woman"], r["coef_man"], " ".join(repr(t) for t in r["top_tokens"])]
+                for r in res["neurons"]
+            ],
+        ),
+        "",
+        "## Sweep over N (bias and collateral; hook zeroing)",
+        "",
+        _sweep_table(res["sweep"]),
+        "",
+        "![bias vs N](bias_vs_n.png)",
+        "",
+        "![collateral vs N](collateral_vs_n.png)",
+        "",
+        "## Factual controls (must keep their answers)",
+        "",
+        rep.md_table(
+            ["prompt", "answer", "before", "after", "change"],
+            [[r["prompt"], r["continuation"], r["before"], r["after"], r["change"]] for r in res["controls"]],
+        ),
+        "",
+        "## Per profession (mean |dlogp| over evaluation templates)",
+        "",
+        rep.md_table(
+            ["profession", "group", "before", "after", "signed before", "signed after"],
+            [
+                [r["profession"], r["group"], r["before"], r["after"], r["signed_before"], r["signed_after"]]
+                for r in res["per_profession"]
+            ],
+        ),
+        "",
+        f"Weight edit vs hook zeroing: max |logit diff| {res['edit_check']:.2e}. Time {d['timing']['seconds']:.0f} s.",
+    ]
     return "\n".join(lines)
 
 
 def _methods_table(res: dict) -> str:
     base = res["base"]
-    rows = [["base (no edit)", base["bias_total"], base["bias_woman"], base["bias_man"], "", base["perplexity"],
-             base["arithmetic_acc"], "", _wino(res["wino"].get("base"))]]
+    rows = [
+        [
+            "base (no edit)",
+            base["bias_total"],
+            base["bias_woman"],
+            base["bias_man"],
+            "",
+            base["perplexity"],
+            base["arithmetic_acc"],
+            "",
+            _wino(res["wino"].get("base")),
+        ]
+    ]
     for m, r in res["at_n"].items():
-        rows.append([m, r["bias_total"], r["bias_woman"], r["bias_man"], f"{100 * r['reduction']:.1f}%",
-                     r["perplexity"], r["arithmetic_acc"], r["control_mean_change"], _wino(res["wino"].get(m))])
-    return rep.md_table(["method", "bias total", "woman-biased", "man-biased", "reduction", "perplexity",
-                         "arith acc", "controls dlogp", "Wino pro-stereo rate"], rows)
+        rows.append(
+            [
+                m,
+                r["bias_total"],
+                r["bias_woman"],
+                r["bias_man"],
+                f"{100 * r['reduction']:.1f}%",
+                r["perplexity"],
+                r["arithmetic_acc"],
+                r["control_mean_change"],
+                _wino(res["wino"].get(m)),
+            ]
+        )
+    return rep.md_table(
+        [
+            "method",
+            "bias total",
+            "woman-biased",
+            "man-biased",
+            "reduction",
+            "perplexity",
+            "arith acc",
+            "controls dlogp",
+            "Wino pro-stereo rate",
+        ],
+        rows,
+    )
 
 
 def _wino(w: dict | None) -> str:
@@ -457,14 +635,52 @@ def _wino(w: dict | None) -> str:
 
 
 def _sweep_table(sw: dict[str, list[dict]]) -> str:
-    rows = [[m, r["n"], r["bias_total"], f"{100 * r['reduction']:.1f}%", r["perplexity"], r["arithmetic_acc"],
-             r["control_mean_change"], r["control_min_change"]] for m, rs in sw.items() for r in rs]
-    return rep.md_table(["method", "N", "bias total", "reduction", "perplexity", "arith acc", "controls mean dlogp",
-                         "controls min dlogp"], rows)
+    rows = [
+        [
+            m,
+            r["n"],
+            r["bias_total"],
+            f"{100 * r['reduction']:.1f}%",
+            r["perplexity"],
+            r["arithmetic_acc"],
+            r["control_mean_change"],
+            r["control_min_change"],
+        ]
+        for m, rs in sw.items()
+        for r in rs
+    ]
+    return rep.md_table(
+        [
+            "method",
+            "N",
+            "bias total",
+            "reduction",
+            "perplexity",
+            "arith acc",
+            "controls mean dlogp",
+            "controls min dlogp",
+        ],
+        rows,
+    )
 
 
 # ---- the command ----------------------------------------------------------------------------------------------------
-def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, quick: bool, overrides: Sequence[str], recipe: str, neurons: int | None, method: str | None, edit: str | None, profile: str | None, trust_remote_code: bool) -> rep.Report:
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    out: str | None,
+    force: bool,
+    quick: bool,
+    overrides: Sequence[str],
+    recipe: str,
+    neurons: int | None,
+    method: str | None,
+    edit: str | None,
+    profile: str | None,
+    trust_remote_code: bool,
+) -> rep.Report:
     """Find the FFN neurons behind gender-biased profession predictions (CNA between "A woman ..." and "A man ..."
     prompts on selection templates), zero (--edit zero, native checkpoint) or remove (--edit remove, sliced) the top
     --neurons, and write a checkpoint with report.json/report.md/plots: bias before/after on disjoint evaluation
@@ -489,59 +705,113 @@ def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, qu
     edited, check = edit_and_check(loaded.model, tok, chosen, r.edit, data.bias["prompt"][:16])
     results = _results(r, sel, base, points, wino, table, check, professions)
     cmd = _command(model, recipe, r, "quick" if quick else profile, overrides, run.out)
-    config = {**recipes.to_dict(r), "model": model, "quick": quick, "profile": profile, "selection_layers": [layers[0], layers[-1]]}
+    config = {
+        **recipes.to_dict(r),
+        "model": model,
+        "quick": quick,
+        "profile": profile,
+        "selection_layers": [layers[0], layers[-1]],
+    }
     data_ = rep.make(cmd, loaded.describe(), config, results, run.elapsed())
     return _export(loaded, edited, r, chosen, data_, run.out, force)
 
 
-def _results(r: DebiasRecipe, sel: Selection, base: dict, points: dict, wino: dict, table: list[dict],
-             check: float, professions: list[str]) -> dict:
-
+def _results(
+    r: DebiasRecipe,
+    sel: Selection,
+    base: dict,
+    points: dict,
+    wino: dict,
+    table: list[dict],
+    check: float,
+    professions: list[str],
+) -> dict:
     after = points[(r.method, r.neurons)]
     rows = {m: [summary(points[(m, n)], base) for n in sorted({*r.sweep.ns, r.neurons})] for m in sel.scores}
     base_row = summary(base, base)
     at_n = {m: summary(points[(m, r.neurons)], base) for m in sel.scores}
-    return {"selection": {"templates": sel.templates, "professions": professions, "cna": sel.cna,
-                          "target": r.target, "orientation": r.orientation, "layers": r.layers},
-            "eval_templates": list(gb.template_set(r.eval_templates)[1]),
-            "bias_before": base["bias"], "bias_after": after["bias"],
-            "bias_table": bias_table(base["bias"], after["bias"]),
-            "per_profession": profession_rows(base["bias"], after["bias"]),
-            "neurons": table,
-            "base": base_row, "at_n": at_n, "sweep": rows, "wino": wino,
-            "collateral": {"before": {k: base[k] for k in ("perplexity", "arithmetic_acc", "arithmetic_n")},
-                           "after": {k: after[k] for k in ("perplexity", "arithmetic_acc", "arithmetic_n")}},
-            "controls": control_changes(base["controls"], after["controls"]), "edit_check": check}
+    return {
+        "selection": {
+            "templates": sel.templates,
+            "professions": professions,
+            "cna": sel.cna,
+            "target": r.target,
+            "orientation": r.orientation,
+            "layers": r.layers,
+        },
+        "eval_templates": list(gb.template_set(r.eval_templates)[1]),
+        "bias_before": base["bias"],
+        "bias_after": after["bias"],
+        "bias_table": bias_table(base["bias"], after["bias"]),
+        "per_profession": profession_rows(base["bias"], after["bias"]),
+        "neurons": table,
+        "base": base_row,
+        "at_n": at_n,
+        "sweep": rows,
+        "wino": wino,
+        "collateral": {
+            "before": {k: base[k] for k in ("perplexity", "arithmetic_acc", "arithmetic_n")},
+            "after": {k: after[k] for k in ("perplexity", "arithmetic_acc", "arithmetic_n")},
+        },
+        "controls": control_changes(base["controls"], after["controls"]),
+        "edit_check": check,
+    }
 
 
-def _command(model: str, recipe: str, r: DebiasRecipe, profile: str | None, overrides: Sequence[str],
-             out: Path) -> str:
-    parts = ["surgery debias", f"--model {model}", f"--recipe {recipe}", f"--neurons {r.neurons}",
-             f"--method {r.method}", f"--edit {r.edit}", *([f"--profile {profile}"] if profile else []),
-             *[f"--set {o}" for o in overrides], f"--out {out}"]
+def _command(model: str, recipe: str, r: DebiasRecipe, profile: str | None, overrides: Sequence[str], out: Path) -> str:
+    parts = [
+        "surgery debias",
+        f"--model {model}",
+        f"--recipe {recipe}",
+        f"--neurons {r.neurons}",
+        f"--method {r.method}",
+        f"--edit {r.edit}",
+        *([f"--profile {profile}"] if profile else []),
+        *[f"--set {o}" for o in overrides],
+        f"--out {out}",
+    ]
     return " ".join(parts)
 
 
-def _export(loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], data: dict, outdir: Path,
-            force: bool) -> rep.Report:
+def _export(
+    loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], data: dict, outdir: Path, force: bool
+) -> rep.Report:
     """Write the checkpoint (zeroed: native; remove: sliced) with report.json, report.md and the plots inside."""
     md = markdown(data)
     pngs = plot_sweep(data["results"]["sweep"], _base_point(data))
     groups = by_layer(chosen)
-    prov = {"operation": "debias", "recipe": data["config"], "method": r.method, "seed": r.seed,
-            "neurons": [neuron_name(l, i) for l, i in chosen], "base": {"id": loaded.name, "source": loaded.source},
-            "layers": {str(l): {"edited": idx, "edit": r.edit} for l, idx in groups.items()}}
+    prov = {
+        "operation": "debias",
+        "recipe": data["config"],
+        "method": r.method,
+        "seed": r.seed,
+        "neurons": [neuron_name(l, i) for l, i in chosen],
+        "base": {"id": loaded.name, "source": loaded.source},
+        "layers": {str(l): {"edited": idx, "edit": r.edit} for l, idx in groups.items()},
+    }
     if r.edit == "remove":
-        prov["layers"] = {str(l): {"kept": edited.surgery_kept[l], "removed": idx, "edit": "remove"}
-                          for l, idx in groups.items()}
+        prov["layers"] = {
+            str(l): {"kept": edited.surgery_kept[l], "removed": idx, "edit": "remove"} for l, idx in groups.items()
+        }
     extra = {"report.json": rep.json_text(data), "report.md": md + "\n", **pngs}
-    export.save(edited, loaded.tokenizer, outdir, layout="zeroed" if r.edit == "zero" else "sliced",
-                provenance=prov, force=force, extra_files=extra, base=loaded.source)
+    export.save(
+        edited,
+        loaded.tokenizer,
+        outdir,
+        layout="zeroed" if r.edit == "zero" else "sliced",
+        provenance=prov,
+        force=force,
+        extra_files=extra,
+        base=loaded.source,
+    )
     files = [outdir / name for name in extra]
     return rep.Report(data, md, files=files)
 
 
 def _base_point(data: dict) -> dict:
     b = data["results"]["base"]
-    return {"bias": {"total": {"mean": b["bias_total"]}}, "perplexity": b["perplexity"],
-            "arithmetic_acc": b["arithmetic_acc"]}
+    return {
+        "bias": {"total": {"mean": b["bias_total"]}},
+        "perplexity": b["perplexity"],
+        "arithmetic_acc": b["arithmetic_acc"],
+    }

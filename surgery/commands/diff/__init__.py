@@ -11,9 +11,9 @@ COMMAND = Command(
     "diff",
     __doc__,
     [
-    option("base", help="base model folder or registry name"),
-    option("other", help="edited checkpoint folder"),
-    option("--out", default=None),
+        option("base", help="base model folder or registry name"),
+        option("other", help="edited checkpoint folder"),
+        option("--out", default=None),
     ],
     "surgery.commands.diff.job:diff",
 )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from surgery.errors import UsageError
 from surgery.io.diff import compare, first_line, open_weights
 from surgery.io.loading import resolve
 from surgery.io.report import Report, check_out_dir, md_table
 from surgery.io.report import save as save_report
 from surgery.model.arch import arch_for
-from safetensors import SafetensorError
 
 
 def diff(base: str, other: str, out: str | None = None) -> Report:
@@ -26,18 +27,19 @@ def diff(base: str, other: str, out: str | None = None) -> Report:
     try:
         cfg = AutoConfig.from_pretrained(str(other_dir))
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise UsageError(f"{other_dir / 'config.json'} is unreadable ({first_line(e)}); "
-                         "point OTHER at an intact checkpoint folder") from None
+        raise UsageError(
+            f"{other_dir / 'config.json'} is unreadable ({first_line(e)}); point OTHER at an intact checkpoint folder"
+        ) from None
     arch = arch_for(cfg)
     B, O = open_weights(base_dir), open_weights(other_dir)
     try:
         data = compare(B, O, cfg, arch, base_dir, other_dir)
     except (SafetensorError, OSError) as e:  # a tensor file whose header parsed but whose data did not
-        raise UsageError(f"cannot read the weights ({first_line(e)}); a tensor file is corrupt or truncated "
-                         "(`surgery inspect` names it)") from None
+        raise UsageError(
+            f"cannot read the weights ({first_line(e)}); a tensor file is corrupt or truncated "
+            "(`surgery inspect` names it)"
+        ) from None
     return save_report(Report(data=data, markdown=markdown(data)), out_dir, stem="diff")
-
-
 
 
 def markdown(d: dict) -> str:
@@ -48,27 +50,37 @@ def markdown(d: dict) -> str:
         if any(counts) or heads:
             rows.append([r["layer"], f"{r.get('base_width')} -> {r.get('width')}", *counts, _short(heads)])
     s = d["summary"]
-    lines = [f"# diff {d['base']} -> {d['other']}", "",
-             f"{s['removed']} neurons removed, {s['zeroed']} zeroed, {s['scaled']} scaled "
-             f"({s['amplified']} amplified), {s['modified']} otherwise modified; heads zeroed {s['heads_zeroed']},"
-             f" scaled {s['heads_scaled']}, modified {s['heads_modified']}; {s['other_tensors_changed']} other "
-             "tensors changed.", ""]
-    lines += [md_table(["layer", "width", "removed", "zeroed", "scaled", "modified", "heads"], rows)] if rows \
+    lines = [
+        f"# diff {d['base']} -> {d['other']}",
+        "",
+        f"{s['removed']} neurons removed, {s['zeroed']} zeroed, {s['scaled']} scaled "
+        f"({s['amplified']} amplified), {s['modified']} otherwise modified; heads zeroed {s['heads_zeroed']},"
+        f" scaled {s['heads_scaled']}, modified {s['heads_modified']}; {s['other_tensors_changed']} other "
+        "tensors changed.",
+        "",
+    ]
+    lines += (
+        [md_table(["layer", "width", "removed", "zeroed", "scaled", "modified", "heads"], rows)]
+        if rows
         else ["No FFN neuron or head changes."]
+    )
     cc = d.get("changed_components")
     if cc:
-        lines += ["", f"Changed components: heads {', '.join(cc['heads']) or 'none'}; key/value heads "
-                      f"{', '.join(cc['kv_heads']) or 'none'}; MLPs {', '.join(map(str, cc['mlps'])) or 'none'}."]
+        lines += [
+            "",
+            f"Changed components: heads {', '.join(cc['heads']) or 'none'}; key/value heads "
+            f"{', '.join(cc['kv_heads']) or 'none'}; MLPs {', '.join(map(str, cc['mlps'])) or 'none'}.",
+        ]
     for r in d["layers"]:
         if r.get("amplified"):
             f = {x["neuron"]: x["factor"] for x in r["scaled"]}
             lines.append(f"\nAMPLIFIED layer {r['layer']}: " + ", ".join(f"{k} x{f[k]:g}" for k in r["amplified"]))
     for o in d["other_tensors"]:
-        lines.append(f"- {o['tensor']}: {o['change']}" + (f" (max |diff| {o['max_abs_diff']:.3g})"
-                                                             if "max_abs_diff" in o else ""))
+        lines.append(
+            f"- {o['tensor']}: {o['change']}"
+            + (f" (max |diff| {o['max_abs_diff']:.3g})" if "max_abs_diff" in o else "")
+        )
     return "\n".join(lines)
-
-
 
 
 def _short(xs: list[int]) -> str:

@@ -8,33 +8,42 @@ before and after, the collateral (XSum perplexity; --keep-data FILE: cases that 
 export the edited checkpoint with report.json/report.md and provenance.
 """
 
-from surgery.commands.spec import Command, option, FORCE, MODEL, OUT, CONTRAST_SELECTORS, positive, registered, strs
+from surgery.commands.spec import CONTRAST_SELECTORS, FORCE, MODEL, OUT, Command, option, positive, registered, strs
 
 COMMAND = Command(
     "edit",
     __doc__,
     [
-    *MODEL,
-    *OUT,
-    *FORCE,
-    option("--pairs", default=None, help="contrast pairs (prompt_a, prompt_b, optional target, group, split) "
-                            "as .jsonl/.csv/.parquet/datasets folder, or gender-bias (the debias recipe)"),
-    option("--columns", default=None, help="map your column names: prompt_a=NAME,prompt_b=NAME,target=NAME"),
-    option("--neurons", type=positive, default=18, help="how many neurons to edit"),
-    option("--edit", default="zero", choices=["zero", "scale", "remove"]),
-    option("--scale", type=float, default=None, help="--edit scale: multiply the coefficients by S"),
-    option("--method", default="cna", type=registered("contrast"), help=f"{CONTRAST_SELECTORS} (or any registered contrast selector)"),
-    option("--baselines", type=strs, default=(), help="other selectors measured at the same N, e.g. random"),
-    option("--keep-data", default=None, help="cases that must not change (prompt, target): collateral"),
-    option("--keep-columns", default=None, help="column mapping of --keep-data"),
-    option("--layers", default=None, help="selection layers A-B or list (default all)"),
-    option("--tokens", default="first", choices=["first", "all"], help="CNA on the first target token or all"),
-    option("--test-size", type=float, default=0.5, help="held-out share of pairs without a split column"),
-    option("--seed", type=int, default=0),
-    option("--candidates", type=positive, default=100, help="CNA: screened neurons rescored exactly"),
-    option("--batch-size", type=positive, default=32),
-    option("--ppl-docs", type=int, default=6, help="XSum documents for the perplexity collateral (0: skip)"),
-    option("--ppl-tokens", type=int, default=128),
+        *MODEL,
+        *OUT,
+        *FORCE,
+        option(
+            "--pairs",
+            default=None,
+            help="contrast pairs (prompt_a, prompt_b, optional target, group, split) "
+            "as .jsonl/.csv/.parquet/datasets folder, or gender-bias (the debias recipe)",
+        ),
+        option("--columns", default=None, help="map your column names: prompt_a=NAME,prompt_b=NAME,target=NAME"),
+        option("--neurons", type=positive, default=18, help="how many neurons to edit"),
+        option("--edit", default="zero", choices=["zero", "scale", "remove"]),
+        option("--scale", type=float, default=None, help="--edit scale: multiply the coefficients by S"),
+        option(
+            "--method",
+            default="cna",
+            type=registered("contrast"),
+            help=f"{CONTRAST_SELECTORS} (or any registered contrast selector)",
+        ),
+        option("--baselines", type=strs, default=(), help="other selectors measured at the same N, e.g. random"),
+        option("--keep-data", default=None, help="cases that must not change (prompt, target): collateral"),
+        option("--keep-columns", default=None, help="column mapping of --keep-data"),
+        option("--layers", default=None, help="selection layers A-B or list (default all)"),
+        option("--tokens", default="first", choices=["first", "all"], help="CNA on the first target token or all"),
+        option("--test-size", type=float, default=0.5, help="held-out share of pairs without a split column"),
+        option("--seed", type=int, default=0),
+        option("--candidates", type=positive, default=100, help="CNA: screened neurons rescored exactly"),
+        option("--batch-size", type=positive, default=32),
+        option("--ppl-docs", type=int, default=6, help="XSum documents for the perplexity collateral (0: skip)"),
+        option("--ppl-tokens", type=int, default=128),
     ],
     "surgery.commands.edit.job:run",
 )

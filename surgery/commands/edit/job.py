@@ -22,23 +22,30 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from surgery.io import checkpoint as export
-from surgery.io import report as rep
-from surgery.find import selectors
-from surgery.evals import tasks
-from surgery.model.arch import ModelView
-from surgery.model.batching import pad_id
-from surgery.find.cna import neuron_name, parse_layers, top_tokens
-from surgery.io.context import Run
 from surgery.edits.neurons import EDITS, contrast_scores, edit_and_check, scaled
 from surgery.errors import UsageError
-from surgery.evals import perplexity
-from surgery.io.loading import load_model
+from surgery.evals import perplexity, tasks
+from surgery.find import selectors
+from surgery.find.cna import neuron_name, parse_layers, top_tokens
 from surgery.find.neurons import Neuron, by_layer, top_n
+from surgery.io import checkpoint as export
+from surgery.io import report as rep
+from surgery.io.context import Run
+from surgery.io.loading import load_model
+from surgery.model.arch import ModelView
+from surgery.model.batching import pad_id
 
 
-def check(neurons: int, edit: str, scale: float | None, method: str, tokens: str, test_size: float,
-          ppl_docs: int, ppl_tokens: int) -> None:
+def check(
+    neurons: int,
+    edit: str,
+    scale: float | None,
+    method: str,
+    tokens: str,
+    test_size: float,
+    ppl_docs: int,
+    ppl_tokens: int,
+) -> None:
     """One line for every option that needs no model."""
     if neurons < 1:
         raise UsageError(f"--neurons must be >= 1, got {neurons}")
@@ -56,8 +63,9 @@ def check(neurons: int, edit: str, scale: float | None, method: str, tokens: str
         raise UsageError("--ppl-docs must be >= 0 and --ppl-tokens >= 2")
 
 
-def measure(model, tokenizer, neurons: Sequence[Neuron], factor: float, test, keep, docs, ppl_tokens: int,
-            batch_size: int) -> dict:
+def measure(
+    model, tokenizer, neurons: Sequence[Neuron], factor: float, test, keep, docs, ppl_tokens: int, batch_size: int
+) -> dict:
     """Held-out gap table, keep-data table and perplexity with `neurons` scaled by `factor` through hooks."""
     with scaled(model, neurons, factor):
         gaps = tasks.pair_gaps(model, tokenizer, test, batch_size)
@@ -65,12 +73,38 @@ def measure(model, tokenizer, neurons: Sequence[Neuron], factor: float, test, ke
         if keep is not None:
             out["keep"] = tasks.evaluate(model, tokenizer, keep, batch_size)
         if docs is not None:
-            out["perplexity"] = perplexity.perplexity(model, tokenizer, docs, ppl_tokens, batch_size=8,
-                                                      progress=False)["ppl"]
+            out["perplexity"] = perplexity.perplexity(model, tokenizer, docs, ppl_tokens, batch_size=8, progress=False)[
+                "ppl"
+            ]
     return out
 
 
-def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, pairs: str | None, columns: str | None, neurons: int, edit: str, scale: float | None, method: str, baselines: Sequence[str], keep_data: str | None, keep_columns: str | None, layers: str | None, tokens: str, test_size: float, seed: int, candidates: int, batch_size: int, ppl_docs: int, ppl_tokens: int, trust_remote_code: bool) -> rep.Report:
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    out: str | None,
+    force: bool,
+    pairs: str | None,
+    columns: str | None,
+    neurons: int,
+    edit: str,
+    scale: float | None,
+    method: str,
+    baselines: Sequence[str],
+    keep_data: str | None,
+    keep_columns: str | None,
+    layers: str | None,
+    tokens: str,
+    test_size: float,
+    seed: int,
+    candidates: int,
+    batch_size: int,
+    ppl_docs: int,
+    ppl_tokens: int,
+    trust_remote_code: bool,
+) -> rep.Report:
     """Remove the difference between prompt A and prompt B of your pairs (--pairs FILE: prompt_a, prompt_b,
     optional target, group, split; or gender-bias, the debias recipe): select --neurons FFN neurons by CNA
     between A and B on the selection split (--method cna | random | activation-diff), edit them (--edit zero |
@@ -104,41 +138,98 @@ def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, pa
         tasks.pair_ids(tok, test)  # every held-out target must tokenise after both prompts
     methods = list(dict.fromkeys([method, *baselines]))
     with run_.step("select"):
-        scores, info = select(view, tok, sel, chosen_layers, methods, tokens, seed, batch_size,
-                              max(candidates, neurons))
+        scores, info = select(
+            view, tok, sel, chosen_layers, methods, tokens, seed, batch_size, max(candidates, neurons)
+        )
     docs = perplexity.build(n_docs=ppl_docs) if ppl_docs else None
     with run_.step("measure"):
         before = measure(loaded.model, tok, [], 0.0, test, keep, docs, ppl_tokens, batch_size)
-        after = {m: measure(loaded.model, tok, top_n(scores[m], neurons), factor, test, keep, docs, ppl_tokens,
-                            batch_size) for m in methods}
+        after = {
+            m: measure(loaded.model, tok, top_n(scores[m], neurons), factor, test, keep, docs, ppl_tokens, batch_size)
+            for m in methods
+        }
     chosen = top_n(scores[method], neurons)
-    table = [{"neuron": neuron_name(l, i), "layer": l, "index": i, "score": float(scores[method][l][i]),
-              "top_tokens": top_tokens(view, tok, l, i)} for l, i in chosen]
+    table = [
+        {
+            "neuron": neuron_name(l, i),
+            "layer": l,
+            "index": i,
+            "score": float(scores[method][l][i]),
+            "top_tokens": top_tokens(view, tok, l, i),
+        }
+        for l, i in chosen
+    ]
     with run_.step("edit"):
         edited, diff = edit_and_check(loaded.model, tok, chosen, edit, list(test["prompt_a"][:16]), factor)
-    results = {"selection": {"pairs": len(sel), "method": method, "tokens": tokens, "info": _jsonable(info),
-                             "layers": [chosen_layers[0], chosen_layers[-1]]},
-               "held_out_pairs": len(test), "duplicates": dup, "neurons": table,
-               "before": _point(before), "after": {m: _point(p, before) for m, p in after.items()},
-               "edit_check": diff}
-    config = dict(model=model, pairs=pairs, columns=columns, neurons=neurons, edit=edit, scale=scale, method=method,
-                  baselines=list(baselines), keep_data=keep_data, layers=layers, tokens=tokens, test_size=test_size,
-                  seed=seed, candidates=candidates, batch_size=batch_size, ppl_docs=ppl_docs, ppl_tokens=ppl_tokens)
+    results = {
+        "selection": {
+            "pairs": len(sel),
+            "method": method,
+            "tokens": tokens,
+            "info": _jsonable(info),
+            "layers": [chosen_layers[0], chosen_layers[-1]],
+        },
+        "held_out_pairs": len(test),
+        "duplicates": dup,
+        "neurons": table,
+        "before": _point(before),
+        "after": {m: _point(p, before) for m, p in after.items()},
+        "edit_check": diff,
+    }
+    config = dict(
+        model=model,
+        pairs=pairs,
+        columns=columns,
+        neurons=neurons,
+        edit=edit,
+        scale=scale,
+        method=method,
+        baselines=list(baselines),
+        keep_data=keep_data,
+        layers=layers,
+        tokens=tokens,
+        test_size=test_size,
+        seed=seed,
+        candidates=candidates,
+        batch_size=batch_size,
+        ppl_docs=ppl_docs,
+        ppl_tokens=ppl_tokens,
+    )
     data = rep.make(run_.command, loaded.describe(), config, results, time.time() - t0)
     return _export(loaded, edited, chosen, edit, factor, data, run_.out, force)
 
 
-def select(view: ModelView, tok, pairs, layers: list[int], methods: Sequence[str], tokens: str, seed: int,
-           batch_size: int, candidates: int) -> tuple[dict, dict]:
+def select(
+    view: ModelView,
+    tok,
+    pairs,
+    layers: list[int],
+    methods: Sequence[str],
+    tokens: str,
+    seed: int,
+    batch_size: int,
+    candidates: int,
+) -> tuple[dict, dict]:
     """Scores of every method on the selection pairs (the engine debias uses) and CNA's report."""
     pc = tasks.pair_cases(tok, pairs, tokens)
     prompts_a = [tok(p).input_ids for p in pairs["prompt_a"]]
     prompts_b = [tok(p).input_ids for p in pairs["prompt_b"]]
     scores, info = {}, {}
     for m in methods:
-        scores[m], i = contrast_scores(view, layers, pad_id(tok), m, seqs_a=pc.seqs_a, seqs_b=pc.seqs_b,
-                                       targets=pc.targets, prompts_a=prompts_a, prompts_b=prompts_b, seed=seed,
-                                       batch_size=batch_size, candidates=candidates)
+        scores[m], i = contrast_scores(
+            view,
+            layers,
+            pad_id(tok),
+            m,
+            seqs_a=pc.seqs_a,
+            seqs_b=pc.seqs_b,
+            targets=pc.targets,
+            prompts_a=prompts_a,
+            prompts_b=prompts_b,
+            seed=seed,
+            batch_size=batch_size,
+            candidates=candidates,
+        )
         info = i if m == methods[0] else info
     return scores, info
 
@@ -164,26 +255,59 @@ def markdown(d: dict) -> str:
     """report.md: the gap before/after per method, per group, collateral, the neurons."""
     c, res = d["config"], d["results"]
     b = res["before"]
-    rows = [["base (no edit)", b["gap"]["overall"]["abs_gap"], "", b.get("perplexity", ""),
-             _keep(b), b["gap"]["overall"]["signed_gap"]]]
+    rows = [
+        [
+            "base (no edit)",
+            b["gap"]["overall"]["abs_gap"],
+            "",
+            b.get("perplexity", ""),
+            _keep(b),
+            b["gap"]["overall"]["signed_gap"],
+        ]
+    ]
     for m, p in res["after"].items():
-        rows.append([m, p["gap"]["overall"]["abs_gap"], f"{100 * p['reduction']:.1f}%", p.get("perplexity", ""),
-                     _keep(p), p["gap"]["overall"]["signed_gap"]])
-    groups = [[g, e["abs_gap"], res["after"][c["method"]]["gap"]["groups"][g]["abs_gap"], e["n"]]
-              for g, e in b["gap"]["groups"].items()]
-    return "\n".join([
-        f"# surgery edit: {d['model']['name']}, {c['method']}, N={c['neurons']}, edit {c['edit']}", "",
-        f"Command: `{d['command']}`", "",
-        f"Selection: {res['selection']['pairs']} pairs; held out: {res['held_out_pairs']} pairs "
-        f"(prompts shared with selection: {res['duplicates']}).", "",
-        "## A/B gap on held-out pairs: mean |log p(target | A) - log p(target | B)|", "",
-        rep.md_table(["method", "gap", "reduction", "XSum ppl", "keep-data acc / log p", "signed gap"], rows), "",
-        f"## Per group ({c['method']})", "", rep.md_table(["group", "before", "after", "pairs"], groups), "",
-        *_keep_groups(res, c["method"]),
-        f"## Edited neurons ({c['method']})", "",
-        rep.md_table(["neuron", "score", "top tokens"],
-                     [[r["neuron"], r["score"], " ".join(repr(t) for t in r["top_tokens"])] for r in res["neurons"]]),
-        "", f"Weight edit vs hook edit: max |logit diff| {res['edit_check']:.2e}. Time {d['timing']['seconds']:.0f} s."])
+        rows.append(
+            [
+                m,
+                p["gap"]["overall"]["abs_gap"],
+                f"{100 * p['reduction']:.1f}%",
+                p.get("perplexity", ""),
+                _keep(p),
+                p["gap"]["overall"]["signed_gap"],
+            ]
+        )
+    groups = [
+        [g, e["abs_gap"], res["after"][c["method"]]["gap"]["groups"][g]["abs_gap"], e["n"]]
+        for g, e in b["gap"]["groups"].items()
+    ]
+    return "\n".join(
+        [
+            f"# surgery edit: {d['model']['name']}, {c['method']}, N={c['neurons']}, edit {c['edit']}",
+            "",
+            f"Command: `{d['command']}`",
+            "",
+            f"Selection: {res['selection']['pairs']} pairs; held out: {res['held_out_pairs']} pairs "
+            f"(prompts shared with selection: {res['duplicates']}).",
+            "",
+            "## A/B gap on held-out pairs: mean |log p(target | A) - log p(target | B)|",
+            "",
+            rep.md_table(["method", "gap", "reduction", "XSum ppl", "keep-data acc / log p", "signed gap"], rows),
+            "",
+            f"## Per group ({c['method']})",
+            "",
+            rep.md_table(["group", "before", "after", "pairs"], groups),
+            "",
+            *_keep_groups(res, c["method"]),
+            f"## Edited neurons ({c['method']})",
+            "",
+            rep.md_table(
+                ["neuron", "score", "top tokens"],
+                [[r["neuron"], r["score"], " ".join(repr(t) for t in r["top_tokens"])] for r in res["neurons"]],
+            ),
+            "",
+            f"Weight edit vs hook edit: max |logit diff| {res['edit_check']:.2e}. Time {d['timing']['seconds']:.0f} s.",
+        ]
+    )
 
 
 def _keep_groups(res: dict, method: str) -> list[str]:
@@ -192,10 +316,16 @@ def _keep_groups(res: dict, method: str) -> list[str]:
     if not b:
         return []
     pick = lambda t, g: t["overall"] if g == "overall" else t["groups"][g]  # noqa: E731
-    rows = [[g, pick(b, g)["acc"], pick(a, g)["acc"], pick(b, g)["logprob"], pick(a, g)["logprob"], pick(b, g)["n"]]
-            for g in ["overall", *b["groups"]]]
-    return [f"## --keep-data cases ({method}): must not change", "",
-            rep.md_table(["group", "acc before", "acc after", "log p before", "log p after", "n"], rows), ""]
+    rows = [
+        [g, pick(b, g)["acc"], pick(a, g)["acc"], pick(b, g)["logprob"], pick(a, g)["logprob"], pick(b, g)["n"]]
+        for g in ["overall", *b["groups"]]
+    ]
+    return [
+        f"## --keep-data cases ({method}): must not change",
+        "",
+        rep.md_table(["group", "acc before", "acc after", "log p before", "log p after", "n"], rows),
+        "",
+    ]
 
 
 def _keep(p: dict) -> str:
@@ -203,20 +333,37 @@ def _keep(p: dict) -> str:
     return f"{k['overall']['acc']:.3f} / {k['overall']['logprob']:.3f}" if k else ""
 
 
-def _export(loaded, edited, chosen: list[Neuron], edit: str, factor: float, data: dict, outdir: Path,
-            force: bool) -> rep.Report:
+def _export(
+    loaded, edited, chosen: list[Neuron], edit: str, factor: float, data: dict, outdir: Path, force: bool
+) -> rep.Report:
     """The checkpoint (zero/scale: zeroed layout, native; remove: sliced) with report.json and report.md."""
     md = markdown(data)
     groups = by_layer(chosen)
-    prov = {"operation": "edit", "recipe": data["config"], "method": data["config"]["method"],
-            "seed": data["config"]["seed"], "neurons": [neuron_name(l, i) for l, i in chosen],
-            "base": {"id": loaded.name, "source": loaded.source},
-            "layers": {str(l): {"edited": idx, "edit": edit, **({"scale": factor} if edit == "scale" else {})}
-                       for l, idx in groups.items()}}
+    prov = {
+        "operation": "edit",
+        "recipe": data["config"],
+        "method": data["config"]["method"],
+        "seed": data["config"]["seed"],
+        "neurons": [neuron_name(l, i) for l, i in chosen],
+        "base": {"id": loaded.name, "source": loaded.source},
+        "layers": {
+            str(l): {"edited": idx, "edit": edit, **({"scale": factor} if edit == "scale" else {})}
+            for l, idx in groups.items()
+        },
+    }
     if edit == "remove":
-        prov["layers"] = {str(l): {"kept": edited.surgery_kept[l], "removed": idx, "edit": "remove"}
-                          for l, idx in groups.items()}
+        prov["layers"] = {
+            str(l): {"kept": edited.surgery_kept[l], "removed": idx, "edit": "remove"} for l, idx in groups.items()
+        }
     extra = {"report.json": rep.json_text(data), "report.md": md + "\n"}
-    export.save(edited, loaded.tokenizer, outdir, layout="sliced" if edit == "remove" else "zeroed",
-                provenance=prov, force=force, extra_files=extra, base=loaded.source)
+    export.save(
+        edited,
+        loaded.tokenizer,
+        outdir,
+        layout="sliced" if edit == "remove" else "zeroed",
+        provenance=prov,
+        force=force,
+        extra_files=extra,
+        base=loaded.source,
+    )
     return rep.Report(data, md, files=[outdir / n for n in extra])

@@ -8,16 +8,16 @@ Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digit
 DIR/report.json and DIR/report.md.
 """
 
-from surgery.commands.spec import Command, option, DATA, MODEL, OUT, TASK
+from surgery.commands.spec import DATA, MODEL, OUT, TASK, Command
 
 COMMAND = Command(
     "eval",
     __doc__,
     [
-    *MODEL,
-    *TASK,
-    *DATA,
-    *OUT,
+        *MODEL,
+        *TASK,
+        *DATA,
+        *OUT,
     ],
     "surgery.commands.eval.job:run",
 )

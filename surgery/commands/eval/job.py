@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Callable
 
-from surgery.io import report as rep
-from surgery.evals import registry, tasks
-from surgery.evals.registry import EvalOptions
-from surgery.model.batching import predict_cases
 from surgery.errors import UsageError
-from surgery.evals import arithmetic, perplexity
-from surgery.evals import gender_bias as gb
+from surgery.evals import arithmetic, registry, tasks
+from surgery.evals.registry import EvalOptions
+from surgery.io import report as rep
 from surgery.io.loading import load_model
 
 
-def check_options(digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None,
-                  limit: int | None, task: str) -> None:
+def check_options(
+    digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None, limit: int | None, task: str
+) -> None:
     """UsageError for any bad evaluate() option, naming the valid values."""
     registry.get(task, "suite")
     if not digits or not set(digits) <= {1, 2, 3}:
@@ -35,9 +31,17 @@ def check_options(digits: Sequence[int], ops: Sequence[str] | None, templates: S
         raise UsageError(f"limit must be >= 1, got {limit}")
 
 
-def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[str] | None = None,
-             templates: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 64,
-             seed: int = 0) -> dict:
+def evaluate(
+    loaded,
+    task: str,
+    *,
+    digits: Sequence[int] = (1,),
+    ops: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict:
     """Run one eval suite on a loaded model: {"config": {...}, "results": {<suite>: {...}}}.
 
     Arithmetic defaults to all four ops and the "calculate" template only (the measured baseline's prompt);
@@ -51,9 +55,17 @@ def evaluate(loaded, task: str, *, digits: Sequence[int] = (1,), ops: Sequence[s
     start = time.time()
     s = registry.get(task, "suite")
     results = {s.result_key: s.suite(loaded, EvalOptions(digits, ops, templates, limit, batch_size, seed))}
-    config = {"model": loaded.describe() if hasattr(loaded, "describe") else str(loaded), "task": task,
-              "digits": list(digits), "ops": list(ops), "templates": list(templates), "limit": limit,
-              "batch_size": batch_size, "seed": seed, "seconds": round(time.time() - start, 2)}
+    config = {
+        "model": loaded.describe() if hasattr(loaded, "describe") else str(loaded),
+        "task": task,
+        "digits": list(digits),
+        "ops": list(ops),
+        "templates": list(templates),
+        "limit": limit,
+        "batch_size": batch_size,
+        "seed": seed,
+        "seconds": round(time.time() - start, 2),
+    }
     return {"config": config, "results": results}
 
 
@@ -64,7 +76,23 @@ def format_table(results: dict) -> str:
     return "\n".join(line for s in suites if s.result_key in results for line in s.lines(results[s.result_key]))
 
 
-def run(*, model: str, dtype: str, device: str, task: str, digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None, limit: int | None, batch_size: int, seed: int, out: str | None, trust_remote_code: bool, data: str | None, columns: str | None):
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    task: str,
+    digits: Sequence[int],
+    ops: Sequence[str] | None,
+    templates: Sequence[str] | None,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+    out: str | None,
+    trust_remote_code: bool,
+    data: str | None,
+    columns: str | None,
+):
     """Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digits, template and case type,
     95% Wilson intervals), gender bias (profession log-prob gap, factual controls, Wino-test) or perplexity
     (XSum sample). --data FILE (jsonl/csv/parquet/datasets folder, columns prompt, target, optional group;
@@ -77,15 +105,25 @@ def run(*, model: str, dtype: str, device: str, task: str, digits: Sequence[int]
     check_options(tuple(digits), ops, templates, limit, task)  # before loading anything
     start = time.time()
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    res = evaluate(loaded, task, digits=digits, ops=ops, templates=templates, limit=limit,
-                   batch_size=batch_size, seed=seed)
+    res = evaluate(
+        loaded, task, digits=digits, ops=ops, templates=templates, limit=limit, batch_size=batch_size, seed=seed
+    )
     data = rep.make(f"eval --task {task}", loaded.describe(), res["config"], res["results"], time.time() - start)
     md = f"# surgery eval: {task} on {loaded.name}\n\n```\n{format_table(res['results'])}\n```\n"
     return rep.save(rep.Report(data, md), outdir)
 
 
-def run_data(model: str, dtype: str, device: str, data: str | None, columns: str | None, limit: int | None,
-             batch_size: int, outdir, trust_remote_code: bool = False):
+def run_data(
+    model: str,
+    dtype: str,
+    device: str,
+    data: str | None,
+    columns: str | None,
+    limit: int | None,
+    batch_size: int,
+    outdir,
+    trust_remote_code: bool = False,
+):
     """`surgery eval --data`: the user's cases through `surgery.tasks` (checked before the model loads)."""
     tasks.check_data_args(data, None, columns)
     ds = tasks.load_cases(data, columns)

@@ -9,21 +9,24 @@ report your test split's teacher-forced full-target accuracy instead of the math
 data.seed, data.test_size); without --components the head/MLP scans run on your train rows.
 """
 
-from surgery.commands.spec import Command, option, DATA, FORCE, MODEL, OUT, RECIPE, positive
+from surgery.commands.spec import DATA, FORCE, MODEL, OUT, RECIPE, Command, option, positive
 
 COMMAND = Command(
     "finetune",
     __doc__,
     [
-    *MODEL,
-    *OUT,
-    *FORCE,
-    *RECIPE,
-    *DATA,
-    option("--recipe", default="precise-sft", help="recipe name in recipes/ or a YAML path"),
-    option("--components", default=None, help="heads.json, circuit.json, or a list like '14.2, 1.4, mlp.20' "
-                                                    "(default: the recipe's own head scan)"),
-    option("--top-heads", type=positive, default=None, help="train the first K heads of --components"),
+        *MODEL,
+        *OUT,
+        *FORCE,
+        *RECIPE,
+        *DATA,
+        option("--recipe", default="precise-sft", help="recipe name in recipes/ or a YAML path"),
+        option(
+            "--components",
+            default=None,
+            help="heads.json, circuit.json, or a list like '14.2, 1.4, mlp.20' (default: the recipe's own head scan)",
+        ),
+        option("--top-heads", type=positive, default=None, help="train the first K heads of --components"),
     ],
     "surgery.commands.finetune.job:run",
 )

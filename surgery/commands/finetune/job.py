@@ -42,9 +42,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from surgery.edits.lora import LoraSpec, attach, merged_copy
+from surgery.edits.precise import Precise, check_optimizer_settings, select, state_bytes
+from surgery.edits.training import TrainSpec, answer_trainer, log_of
+from surgery.errors import UsageError
+from surgery.evals import arithmetic, asdiv, multiple_choice, perplexity, tasks
 from surgery.find import head_scan as hd
+from surgery.find.components import Components, parse, shape_of, take
 from surgery.io import recipe as recipes
-from surgery.evals import tasks
+from surgery.io.checkpoint import save
+from surgery.io.loading import home, load_model, resolve
+from surgery.io.report import Report, atomic_dir, make, md_table, new_out_dir, png_bytes, wilson
 from surgery.model.arch import ModelView
 from surgery.model.batching import (
     batches,
@@ -55,16 +63,7 @@ from surgery.model.batching import (
     pad_id,
     suffix_logprobs,
 )
-from surgery.find.components import Components, parse, shape_of, take
-from surgery.errors import UsageError
-from surgery.evals import arithmetic, asdiv, multiple_choice, perplexity
-from surgery.io.checkpoint import save
 from surgery.model.hooks import Hooks
-from surgery.edits.lora import LoraSpec, attach, merged_copy
-from surgery.io.loading import home, load_model, resolve
-from surgery.edits.precise import Precise, check_optimizer_settings, select, state_bytes
-from surgery.io.report import Report, atomic_dir, make, md_table, new_out_dir, png_bytes, wilson
-from surgery.edits.training import TrainSpec, answer_trainer, log_of
 
 METHODS = ("full", "lora", "precise", "random", "precise+mlp", "sweep")
 
@@ -114,8 +113,9 @@ class FinetuneRecipe:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     grad_scale: float | None = None  # None: H/h (the paper); 1: off
     lr: LrSpec = field(default_factory=LrSpec)
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(lrs=[1e-3], epochs=1, max_steps=200, batch_size=16,
-                                                               weight_decay=0.0))
+    train: TrainSpec = field(
+        default_factory=lambda: TrainSpec(lrs=[1e-3], epochs=1, max_steps=200, batch_size=16, weight_decay=0.0)
+    )
     lora: LoraSpec = field(default_factory=LoraSpec)
     data: FtData = field(default_factory=FtData)
     general: GeneralSpec = field(default_factory=GeneralSpec)
@@ -166,29 +166,40 @@ def build_sets(r: FinetuneRecipe, tok, parts: dict | None = None) -> Sets:
         random.Random(r.seed).shuffle(rows)
         return Sets(rows, [], [], *_general(r, tok), task_test=parts["test"])
     d = r.data
-    common = dict(digits=(2,), templates=(d.template,), seed=d.seed, division="inverse", per_op=5000,
-                  test_size=d.arithmetic_test)
+    common = dict(
+        digits=(2,), templates=(d.template,), seed=d.seed, division="inverse", per_op=5000, test_size=d.arithmetic_test
+    )
     a_train = arithmetic.build(split="train", limit=d.arithmetic_train, **common)
     a_test = arithmetic.build(split="test", **common)
     s_train = asdiv.build("train", d.asdiv_test, d.asdiv_train, d.seed)
     s_test = asdiv.build("test", d.asdiv_test, None, d.seed)
-    rows = [_encode(tok, p, a) for p, a in zip(list(a_train["prompt"]) + list(s_train["prompt"]),
-                                                   list(a_train["answer"]) + list(s_train["answer"]))]
+    rows = [
+        _encode(tok, p, a)
+        for p, a in zip(
+            list(a_train["prompt"]) + list(s_train["prompt"]), list(a_train["answer"]) + list(s_train["answer"])
+        )
+    ]
     random.Random(r.seed).shuffle(rows)
-    return Sets(rows, list(zip(list(a_test["prompt"]), list(a_test["answer"]))),
-                list(zip(list(s_test["prompt"]), list(s_test["answer"]))), *_general(r, tok))
+    return Sets(
+        rows,
+        list(zip(list(a_test["prompt"]), list(a_test["answer"]))),
+        list(zip(list(s_test["prompt"]), list(s_test["answer"]))),
+        *_general(r, tok),
+    )
 
 
 def _general(r: FinetuneRecipe, tok) -> tuple:
     """The must-not-get-worse sets: MMLU, CSQA, XSum documents (token ids, cut to xsum_max_length)."""
     docs = perplexity.build(r.general.xsum_docs)
-    xs = [ids[:r.general.xsum_max_length] for ids in tok(list(docs["document"])).input_ids]
-    return (multiple_choice.build("mmlu", r.general.mmlu), multiple_choice.build("csqa", r.general.csqa),
-            [x for x in xs if len(x) >= 2])
+    xs = [ids[: r.general.xsum_max_length] for ids in tok(list(docs["document"])).input_ids]
+    return (
+        multiple_choice.build("mmlu", r.general.mmlu),
+        multiple_choice.build("csqa", r.general.csqa),
+        [x for x in xs if len(x) >= 2],
+    )
 
 
 def _encode(tok, prompt: str, answer: str) -> dict:
-
     full, start = arithmetic.answer_tokens(tok, prompt, answer)
     return {"input_ids": full, "labels": [-100] * start + full[start:]}
 
@@ -208,7 +219,7 @@ def answer_correct(model: nn.Module, tok, pairs: list[tuple[str, str]], batch_si
         pred = forward_logits(model, ids, mask, keep + 1)[:, :-1].argmax(-1).cpu()
         for j, i in enumerate(rs):
             k = n_ans[i]
-            out[i] = bool((pred[j, keep - k:] == ids[j, -k:]).all())
+            out[i] = bool((pred[j, keep - k :] == ids[j, -k:]).all())
     return out
 
 
@@ -224,12 +235,16 @@ def evaluate(model: nn.Module, tok, sets: Sets, bs: int) -> dict:
     if sets.task_test is not None:
         math_ = {"task": tasks.score_rows(model, tok, sets.task_test, bs)["correct"]}
     else:
-        math_ = {"arith": answer_correct(model, tok, sets.arith_test, 2 * bs),
-                 "asdiv": answer_correct(model, tok, sets.asdiv_test, bs)}
-    return {**math_,
-            "mmlu": multiple_choice.correct(model, tok, sets.mmlu, bs),
-            "csqa": multiple_choice.correct(model, tok, sets.csqa, bs),
-            "xsum": doc_nll(model, tok, sets.xsum, max(1, bs // 2))}
+        math_ = {
+            "arith": answer_correct(model, tok, sets.arith_test, 2 * bs),
+            "asdiv": answer_correct(model, tok, sets.asdiv_test, bs),
+        }
+    return {
+        **math_,
+        "mmlu": multiple_choice.correct(model, tok, sets.mmlu, bs),
+        "csqa": multiple_choice.correct(model, tok, sets.csqa, bs),
+        "xsum": doc_nll(model, tok, sets.xsum, max(1, bs // 2)),
+    }
 
 
 ACC = ("arith", "asdiv", "task", "mmlu", "csqa")  # "task": --data, the test split's full-target accuracy
@@ -252,8 +267,10 @@ def summarize(items: dict, base: dict | None, seed: int = 0) -> dict:
     if base is not None:
         bn = np.array([a for a, _ in base["xsum"]])
         rel = np.exp(nll[boots].sum(1) / tok[boots].sum(1)) / np.exp(bn[boots].sum(1) / tok[boots].sum(1)) - 1
-        out["xsum"]["rel_change"] = {"mean": float(math.exp(nll.sum() / tok.sum()) / math.exp(bn.sum() / tok.sum()) - 1),
-                                     "ci95": _q(rel)}
+        out["xsum"]["rel_change"] = {
+            "mean": float(math.exp(nll.sum() / tok.sum()) / math.exp(bn.sum() / tok.sum()) - 1),
+            "ci95": _q(rel),
+        }
     return out
 
 
@@ -347,7 +364,6 @@ def train_full(base: nn.Module, rows, r: FinetuneRecipe, pad: int) -> Trained:
 
 
 def train_lora(base: nn.Module, rows, r: FinetuneRecipe, pad: int) -> Trained:
-
     pm = attach(base, list(range(ModelView(base).n_layers)), r.lora)
     g = _grad_bytes(pm)
     n = sum(p.numel() for p in pm.parameters() if p.requires_grad)
@@ -386,10 +402,19 @@ def plan_rows(r: FinetuneRecipe, comps: Components, mlps: list[int], n_heads_tot
     if "random" in want:
         rng = random.Random(r.seed)
         pool = [(l, h) for l, h in _all_heads(n_heads_total) if (l, h) not in set(top.heads)]
-        rows.append(Row(f"precise, {k} random heads (control)", "precise", Components(sorted(rng.sample(pool, k)), [], "random")))
+        rows.append(
+            Row(
+                f"precise, {k} random heads (control)", "precise", Components(sorted(rng.sample(pool, k)), [], "random")
+            )
+        )
     if "precise+mlp" in want and mlps:
-        rows.append(Row(f"precise, {k} heads + MLPs {','.join(map(str, mlps))}", "precise",
-                        Components(top.heads, mlps, comps.source)))
+        rows.append(
+            Row(
+                f"precise, {k} heads + MLPs {','.join(map(str, mlps))}",
+                "precise",
+                Components(top.heads, mlps, comps.source),
+            )
+        )
     if "sweep" in want:
         for kk in r.sweep:
             if kk != k and kk <= len(comps.heads):
@@ -402,10 +427,14 @@ def _all_heads(total: tuple[int, int]) -> list[tuple[int, int]]:
     return [(l, h) for l in range(L) for h in range(H)]
 
 
-def _fingerprint(model_source: str, r: FinetuneRecipe, comps: Components, mlps: list[int],
-                 data: dict | None = None) -> str:
-    blob = json.dumps([model_source, recipes.to_dict(r), comps.to_dict(), mlps] + ([data] if data else []),
-                      sort_keys=True, default=str)
+def _fingerprint(
+    model_source: str, r: FinetuneRecipe, comps: Components, mlps: list[int], data: dict | None = None
+) -> str:
+    blob = json.dumps(
+        [model_source, recipes.to_dict(r), comps.to_dict(), mlps] + ([data] if data else []),
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -429,7 +458,23 @@ def _log(msg: str) -> None:
 
 
 # ---- the command -------------------------------------------------------------------------------------------
-def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, quick: bool, profile: str | None, overrides: list[str] | None, recipe: str, components: str | None, top_heads: int | None, trust_remote_code: bool, data: str | None, columns: str | None) -> Report:
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    out: str | None,
+    force: bool,
+    quick: bool,
+    profile: str | None,
+    overrides: list[str] | None,
+    recipe: str,
+    components: str | None,
+    top_heads: int | None,
+    trust_remote_code: bool,
+    data: str | None,
+    columns: str | None,
+) -> Report:
     """Precise fine-tuning (Zhang et al.): train only the heads (q/k/v rows, o_proj columns) and MLPs that carry
     arithmetic, and compare with full fine-tuning, LoRA, random heads, + MLPs and a K sweep on the same data and
     steps: math (2-digit arithmetic, ASDiv) and general ability (MMLU, CSQA, XSum perplexity), 95% intervals.
@@ -450,8 +495,9 @@ def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, qu
     given = parse(components, shape) if components is not None else None
     if given is not None:
         if not given.heads:
-            raise UsageError("--components names no heads; precise SFT trains heads (add LAYER.HEAD entries, "
-                             "MLPs are optional)")
+            raise UsageError(
+                "--components names no heads; precise SFT trains heads (add LAYER.HEAD entries, MLPs are optional)"
+            )
         k = top_heads or min(r.top_heads, len(given.heads))  # a short list without --top-heads: all of it
         take(given, k)  # an explicit K larger than the heads given: an error before any weights load
     _log(f"loading {model}")
@@ -481,8 +527,12 @@ def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, qu
         else:
             _log(f"row: {row.name}")
             rec = _run_row(row, base, tok, sets, r, pad_id(tok))
-            if row.kind == "precise" and row.comps.source != "random" and not row.comps.mlps \
-                    and len(row.comps.heads) == k:
+            if (
+                row.kind == "precise"
+                and row.comps.source != "random"
+                and not row.comps.mlps
+                and len(row.comps.heads) == k
+            ):
                 _export(rec.pop("_model"), tok, ckpt, loaded, r, row.comps)
             rec.pop("_model", None)
             _append(partial / "rows.jsonl", fp, rec)
@@ -491,8 +541,11 @@ def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, qu
         results.append(rec)
     for rec in results:
         rec["metrics"] = summarize(rec["items"], None if rec["kind"] == "base" else base_items, r.seed)
-    user = None if parts is None else dict(ident, **{s: len(parts[s]) for s in ("train", "test")},
-                                             groups=_group_tables(parts["test"], results))
+    user = (
+        None
+        if parts is None
+        else dict(ident, **{s: len(parts[s]) for s in ("train", "test")}, groups=_group_tables(parts["test"], results))
+    )
     report = _report(loaded, r, given, mlps, k, results, outp, ckpt, force, time.time() - t0, user)
     shutil.rmtree(partial, ignore_errors=True)
     return report
@@ -510,10 +563,19 @@ def _run_row(row: Row, base: nn.Module, tok, sets: Sets, r: FinetuneRecipe, pad:
         t = train_precise(base, row.comps, sets.train_rows, r, pad)
     items = evaluate(t.model, tok, sets, bs)
     steps = r.train.max_steps
-    return {"name": row.name, "kind": row.kind, "components": row.comps.to_dict() if row.comps else None,
-            "trained_params": t.trained_params, "train_seconds": round(t.seconds, 2),
-            "step_seconds": round(t.seconds / steps, 4) if t.seconds else None, "optimizer_state_bytes": t.state_bytes,
-            "grad_bytes": t.grad_bytes, "log": t.log, "items": items, "_model": t.model}
+    return {
+        "name": row.name,
+        "kind": row.kind,
+        "components": row.comps.to_dict() if row.comps else None,
+        "trained_params": t.trained_params,
+        "train_seconds": round(t.seconds, 2),
+        "step_seconds": round(t.seconds / steps, 4) if t.seconds else None,
+        "optimizer_state_bytes": t.state_bytes,
+        "grad_bytes": t.grad_bytes,
+        "log": t.log,
+        "items": items,
+        "_model": t.model,
+    }
 
 
 def _load_partial(path: Path, fp: str) -> dict:
@@ -535,17 +597,24 @@ def _append(path: Path, fp: str, rec: dict) -> None:
 
 
 def _export(model: nn.Module, tok, ckpt: Path, loaded, r: FinetuneRecipe, comps: Components) -> None:
-
     view = ModelView(model)
     layers: dict[str, dict] = {}
     for l, h in comps.heads:
         layers.setdefault(str(l), {}).setdefault("heads_trained", []).append(h)
     for l in comps.mlps:
         layers.setdefault(str(l), {})["mlp_trained"] = True
-    prov = {"command": "finetune", "recipe": recipes.to_dict(r), "seed": r.seed, "layers": layers,
-            "finetune": {"method": "precise-sft", "components": comps.to_dict(),
-                         "gqa": f"{view.n_heads} query heads, {view.n_kv_heads} key/value heads: a selected query "
-                                "head trains its key/value head's k/v rows (shared with its group)"}}
+    prov = {
+        "command": "finetune",
+        "recipe": recipes.to_dict(r),
+        "seed": r.seed,
+        "layers": layers,
+        "finetune": {
+            "method": "precise-sft",
+            "components": comps.to_dict(),
+            "gqa": f"{view.n_heads} query heads, {view.n_kv_heads} key/value heads: a selected query "
+            "head trains its key/value head's k/v rows (shared with its group)",
+        },
+    }
     if ckpt.exists():
         shutil.rmtree(ckpt)
     save(model, tok, ckpt, layout="zeroed", provenance=prov, base=loaded.source)
@@ -576,17 +645,29 @@ def table(results: list[dict]) -> str:
         m = rec["metrics"]
         x = m["xsum"]
         rel = x.get("rel_change")
-        rows.append([rec["name"], f"{rec['trained_params']:,}"]
-                    + [f"{_pp(m[k]['acc'])} {_ci(m[k]['ci95'])}{_delta(m[k])}" for k in keys]
-                    + [f"{x['ppl']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]"
-                       + (f" ({100 * rel['mean']:+.1f}%)" if rel else ""),
-                       "-" if rec["step_seconds"] is None else f"{rec['step_seconds']:.2f}"])
+        rows.append(
+            [rec["name"], f"{rec['trained_params']:,}"]
+            + [f"{_pp(m[k]['acc'])} {_ci(m[k]['ci95'])}{_delta(m[k])}" for k in keys]
+            + [
+                f"{x['ppl']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]"
+                + (f" ({100 * rel['mean']:+.1f}%)" if rel else ""),
+                "-" if rec["step_seconds"] is None else f"{rec['step_seconds']:.2f}",
+            ]
+        )
     return md_table(head, rows)
 
 
 def memory_table(results: list[dict]) -> str:
-    rows = [[rec["name"], f"{rec['trained_params']:,}", f"{rec['grad_bytes'] / 2**20:.2f}",
-             f"{rec['optimizer_state_bytes'] / 2**20:.2f}"] for rec in results if rec["kind"] != "base"]
+    rows = [
+        [
+            rec["name"],
+            f"{rec['trained_params']:,}",
+            f"{rec['grad_bytes'] / 2**20:.2f}",
+            f"{rec['optimizer_state_bytes'] / 2**20:.2f}",
+        ]
+        for rec in results
+        if rec["kind"] != "base"
+    ]
     return md_table(["method", "trained entries", "gradient MiB", "AdamW state MiB (measured)"], rows)
 
 
@@ -598,41 +679,71 @@ def _group_tables(test, results: list[dict]) -> dict:
     out = {}
     for rec in results:
         ok = rec["items"]["task"]
-        out[rec["name"]] = {g: {"acc": sum(ok[i] for i in ix) / len(ix), "ci95": wilson(sum(ok[i] for i in ix), len(ix)),
-                                "n": len(ix)} for g, ix in sorted(by.items())}
+        out[rec["name"]] = {
+            g: {"acc": sum(ok[i] for i in ix) / len(ix), "ci95": wilson(sum(ok[i] for i in ix), len(ix)), "n": len(ix)}
+            for g, ix in sorted(by.items())
+        }
     return out
 
 
 def _report(loaded, r, comps, mlps, k, results, outp, ckpt, force, seconds, user: dict | None = None) -> Report:
-    cfg = {"recipe": recipes.to_dict(r), "components": comps.to_dict(), "top_heads": k, "mlps": mlps,
-           "heads_trained": [f"{l}.{h}" for l, h in comps.heads[:k]]}
+    cfg = {
+        "recipe": recipes.to_dict(r),
+        "components": comps.to_dict(),
+        "top_heads": k,
+        "mlps": mlps,
+        "heads_trained": [f"{l}.{h}" for l, h in comps.heads[:k]],
+    }
     if user is not None:
         cfg["data"] = {kk: v for kk, v in user.items() if kk != "groups"}
     slim = [{kk: v for kk, v in rec.items() if kk != "items"} for rec in results]
-    data = make("finetune", loaded.describe(), cfg, {"rows": slim, "items": {rec["name"]: rec["items"] for rec in results}},
-                seconds)
+    data = make(
+        "finetune",
+        loaded.describe(),
+        cfg,
+        {"rows": slim, "items": {rec["name"]: rec["items"] for rec in results}},
+        seconds,
+    )
     n_train = r.train.max_steps * r.train.batch_size
-    what = "2-digit arithmetic + ASDiv training rows" if user is None else \
-        f"train split of {user['data']} ({user['train']} rows; task = its test split, {user['test']} rows)"
-    groups = [] if user is None or len(next(iter(user["groups"].values()))) < 2 else [
-        "## Task accuracy per group (test split, full target, 95% Wilson interval)",
-        md_table(["method"] + list(next(iter(user["groups"].values()))),
-                 [[name] + [f"{_pp(e['acc'])} {_ci(e['ci95'])} (n={e['n']})" for e in gs.values()]
-                  for name, gs in user["groups"].items()])]
+    what = (
+        "2-digit arithmetic + ASDiv training rows"
+        if user is None
+        else f"train split of {user['data']} ({user['train']} rows; task = its test split, {user['test']} rows)"
+    )
+    groups = (
+        []
+        if user is None or len(next(iter(user["groups"].values()))) < 2
+        else [
+            "## Task accuracy per group (test split, full target, 95% Wilson interval)",
+            md_table(
+                ["method"] + list(next(iter(user["groups"].values()))),
+                [
+                    [name] + [f"{_pp(e['acc'])} {_ci(e['ci95'])} (n={e['n']})" for e in gs.values()]
+                    for name, gs in user["groups"].items()
+                ],
+            ),
+        ]
+    )
     if user is not None:
         data["results"]["task_groups"] = user["groups"]
-    md = "\n\n".join([
-        f"# finetune: {loaded.name}, recipe {r.name}",
-        f"Every row: {r.train.max_steps} steps of batch {r.train.batch_size} ({n_train} answer rows seen) on the same "
-        f"shuffled {what}, seed {r.seed}; lr full {r.lr.full}, LoRA {r.lr.lora}, "
-        f"precise {r.lr.precise}; gradient rescale {'H/h' if r.grad_scale is None else r.grad_scale}. "
-        f"Components ({comps.source}): heads {', '.join(cfg['heads_trained'])}; MLPs {mlps or 'none'}. "
-        f"Sweep K: {[x for x in r.sweep if x <= len(comps.heads)]}.",
-        "Accuracy % with 95% Wilson interval; in brackets the paired change against base (points, 95% CI on the "
-        "same items). XSum: perplexity with a bootstrap 95% interval over documents and the relative change.",
-        table(results), *groups,
-        "## Memory (gradients and optimiser state, measured from the tensors)", memory_table(results),
-        f"Checkpoint: {outp / 'checkpoint'} (precise, {k} heads; layout zeroed, native load)."])
+    md = "\n\n".join(
+        [
+            f"# finetune: {loaded.name}, recipe {r.name}",
+            f"Every row: {r.train.max_steps} steps of batch {r.train.batch_size} ({n_train} answer rows seen) "
+            "on the same "
+            f"shuffled {what}, seed {r.seed}; lr full {r.lr.full}, LoRA {r.lr.lora}, "
+            f"precise {r.lr.precise}; gradient rescale {'H/h' if r.grad_scale is None else r.grad_scale}. "
+            f"Components ({comps.source}): heads {', '.join(cfg['heads_trained'])}; MLPs {mlps or 'none'}. "
+            f"Sweep K: {[x for x in r.sweep if x <= len(comps.heads)]}.",
+            "Accuracy % with 95% Wilson interval; in brackets the paired change against base (points, 95% CI on the "
+            "same items). XSum: perplexity with a bootstrap 95% interval over documents and the relative change.",
+            table(results),
+            *groups,
+            "## Memory (gradients and optimiser state, measured from the tensors)",
+            memory_table(results),
+            f"Checkpoint: {outp / 'checkpoint'} (precise, {k} heads; layout zeroed, native load).",
+        ]
+    )
     rep = Report(data, md)
     with atomic_dir(outp, force) as tmp:
         (tmp / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
@@ -640,8 +751,9 @@ def _report(loaded, r, comps, mlps, k, results, outp, ckpt, force, seconds, user
         (tmp / "tradeoff.png").write_bytes(tradeoff_png(results))
         if ckpt.exists():
             shutil.copytree(ckpt, tmp / "checkpoint")
-    rep.files = [outp / "report.json", outp / "report.md", outp / "tradeoff.png"] + \
-        ([outp / "checkpoint"] if ckpt.exists() else [])
+    rep.files = [outp / "report.json", outp / "report.md", outp / "tradeoff.png"] + (
+        [outp / "checkpoint"] if ckpt.exists() else []
+    )
     return rep
 
 
@@ -663,8 +775,15 @@ def tradeoff_png(results: list[dict]) -> bytes:
         x = 50 * (gx[0]["mean"] + gx[1]["mean"])
         xlo = 50 * (gx[0]["ci95"][0] + gx[1]["ci95"][0])
         xhi = 50 * (gx[0]["ci95"][1] + gx[1]["ci95"][1])
-        ax.errorbar([x], [y], xerr=[[x - xlo], [xhi - x]], yerr=[[y - 100 * yc[0]], [100 * yc[1] - y]],
-                    marker="o", capsize=3, label=rec["name"])
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=[[x - xlo], [xhi - x]],
+            yerr=[[y - 100 * yc[0]], [100 * yc[1] - y]],
+            marker="o",
+            capsize=3,
+            label=rec["name"],
+        )
     ax.axhline(0, color="gray", lw=0.5)
     ax.axvline(0, color="gray", lw=0.5)
     ax.set_xlabel("general change: mean of MMLU and CSQA (points, CI = mean of the two CIs)")

@@ -12,22 +12,32 @@ surgery.path_patch; --digits defaults to the given digits, key heads have an eff
 target token teacher forced, accuracy reported overall and per group.
 """
 
-from surgery.commands.spec import Command, option, DATA, MODEL, OUT, TASK, heads, positive
+from surgery.commands.spec import DATA, MODEL, OUT, TASK, Command, heads, option, positive
 
 COMMAND = Command(
     "heads",
     __doc__,
     [
-    *MODEL,
-    *TASK,
-    *DATA,
-    *OUT,
-    option("--ablation", default="zero", choices=["zero", "mean"]),
-    option("--mode", default="exact", choices=["exact", "screen"]),
-    option("--verify", type=positive, default=20, help="screen mode: exact-scan the top K screened heads"),
-    option("--heads", dest="only_heads", type=heads, default=None, help="scan only these heads L.H,..."),
-    option("--method", default="ablation", choices=["ablation", "path-patch"], help="ablation (accuracy drop) or path-patch (Zhang et al., relative logit effect)"),
-    option("--counterfactual", default="null-operator", choices=["null-operator"], help="path-patch: operator token replaced by ' nothing'"),
+        *MODEL,
+        *TASK,
+        *DATA,
+        *OUT,
+        option("--ablation", default="zero", choices=["zero", "mean"]),
+        option("--mode", default="exact", choices=["exact", "screen"]),
+        option("--verify", type=positive, default=20, help="screen mode: exact-scan the top K screened heads"),
+        option("--heads", dest="only_heads", type=heads, default=None, help="scan only these heads L.H,..."),
+        option(
+            "--method",
+            default="ablation",
+            choices=["ablation", "path-patch"],
+            help="ablation (accuracy drop) or path-patch (Zhang et al., relative logit effect)",
+        ),
+        option(
+            "--counterfactual",
+            default="null-operator",
+            choices=["null-operator"],
+            help="path-patch: operator token replaced by ' nothing'",
+        ),
     ],
     "surgery.commands.heads.job:run",
 )

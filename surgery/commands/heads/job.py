@@ -15,7 +15,17 @@ from torch import Tensor
 from surgery.errors import UsageError
 from surgery.evals import arithmetic, tasks
 from surgery.find import head_scan as H
-from surgery.find.head_scan import Head, attribution, head_means, head_row, keys_of, load_partial, scan, spearman, summary
+from surgery.find.head_scan import (
+    Head,
+    attribution,
+    head_means,
+    head_row,
+    keys_of,
+    load_partial,
+    scan,
+    spearman,
+    summary,
+)
 from surgery.find.path_patch import COUNTERFACTUALS, NULL_WORD, THRESHOLD, effects, null_operator_pairs
 from surgery.io import report as rep
 from surgery.io.loading import load_model
@@ -23,7 +33,29 @@ from surgery.model.arch import ModelView
 from surgery.model.batching import pad_id
 
 
-def run(*, model: str, dtype: str, device: str, task: str, digits: Sequence[int], ops: Sequence[str] | None, templates: Sequence[str] | None, limit: int | None, batch_size: int, seed: int, out: str | None, ablation: str, mode: str, verify: int, only_heads: Sequence[Head] | None, trust_remote_code: bool, method: str, counterfactual: str, data: str | None, columns: str | None) -> rep.Report:
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    task: str,
+    digits: Sequence[int],
+    ops: Sequence[str] | None,
+    templates: Sequence[str] | None,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+    out: str | None,
+    ablation: str,
+    mode: str,
+    verify: int,
+    only_heads: Sequence[Head] | None,
+    trust_remote_code: bool,
+    method: str,
+    counterfactual: str,
+    data: str | None,
+    columns: str | None,
+) -> rep.Report:
     """Ablate each attention head and measure arithmetic accuracy per operation (the paper's head scan).
 
     Writes DIR/heads.json (baseline + one row per head: acc, drop, n per op / group / case type), DIR/heads.md
@@ -39,8 +71,20 @@ def run(*, model: str, dtype: str, device: str, task: str, digits: Sequence[int]
     if method == "path-patch" and data is not None:
         raise UsageError("--method path-patch needs the arithmetic task's null-operator counterfactual; drop --data")
     if method == "path-patch":
-        return run_path_patch(model, dtype, device, digits, ops, templates, limit, seed, out, counterfactual,
-                              only_heads, trust_remote_code)
+        return run_path_patch(
+            model,
+            dtype,
+            device,
+            digits,
+            ops,
+            templates,
+            limit,
+            seed,
+            out,
+            counterfactual,
+            only_heads,
+            trust_remote_code,
+        )
     if method != "ablation":
         raise UsageError(f"unknown --method {method!r}; use ablation or path-patch")
 
@@ -64,9 +108,22 @@ def run(*, model: str, dtype: str, device: str, task: str, digits: Sequence[int]
         labels, batches = H.user_batches(loaded, user, batch_size)
     else:
         labels, batches = H.arithmetic_batches(loaded, digits, ops, templates, limit, seed, batch_size)
-    config = dict(data=data, columns=columns, task=None if data else task, digits=list(digits), ops=sorted(set(labels["op"])), templates=list(templates or arithmetic.DEFAULT_TEMPLATES),
-                  limit=limit, seed=seed, ablation=ablation, mode=mode, verify=verify if mode == "screen" else None,
-                  batch_size=batch_size, n_cases=len(labels["op"]), processes=state.num_processes)
+    config = dict(
+        data=data,
+        columns=columns,
+        task=None if data else task,
+        digits=list(digits),
+        ops=sorted(set(labels["op"])),
+        templates=list(templates or arithmetic.DEFAULT_TEMPLATES),
+        limit=limit,
+        seed=seed,
+        ablation=ablation,
+        mode=mode,
+        verify=verify if mode == "screen" else None,
+        batch_size=batch_size,
+        n_cases=len(labels["op"]),
+        processes=state.num_processes,
+    )
     fp = H.fingerprint(loaded, config, heads)
     repl = head_means(view, batches) if ablation == "mean" else None
     screen = None
@@ -76,8 +133,18 @@ def run(*, model: str, dtype: str, device: str, task: str, digits: Sequence[int]
     outdir.mkdir(parents=True, exist_ok=True)
     done = load_partial(outdir, fp)
     sink = H.partial_sink(outdir / f"heads.partial.r{state.process_index}.jsonl", fp)
-    scan(view, batches, len(labels["op"]), heads, repl, done, sink, state.process_index, state.num_processes,
-         progress=state.is_main_process)
+    scan(
+        view,
+        batches,
+        len(labels["op"]),
+        heads,
+        repl,
+        done,
+        sink,
+        state.process_index,
+        state.num_processes,
+        progress=state.is_main_process,
+    )
     state.wait_for_everyone()
     if not state.is_main_process:
         return rep.Report(data={})
@@ -98,16 +165,28 @@ def _report(loaded, view, labels, batches, heads, rows, screen, config, outdir, 
     masks = keys_of(labels)
     base_ok, base_lp = H.baseline(view, batches, len(labels["op"]))
     base = summary(base_ok, base_lp, masks)
-    table = [head_row(l, h, summary([c == "1" for c in rows[l, h]["correct"]], rows[l, h]["logprob"], masks), base)
-             for l, h in sorted(heads) if (l, h) in rows]
-    results = {"baseline": {"acc": base["acc"], "n": base["n"], "logprob": round(base["logprob"], 6)},
-               "heads": table, "shape": {"layers": view.n_layers, "heads": view.n_heads}}
+    table = [
+        head_row(l, h, summary([c == "1" for c in rows[l, h]["correct"]], rows[l, h]["logprob"], masks), base)
+        for l, h in sorted(heads)
+        if (l, h) in rows
+    ]
+    results = {
+        "baseline": {"acc": base["acc"], "n": base["n"], "logprob": round(base["logprob"], 6)},
+        "heads": table,
+        "shape": {"layers": view.n_layers, "heads": view.n_heads},
+    }
     if screen is not None:
         results["screen"] = _screen_summary(screen, table)
     data = rep.make("heads", loaded.describe(), config, results, seconds)
     md = markdown(data)
     files = [rep.write_json(outdir / "heads.json", data), rep.write_text_atomic(outdir / "heads.md", md)]
-    files.append(heatmap(results, outdir / "heads.png", title=f"{loaded.name}: accuracy drop per head ({config['ablation']} ablation)"))
+    files.append(
+        heatmap(
+            results,
+            outdir / "heads.png",
+            title=f"{loaded.name}: accuracy drop per head ({config['ablation']} ablation)",
+        )
+    )
     return rep.Report(data=data, markdown=md, files=files)
 
 
@@ -116,10 +195,12 @@ def _screen_summary(screen: Tensor, table: list[dict]) -> dict:
     pred = {(r["layer"], r["head"]): -float(screen[r["layer"], r["head"]]) for r in table}
     keys = list(pred)
     ex = {(r["layer"], r["head"]): r for r in table}
-    return {"predicted_logprob_drop_sum": [[round(-float(x), 6) for x in row] for row in screen],
-            "verified": [f"{l}.{h}" for l, h in keys],
-            "spearman_vs_exact_acc_drop": _r(spearman([pred[k] for k in keys], [ex[k]["drop"]["overall"] for k in keys])),
-            "spearman_vs_exact_logprob_drop": _r(spearman([pred[k] for k in keys], [ex[k]["logprob_drop"] for k in keys]))}
+    return {
+        "predicted_logprob_drop_sum": [[round(-float(x), 6) for x in row] for row in screen],
+        "verified": [f"{l}.{h}" for l, h in keys],
+        "spearman_vs_exact_acc_drop": _r(spearman([pred[k] for k in keys], [ex[k]["drop"]["overall"] for k in keys])),
+        "spearman_vs_exact_logprob_drop": _r(spearman([pred[k] for k in keys], [ex[k]["logprob_drop"] for k in keys])),
+    }
 
 
 def _r(x: float) -> float | None:
@@ -141,36 +222,78 @@ def markdown(data: dict, top: int = 10) -> str:
     res, cfg = data["results"], data["config"]
     base, table = res["baseline"], sorted(res["heads"], key=lambda r: -r["drop"]["overall"])
     ops = [k for k in ("+", "-", "*", "/") if k in base["acc"]]
-    groups = sorted(k for k in base["acc"] if k[:1].isdigit() or cfg.get("data") and k not in (
-        "overall", "first-token", "later-token"))
-    lines = [f"# Head scan: {data['model']['name']} ({cfg['ablation']} ablation, {cfg['mode']} mode)", "",
-             f"{len(table)} heads scanned on {base['n']['overall']} answer-token cases "
-             f"(digits {cfg['digits']}, templates {cfg['templates']}), {data['timing']['seconds']:.0f} s.", "",
-             "Baseline accuracy: " + ", ".join(f"{k} {100 * base['acc'][k]:.1f}% (n={base['n'][k]})"
-                                                for k in ["overall"] + ops), ""]
+    groups = sorted(
+        k
+        for k in base["acc"]
+        if k[:1].isdigit() or cfg.get("data") and k not in ("overall", "first-token", "later-token")
+    )
+    lines = [
+        f"# Head scan: {data['model']['name']} ({cfg['ablation']} ablation, {cfg['mode']} mode)",
+        "",
+        f"{len(table)} heads scanned on {base['n']['overall']} answer-token cases "
+        f"(digits {cfg['digits']}, templates {cfg['templates']}), {data['timing']['seconds']:.0f} s.",
+        "",
+        "Baseline accuracy: "
+        + ", ".join(f"{k} {100 * base['acc'][k]:.1f}% (n={base['n'][k]})" for k in ["overall"] + ops),
+        "",
+    ]
     if not table:
         return "\n".join(lines + ["No heads scanned."])
     d = np.array([r["drop"]["overall"] for r in table])
-    lines += [f"Drop distribution (points): max {100 * d.max():.1f}, >= 10: {int((d >= .1).sum())} heads, "
-              f">= 2: {int((d >= .02).sum())}, < 2: {int((d < .02).sum())} of {len(d)}.", "",
-              f"## Table 1: top {min(top, len(table))} heads, accuracy drop per operation (points)", "",
-              rep.md_table(["head", "overall"] + ops + ["acc overall"],
-                           [[_name(r), _pts(r["drop"]["overall"])] + [_pts(r["drop"][o]) for o in ops]
-                            + [f"{100 * r['acc']['overall']:.1f}%"] for r in table[:top]]), "",
-              "## Table 2: most important head per operation and digit count", "",
-              rep.md_table(["group", "baseline", "head", "drop (points)", "n"],
-                           [[g, f"{100 * base['acc'][g]:.1f}%", _name(w := max(table, key=lambda r: r["drop"][g])),
-                             _pts(w["drop"][g]), base["n"][g]] for g in groups]), ""]
+    lines += [
+        f"Drop distribution (points): max {100 * d.max():.1f}, >= 10: {int((d >= 0.1).sum())} heads, "
+        f">= 2: {int((d >= 0.02).sum())}, < 2: {int((d < 0.02).sum())} of {len(d)}.",
+        "",
+        f"## Table 1: top {min(top, len(table))} heads, accuracy drop per operation (points)",
+        "",
+        rep.md_table(
+            ["head", "overall"] + ops + ["acc overall"],
+            [
+                [_name(r), _pts(r["drop"]["overall"])]
+                + [_pts(r["drop"][o]) for o in ops]
+                + [f"{100 * r['acc']['overall']:.1f}%"]
+                for r in table[:top]
+            ],
+        ),
+        "",
+        "## Table 2: most important head per operation and digit count",
+        "",
+        rep.md_table(
+            ["group", "baseline", "head", "drop (points)", "n"],
+            [
+                [
+                    g,
+                    f"{100 * base['acc'][g]:.1f}%",
+                    _name(w := max(table, key=lambda r: r["drop"][g])),
+                    _pts(w["drop"][g]),
+                    base["n"][g],
+                ]
+                for g in groups
+            ],
+        ),
+        "",
+    ]
     types = [t for t in ("memorize", "change-one") if t in base["acc"]]
     if types:
-        lines += ["## Table 3: memorize vs change-one cases, top heads (drop in points)", "",
-                  rep.md_table(["head"] + [f"{t} (n={base['n'][t]}, base {100 * base['acc'][t]:.1f}%)" for t in types],
-                               [[_name(r)] + [_pts(r["drop"][t]) for t in types] for r in table[:top]]), ""]
+        lines += [
+            "## Table 3: memorize vs change-one cases, top heads (drop in points)",
+            "",
+            rep.md_table(
+                ["head"] + [f"{t} (n={base['n'][t]}, base {100 * base['acc'][t]:.1f}%)" for t in types],
+                [[_name(r)] + [_pts(r["drop"][t]) for t in types] for r in table[:top]],
+            ),
+            "",
+        ]
     if "screen" in res:
         s = res["screen"]
-        lines += ["## Screen", "", f"Attribution screen over all heads; exact scan of the top {len(s['verified'])}. "
-                  f"Spearman(screen, exact) on them: accuracy drop {s['spearman_vs_exact_acc_drop']}, "
-                  f"target log-prob drop {s['spearman_vs_exact_logprob_drop']}. Every head named above has exact numbers.", ""]
+        lines += [
+            "## Screen",
+            "",
+            f"Attribution screen over all heads; exact scan of the top {len(s['verified'])}. "
+            f"Spearman(screen, exact) on them: accuracy drop {s['spearman_vs_exact_acc_drop']}, "
+            f"target log-prob drop {s['spearman_vs_exact_logprob_drop']}. Every head named above has exact numbers.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -203,10 +326,20 @@ def heatmap(results: dict, path: Path, title: str = "") -> Path:
 
 
 # ---- path patching ----------------------------------------------------------------------------------------
-def run_path_patch(model: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu", digits: Sequence[int] = (2,),
-        ops: Sequence[str] | None = None, templates: Sequence[str] | None = None, limit: int | None = None,
-        seed: int = 0, out: str | None = None, counterfactual: str = "null-operator",
-        only_heads=None, trust_remote_code: bool = False) -> rep.Report:
+def run_path_patch(
+    model: str = "smollm2-135m",
+    dtype: str = "float32",
+    device: str = "cpu",
+    digits: Sequence[int] = (2,),
+    ops: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    out: str | None = None,
+    counterfactual: str = "null-operator",
+    only_heads=None,
+    trust_remote_code: bool = False,
+) -> rep.Report:
     """Path patching of every head (sender) to the logits with the null-operator counterfactual; writes
     DIR/heads.json (rows with the relative logit effect; config.method = path-patch, readable by
     `surgery finetune --components`), DIR/heads.md and DIR/heads.png."""
@@ -226,14 +359,30 @@ def run_path_patch(model: str = "smollm2-135m", dtype: str = "float32", device: 
         heads = list(only_heads)
     clean, cf, targets = null_operator_pairs(loaded.tokenizer, problems)
     eff, base = effects(view, clean, cf, targets, pad_id(loaded.tokenizer), heads)
-    config = dict(method="path-patch", counterfactual=counterfactual, null_word=NULL_WORD, threshold=THRESHOLD,
-                  digits=list(digits), templates=list(tmpl), limit=limit, seed=seed, n_problems=len(clean),
-                  n_skipped=len(problems) - len(clean))
-    rows = [{"layer": l, "head": h, "effect": round(float(eff[l, h]), 6), "key": bool(eff[l, h] < THRESHOLD)}
-            for l in range(view.n_layers) for h in range(view.n_heads) if eff[l, h] == eff[l, h]]
-    results = {"shape": {"layers": view.n_layers, "heads": view.n_heads}, "heads": rows,
-               "baseline": {"answer_logit_mean": round(float(base.mean()), 4)},
-               "key_heads": [f"{r['layer']}.{r['head']}" for r in sorted(rows, key=lambda r: r["effect"]) if r["key"]]}
+    config = dict(
+        method="path-patch",
+        counterfactual=counterfactual,
+        null_word=NULL_WORD,
+        threshold=THRESHOLD,
+        digits=list(digits),
+        templates=list(tmpl),
+        limit=limit,
+        seed=seed,
+        n_problems=len(clean),
+        n_skipped=len(problems) - len(clean),
+    )
+    rows = [
+        {"layer": l, "head": h, "effect": round(float(eff[l, h]), 6), "key": bool(eff[l, h] < THRESHOLD)}
+        for l in range(view.n_layers)
+        for h in range(view.n_heads)
+        if eff[l, h] == eff[l, h]
+    ]
+    results = {
+        "shape": {"layers": view.n_layers, "heads": view.n_heads},
+        "heads": rows,
+        "baseline": {"answer_logit_mean": round(float(base.mean()), 4)},
+        "key_heads": [f"{r['layer']}.{r['head']}" for r in sorted(rows, key=lambda r: r["effect"]) if r["key"]],
+    }
     data = rep.make("heads", loaded.describe(), config, results, time.time() - t0)
     md = path_patch_markdown(data)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -245,13 +394,20 @@ def run_path_patch(model: str = "smollm2-135m", dtype: str = "float32", device: 
 def path_patch_markdown(data: dict, top: int = 15) -> str:
     res, cfg = data["results"], data["config"]
     rows = sorted(res["heads"], key=lambda r: r["effect"])
-    return "\n".join([
-        f"# Path patching: {data['model']['name']} (null-operator counterfactual, {cfg['n_problems']} problems, "
-        f"{cfg['digits']}-digit, {cfg['n_skipped']} skipped)", "",
-        f"Key heads (effect < {100 * cfg['threshold']:.0f}%): {len(res['key_heads'])} of {len(rows)}: "
-        f"{', '.join(res['key_heads']) or 'none'}", "",
-        rep.md_table(["head", "relative logit effect %"], [[f"{r['layer']}.{r['head']}", f"{100 * r['effect']:+.2f}"]
-                                                            for r in rows[:top]])])
+    return "\n".join(
+        [
+            f"# Path patching: {data['model']['name']} (null-operator counterfactual, {cfg['n_problems']} problems, "
+            f"{cfg['digits']}-digit, {cfg['n_skipped']} skipped)",
+            "",
+            f"Key heads (effect < {100 * cfg['threshold']:.0f}%): {len(res['key_heads'])} of {len(rows)}: "
+            f"{', '.join(res['key_heads']) or 'none'}",
+            "",
+            rep.md_table(
+                ["head", "relative logit effect %"],
+                [[f"{r['layer']}.{r['head']}", f"{100 * r['effect']:+.2f}"] for r in rows[:top]],
+            ),
+        ]
+    )
 
 
 def path_patch_heatmap(eff: Tensor, name: str) -> bytes:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from surgery.io.checkpoint import (load_instructions, read_manifest, remote_code_note, verify_files, verify_manifest,
-                                   verify_safetensors)
+from surgery.io.checkpoint import (
+    load_instructions,
+    read_manifest,
+    remote_code_note,
+    verify_files,
+    verify_manifest,
+    verify_safetensors,
+)
 from surgery.io.report import Report
 
 
@@ -19,13 +25,25 @@ def inspect(path: str) -> Report:
     files = m["files"]
     problems = verify_manifest(m) + verify_files(folder, files) + verify_safetensors(folder)
     base = m.get("base")
-    data = {"path": str(folder), "layout": m.get("layout"), "arch": m.get("arch"), "dtype": m.get("dtype"),
-            "tool": m.get("tool"), "created": m.get("created"),
-            "base": base if isinstance(base, dict) or base is None else {"id": base, "sha256": None},
-            "ffn": m.get("ffn"), "seed": m.get("seed"), "recipe": m.get("recipe"), "lora": m.get("lora"),
-            "adapter": m.get("adapter"), "edited_layers": sorted(m.get("layers") or {}, key=int),
-            "files_checked": len(files), "remote_code": remote_code_note(folder, m),
-            "problems": problems, "ok": not problems}
+    data = {
+        "path": str(folder),
+        "layout": m.get("layout"),
+        "arch": m.get("arch"),
+        "dtype": m.get("dtype"),
+        "tool": m.get("tool"),
+        "created": m.get("created"),
+        "base": base if isinstance(base, dict) or base is None else {"id": base, "sha256": None},
+        "ffn": m.get("ffn"),
+        "seed": m.get("seed"),
+        "recipe": m.get("recipe"),
+        "lora": m.get("lora"),
+        "adapter": m.get("adapter"),
+        "edited_layers": sorted(m.get("layers") or {}, key=int),
+        "files_checked": len(files),
+        "remote_code": remote_code_note(folder, m),
+        "problems": problems,
+        "ok": not problems,
+    }
     return Report(data=data, markdown=markdown(data), exit_code=1 if problems else 0)
 
 
@@ -34,15 +52,22 @@ def markdown(d: dict) -> str:
     w = ffn.get("widths") or []
     base = d.get("base") or {}
     tool = d.get("tool") if isinstance(d.get("tool"), dict) else {}
-    lines = [f"# {d['path']}", "",
-             f"- layout: **{d['layout']}** ({load_instructions(d['path'], str(d['layout'] or ''))})",
-             f"- arch: {d['arch']}, dtype: {d['dtype']}, made by surgery {tool.get('version')} at {d['created']}",
-             f"- base: {base.get('id')} sha256 {base.get('sha256')}",
-             f"- FFN widths (base {ffn.get('base_width')}): {w}",
-             *([f"- zero padding neurons (width rounding) per layer: {ffn['padding']}"]
-               if any(ffn.get("padding") or []) else []),
-             f"- edited layers: {d['edited_layers']}", f"- seed: {d['seed']}, lora: {bool(d['lora'])}",
-             f"- files verified: {d['files_checked']}"]
+    lines = [
+        f"# {d['path']}",
+        "",
+        f"- layout: **{d['layout']}** ({load_instructions(d['path'], str(d['layout'] or ''))})",
+        f"- arch: {d['arch']}, dtype: {d['dtype']}, made by surgery {tool.get('version')} at {d['created']}",
+        f"- base: {base.get('id')} sha256 {base.get('sha256')}",
+        f"- FFN widths (base {ffn.get('base_width')}): {w}",
+        *(
+            [f"- zero padding neurons (width rounding) per layer: {ffn['padding']}"]
+            if any(ffn.get("padding") or [])
+            else []
+        ),
+        f"- edited layers: {d['edited_layers']}",
+        f"- seed: {d['seed']}, lora: {bool(d['lora'])}",
+        f"- files verified: {d['files_checked']}",
+    ]
     lines += [f"- remote code: {d['remote_code']}"] if d.get("remote_code") else []
     lines += [""] + ([f"PROBLEM: {p}" for p in d["problems"]] or ["All hashes match."])
     return "\n".join(lines)

@@ -5,18 +5,18 @@ the coefficient amplification of each LoRA model's CNA top neurons per layer gro
 (paper Tables 9-10).
 """
 
-from surgery.commands.spec import Command, option, FORCE, MODEL, OUT, RECIPE
+from surgery.commands.spec import FORCE, MODEL, OUT, RECIPE, Command, option
 
 COMMAND = Command(
     "lora-sweep",
     __doc__,
     [
-    *MODEL,
-    *OUT,
-    *FORCE,
-    *RECIPE,
-    option("--recipe", default="arithmetic-prune"),
-    option("--layers", default=None, help="layers to try, A-B or list (default: every layer)"),
+        *MODEL,
+        *OUT,
+        *FORCE,
+        *RECIPE,
+        option("--recipe", default="arithmetic-prune"),
+        option("--layers", default=None, help="layers to try, A-B or list (default: every layer)"),
     ],
     "surgery.commands.lora_sweep.job:run",
 )

@@ -11,23 +11,29 @@ from pathlib import Path
 
 from torch import nn
 
-from surgery.model.arch import ModelView
-from surgery.model.batching import pad_id
-from surgery.find.cna import parse_layers, scan
-from surgery.io.context import Run
+from surgery.edits.lora import fit_lora, merged_copy
+from surgery.edits.pruning import load_recipe, task_cases, training_data
 from surgery.errors import UsageError
 from surgery.evals.arithmetic import Splits, accuracy, build_splits
-from surgery.edits.lora import fit_lora, merged_copy
+from surgery.find.cna import parse_layers, scan
+from surgery.find.neurons import mean_coefficients
+from surgery.io.context import Run
 from surgery.io.loading import load_model
-from surgery.edits.pruning import load_recipe, task_cases, training_data
 from surgery.io.recipe import to_dict
 from surgery.io.report import Report, atomic_dir, make, md_table, png_bytes, save
-from surgery.find.neurons import mean_coefficients
+from surgery.model.arch import ModelView
+from surgery.model.batching import pad_id
 
 
 # ---- coefficient amplification (paper Tables 9-10) ---------------------------------------------------------
-def amplification(orig: nn.Module, tuned: nn.Module, tokenizer, seqs: list[list[int]], top: dict[int, list[int]],
-                  groups: list[tuple[int, int]]) -> list[dict]:
+def amplification(
+    orig: nn.Module,
+    tuned: nn.Module,
+    tokenizer,
+    seqs: list[list[int]],
+    top: dict[int, list[int]],
+    groups: list[tuple[int, int]],
+) -> list[dict]:
     """Mean |coefficient| of the CNA top neurons in the tuned vs the original model, per layer group."""
     layers = sorted(top)
     a = mean_coefficients(ModelView(orig), seqs, layers, pad_id(tokenizer), absolute=True)
@@ -38,13 +44,33 @@ def amplification(orig: nn.Module, tuned: nn.Module, tokenizer, seqs: list[list[
         ca = sum(float(a[l][top[l]].sum()) for l in ls)
         cb = sum(float(b[l][top[l]].sum()) for l in ls)
         n = sum(len(top[l]) for l in ls)
-        out.append({"layers": f"{lo}-{hi}", "neurons": n, "orig": ca / max(n, 1), "lora": cb / max(n, 1),
-                    "ratio": cb / ca if ca else None})
+        out.append(
+            {
+                "layers": f"{lo}-{hi}",
+                "neurons": n,
+                "orig": ca / max(n, 1),
+                "lora": cb / max(n, 1),
+                "ratio": cb / ca if ca else None,
+            }
+        )
     return out
 
 
 # ---- the sweep (paper Figure 2, Tables 9-10) ----------------------------------------------------------------
-def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, quick: bool, overrides: list[str] | None, recipe: str, layers: str | None, profile: str | None, trust_remote_code: bool) -> Report:
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    out: str | None,
+    force: bool,
+    quick: bool,
+    overrides: list[str] | None,
+    recipe: str,
+    layers: str | None,
+    profile: str | None,
+    trust_remote_code: bool,
+) -> Report:
     """Train one LoRA per layer on 2-digit arithmetic, report test accuracy per layer (paper Figure 2, PNG) and
     the coefficient amplification of each LoRA model's CNA top neurons per layer group vs the original
     (paper Tables 9-10)."""
@@ -77,31 +103,66 @@ def _sweep_layer(loaded, layer: int, r, splits: Splits, task, run: Run) -> dict:
         acc = accuracy(tuned, tok, splits.test, r.train.eval_batch_size)["overall"]
     with run.step(f"CNA layer {layer}"):
         n = ModelView(orig).n_layers
-        sc = scan(ModelView(tuned), task.seqs, list(range(n)), r.sweep.top, pad_id(tok), view_b=ModelView(orig),
-                  targets=task.targets, batch_size=r.cna.batch_size)
+        sc = scan(
+            ModelView(tuned),
+            task.seqs,
+            list(range(n)),
+            r.sweep.top,
+            pad_id(tok),
+            view_b=ModelView(orig),
+            targets=task.targets,
+            batch_size=r.cna.batch_size,
+        )
         top = {l: sorted(s) for l, s in sc.per_case_sets().items()}
         amp = amplification(orig, tuned, tok, task.seqs, top, _layer_groups(n, r.sweep.groups))
-    return {"layer": layer, "lr": fit.lr, "test2": acc, "amplification": amp,
-            "top_per_group": [a["neurons"] for a in amp]}
+    return {
+        "layer": layer,
+        "lr": fit.lr,
+        "test2": acc,
+        "amplification": amp,
+        "top_per_group": [a["neurons"] for a in amp],
+    }
 
 
 def _sweep_report(loaded, r, rows: list[dict], run: Run) -> Report:
     """report.json / report.md / sweep.png in the run's folder, written atomically."""
-    table = md_table(["LoRA layer", "2-digit test acc %", "95% CI", "n", "lr"],
-                     [[x["layer"], f"{100 * x['test2']['full_answer_acc']:.1f}",
-                       "[{:.1f}, {:.1f}]".format(*[100 * c for c in x["test2"]["full_answer_ci95"]]),
-                       x["test2"]["n_problems"], x["lr"]] for x in rows])
+    table = md_table(
+        ["LoRA layer", "2-digit test acc %", "95% CI", "n", "lr"],
+        [
+            [
+                x["layer"],
+                f"{100 * x['test2']['full_answer_acc']:.1f}",
+                "[{:.1f}, {:.1f}]".format(*[100 * c for c in x["test2"]["full_answer_ci95"]]),
+                x["test2"]["n_problems"],
+                x["lr"],
+            ]
+            for x in rows
+        ],
+    )
     groups = [a["layers"] for a in rows[0]["amplification"]] if rows else []
-    amp = md_table(["LoRA layer"] + [f"{g} (lora/orig)" for g in groups],
-                   [[x["layer"]] + [("-" if a["ratio"] is None else f"{a['ratio']:.2f}x") + f" ({a['neurons']})"
-                                    for a in x["amplification"]] for x in rows])
-    md = "\n\n".join([f"# lora-sweep: {loaded.name}, recipe {r.name}",
-                      "## 2-digit test accuracy per LoRA layer (paper Figure 2)", table,
-                      f"## Coefficient amplification of the CNA top-{r.sweep.top} neurons (mean |m|, LoRA / "
-                      "original, per layer group; neuron count in brackets; paper Tables 9-10)", amp,
-                      "## Timing", md_table(["step", "seconds"], list(run.seconds.items()))])
-    data = make(run.command, loaded.describe(), to_dict(r), {"layers": rows, "steps_seconds": run.seconds},
-                run.elapsed())
+    amp = md_table(
+        ["LoRA layer"] + [f"{g} (lora/orig)" for g in groups],
+        [
+            [x["layer"]]
+            + [("-" if a["ratio"] is None else f"{a['ratio']:.2f}x") + f" ({a['neurons']})" for a in x["amplification"]]
+            for x in rows
+        ],
+    )
+    md = "\n\n".join(
+        [
+            f"# lora-sweep: {loaded.name}, recipe {r.name}",
+            "## 2-digit test accuracy per LoRA layer (paper Figure 2)",
+            table,
+            f"## Coefficient amplification of the CNA top-{r.sweep.top} neurons (mean |m|, LoRA / "
+            "original, per layer group; neuron count in brackets; paper Tables 9-10)",
+            amp,
+            "## Timing",
+            md_table(["step", "seconds"], list(run.seconds.items())),
+        ]
+    )
+    data = make(
+        run.command, loaded.describe(), to_dict(r), {"layers": rows, "steps_seconds": run.seconds}, run.elapsed()
+    )
     rep = Report(data, md)
     with atomic_dir(run.out, run.force) as tmp:
         save(rep, tmp)
@@ -120,8 +181,10 @@ def _sweep_png(rows: list[dict]) -> bytes:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     xs = [x["layer"] for x in rows]
     acc = [100 * x["test2"]["full_answer_acc"] for x in rows]
-    ci = [[a - 100 * x["test2"]["full_answer_ci95"][0] for a, x in zip(acc, rows)],
-          [100 * x["test2"]["full_answer_ci95"][1] - a for a, x in zip(acc, rows)]]
+    ci = [
+        [a - 100 * x["test2"]["full_answer_ci95"][0] for a, x in zip(acc, rows)],
+        [100 * x["test2"]["full_answer_ci95"][1] - a for a, x in zip(acc, rows)],
+    ]
     ax.errorbar(xs, acc, yerr=ci, marker="o", capsize=3)
     ax.set_xlabel("LoRA layer")
     ax.set_ylabel("2-digit test accuracy %")

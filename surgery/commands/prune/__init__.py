@@ -9,30 +9,46 @@ accuracy is within D points of the unpruned LoRA model (`--against original`: of
 `--data FILE` prunes for your own (prompt, target) rows instead (recipe key data.path; e.g. custom-prune).
 """
 
-from surgery.commands.spec import Command, option, DATA, FORCE, MODEL, OUT, RECIPE, TASK_SELECTORS, registered
+from surgery.commands.spec import DATA, FORCE, MODEL, OUT, RECIPE, TASK_SELECTORS, Command, option, registered
 
 COMMAND = Command(
     "prune",
     __doc__,
     [
-    *MODEL,
-    *DATA,
-    *OUT,
-    *FORCE,
-    *RECIPE,
-    option("--recipe", default="arithmetic-prune", help="recipe name in recipes/ or a YAML path"),
-    option("--keep", default=None, help="topN (per-case top-N union), P%% (global budget), or auto "
-                           "(smallest budget within --max-drop points; needs a validation split)"),
-    option("--sweep", default=None, help="budgets to compare, e.g. 50%%,25%%,10%%,5%% (resumable in --out)"),
-    option("--max-drop", type=float, default=None, help="--keep auto: validation accuracy points the cut may "
-                               "cost (default: the recipe's search.max_drop)"),
-    option("--layers", default=None, help="'deep' or A-B"),
-    option("--selector", default=None, type=registered("task"), help=f"{TASK_SELECTORS} "
-                               "(or any selector registered with surgery.find.selectors.register)"),
-    option("--lora-layer", type=int, default=None),
-    option("--against", default=None, help="reference adapter/checkpoint for CNA instead of training one; "
-                              "with --keep auto, 'original' measures the drop against the original model"),
-    option("--layout", default=None, choices=["sliced", "padded"]),
+        *MODEL,
+        *DATA,
+        *OUT,
+        *FORCE,
+        *RECIPE,
+        option("--recipe", default="arithmetic-prune", help="recipe name in recipes/ or a YAML path"),
+        option(
+            "--keep",
+            default=None,
+            help="topN (per-case top-N union), P%% (global budget), or auto "
+            "(smallest budget within --max-drop points; needs a validation split)",
+        ),
+        option("--sweep", default=None, help="budgets to compare, e.g. 50%%,25%%,10%%,5%% (resumable in --out)"),
+        option(
+            "--max-drop",
+            type=float,
+            default=None,
+            help="--keep auto: validation accuracy points the cut may cost (default: the recipe's search.max_drop)",
+        ),
+        option("--layers", default=None, help="'deep' or A-B"),
+        option(
+            "--selector",
+            default=None,
+            type=registered("task"),
+            help=f"{TASK_SELECTORS} (or any selector registered with surgery.find.selectors.register)",
+        ),
+        option("--lora-layer", type=int, default=None),
+        option(
+            "--against",
+            default=None,
+            help="reference adapter/checkpoint for CNA instead of training one; "
+            "with --keep auto, 'original' measures the drop against the original model",
+        ),
+        option("--layout", default=None, choices=["sliced", "padded"]),
     ],
     "surgery.commands.prune.job:run",
 )

@@ -17,17 +17,31 @@ from pathlib import Path
 from torch import nn
 
 from surgery.commands.prune import sweep as prune_sweep
-from surgery.evals import tasks
-from surgery.model.arch import ModelView
-from surgery.io.context import Run
-from surgery.errors import UsageError
 from surgery.edits.lora import Fit, fit_lora, load_against, merged_copy
+from surgery.edits.pruning import (
+    Plan,
+    PruneRecipe,
+    PruneTask,
+    check_keep_syntax,
+    evaluate_row,
+    export_checkpoint,
+    keeps_for,
+    load_recipe,
+    lora_params,
+    make_plan,
+    make_task,
+    prune_and_train,
+    results_table,
+    select,
+    token_means,
+)
+from surgery.errors import UsageError
+from surgery.evals import tasks
+from surgery.io.context import Run
 from surgery.io.loading import load_model
-from surgery.edits.pruning import (Plan, PruneRecipe, PruneTask, check_keep_syntax, evaluate_row, export_checkpoint,
-                      keeps_for, load_recipe, lora_params, make_plan, make_task, prune_and_train, results_table,
-                      select, token_means)
 from surgery.io.recipe import to_dict
 from surgery.io.report import Report, json_text, make, md_table, png_bytes
+from surgery.model.arch import ModelView
 
 
 # ---- report ------------------------------------------------------------------------------------------------
@@ -38,8 +52,9 @@ def kept_table(keeps: dict[str, dict[int, list[int]]], width: dict[int, int]) ->
     return md_table(["layer", "kept", "width", "fraction"], rows)
 
 
-def plots(rows: list[dict], keep: dict[int, list[int]], width: dict[int, int], key: str = "test2",
-          label: str = "2-digit test") -> dict[str, bytes]:
+def plots(
+    rows: list[dict], keep: dict[int, list[int]], width: dict[int, int], key: str = "test2", label: str = "2-digit test"
+) -> dict[str, bytes]:
     """accuracy.png (headline test accuracy with 95% CIs per model) and kept.png (kept neurons per layer)."""
     import matplotlib
 
@@ -71,34 +86,74 @@ def _png(fig) -> bytes:
 def _cna_line(r: PruneRecipe, certified: float | None) -> str:
     if r.selector != "cna" or certified is None:
         return ""
-    what = ("delta = importance in the reference (LoRA) model - in the original" if r.cna.score == "delta"
-            else "score = importance in the reference (LoRA) model alone (cna.score=reference)")
-    return (f"CNA: {what}, correct answer token; "
-            f"{100 * certified:.0f}% of cases have a certified exact top-k (max_rescore {r.cna.max_rescore}; "
-            "the others use the best exact scores found)")
+    what = (
+        "delta = importance in the reference (LoRA) model - in the original"
+        if r.cna.score == "delta"
+        else "score = importance in the reference (LoRA) model alone (cna.score=reference)"
+    )
+    return (
+        f"CNA: {what}, correct answer token; "
+        f"{100 * certified:.0f}% of cases have a certified exact top-k (max_rescore {r.cna.max_rescore}; "
+        "the others use the best exact scores found)"
+    )
 
 
-def markdown(r: PruneRecipe, plan: Plan, rows: list[dict], keeps: dict, width: dict, run: Run,
-             model_name: str, task: PruneTask, certified: float | None = None) -> str:
+def markdown(
+    r: PruneRecipe,
+    plan: Plan,
+    rows: list[dict],
+    keeps: dict,
+    width: dict,
+    run: Run,
+    model_name: str,
+    task: PruneTask,
+    certified: float | None = None,
+) -> str:
     deep_total = sum(width[l] for l in plan.layers)
     total = sum(len(v) for v in keeps[plan.selectors[0]].values())
-    return "\n\n".join([
-        f"# prune: {model_name}, recipe {r.name}",
-        f"`{run.command}`",
-        f"keep **{r.keep}** of layers {plan.layers[0]}-{plan.layers[-1]} ({total} of {deep_total} neurons, "
-        f"{100 * total / deep_total:.1f}%), selector **{r.selector}**, LoRA at layer {plan.lora_layer} "
-        f"(rank {r.lora.rank}, lr chosen from {r.train.lrs})",
-        _cna_line(r, certified),
-        "## Results (Table 11 form; full-answer accuracy, teacher forced = greedy)", results_table(rows, deep_total, task.labels),
-        "## Kept neurons per layer", kept_table(keeps, width),
-        "## Timing", md_table(["step", "seconds"], list(run.seconds.items())),
-        f"Checkpoint: `{run.out}` ({r.layout} layout)",
-    ])
-
+    return "\n\n".join(
+        [
+            f"# prune: {model_name}, recipe {r.name}",
+            f"`{run.command}`",
+            f"keep **{r.keep}** of layers {plan.layers[0]}-{plan.layers[-1]} ({total} of {deep_total} neurons, "
+            f"{100 * total / deep_total:.1f}%), selector **{r.selector}**, LoRA at layer {plan.lora_layer} "
+            f"(rank {r.lora.rank}, lr chosen from {r.train.lrs})",
+            _cna_line(r, certified),
+            "## Results (Table 11 form; full-answer accuracy, teacher forced = greedy)",
+            results_table(rows, deep_total, task.labels),
+            "## Kept neurons per layer",
+            kept_table(keeps, width),
+            "## Timing",
+            md_table(["step", "seconds"], list(run.seconds.items())),
+            f"Checkpoint: `{run.out}` ({r.layout} layout)",
+        ]
+    )
 
 
 # ---- the command -------------------------------------------------------------------------------------------
-def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, quick: bool, overrides: list[str] | None, recipe: str, keep: str | None, layers: str | None, selector: str | None, lora_layer: int | None, against: str | None, layout: str | None, profile: str | None, trust_remote_code: bool, sweep: str | None, max_drop: float | None, data: str | None, columns: str | None) -> Report:
+def run(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    out: str | None,
+    force: bool,
+    quick: bool,
+    overrides: list[str] | None,
+    recipe: str,
+    keep: str | None,
+    layers: str | None,
+    selector: str | None,
+    lora_layer: int | None,
+    against: str | None,
+    layout: str | None,
+    profile: str | None,
+    trust_remote_code: bool,
+    sweep: str | None,
+    max_drop: float | None,
+    data: str | None,
+    columns: str | None,
+) -> Report:
     """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
     chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
     taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots.
@@ -116,14 +171,25 @@ def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, qu
     search = {}
     if against is not None and against.strip().lower() == "original":
         if not auto:
-            raise UsageError("--against original applies to --keep auto (the drop is measured against the original "
-                             "model); give a reference adapter or checkpoint folder otherwise")
+            raise UsageError(
+                "--against original applies to --keep auto (the drop is measured against the original "
+                "model); give a reference adapter or checkpoint folder otherwise"
+            )
         search["search.against"], against = "original", None
     if max_drop is not None:
         search["search.max_drop"] = max_drop
     sets = [*(overrides or ()), *(f"{k}={v}" for k, v in search.items())]
-    r = load_recipe(recipe, sets, quick, profile, keep=None if auto else keep, layers=layers, selector=selector,
-                    lora_layer=lora_layer, layout=layout)
+    r = load_recipe(
+        recipe,
+        sets,
+        quick,
+        profile,
+        keep=None if auto else keep,
+        layers=layers,
+        selector=selector,
+        lora_layer=lora_layer,
+        layout=layout,
+    )
     tasks.check_data_args(data, None, columns)
     if data is not None:
         r.data = dataclasses.replace(r.data, path=data, columns=columns if columns is not None else r.data.columns)
@@ -133,8 +199,9 @@ def run(*, model: str, dtype: str, device: str, out: str | None, force: bool, qu
     if against is not None and not Path(against).exists():
         raise UsageError(f"--against {against} does not exist; give a PEFT adapter folder or a checkpoint folder")
     if budgets is not None or auto or r.keep == "auto":
-        return prune_sweep.run({"model": model, "dtype": dtype, "device": device}, r, out, force, budgets, against,
-                               trust_remote_code)
+        return prune_sweep.run(
+            {"model": model, "dtype": dtype, "device": device}, r, out, force, budgets, against, trust_remote_code
+        )
     run = Run("prune", out, force, default=f"prune-{Path(model).name}")
     check_keep_syntax(r.keep)
     with run.step("load"):
@@ -155,15 +222,15 @@ class Results:
     task: PruneTask
 
 
-def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run,
-             trust_remote_code: bool = False) -> Results:
+def pipeline(
+    loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run, trust_remote_code: bool = False
+) -> Results:
     """Steps a-e: reference, keep sets, slice + LoRA per selector, evaluation rows."""
     orig, tok = loaded.model, loaded.tokenizer
     with run.step("data"):
         task = make_task(r, tok)
     with run.step("reference LoRA" if against is None else "reference (--against)"):
-        ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train, task.train,
-                                                task.validate)
+        ref_fit = None if against else fit_lora(orig, tok, plan.lora_layer, r.lora, r.train, task.train, task.validate)
         ref = load_against(against, loaded, trust_remote_code) if against else merged_copy(ref_fit.model)
     with run.step("evaluate original + reference"):
         rows = _reference_rows(orig, ref, ref_fit, against, task)
@@ -178,8 +245,16 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run,
         with run.step(f"slice + LoRA + evaluate ({name})"):
             _, fit = prune_and_train(orig, tok, keeps[name], r, plan, task, teacher, means)
             m = merged_copy(fit.model)
-            rows.append(evaluate_row(f"{name}-pruned + LoRA", m, task, sum(len(v) for v in keeps[name].values()),
-                                     lora_params(fit), fit.lr))
+            rows.append(
+                evaluate_row(
+                    f"{name}-pruned + LoRA",
+                    m,
+                    task,
+                    sum(len(v) for v in keeps[name].values()),
+                    lora_params(fit),
+                    fit.lr,
+                )
+            )
             if name == plan.selectors[0]:  # only the exported model stays in memory
                 fits[name], merged[name] = fit, m
     width = {l: ModelView(orig).ffn_width(l) for l in plan.layers}
@@ -188,26 +263,54 @@ def pipeline(loaded, r: PruneRecipe, plan: Plan, against: str | None, run: Run,
 
 def _reference_rows(orig, ref, ref_fit, against, task: PruneTask) -> list[dict]:
     """Rows 'original' and 'LoRA only' (the trained reference; or the --against model)."""
-    return [evaluate_row("original", orig, task, None),
-            evaluate_row("LoRA only" if against is None else "reference (--against)", ref, task, None,
-                         lora_params(ref_fit) if ref_fit else 0, ref_fit.lr if ref_fit else None)]
+    return [
+        evaluate_row("original", orig, task, None),
+        evaluate_row(
+            "LoRA only" if against is None else "reference (--against)",
+            ref,
+            task,
+            None,
+            lora_params(ref_fit) if ref_fit else 0,
+            ref_fit.lr if ref_fit else None,
+        ),
+    ]
 
 
 def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report:
     """Step f: report + plots + export of the main selector's model; reload check."""
     main = plan.selectors[0]
     md = markdown(r, plan, res.rows, res.keeps, res.width, run, loaded.name, res.task, res.cna_certified)
-    results = {"rows": res.rows, "kept": {s: {l: len(v) for l, v in k.items()} for s, k in res.keeps.items()},
-               "kept_indices": res.keeps[main], "lora_layer": plan.lora_layer, "layers": plan.layers,
-               "cna_certified_fraction": res.cna_certified, "lr": {s: f.lr for s, f in res.fits.items()},
-               "val_acc": {s: f.val_acc for s, f in res.fits.items()}, "steps_seconds": run.seconds,
-               "data": res.task.sizes()}
+    results = {
+        "rows": res.rows,
+        "kept": {s: {l: len(v) for l, v in k.items()} for s, k in res.keeps.items()},
+        "kept_indices": res.keeps[main],
+        "lora_layer": plan.lora_layer,
+        "layers": plan.layers,
+        "cna_certified_fraction": res.cna_certified,
+        "lr": {s: f.lr for s, f in res.fits.items()},
+        "val_acc": {s: f.val_acc for s, f in res.fits.items()},
+        "steps_seconds": run.seconds,
+        "data": res.task.sizes(),
+    }
     data = make("prune", loaded.describe(), to_dict(r), results, run.elapsed())
-    extra = {"report.json": json_text(data), "report.md": md + "\n", **plots(res.rows, res.keeps[main], res.width, res.task.headline,
-                                                                   res.task.labels[res.task.headline])}
+    extra = {
+        "report.json": json_text(data),
+        "report.md": md + "\n",
+        **plots(res.rows, res.keeps[main], res.width, res.task.headline, res.task.labels[res.task.headline]),
+    }
     with run.step("export"):
-        check = export_checkpoint(res.fits[main], res.merged[main], loaded.tokenizer, run.out, run.force, r, plan,
-                                  res.keeps[main], loaded.source, extra)
+        check = export_checkpoint(
+            res.fits[main],
+            res.merged[main],
+            loaded.tokenizer,
+            run.out,
+            run.force,
+            r,
+            plan,
+            res.keeps[main],
+            loaded.source,
+            extra,
+        )
     if not check["widths_match"] or check["max_logit_diff"] > 1e-3:
         raise RuntimeError(f"exported checkpoint does not match the in-memory model: {check}")
     data["results"]["reload"] = check

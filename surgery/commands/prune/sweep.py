@@ -49,17 +49,35 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from surgery.model.arch import ModelView
-from surgery.model.batching import left_pad, pad_id
-from surgery.io.context import Run
-from surgery.errors import UsageError
 from surgery.edits.lora import Fit, fit_lora, load_against, merged_copy
+from surgery.edits.pruning import (
+    Keep,
+    Plan,
+    PruneRecipe,
+    PruneTask,
+    Selection,
+    TaskCases,
+    ci_text,
+    evaluate_row,
+    export_checkpoint,
+    keeps_for,
+    lora_params,
+    make_plan,
+    make_task,
+    parse_keep,
+    prune_and_train,
+    results_table,
+    select,
+    sliced_copy,
+    token_means,
+)
+from surgery.errors import UsageError
+from surgery.io.context import Run
 from surgery.io.loading import load_model
-from surgery.edits.pruning import (Keep, Plan, PruneRecipe, PruneTask, Selection, TaskCases, ci_text, evaluate_row,
-                      export_checkpoint, keeps_for, lora_params, make_plan, make_task, parse_keep, prune_and_train,
-                      results_table, select, sliced_copy, token_means)
 from surgery.io.recipe import to_dict
 from surgery.io.report import Report, json_text, make, md_table, png_bytes, write_json, write_text_atomic
+from surgery.model.arch import ModelView
+from surgery.model.batching import left_pad, pad_id
 
 try:
     import fcntl
@@ -126,14 +144,17 @@ def check_folder(out: Path, fp: dict, force: bool) -> bool:
     except (ValueError, KeyError, OSError):
         raise UsageError(f"{out}/sweep.json is unreadable; pass --force to start the folder over") from None
     defaults = fingerprint(PruneRecipe(), fp["model"], fp["dtype"], None)
-    differ = [k for k in sorted(set(old) | set(fp))
-              if old.get(k, MISSING) != fp.get(k, MISSING)
-              and not (k not in old and fp.get(k) == defaults.get(k))]  # a key added since, at its default
+    differ = [
+        k
+        for k in sorted(set(old) | set(fp))
+        if old.get(k, MISSING) != fp.get(k, MISSING) and not (k not in old and fp.get(k) == defaults.get(k))
+    ]  # a key added since, at its default
     if differ:
         shown = ", ".join(f"{k} ({old.get(k, 'unset')!r} there, {fp.get(k, 'unset')!r} now)" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        raise UsageError(f"{out} holds a sweep of another recipe: {shown}{more}; use another --out, or --force to "
-                         "start over")
+        raise UsageError(
+            f"{out} holds a sweep of another recipe: {shown}{more}; use another --out, or --force to start over"
+        )
     return True
 
 
@@ -210,9 +231,13 @@ def adapter_dir(out: Path, budget: str, selector: str) -> Path:
 def matmul_params(model: nn.Module) -> int:
     """Weights every token multiplies through (linear / Conv1D layers incl. the LM head; not embeddings): the
     forward FLOPs per token are about twice this, so a ratio of two models is their FLOP ratio."""
-    return sum(m.weight.numel() for m in model.modules()
-               if isinstance(getattr(m, "weight", None), torch.Tensor) and not isinstance(m, nn.Embedding)
-               and m.weight.dim() == 2)
+    return sum(
+        m.weight.numel()
+        for m in model.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+        and not isinstance(m, nn.Embedding)
+        and m.weight.dim() == 2
+    )
 
 
 @torch.no_grad()
@@ -229,9 +254,14 @@ def latency(dense: nn.Module, sliced: nn.Module, seqs: list[list[int]], pad: int
             if i:
                 times[name].append(time.perf_counter() - t0)
     d, s = statistics.median(times["dense"]), statistics.median(times["sliced"])
-    return {"dense_s": round(d, 5), "sliced_s": round(s, 5), "speedup": round(d / s, 3),
-            "flop_ratio": round(matmul_params(sliced) / matmul_params(dense), 4), "batch": list(ids.shape),
-            "repeats": repeats}
+    return {
+        "dense_s": round(d, 5),
+        "sliced_s": round(s, 5),
+        "speedup": round(d / s, 3),
+        "flop_ratio": round(matmul_params(sliced) / matmul_params(dense), 4),
+        "batch": list(ids.shape),
+        "repeats": repeats,
+    }
 
 
 # ---- the shared state of a folder ----------------------------------------------------------------------------
@@ -257,8 +287,9 @@ class Sweep:
         return sum(view.ffn_width(l) for l in self.plan.layers)
 
 
-def prepare(loaded, r: PruneRecipe, plan: Plan, out: Path, against: str | None, top_k: int, run: Run,
-            trust_remote_code: bool) -> Sweep:
+def prepare(
+    loaded, r: PruneRecipe, plan: Plan, out: Path, against: str | None, top_k: int, run: Run, trust_remote_code: bool
+) -> Sweep:
     """Data, the reference (trained once and saved, or loaded from the folder), every selector's scores (computed
     once and saved) and the bias-compensation means."""
     orig, tok = loaded.model, loaded.tokenizer
@@ -267,12 +298,21 @@ def prepare(loaded, r: PruneRecipe, plan: Plan, out: Path, against: str | None, 
     with folder_lock(out, "state"):  # a second worker waits here, then loads what the first saved
         ref, ref_rows = reference(loaded, r, plan, task, out, against, run, trust_remote_code)
         sel, means = scores(orig, ref, tok, task.cases, r, plan, top_k, out, run)
-    return Sweep(loaded, r, plan, out, task, ref_rows, sel, ref if r.train.distill > 0 else None, means,
-                 read_cells(out), run)
+    return Sweep(
+        loaded, r, plan, out, task, ref_rows, sel, ref if r.train.distill > 0 else None, means, read_cells(out), run
+    )
 
 
-def reference(loaded, r: PruneRecipe, plan: Plan, task: PruneTask, out: Path, against: str | None, run: Run,
-              trust_remote_code: bool) -> tuple[nn.Module, list[dict]]:
+def reference(
+    loaded,
+    r: PruneRecipe,
+    plan: Plan,
+    task: PruneTask,
+    out: Path,
+    against: str | None,
+    run: Run,
+    trust_remote_code: bool,
+) -> tuple[nn.Module, list[dict]]:
     """The CNA reference and teacher: the saved adapter of an earlier run of this folder, else `--against`, else a
     LoRA trained now (and saved). Rows 'original' and 'LoRA only' (with validation accuracy) are saved beside it."""
     orig, tok = loaded.model, loaded.tokenizer
@@ -287,15 +327,31 @@ def reference(loaded, r: PruneRecipe, plan: Plan, task: PruneTask, out: Path, ag
             fit = fit_lora(orig, tok, plan.lora_layer, r.lora, r.train, task.train, task.validate)
             ref = merged_copy(fit.model)
             _save_adapter(fit.model, folder)
-            write_json(fit_file, {"lr": fit.lr, "lora_params": lora_params(fit), "val_acc": fit.val_acc,
-                                  "seconds": round(fit.seconds, 1)})
+            write_json(
+                fit_file,
+                {
+                    "lr": fit.lr,
+                    "lora_params": lora_params(fit),
+                    "val_acc": fit.val_acc,
+                    "seconds": round(fit.seconds, 1),
+                },
+            )
     if rows_file.exists():
         return ref, json.loads(rows_file.read_text())
     fit = json.loads(fit_file.read_text()) if against is None and fit_file.exists() else {"lr": None, "lora_params": 0}
     with run.step("evaluate original + reference"):
-        rows = [evaluate_row("original", orig, task, None, sets=list(task.sets)),
-                evaluate_row("LoRA only" if against is None else "reference (--against)", ref, task, None,
-                             fit["lora_params"], fit["lr"], sets=list(task.sets))]
+        rows = [
+            evaluate_row("original", orig, task, None, sets=list(task.sets)),
+            evaluate_row(
+                "LoRA only" if against is None else "reference (--against)",
+                ref,
+                task,
+                None,
+                fit["lora_params"],
+                fit["lr"],
+                sets=list(task.sets),
+            ),
+        ]
     write_json(rows_file, rows)
     return ref, rows
 
@@ -310,8 +366,9 @@ def _save_adapter(peft_model, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def scores(orig, ref, tok, task: TaskCases, r: PruneRecipe, plan: Plan, top_k: int, out: Path, run: Run
-           ) -> tuple[Selection, dict | None]:
+def scores(
+    orig, ref, tok, task: TaskCases, r: PruneRecipe, plan: Plan, top_k: int, out: Path, run: Run
+) -> tuple[Selection, dict | None]:
     """Every selector's scores (and CNA's per-case ranking at least `top_k` deep), from the folder when an earlier
     run computed them; selectors added since are scored now."""
     path = out / "state" / "scores.pt"
@@ -366,8 +423,14 @@ def _train_cell(sw: Sweep, budget: str, name: str, keep: Keep) -> dict:
         row = evaluate_row(f"{name}-pruned + LoRA", m, sw.task, kept, lora_params(fit), fit.lr, list(sw.task.sets))
         row["latency"] = latency(orig, m, sw.task.cases.seqs[:16], pad_id(tok))
         _save_adapter(fit.model, adapter_dir(sw.out, budget, name))
-    rec = {"budget": budget, "selector": name, "kept_fraction": kept / sw.deep_total, **row,
-           "seconds": round(time.time() - t0, 1), "keep": {str(l): v for l, v in keep.items()}}
+    rec = {
+        "budget": budget,
+        "selector": name,
+        "kept_fraction": kept / sw.deep_total,
+        **row,
+        "seconds": round(time.time() - t0, 1),
+        "keep": {str(l): v for l, v in keep.items()},
+    }
     append_cell(sw.out, rec)
     sw.cells[key] = rec
     return rec
@@ -409,10 +472,26 @@ def search(sw: Sweep, max_drop: float, against: str, steps: int) -> dict:
             hi, best = mid, rec
         else:
             lo = mid
-        write_report(sw, [], {"path": path, "target": target, "against": against, "max_drop": max_drop,
-                              "best": None, "running": f"{len(path)} of {steps} probes done"})
-    return {"path": path, "target": target, "base": base, "against": against, "max_drop": max_drop,
-            "best": best and {k: best[k] for k in ("budget", "selector", "kept", "kept_fraction")}}
+        write_report(
+            sw,
+            [],
+            {
+                "path": path,
+                "target": target,
+                "against": against,
+                "max_drop": max_drop,
+                "best": None,
+                "running": f"{len(path)} of {steps} probes done",
+            },
+        )
+    return {
+        "path": path,
+        "target": target,
+        "base": base,
+        "against": against,
+        "max_drop": max_drop,
+        "best": best and {k: best[k] for k in ("budget", "selector", "kept", "kept_fraction")},
+    }
 
 
 def rebuild(sw: Sweep, rec: dict) -> tuple[Fit, nn.Module, Keep]:
@@ -432,11 +511,31 @@ def sweep_table(rows: list[dict], deep_total: int, labels: dict[str, str]) -> st
     out = []
     for r in sorted(rows, key=lambda r: (-r["kept_fraction"], r["selector"])):
         lat = r["latency"]
-        out.append([r["budget"], f"{r['kept']} ({100 * r['kept'] / deep_total:.1f}%)", r["selector"],
-                    *(ci_text(r[n]) if r.get(n) else "-" for n in names), f"{r['params']:,}",
-                    f"{lat['speedup']:.2f}x", f"{lat['flop_ratio']:.2f}", f"{r['seconds']:.0f}"])
-    return md_table(["budget", "kept", "selector", *(f"{labels[n]} % [95% CI]" for n in names), "params",
-                     "measured speedup", "FLOP ratio", "seconds"], out)
+        out.append(
+            [
+                r["budget"],
+                f"{r['kept']} ({100 * r['kept'] / deep_total:.1f}%)",
+                r["selector"],
+                *(ci_text(r[n]) if r.get(n) else "-" for n in names),
+                f"{r['params']:,}",
+                f"{lat['speedup']:.2f}x",
+                f"{lat['flop_ratio']:.2f}",
+                f"{r['seconds']:.0f}",
+            ]
+        )
+    return md_table(
+        [
+            "budget",
+            "kept",
+            "selector",
+            *(f"{labels[n]} % [95% CI]" for n in names),
+            "params",
+            "measured speedup",
+            "FLOP ratio",
+            "seconds",
+        ],
+        out,
+    )
 
 
 def verdict(ref_rows: list[dict], rows: list[dict], key: str) -> list[str]:
@@ -449,20 +548,26 @@ def verdict(ref_rows: list[dict], rows: list[dict], key: str) -> list[str]:
         by_budget.setdefault(r["budget"], []).append(r)
     ok = [b for b, rs in by_budget.items() if any(r[key]["full_answer_acc"] >= orig for r in rs)]
     if not ok:
-        return [f"No pruned + recovered model reaches the original's accuracy ({100 * orig:.1f}%) at any budget "
-                "run."]
+        return [f"No pruned + recovered model reaches the original's accuracy ({100 * orig:.1f}%) at any budget run."]
     b = min(ok, key=lambda b: by_budget[b][0]["kept_fraction"])
     rs = by_budget[b]
     best = max(rs, key=lambda r: r[key]["full_answer_acc"])
-    lines = [f"Largest cut with a pruned + recovered model at or above the original ({100 * orig:.1f}%): **{b}** "
-             f"kept ({100 * (1 - rs[0]['kept_fraction']):.1f}% of the pruned layers' FFN removed); best there: "
-             f"{best['selector']} {ci_text(best[key])}."]
+    lines = [
+        f"Largest cut with a pruned + recovered model at or above the original ({100 * orig:.1f}%): **{b}** "
+        f"kept ({100 * (1 - rs[0]['kept_fraction']):.1f}% of the pruned layers' FFN removed); best there: "
+        f"{best['selector']} {ci_text(best[key])}."
+    ]
     cna = next((r for r in rs if r["selector"] == "cna"), None)
     for r in rs if cna is not None else []:
         if r is not cna:
             a, o = cna[key]["full_answer_ci95"], r[key]["full_answer_ci95"]
-            rel = ("ahead (intervals apart)" if a[0] > o[1] else "behind (intervals apart)" if a[1] < o[0]
-                   else "level (intervals overlap)")
+            rel = (
+                "ahead (intervals apart)"
+                if a[0] > o[1]
+                else "behind (intervals apart)"
+                if a[1] < o[0]
+                else "level (intervals overlap)"
+            )
             lines.append(f"At {b}, CNA vs {r['selector']}: {rel}, {ci_text(cna[key])} vs {ci_text(r[key])}.")
     return lines
 
@@ -498,29 +603,48 @@ def plot(ref_rows: list[dict], rows: list[dict], key: str, label: str) -> bytes:
 def markdown(sw: Sweep, budgets: list[str], found: dict | None) -> str:
     rows = list(sw.cells.values())
     r, plan = sw.r, sw.plan
-    parts = [f"# prune {'sweep' if found is None else 'budget search'}: {sw.loaded.name}, recipe {r.name}",
-             f"`{sw.run.command}`",
-             f"layers {plan.layers[0]}-{plan.layers[-1]} ({sw.deep_total} FFN neurons), selectors "
-             f"{', '.join(plan.selectors)} (the first sets every other's per-layer budget), LoRA at layer "
-             f"{plan.lora_layer} (rank {r.lora.rank}, lr from {r.train.lrs}, max_steps {r.train.max_steps}), "
-             f"distill {r.train.distill}, compensate {r.compensate}, lora.ffn {r.lora.ffn}",
-             "## Unpruned", results_table(sw.ref_rows, sw.deep_total, sw.task.labels)]
+    parts = [
+        f"# prune {'sweep' if found is None else 'budget search'}: {sw.loaded.name}, recipe {r.name}",
+        f"`{sw.run.command}`",
+        f"layers {plan.layers[0]}-{plan.layers[-1]} ({sw.deep_total} FFN neurons), selectors "
+        f"{', '.join(plan.selectors)} (the first sets every other's per-layer budget), LoRA at layer "
+        f"{plan.lora_layer} (rank {r.lora.rank}, lr from {r.train.lrs}, max_steps {r.train.max_steps}), "
+        f"distill {r.train.distill}, compensate {r.compensate}, lora.ffn {r.lora.ffn}",
+        "## Unpruned",
+        results_table(sw.ref_rows, sw.deep_total, sw.task.labels),
+    ]
     if found is not None:
-        parts += [f"## Budget search (--max-drop {found['max_drop']} against the {found['against']}: validation "
-                  f"accuracy >= {100 * found['target']:.1f}%)",
-                  md_table(["probe", "budget", "kept", "validation acc %", "passed"],
-                           [[i + 1, p["budget"], p["kept"], f"{100 * p['val_acc']:.1f}", "yes" if p["passed"] else "no"]
-                            for i, p in enumerate(found["path"])]),
-                  (f"Searching: {found['running']}; nothing exported yet." if found.get("running") else
-                   f"Found: **{found['best']['budget']}** ({found['best']['kept']} neurons kept); exported to "
-                   f"`{sw.out / 'checkpoint'}`." if found.get("best") else
-                   "No probe passed: nothing exported (the cut the model can afford is above the largest probe, or "
-                   "recovery is too short).")]
+        parts += [
+            f"## Budget search (--max-drop {found['max_drop']} against the {found['against']}: validation "
+            f"accuracy >= {100 * found['target']:.1f}%)",
+            md_table(
+                ["probe", "budget", "kept", "validation acc %", "passed"],
+                [
+                    [i + 1, p["budget"], p["kept"], f"{100 * p['val_acc']:.1f}", "yes" if p["passed"] else "no"]
+                    for i, p in enumerate(found["path"])
+                ],
+            ),
+            (
+                f"Searching: {found['running']}; nothing exported yet."
+                if found.get("running")
+                else f"Found: **{found['best']['budget']}** ({found['best']['kept']} neurons kept); exported to "
+                f"`{sw.out / 'checkpoint'}`."
+                if found.get("best")
+                else "No probe passed: nothing exported (the cut the model can afford is above the largest probe, or "
+                "recovery is too short)."
+            ),
+        ]
     if rows:
-        parts += ["## Cells (full-answer accuracy; speedup = dense / sliced forward time of one batch, measured "
-                  "interleaved in the cell)", sweep_table(rows, sw.deep_total, sw.task.labels)]
-        parts += ["![accuracy against the kept fraction](sweep.png)",
-                  "## Verdict", "\n".join(f"- {v}" for v in verdict(sw.ref_rows, rows, sw.task.headline))]
+        parts += [
+            "## Cells (full-answer accuracy; speedup = dense / sliced forward time of one batch, measured "
+            "interleaved in the cell)",
+            sweep_table(rows, sw.deep_total, sw.task.labels),
+        ]
+        parts += [
+            "![accuracy against the kept fraction](sweep.png)",
+            "## Verdict",
+            "\n".join(f"- {v}" for v in verdict(sw.ref_rows, rows, sw.task.headline)),
+        ]
         done = sum(1 for b in budgets for n in plan.selectors if cell_key(b, n) in sw.cells)
         if budgets:
             parts.append(f"{done} of {len(budgets) * len(plan.selectors)} cells of this sweep finished.")
@@ -539,12 +663,24 @@ def write_report(sw: Sweep, budgets: list[str], found: dict | None) -> dict:
 
 def _write_report(sw: Sweep, budgets: list[str], found: dict | None) -> dict:
     rows = list(sw.cells.values())
-    data = make("prune", sw.loaded.describe(), to_dict(sw.r),
-                {"reference_rows": sw.ref_rows, "cells": [{k: v for k, v in c.items() if k != "keep"} for c in rows],
-                 "budgets": budgets, "search": found, "layers": sw.plan.layers, "lora_layer": sw.plan.lora_layer,
-                 "selectors": sw.plan.selectors, "cna_certified_fraction": sw.sel.certified,
-                 "verdict": verdict(sw.ref_rows, rows, sw.task.headline) if rows else [], "steps_seconds": sw.run.seconds},
-                sw.run.elapsed())
+    data = make(
+        "prune",
+        sw.loaded.describe(),
+        to_dict(sw.r),
+        {
+            "reference_rows": sw.ref_rows,
+            "cells": [{k: v for k, v in c.items() if k != "keep"} for c in rows],
+            "budgets": budgets,
+            "search": found,
+            "layers": sw.plan.layers,
+            "lora_layer": sw.plan.lora_layer,
+            "selectors": sw.plan.selectors,
+            "cna_certified_fraction": sw.sel.certified,
+            "verdict": verdict(sw.ref_rows, rows, sw.task.headline) if rows else [],
+            "steps_seconds": sw.run.seconds,
+        },
+        sw.run.elapsed(),
+    )
     md = markdown(sw, budgets, found)
     write_text_atomic(sw.out / "report.json", json_text(data))
     write_text_atomic(sw.out / "report.md", md + "\n")
@@ -557,14 +693,23 @@ def _write_report(sw: Sweep, budgets: list[str], found: dict | None) -> dict:
 
 
 # ---- the command mode ----------------------------------------------------------------------------------------
-def run(loaded_args: dict, r: PruneRecipe, out: str | None, force: bool, budgets: list[str] | None,
-        against: str | None, trust_remote_code: bool) -> Report:
+def run(
+    loaded_args: dict,
+    r: PruneRecipe,
+    out: str | None,
+    force: bool,
+    budgets: list[str] | None,
+    against: str | None,
+    trust_remote_code: bool,
+) -> Report:
     """`--sweep` (budgets given) or `--keep auto` (budgets None): see the module docstring."""
     model = loaded_args["model"]
     run = Run("prune", out, force, default=f"prune-{Path(model).name}-{'sweep' if budgets else 'auto'}", fresh=False)
     if budgets is None and r.data.validation_size <= 0:
-        raise UsageError("--keep auto needs a validation split to choose the budget on, and this recipe has none; "
-                         "--set data.validation_size=400")
+        raise UsageError(
+            "--keep auto needs a validation split to choose the budget on, and this recipe has none; "
+            "--set data.validation_size=400"
+        )
     fp = fingerprint(r, model, loaded_args["dtype"], against)
     resuming = check_folder(run.out, fp, force)
     top_k = max([int(v) for k, v in map(parse_keep, budgets or []) if k == "top"], default=0)
@@ -585,11 +730,11 @@ def run(loaded_args: dict, r: PruneRecipe, out: str | None, force: bool, budgets
             rec = sw.cells[cell_key(found["best"]["budget"], found["best"]["selector"])]
             fit, merged, keep = rebuild(sw, rec)
             rr = dataclasses.replace(r, keep=rec["budget"])
-            check = export_checkpoint(fit, merged, loaded.tokenizer, run.out / "checkpoint", True, rr, plan, keep,
-                                      loaded.source, {})
+            check = export_checkpoint(
+                fit, merged, loaded.tokenizer, run.out / "checkpoint", True, rr, plan, keep, loaded.source, {}
+            )
         if not check["widths_match"] or check["max_logit_diff"] > 1e-3:
             raise RuntimeError(f"exported checkpoint does not match the evaluated model: {check}")
         found["reload"] = check
     data = write_report(sw, [], found)
     return Report(data, markdown(sw, [], found), [run.out])
-
