@@ -20,6 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    commands.load_plugins()
     p = _Parser(
         prog="surgery", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -692,7 +692,9 @@ def _stack_bounds(a: Scorer, b: Scorer | None, layers: list[int]) -> tuple[Tenso
             lb, hb = b.bounds(layer)
             la, ha, g = la - hb, ha - lb, ha - hb
         la, ha = la.cpu(), ha.cpu()  # the top-k bookkeeping runs on the CPU; exact scores come back there
-        hi.append(ha), lo.append(la), guess.append(g.cpu())
+        hi.append(ha)
+        lo.append(la)
+        guess.append(g.cpu())
         est.append(torch.where(la.isinf(), ha, (la + ha) / 2))
     return torch.cat(est, 1), torch.cat(hi, 1), torch.cat(lo, 1), torch.cat(guess, 1)
 

@@ -344,7 +344,10 @@ def _write_side_files(model: nn.Module, tokenizer, folder: Path, extra: dict[str
         if path.resolve().parent != folder.resolve() and folder.resolve() not in path.resolve().parents:
             raise UsageError(f"extra file {name!r} escapes the checkpoint folder; use a relative name")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
 
 
 # ---- provenance ---------------------------------------------------------------------------------------------

@@ -73,20 +73,20 @@ def open_weights(folder: Path) -> Weights:
         ) from None
 
 
-def compare(B: Weights, O: Weights, cfg, arch: Arch, base_dir: Path, other_dir: Path) -> dict:
+def compare(base: Weights, other: Weights, cfg, arch: Arch, base_dir: Path, other_dir: Path) -> dict:
     """Per layer: FFN neurons removed / zeroed / scaled / modified and heads zeroed / scaled / modified; other
     tensors that changed; a summary; the changed components (as `surgery finetune --components` reads them)."""
-    tol = max(tolerance(B.dtype()), tolerance(O.dtype()))
+    tol = max(tolerance(base.dtype()), tolerance(other.dtype()))
     n_heads = int(cfg.num_attention_heads)
     n_layers = int(cfg.num_hidden_layers)
-    layers = [_diff_layer(arch, B, O, l, n_heads, tol) for l in range(n_layers)]
+    layers = [_diff_layer(arch, base, other, l, n_heads, tol) for l in range(n_layers)]
     covered = {k for l in range(n_layers) for k in _ffn_names(arch, l)}
     covered |= {f"{arch.layers}.{l}.{arch.attn_out}.weight" for l in range(n_layers)}
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     for l, rec in enumerate(layers):
-        rec.update(_diff_qkv(arch, B, O, l, n_heads, n_kv, tol, covered))
-        rec.update(_diff_ffn_out_bias(arch, B, O, l, tol, covered))
-    others = _diff_others(B, O, covered, tol)
+        rec.update(_diff_qkv(arch, base, other, l, n_heads, n_kv, tol, covered))
+        rec.update(_diff_ffn_out_bias(arch, base, other, l, tol, covered))
+    others = _diff_others(base, other, covered, tol)
     data = {
         "base": str(base_dir),
         "other": str(other_dir),
@@ -135,12 +135,12 @@ def _match_rows(ko: Tensor, kb: Tensor, tol: float) -> Tensor:
     return idx
 
 
-def _diff_layer(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, tol: float) -> dict:
+def _diff_layer(a: Arch, base: Weights, other: Weights, l: int, n_heads: int, tol: float) -> dict:
     rec: dict = {"layer": l}
-    mb, mo = _ffn_mats(a, B, l), _ffn_mats(a, O, l)
+    mb, mo = _ffn_mats(a, base, l), _ffn_mats(a, other, l)
     if mb is not None and mo is not None:
         rec.update(_diff_neurons(mb, mo, tol))
-    rec.update(_diff_heads(a, B, O, l, n_heads, tol))
+    rec.update(_diff_heads(a, base, other, l, n_heads, tol))
     return rec
 
 
@@ -177,9 +177,9 @@ def _diff_neurons(mb: tuple[Tensor, Tensor], mo: tuple[Tensor, Tensor], tol: flo
     return rec
 
 
-def _diff_heads(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, tol: float) -> dict:
+def _diff_heads(a: Arch, base: Weights, other: Weights, l: int, n_heads: int, tol: float) -> dict:
     name = f"{a.layers}.{l}.{a.attn_out}.weight"
-    wb, wo = B.get(name), O.get(name)
+    wb, wo = base.get(name), other.get(name)
     if wb is None or wo is None:
         return {}
     if wb.shape != wo.shape:
@@ -203,20 +203,22 @@ def _diff_heads(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, tol: floa
     return {"heads_zeroed": zeroed, "heads_scaled": scaled, "heads_modified": modified}
 
 
-def _diff_qkv(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, n_kv: int, tol: float, covered: set[str]) -> dict:
+def _diff_qkv(
+    a: Arch, base: Weights, other: Weights, l: int, n_heads: int, n_kv: int, tol: float, covered: set[str]
+) -> dict:
     """Query heads whose query rows changed and key/value heads whose key/value rows changed (precise fine-tuning
     edits exactly these), read through the arch table's q/k/v layout; the tensors stay listed under
     other_tensors as well (`covered` is not extended)."""
     pre = f"{a.layers}.{l}."
     names = [pre + p + s for p in a.attn_qkv for s in (".weight", ".bias")]
-    pairs = {n: (B.get(n), O.get(n)) for n in names}
+    pairs = {n: (base.get(n), other.get(n)) for n in names}
     pairs = {n: (b, o) for n, (b, o) in pairs.items() if b is not None and o is not None and b.shape == o.shape}
     if not pairs:
         return {}
     wname = next(n for n in names if n.endswith(".weight"))
     if wname not in pairs:
         return {}
-    ow = B.get(pre + a.attn_out + ".weight")
+    ow = base.get(pre + a.attn_out + ".weight")
     dh = (ow.shape[0] if a.conv1d else ow.shape[1]) // n_heads
     changed = {n: _changed_entries(b, o, tol) for n, (b, o) in pairs.items()}
     explained = {n: torch.zeros_like(c) for n, c in changed.items()}
@@ -242,11 +244,11 @@ def _diff_qkv(a: Arch, B: Weights, O: Weights, l: int, n_heads: int, n_kv: int, 
     return {"heads_q_modified": sorted(q_heads), "kv_heads_modified": sorted(kv_heads), "qkv_outside_heads": outside}
 
 
-def _diff_ffn_out_bias(a: Arch, B: Weights, O: Weights, l: int, tol: float, covered: set[str]) -> dict:
+def _diff_ffn_out_bias(a: Arch, base: Weights, other: Weights, l: int, tol: float, covered: set[str]) -> dict:
     """The FFN output bias belongs to no neuron but to the MLP: a change marks the MLP as changed (the tensor
     stays listed under other_tensors too)."""
     name = f"{a.layers}.{l}.{a.ffn_out}.bias"
-    b, o = B.get(name), O.get(name)
+    b, o = base.get(name), other.get(name)
     if b is None or o is None or b.shape != o.shape:
         return {}
     return {"ffn_out_bias_changed": bool(_changed_entries(b, o, tol).any())}
@@ -283,28 +285,28 @@ def changed_components(layers: list[dict]) -> dict:
     }
 
 
-def _renamed(B: Weights, O: Weights, covered: set[str]) -> dict[str, str]:
+def _renamed(base: Weights, other: Weights, covered: set[str]) -> dict[str, str]:
     """{base name: other name} for tensors saved under another name with identical values (e.g. NeoX
     `embed_out` vs `lm_head`: checkpoint vs in-memory naming)."""
-    only_b, only_o = sorted(B.names() - O.names() - covered), sorted(O.names() - B.names() - covered)
+    only_b, only_o = sorted(base.names() - other.names() - covered), sorted(other.names() - base.names() - covered)
     pairs = {}
     for nb in only_b:
-        b = B.get(nb)
+        b = base.get(nb)
         for no in only_o:
-            o = O.get(no)
+            o = other.get(no)
             if no not in pairs.values() and o.shape == b.shape and torch.equal(o, b):
                 pairs[nb] = no
                 break
     return pairs
 
 
-def _diff_others(B: Weights, O: Weights, covered: set[str], tol: float) -> list[dict]:
+def _diff_others(base: Weights, other: Weights, covered: set[str], tol: float) -> list[dict]:
     out = []
-    renamed = _renamed(B, O, covered)
-    for name in sorted(B.names() | O.names()):
+    renamed = _renamed(base, other, covered)
+    for name in sorted(base.names() | other.names()):
         if name in covered or name in renamed or name in renamed.values():
             continue
-        b, o = B.get(name), O.get(name)
+        b, o = base.get(name), other.get(name)
         if b is None or o is None:
             out.append({"tensor": name, "change": "added" if b is None else "removed"})
         elif b.shape != o.shape:

@@ -151,6 +151,15 @@ ARCHS: dict[str, Arch] = {
 ARCHS["gemma3"] = ARCHS["gemma3_text"]  # a Gemma3 text checkpoint whose config says gemma3
 
 
+def register(model_type: str, arch: Arch) -> Arch:
+    """Add an architecture to the table under its config's `model_type` (refuses one already there: the table's
+    entries are tested facts, see tests/test_arch.py). The one place a new architecture goes."""
+    if model_type in ARCHS:
+        raise ValueError(f"architecture {model_type!r} is already in the table")
+    ARCHS[model_type] = arch
+    return arch
+
+
 def supported() -> list[str]:
     """The model_types in the table, sorted."""
     return sorted(ARCHS)

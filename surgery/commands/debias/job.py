@@ -139,8 +139,8 @@ def check_recipe(r: DebiasRecipe) -> None:
     unknown = [p for p in r.professions or [] if p not in gb.PROFESSIONS]
     if unknown:
         raise UsageError(f"unknown profession(s) {unknown}; use some of: {', '.join(gb.PROFESSIONS)}")
-    gb.template_set(r.selection_templates), gb.template_set(r.eval_templates)
-    if set(gb.template_set(r.selection_templates)[1]) & set(gb.template_set(r.eval_templates)[1]):
+    selection, evaluation = gb.template_set(r.selection_templates), gb.template_set(r.eval_templates)  # both checked
+    if set(selection[1]) & set(evaluation[1]):
         raise UsageError("selection and evaluation templates overlap; keep them disjoint so the evaluation is fair")
 
 
@@ -202,8 +202,11 @@ def selection_cases(
             (fa, ka), (fb, kb) = [continuation_ids(tokenizer, *gb.prompt_for(t, g, p)) for g in genders]
             steps = range(1) if target == "first" else range(ka)
             for j in steps:
-                out.seqs_a.append(fa[: len(fa) - ka + j]), out.seqs_b.append(fb[: len(fb) - kb + j])
-                out.targets.append(fa[len(fa) - ka + j]), out.profession.append(p), out.template.append(t)
+                out.seqs_a.append(fa[: len(fa) - ka + j])
+                out.seqs_b.append(fb[: len(fb) - kb + j])
+                out.targets.append(fa[len(fa) - ka + j])
+                out.profession.append(p)
+                out.template.append(t)
     return out
 
 

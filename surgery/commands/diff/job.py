@@ -31,9 +31,9 @@ def diff(base: str, other: str, out: str | None = None) -> Report:
             f"{other_dir / 'config.json'} is unreadable ({first_line(e)}); point OTHER at an intact checkpoint folder"
         ) from None
     arch = arch_for(cfg)
-    B, O = open_weights(base_dir), open_weights(other_dir)
+    base_weights, other_weights = open_weights(base_dir), open_weights(other_dir)
     try:
-        data = compare(B, O, cfg, arch, base_dir, other_dir)
+        data = compare(base_weights, other_weights, cfg, arch, base_dir, other_dir)
     except (SafetensorError, OSError) as e:  # a tensor file whose header parsed but whose data did not
         raise UsageError(
             f"cannot read the weights ({first_line(e)}); a tensor file is corrupt or truncated "
