@@ -30,6 +30,8 @@ with the count (`warn_duplicates`).
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import sys
 from collections import defaultdict
@@ -90,7 +92,7 @@ def quiet() -> Iterator[None]:
     """No datasets progress bars or info logs while reading (a bad-input error stays the only stderr line)."""
     bars, level = datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its readers log a parse error before raising it
     try:
         yield
     finally:
@@ -133,10 +135,36 @@ def _read(path: str | Path) -> Dataset:
         )
     if p.stat().st_size == 0 or not p.read_bytes().strip():
         raise UsageError(f"{p} is empty; put one case per row (columns prompt, target)")
+    if kind == "csv":
+        _check_csv(p)
     try:
         return load_dataset(kind, data_files=str(p), split="train")
     except Exception as e:
         raise UsageError(f"cannot read {p} as {kind} ({type(e).__name__}); check the file's format") from None
+
+
+def _check_csv(p: Path) -> None:
+    """One line for what the CSV reader would reject: text that is not UTF-8, a row with more fields than the
+    header (an unquoted comma)."""
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{p} is not UTF-8 text; save the CSV as UTF-8") from None
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        width = None
+        for row in reader:
+            if not row:
+                continue
+            if width is None:
+                width = len(row)
+            elif len(row) > width:
+                raise UsageError(
+                    f"{p} line {reader.line_num} has {len(row)} fields but the header {width}; quote fields "
+                    'that hold a comma ("Paris, France")'
+                )
+    except csv.Error:
+        return  # left to the datasets reader, whose failure is one line below
 
 
 def _normalise(
@@ -487,6 +515,20 @@ class PruneData:
     duplicates: int
 
 
+def prune_splits(
+    ds: Dataset, seed: int = 0, test_size: float = 0.2, validation_size: float = 0.1
+) -> dict[str, Dataset]:
+    """`split`, and one line when the train or test split is empty (model-free: checked before a model loads)."""
+    parts = split(ds, seed, test_size, validation_size)
+    if not len(parts["test"]) and not any(ds["split"] if "split" in ds.column_names else ()):
+        raise UsageError(
+            f"{len(ds)} row(s) at test_size={test_size} leave the seeded split no test rows; add rows, or give "
+            "a count (--set data.test_size=1)"
+        )
+    require(parts, "train", "test")
+    return parts
+
+
 def prune_data(
     tokenizer,
     ds: Dataset,
@@ -498,8 +540,7 @@ def prune_data(
 ) -> PruneData:
     """Split `ds` by row with `seed` (or its split column) and encode what prune needs (see PruneData).
     selection="all" makes one selection case per target token (teacher forced) instead of the first only."""
-    parts = split(ds, seed, test_size, validation_size)
-    require(parts, "train", "test")
+    parts = prune_splits(ds, seed, test_size, validation_size)
     dup = warn_duplicates(parts["train"], parts["test"])
     c = cases(tokenizer, parts["train"])
     if selection == "first":

@@ -119,9 +119,9 @@ def _circuit_folder(path: Path, model: dict) -> Path:
     import json
 
     path.mkdir()
-    (path / "circuit.json").write_text(
-        json.dumps({"model": model, "config": {"ops": ["+"], "operands": [0, 9], "template": "calculate", "seed": 0}})
-    )
+    config = {"ops": ["+"], "operands": [0, 9], "template": "calculate", "seed": 0}
+    results = {"per_op": {"+": {"neurons": {"2": [0, 1]}}}}
+    (path / "circuit.json").write_text(json.dumps({"model": model, "config": config, "results": results}))
     return path
 
 
@@ -158,3 +158,161 @@ def test_circuit_resume_into_another_models_folder(tmp_path, capfd):
     err = capfd.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "model: 'other-model' there, 'no-such-model' now" in err, err
     assert sorted(p.name for p in out.iterdir()) == [RUN_FILE]
+
+
+# ---- state files read back from earlier runs (surgery/io/state.py): one line, exit 2, nothing written --------
+def _one_line(capfd, phrase: str) -> str:
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and phrase in err and err.startswith("surgery: error: "), err
+    return err
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+BAD_JSON = [  # (file content, a phrase of the one line)
+    (b"{bad", "is not valid JSON"),
+    (b"\xff\xfe\x00\x01binary", "is not UTF-8 text"),
+    (b"[1, 2]", "holds a list, not an object"),
+]
+
+
+@pytest.mark.parametrize(
+    "content, phrase",
+    [*BAD_JSON, (b'{"fingerprint": []}', "fingerprint is a list, not an object"), (b"{}", "lacks fingerprint")],
+)
+def test_prune_sweep_folder_with_a_bad_sweep_json(content, phrase, tmp_path, capfd):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_bytes(content)
+    before = _tree(tmp_path)
+    assert _run(["prune", "--sweep", "50%", "--out", str(out)]) == 2
+    err = _one_line(capfd, phrase)
+    assert "sweep.json" in err and "--force" in err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("content, phrase", BAD_JSON)
+def test_circuit_folder_with_a_corrupt_run_file(content, phrase, tmp_path, capfd):
+    from surgery.commands.circuit.job import RUN_FILE
+
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / RUN_FILE).write_bytes(content)
+    before = _tree(tmp_path)
+    assert _run(["circuit", "--model", "no-such-model", "--out", str(out)]) == 2
+    err = _one_line(capfd, phrase)
+    assert RUN_FILE in err and "--force" in err
+    assert _tree(tmp_path) == before
+
+
+def _full_circuit(tiny_dir: Path, **changes) -> dict:
+    data = {
+        "model": {"name": "tiny-llama", "source": str(tiny_dir), "n_layers": 4, "n_heads": 4},
+        "config": {"ops": ["+"], "operands": [0, 9], "template": "calculate", "seed": 0},
+        "results": {"per_op": {"+": {"neurons": {"2": [0, 1]}}}},
+        "circuit": {"heads": ["1.2"], "mlps": [0, 1, 2, 3]},
+    }
+    for where, value in changes.items():
+        *parents, key = where.split("__")
+        d = data
+        for k in parents:
+            d = d[k]
+        d[key] = value
+    return data
+
+
+HEURISTICS_BAD = [  # (circuit.json content, a phrase of the one line)
+    *BAD_JSON,
+    (b"{}", "lacks model"),
+    ({"circuit__mlps": ["x"]}, "circuit.mlps[0] is a string, not an integer"),
+    ({"circuit__heads": ["head one"]}, "not LAYER.HEAD"),
+    ({"model__n_layers": "4"}, "model.n_layers is a string, not an integer"),
+    ({"config__operands": [0]}, "config.operands has 1 entries, not 2"),
+    ({"results": {}}, "lacks results.per_op"),
+    ({"results__per_op": {"-": {}}}, "lacks results.per_op.+"),
+    ({"results__per_op__+__neurons": {"2": "0,1"}}, "results.per_op.+.neurons.2 is a string, not a list"),
+]
+
+
+@pytest.mark.parametrize("content, phrase", HEURISTICS_BAD, ids=[p for _, p in HEURISTICS_BAD])
+def test_heuristics_circuit_json_of_the_wrong_shape(content, phrase, tiny_dir, tmp_path, capfd):
+    import json
+
+    folder = tmp_path / "circ"
+    folder.mkdir()
+    raw = content if isinstance(content, bytes) else json.dumps(_full_circuit(tiny_dir, **content)).encode()
+    (folder / "circuit.json").write_bytes(raw)
+    before = _tree(tmp_path)
+    assert _run(["heuristics", "--circuit", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = _one_line(capfd, phrase)
+    assert "circuit.json" in err and "surgery circuit --out" in err
+    assert _tree(tmp_path) == before
+
+
+def _heads_json(**row) -> dict:
+    return {
+        "model": {"name": "tiny-llama", "arch": "llama"},
+        "config": {"ablation": "zero"},
+        "results": {"shape": {"layers": 4, "heads": 4}, "heads": [row]},
+    }
+
+
+COMPONENTS_BAD = [  # (file name, content, a phrase of the one line)
+    ("list.json", b"[1, 2]", "holds a list, not an object"),
+    ("binary.bin", b"\x00\xff\xfe binary", "is not UTF-8 text"),
+    ("broken.json", b'{"results": ', "is not valid JSON"),
+    ("heads.json", _heads_json(layer=1, drop={"overall": 0.1}), "lacks results.heads[0].head"),
+    ("heads.json", _heads_json(layer=1, head=2), "lacks results.heads[0].drop"),
+    ("heads.json", _heads_json(layer=1, head=2, drop={"overall": "big"}), "drop.overall is a string, not a number"),
+    ("heads.json", dict(_heads_json(layer=1, head=2), config={"method": "path-patch"}), "results.heads[0].effect"),
+    ("circuit.json", {"circuit": {"heads": ["1.2"], "mlps": ["x"]}}, "circuit.mlps[0] is a string"),
+    ("other.json", {"results": {}}, "neither a heads.json"),
+]
+
+
+@pytest.mark.parametrize("name, content, phrase", COMPONENTS_BAD, ids=[p for _, _, p in COMPONENTS_BAD])
+def test_finetune_components_file_of_the_wrong_shape(name, content, phrase, tiny_dir, tmp_path, capfd):
+    import json
+
+    f = tmp_path / name
+    f.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    out = tmp_path / "out"
+    assert _run(["finetune", "--model", str(tiny_dir), "--components", str(f), "--quick", "--out", str(out)]) == 2
+    err = _one_line(capfd, phrase)
+    assert name in err and "surgery heads" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_prune_data_too_small_to_split_fails_before_the_model_loads(tiny_dir, tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.csv").write_text("prompt,target\nThe capital of France is, Paris\n")
+    argv = ["prune", "--recipe", "custom-prune", "--data", "one.csv", "--keep", "50%", "--model", str(tiny_dir)]
+    assert _run([*argv, "--out", "out"]) == 2
+    err = _one_line(capfd, "leave the seeded split no test rows")
+    assert "[prune]" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.csv"]
+
+
+@pytest.mark.parametrize("verb", ["edit", "cna"])
+def test_pairs_csv_with_uneven_rows_is_one_line(verb, tiny_dir, tmp_path, capfd):
+    f = tmp_path / "pairs.csv"
+    f.write_text("prompt_a,prompt_b,target\nHe works as a,She works as a, doctor\nx,y,z,w,v\n")
+    assert _run([verb, "--pairs", str(f), "--model", str(tiny_dir), "--out", str(tmp_path / "out")]) == 2
+    _one_line(capfd, "pairs.csv line 3 has 5 fields but the header 3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.csv"]
+
+
+def test_eval_refuses_an_existing_out_without_force(tiny_dir, tmp_path, capfd):
+    data = tmp_path / "cases.csv"
+    data.write_text("prompt,target\nThe capital of France is, Paris\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("an earlier report\n")
+    argv = ["eval", "--model", str(tiny_dir), "--data", str(data), "--out", str(out)]
+    assert _run(argv) == 2
+    _one_line(capfd, "already exists; pass --force")
+    assert _tree(out) == {"report.json": b"an earlier report\n"}
+    assert _run([*argv, "--force"]) == 0
+    assert b'"command": "eval --data' in (out / "report.json").read_bytes() and (out / "report.md").is_file()

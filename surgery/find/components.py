@@ -13,12 +13,12 @@ than what is available, a file written for another model) is a one-line UsageErr
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import UsageError
+from surgery.io.state import read_components
 
 Head = tuple[int, int]
 
@@ -84,15 +84,8 @@ def from_file(path: Path, shape: Shape) -> Components:
     """Components of a heads.json (either method) or circuit.json, after checking it was made for this model."""
     if not path.is_file():
         raise UsageError(f"--components file {path} does not exist; give a heads.json, circuit.json or a list")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--components file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(data.get("circuit"), dict):
-        return _circuit(data, path, shape)
-    if isinstance(data.get("results"), dict) and "heads" in data["results"]:
-        return _heads_json(data, path, shape)
-    raise UsageError(f"{path} is neither a heads.json (surgery heads) nor a circuit.json (surgery circuit)")
+    kind, data = read_components(path)  # every key read below is there, of its type
+    return _circuit(data, path, shape) if kind == "circuit" else _heads_json(data, path, shape)
 
 
 def _same_model(

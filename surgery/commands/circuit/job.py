@@ -33,6 +33,7 @@ from surgery.find.circuit import (
 )
 from surgery.io import report as rep
 from surgery.io.loading import load_model
+from surgery.io.state import read_circuit_run
 from surgery.model.arch import ModelView
 
 # ---- resumable runs ---------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def resuming(outdir: Path, run_config: dict, force: bool) -> bool:
                 "another --out"
             )
         return False
-    saved = json.loads(runf.read_text())
+    saved = read_circuit_run(runf)
     diff = [k for k in sorted(set(saved) | set(run_config)) if saved.get(k) != run_config.get(k)]
     if diff:
         what = "; ".join(f"{k}: {saved.get(k)!r} there, {run_config.get(k)!r} now" for k in diff)

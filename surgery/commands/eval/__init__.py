@@ -5,10 +5,10 @@ Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digit
 (XSum sample). --data FILE (jsonl/csv/parquet/datasets folder, columns prompt, target, optional group;
 --columns prompt=NAME,target=NAME) scores your own cases instead: full-target and per-token accuracy
 (teacher forced), log p(target) and perplexity, overall and per group. Prints a table; with --out writes
-DIR/report.json and DIR/report.md.
+DIR/report.json and DIR/report.md (an existing DIR needs --force).
 """
 
-from surgery.commands.spec import DATA, MODEL, OUT, TASK, Command
+from surgery.commands.spec import DATA, FORCE, MODEL, OUT, TASK, Command
 
 COMMAND = Command(
     "eval",
@@ -18,6 +18,7 @@ COMMAND = Command(
         *TASK,
         *DATA,
         *OUT,
+        *FORCE,
     ],
     "surgery.commands.eval.job:run",
 )

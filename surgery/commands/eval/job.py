@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from surgery.errors import UsageError
 from surgery.evals import arithmetic, registry, tasks
@@ -89,6 +90,7 @@ def run(
     batch_size: int,
     seed: int,
     out: str | None,
+    force: bool,
     trust_remote_code: bool,
     data: str | None,
     columns: str | None,
@@ -98,8 +100,8 @@ def run(
     (XSum sample). --data FILE (jsonl/csv/parquet/datasets folder, columns prompt, target, optional group;
     --columns prompt=NAME,target=NAME) scores your own cases instead: full-target and per-token accuracy
     (teacher forced), log p(target) and perplexity, overall and per group. Prints a table; with --out writes
-    DIR/report.json and DIR/report.md."""
-    outdir = rep.check_out_dir(out)
+    DIR/report.json and DIR/report.md (an existing DIR needs --force: its reports are overwritten)."""
+    outdir = None if out is None else rep.new_out_dir(out, Path(out), force)
     if data is not None or columns is not None:
         return run_data(model, dtype, device, data, columns, limit, batch_size, outdir, trust_remote_code)
     check_options(tuple(digits), ops, templates, limit, task)  # before loading anything

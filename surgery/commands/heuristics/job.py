@@ -15,7 +15,7 @@ from surgery.find import circuit as C
 from surgery.find.heuristics import FAMILIES, study_op
 from surgery.io import report as rep
 from surgery.io.loading import load_model
-from surgery.io.state import read_circuit
+from surgery.io.state import check_circuit_study, read_circuit
 from surgery.model.arch import ModelView
 
 
@@ -55,6 +55,7 @@ def run(
             f"{circuit} was made with model {want['name']} ({want['source']}), not {model}; "
             "omit --model or pass that model"
         )
+    check_circuit_study(data, circuit)
     outdir = rep.new_out_dir(out, Path(circuit) / "heuristics", force)
     cfg = data["config"]
     probs = C.sample(

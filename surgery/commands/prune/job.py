@@ -193,8 +193,9 @@ def run(
     tasks.check_data_args(data, None, columns)
     if data is not None:
         r.data = dataclasses.replace(r.data, path=data, columns=columns if columns is not None else r.data.columns)
-    if r.data.path:
-        tasks.load_cases(r.data.path, r.data.columns)  # a bad file is one line before any model loads
+    if r.data.path:  # a bad file, or one too small to split, is one line before any model loads
+        rows = tasks.load_cases(r.data.path, r.data.columns)
+        tasks.prune_splits(rows, r.data.seed, r.data.test_size, r.data.validation_size)
     budgets = prune_sweep.parse_budgets(sweep) if sweep is not None else None
     if against is not None and not Path(against).exists():
         raise UsageError(f"--against {against} does not exist; give a PEFT adapter folder or a checkpoint folder")

@@ -76,6 +76,7 @@ from surgery.io.context import Run
 from surgery.io.loading import load_model
 from surgery.io.recipe import to_dict
 from surgery.io.report import Report, json_text, make, md_table, png_bytes, write_json, write_text_atomic
+from surgery.io.state import read_sweep
 from surgery.model.arch import ModelView
 from surgery.model.batching import left_pad, pad_id
 
@@ -139,10 +140,7 @@ def check_folder(out: Path, fp: dict, force: bool) -> bool:
         if any(p.name != "locks" for p in out.iterdir()):  # locks/: a worker's, before the resume key
             raise UsageError(f"{out} exists and is not a prune sweep folder; choose another --out or pass --force")
         return False
-    try:
-        old = json.loads(meta.read_text())["fingerprint"]
-    except (ValueError, KeyError, OSError):
-        raise UsageError(f"{out}/sweep.json is unreadable; pass --force to start the folder over") from None
+    old = read_sweep(meta)
     defaults = fingerprint(PruneRecipe(), fp["model"], fp["dtype"], None)
     differ = [
         k
