@@ -11,6 +11,7 @@ first`, the single-token case both loops share); teacher-forced Eq. 1 is checked
 answer prefix in tests/test_circuit_tf.py.
 
     python bench/circuit.py [--model smollm2-135m] [--operands 0-29] [--op +] [--prompts 20] [--layers 0,10,20,29]
+    python bench/circuit.py --smoke     # a tiny random model, operands 0-9, 4 prompts, layers 0,1 (the smoke test)
 
 Last line: speedup <x>x (reference <s>s, surgery <s>s), identical=<true|false>
 """
@@ -99,7 +100,12 @@ def main(argv=None) -> None:
     p.add_argument("--op", default="+")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--layers", default="0,10,20,29", help="every head and the MLP of these layers, at every role")
+    p.add_argument("--smoke", action="store_true", help="a tiny random model at the smallest sizes (smoke test)")
     a = p.parse_args(argv)
+    if a.smoke:
+        from _smoke import scratch, tiny_model
+
+        a.model, a.operands, a.prompts, a.layers = tiny_model(scratch("circuit"), layers=2), "0-9", 4, "0,1"
     loaded = load_model(a.model)
     view = ModelView(loaded.model)
     pr = pairs_for(loaded, a.op, C.parse_operands(a.operands), a.prompts)

@@ -5,7 +5,9 @@ through the frozen final norm and the unembedding, full log-softmax, read the ta
 first-order/bounded screen of all neurons, exact rescoring of the candidates (certified top-k).
 
     python bench/cna.py [--cases 8] [--k 100] [--batch 8] [--repeats 3] [--threads 2] [--no-memory] [--no-reference]
-                        [--margin 8] [--ablate-head L.H (with --no-reference)]
+                        [--margin 8] [--ablate-head L.H (with --no-reference)] [--model smollm2-135m]
+    python bench/cna.py --smoke     # a tiny random model, 2 cases, k 5, 1 repeat, --no-memory, then
+                                    # --no-reference --ablate-head 1.4 (seconds; the smoke test)
 
 Repeats are interleaved (forward, surgery, reference, forward, ...) so that a shared machine slows every side
 alike; each repeat gives a ratio, and the bench reports their median and spread (min-max), in wall time and in
@@ -115,10 +117,10 @@ def forward_cases(view: ModelView, seqs: list[list[int]], batch: int, pad: int) 
         )
 
 
-def _peak_rss_mb(side: str, k: int, batch: int) -> float:
+def _peak_rss_mb(side: str, k: int, batch: int, model: str = "smollm2-135m") -> float:
     """Peak RSS growth (MB) of one side, measured in a fresh process after the model is loaded."""
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", side, "--k", str(k), "--batch", str(batch)],
+        [sys.executable, __file__, "--measure", side, "--k", str(k), "--batch", str(batch), "--model", model],
         capture_output=True,
         text=True,
         check=True,
@@ -133,9 +135,9 @@ def _status_kb(field: str) -> int:
     return 0
 
 
-def _measure(side: str, k: int, batch: int) -> None:
+def _measure(side: str, k: int, batch: int, model: str = "smollm2-135m") -> None:
     """Peak RSS above the loaded model: reset the high-water mark (Linux clear_refs 5), run, read VmHWM."""
-    view, tok, seqs = _setup(batch)
+    view, tok, seqs = _setup(batch, model)
     if side == "surgery":
         surgery_cases(view, seqs[:1], k, 1, pad_id(tok))  # load the disk-cached vocabulary ranges first
     with open("/proc/self/clear_refs", "w") as f:
@@ -148,14 +150,14 @@ def _measure(side: str, k: int, batch: int) -> None:
     print((_status_kb("VmHWM") - before) / 1024)
 
 
-def _setup(n: int):
-    loaded = load_model("smollm2-135m")
+def _setup(n: int, model: str = "smollm2-135m"):
+    loaded = load_model(model)
     problems = arithmetic.build(digits=(1,), templates=("calculate",), limit=n)
     seqs = list(arithmetic.cases(problems, loaded.tokenizer)["input_ids"])[:n]
     return ModelView(loaded.model), loaded.tokenizer, seqs
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--k", type=int, default=100)
@@ -170,15 +172,28 @@ def main() -> None:
         default=None,
         help="L.H: comparison mode, delta against the model with that head ablated (needs --no-reference)",
     )
+    ap.add_argument("--model", default="smollm2-135m", help="the model whose CNA is timed")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny random model at the smallest sizes, then the --no-reference --ablate-head path (smoke test)",
+    )
     ap.add_argument("--measure", choices=["reference", "surgery"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.ablate_head and not args.no_reference:
         ap.error("--ablate-head times the comparison only; add --no-reference")
+    if args.smoke:
+        from _smoke import scratch, tiny_model
+
+        tiny = tiny_model(scratch("cna"), layers=2)
+        small = ["--model", tiny, "--cases", "2", "--k", "5", "--batch", "2", "--repeats", "1", "--threads", "1"]
+        main([*small, "--no-memory"])  # the peak-RSS children would cost a fresh interpreter each, most of a minute
+        return main([*small, "--no-reference", "--ablate-head", "1.4"])
     ablate = tuple(tuple(int(x) for x in h.split(".")) for h in args.ablate_head.split(",")) if args.ablate_head else ()
     torch.set_num_threads(args.threads)
     if args.measure:
-        return _measure(args.measure, args.k, args.batch)
-    view, tok, seqs = _setup(args.cases)
+        return _measure(args.measure, args.k, args.batch, args.model)
+    view, tok, seqs = _setup(args.cases, args.model)
     t = time.time()
     surgery_cases(view, seqs[:1], args.k, 1, pad_id(tok))  # one-time per-model vocabulary ranges (disk-cached)
     cold = time.time() - t
@@ -231,7 +246,8 @@ def main() -> None:
         flush=True,
     )
     if not args.no_memory:
-        mem_ref, mem_fast = _peak_rss_mb("reference", args.k, 1), _peak_rss_mb("surgery", args.k, args.batch)
+        mem_ref = _peak_rss_mb("reference", args.k, 1, args.model)
+        mem_fast = _peak_rss_mb("surgery", args.k, args.batch, args.model)
         print(
             f"peak RSS growth after loading: reference {mem_ref:.0f} MB (1 case), "
             f"surgery {mem_fast:.0f} MB ({args.batch} cases per batch)"

@@ -3,6 +3,7 @@
 neuron scored exactly (`cna.compare(..., exhaustive=True)`), on a sample of the prune recipe's selection cases.
 
     python bench/cna_aggregate.py --against runs/sweep-cpu/state/reference --cases 24 [--score delta|reference]
+    python bench/cna_aggregate.py --smoke   # a tiny random model and adapter, 4 cases, small data (smoke test)
 
 Printed: Pearson and Spearman correlation of the two sums over the layers' neurons, and the overlap (Jaccard) of
 the global top P% sets at 50/25/10/5%; then, for scale, the Jaccard of the exact top 50% with activation's top 50%
@@ -41,15 +42,26 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--against", required=True, help="the reference LoRA adapter (a sweep's state/reference)")
+    ap.add_argument("--against", help="the reference LoRA adapter (a sweep's state/reference)")
     ap.add_argument("--cases", type=int, default=24, help="selection cases, spread evenly over all of them")
     ap.add_argument("--score", default="delta", choices=("delta", "reference"))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="smollm2-135m", help="the base model the adapter was trained on")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model and adapter, 4 cases (smoke test)")
     a = ap.parse_args()
+    sets = ["data.validation_size=400"]
+    if a.smoke:
+        from _smoke import RECIPE_SETS, adapter, scratch, tiny_model
+
+        tmp = scratch("cna_aggregate")
+        a.model = tiny_model(tmp)
+        a.against, a.cases, a.batch, a.threads, sets = adapter(a.model, tmp), 4, 2, 1, sets + RECIPE_SETS
+    elif a.against is None:
+        ap.error("--against is required")
     torch.set_num_threads(a.threads)
-    r = load_recipe("arithmetic-prune", ["data.validation_size=400"], profile="cpu")
-    loaded = load_model("smollm2-135m")
+    r = load_recipe("arithmetic-prune", sets, profile="cpu")
+    loaded = load_model(a.model)
     ref = load_against(a.against, loaded)
     cases = make_task(r, loaded.tokenizer).cases
     layers = make_plan(r, loaded.model).layers

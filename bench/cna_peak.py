@@ -1,6 +1,7 @@
 """Where dataset-mode CNA's peak memory sits: RSS against glibc's heap and mmapped blocks at the RSS peak.
 
-    python bench/cna_peak.py [--cases 64] [--batch 16] [--held 16777216]
+    python bench/cna_peak.py [--cases 64] [--batch 16] [--held 16777216] [--model smollm2-135m]
+    python bench/cna_peak.py --smoke    # a tiny random model, 4 cases at batch 2 (smoke test)
 
 A thread samples VmRSS every 5 ms during `cna.scan` (SmolLM2, head 1.4 ablated as B, top-20, all layers) and, at
 each new maximum, reads glibc's `mallinfo2()` (summed over arenas): heap arena bytes (in use / free) and mmapped
@@ -60,8 +61,14 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--held", type=int, default=cna.HELD, help="base-logit floats per setting (cna.scan held)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model, 4 cases at batch 2 (smoke test)")
     args = ap.parse_args()
-    loaded = load_model("smollm2-135m")
+    if args.smoke:
+        from _smoke import scratch, tiny_model
+
+        args.model, args.cases, args.batch = tiny_model(scratch("cna_peak"), layers=2), 4, 2
+    loaded = load_model(args.model)
     print(f"loaded: RSS {rss_mb()} MB; {heap()}")
     view = ModelView(loaded.model)
     seqs = list(

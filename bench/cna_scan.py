@@ -1,7 +1,8 @@
 """Dataset-mode CNA time and memory: `cna.scan` over the first N one-digit arithmetic cases of SmolLM2 with head 1.4
 ablated as setting B (the `surgery cna --ablate-head 1.4 --digits 1 --top 20` computation), top-20 per case.
 
-    python bench/cna_scan.py [--cases 32] [--batch 16] [--threads 2] [--block-floats 4194304]
+    python bench/cna_scan.py [--cases 32] [--batch 16] [--threads 2] [--block-floats 4194304] [--model smollm2-135m]
+    python bench/cna_scan.py --smoke    # a tiny random model, 4 cases at batch 2, 1 thread (smoke test)
 
 Beside the time it prints the scan's arithmetic, counted while it runs (multiply-accumulates: two forwards per
 batch, the base logits W_U r_l and tail means q W_U of every layer in both settings, the [N, d] x [d, |S|]
@@ -105,9 +106,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--block-floats", type=int, default=1 << 22, help="floats per temporary [rows, vocab] block")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model, 4 cases at batch 2 (smoke test)")
     args = ap.parse_args()
+    if args.smoke:
+        from _smoke import scratch, tiny_model
+
+        args.model, args.cases, args.batch, args.threads = tiny_model(scratch("cna_scan"), layers=2), 4, 2, 1
     torch.set_num_threads(args.threads)
-    loaded = load_model("smollm2-135m")
+    loaded = load_model(args.model)
     view = ModelView(loaded.model)
     seqs = list(
         arithmetic.cases(

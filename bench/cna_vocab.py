@@ -3,6 +3,8 @@ models with SmolLM2-135M's widths (d 576, FFN 1536, 9/3 heads) against SmolLM2-1
 interleaved repeats; cost per case per unit of (neurons x vocabulary).
 
     python bench/cna_vocab.py [--cases 8] [--k 100] [--layers 6] [--repeats 3]
+    python bench/cna_vocab.py --smoke   # the same vocabularies on tiny widths, 1 layer, 2 cases, against a tiny
+                                        # random model with SmolLM2's vocabulary (smoke test)
 
 --layers 30 gives the random models SmolLM2's layer count, so only the vocabulary differs. With fewer layers, the
 per-case cost of the k exact scores (about k x vocab x d, whatever the layer count) weighs more per unit of
@@ -33,23 +35,24 @@ from surgery.io.loading import load_model  # noqa: E402
 from surgery.model.arch import ModelView  # noqa: E402
 from surgery.model.batching import left_pad, pad_id  # noqa: E402
 
+SMOL_WIDTHS = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+TINY_WIDTHS = dict(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
 
-def random_model(kind: str, layers: int) -> torch.nn.Module:
+
+def random_model(kind: str, layers: int, widths: dict = SMOL_WIDTHS) -> torch.nn.Module:
     """SmolLM2's widths, a large vocabulary; fp32 random init (seed 0), tied embeddings, no soft-capping."""
     torch.manual_seed(0)
+    w = {k: v for k, v in widths.items() if k != "head_dim"}
     common = dict(
-        hidden_size=576,
-        intermediate_size=1536,
+        **w,
         num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
         tie_word_embeddings=True,
         pad_token_id=0,
     )
     if kind == "llama":
         model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128256, **common))
     else:
-        cfg = T.Gemma3TextConfig(vocab_size=262144, head_dim=64, final_logit_softcapping=None, **common)
+        cfg = T.Gemma3TextConfig(vocab_size=262144, head_dim=widths["head_dim"], final_logit_softcapping=None, **common)
         model = T.Gemma3ForCausalLM(cfg)
     return model.eval()
 
@@ -71,9 +74,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", default="llama,gemma3")
+    ap.add_argument("--smoke", action="store_true", help="tiny widths, 1 layer, 2 cases, 1 repeat (smoke test)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
-    loaded = load_model("smollm2-135m")
+    smol_model, widths = "smollm2-135m", SMOL_WIDTHS
+    if args.smoke:
+        from _smoke import scratch, tiny_model
+
+        smol_model, widths = tiny_model(scratch("cna_vocab"), layers=1), TINY_WIDTHS
+        args.cases, args.k, args.layers, args.repeats = 2, 5, 1, 1
+        torch.set_num_threads(1)
+    loaded = load_model(smol_model)
     problems = arithmetic.build(digits=(1,), templates=("calculate",), limit=args.cases)
     smol = (
         ModelView(loaded.model),
@@ -83,7 +94,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     models = {"smollm2": smol}
     for kind in args.models.split(","):
-        view = ModelView(random_model(kind, args.layers))
+        view = ModelView(random_model(kind, args.layers, widths))
         seqs = [torch.randint(3, 32000, (10,), generator=g).tolist() for _ in range(args.cases)]
         models[kind] = (view, seqs, 0)
     for view, seqs, pad in models.values():

@@ -8,6 +8,7 @@ over every token but the first (the attention-sink position, where a few neurons
 range), and over the last position only (the one the loss reads).
 
     python bench/compensation_error.py --cells runs/abl16-control/cells.jsonl [--model smollm2-135m]
+    python bench/compensation_error.py --smoke      # a tiny random model, made-up cells, a few prompts (smoke test)
 
 Last line: error ratio (compensated / uncompensated, sum over layers of squared norms): all <r>, no-first <r>, last <r>
 """
@@ -54,16 +55,25 @@ def coefficients(view: ModelView, seqs: list[list[int]], layers: list[int], pad:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cells", required=True)
+    ap.add_argument("--cells")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--selector", default=None, help="the cell's selector (default: the first cell's)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model, made-up cells, few prompts (smoke test)")
     a = ap.parse_args()
+    sets = []
+    if a.smoke:
+        from _smoke import RECIPE_SETS, cells, scratch, tiny_model
+
+        tmp = scratch("compensation_error")
+        a.model, a.cells, sets = tiny_model(tmp), str(cells(tmp, {2: 64, 3: 64})), RECIPE_SETS
+    elif a.cells is None:
+        ap.error("--cells is required")
     cells = [json.loads(x) for x in open(a.cells)]
     cell = next(c for c in cells if a.selector in (None, c["selector"]))
     keep = {int(l): torch.tensor(v) for l, v in cell["keep"].items()}
     loaded = load_model(a.model)
     view, tok = ModelView(loaded.model), loaded.tokenizer
-    task = make_task(load_recipe("arithmetic-prune", profile="cpu"), tok)
+    task = make_task(load_recipe("arithmetic-prune", sets, profile="cpu"), tok)
     m, first, last = coefficients(view, task.cases.seqs, sorted(keep), pad_id(tok))
     print(f"cell {cell['budget']} {cell['selector']}: {len(task.cases.seqs)} prompts, {len(first)} tokens")
     tot = {"none": 0.0, "all": 0.0, "no-first": 0.0, "last": 0.0}

@@ -8,6 +8,7 @@ lowest trained one. Steps alternate full / precise (interleaved repeats, after w
 shared machine hit both; the ratio of medians is reported.
 
     python bench/finetune.py [--model smollm2-135m] [--heads 14.2,...] [--batch 16] [--repeats 5]
+    python bench/finetune.py --smoke    # a tiny random model, heads 1.2,3.4, batch 2, 1 repeat (smoke test)
 
 Last line: speedup <x>x (full <s>s, precise <s>s), trained <n> of <N> params
 """
@@ -58,14 +59,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--heads", default=None, help="list L.H,... or a heads.json (default: 8 heads spread over depth)")
-    ap.add_argument("--top-heads", type=int, default=8)
+    ap.add_argument(
+        "--top-heads", type=int, default=None, help="of a heads.json: its top K (default 8); of a list: all (default)"
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model, 2 heads, batch 2 (smoke test)")
     a = ap.parse_args()
+    if a.smoke:
+        from _smoke import scratch, tiny_model
+
+        a.model, a.heads, a.batch, a.repeats = tiny_model(scratch("finetune")), "1.2,3.4", 2, 1
     loaded = load_model(a.model)
     shape = shape_of(loaded.model.config, loaded.name)
-    comps = parse(a.heads, shape, a.top_heads) if a.heads else from_list("2.1,8.4,12.0,14.2,17.5,20.3,23.7,26.1")
+    if a.heads:
+        listed = not (a.heads.strip().endswith(".json") or Path(a.heads.strip()).is_file())
+        comps = parse(a.heads, shape, a.top_heads if a.top_heads is not None or listed else 8)
+    else:
+        comps = from_list("2.1,8.4,12.0,14.2,17.5,20.3,23.7,26.1")
     full = copy.deepcopy(loaded.model).train()
     prec = copy.deepcopy(loaded.model).train()
     b = batch(loaded.tokenizer, a.batch)

@@ -1,11 +1,12 @@
 """Benchmark: `surgery heads --mode exact` vs the straightforward reference (the paper's code path), same process.
 
 Reference: for every head, deep-copy the model, zero the head's o_proj input columns, and run every case on its
-own (one prompt per forward, full logits, argmax of the last position). Surgery: `surgery.heads.run` (model load,
-packing, clean passes, batched prefix-reuse scan, reports all included in its time). Same heads, same cases; the
-per-case correctness of every head must be identical.
+own (one prompt per forward, full logits, argmax of the last position). Surgery: `surgery.commands.heads.run`
+(model load, packing, clean passes, batched prefix-reuse scan, reports all included in its time). Same heads, same
+cases; the per-case correctness of every head must be identical.
 
     python bench/heads.py [--model smollm2-135m] [--digits 1] [--limit 100] [--layers 0,15,29]
+    python bench/heads.py --smoke       # a tiny random model, 6 problems, layers 0,1 (seconds; the smoke test)
 
 The default layers (first, middle, last; all their heads) give the same mean depth above the ablated layer as a
 full scan, so the ratio is representative of scanning every head. Last line:
@@ -28,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from surgery.commands import heads as heads_cmd  # noqa: E402
 from surgery.evals import arithmetic  # noqa: E402
-from surgery.find import head_scan as H  # noqa: E402
 from surgery.io.loading import load_model  # noqa: E402
 from surgery.model.arch import ModelView  # noqa: E402
 
@@ -56,19 +57,24 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=100, help="problems (cases = their answer tokens)")
     p.add_argument("--layers", default="0,15,29", help="scan every head of these layers")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--smoke", action="store_true", help="a tiny random model at the smallest sizes (smoke test)")
     a = p.parse_args(argv)
+    if a.smoke:
+        from _smoke import scratch, tiny_model
+
+        a.model, a.limit, a.layers, a.batch_size = tiny_model(scratch("heads"), layers=2), 6, "0,1", 8
     digits = tuple(int(x) for x in a.digits.split(","))
     loaded = load_model(a.model)
     view = ModelView(loaded.model)
     heads = [(int(l), h) for l in a.layers.split(",") for h in range(view.n_heads)]
     cases = arithmetic.cases(
-        arithmetic.build(digits=digits, templates=H.DEFAULT_TEMPLATES, limit=a.limit), loaded.tokenizer
+        arithmetic.build(digits=digits, templates=arithmetic.DEFAULT_TEMPLATES, limit=a.limit), loaded.tokenizer
     )
     print(f"{len(heads)} heads x {len(cases)} cases, torch threads {torch.get_num_threads()}", flush=True)
 
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        H.run(model=a.model, digits=digits, limit=a.limit, batch_size=a.batch_size, out=out, only_heads=heads)
+        heads_cmd.run(model=a.model, digits=digits, limit=a.limit, batch_size=a.batch_size, out=out, only_heads=heads)
         t_surgery = time.perf_counter() - t
         rows = {}
         for line in (Path(out) / "heads.partial.r0.jsonl").read_text().splitlines():

@@ -3,6 +3,7 @@ every two selectors at each budget of a prune sweep folder, beside what two rand
 on average (for equal sizes n of N: n / (2N - n), e.g. 1/3 at 50%).
 
     python bench/keep_overlap.py --sweep runs/sweep-cpu
+    python bench/keep_overlap.py --smoke        # made-up cells of 3 selectors at 2 budgets (smoke test)
 
 Reads DIR/cells.jsonl only (no model). Last line: `overlap <budgets> budgets, <pairs> selector pairs`
 """
@@ -33,11 +34,18 @@ def chance(n_a: int, n_b: int, total: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", required=True, help="a prune sweep folder (DIR/cells.jsonl)")
+    ap.add_argument("--sweep", help="a prune sweep folder (DIR/cells.jsonl)")
     ap.add_argument(
         "--total", type=int, default=None, help="neurons in the pruned layers (default: from the cells' kept_fraction)"
     )
+    ap.add_argument("--smoke", action="store_true", help="made-up cells in a temporary folder (smoke test)")
     a = ap.parse_args()
+    if a.smoke:
+        from _smoke import cells, scratch
+
+        a.sweep = str(cells(scratch("keep_overlap"), {2: 64, 3: 64}).parent)
+    elif a.sweep is None:
+        ap.error("--sweep is required")
     path = Path(a.sweep) / "cells.jsonl"
     if not path.is_file():
         sys.exit(f"{path} not found; --sweep needs a prune sweep folder with cells.jsonl")

@@ -3,6 +3,7 @@ given budgets (from a prune sweep folder's saved scores), optionally with FLAP's
 1-digit problems and the first N 2-digit test problems. A check that the selection, not the recovery, is judged.
 
     python bench/no_recovery.py --folder runs/sweep-cpu --budgets 50 --compensate --test 300
+    python bench/no_recovery.py --smoke     # a tiny random model, made-up scores, --compensate, few problems
 """
 
 from __future__ import annotations
@@ -17,18 +18,30 @@ from surgery.io.loading import load_model
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--folder", required=True, help="a `surgery prune --sweep` folder (state/scores.pt)")
+    ap.add_argument("--folder", help="a `surgery prune --sweep` folder (state/scores.pt)")
     ap.add_argument("--budgets", default="50", help="kept percentages, e.g. 50,25")
     ap.add_argument("--compensate", action="store_true", help="fold the removed neurons' means into the bias")
     ap.add_argument("--test", type=int, default=300, help="2-digit test problems to score")
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--set", dest="sets", action="append", default=["data.validation_size=400"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="smollm2-135m", help="the sweep's base model")
+    ap.add_argument(
+        "--smoke", action="store_true", help="a tiny random model, made-up scores, --compensate (smoke test)"
+    )
     a = ap.parse_args()
+    if a.smoke:
+        from _smoke import RECIPE_SETS, scratch, sweep_scores, tiny_model
+
+        tmp = scratch("no_recovery")
+        a.model, a.folder = tiny_model(tmp), str(sweep_scores(tmp, {2: 64, 3: 64}))
+        a.compensate, a.test, a.sets = True, 4, a.sets + RECIPE_SETS
+    elif a.folder is None:
+        ap.error("--folder is required")
     torch.set_num_threads(a.threads)
     sel = torch.load(f"{a.folder}/state/scores.pt", weights_only=False)["sel"]
     r = load_recipe("arithmetic-prune", a.sets, profile=a.profile)
-    loaded = load_model("smollm2-135m")
+    loaded = load_model(a.model)
     task = make_task(r, loaded.tokenizer)
     test = task.sets["test2"].select(range(min(a.test, len(task.sets["test2"]))))
     means = (

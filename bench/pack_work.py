@@ -6,9 +6,13 @@ plain left padding (window=0). Counted with the real SmolLM2 tokenizer on the ca
 suite (calculate template), batch 64, as `surgery heads` packs them. Deterministic: a count, not a timing.
 
     python bench/pack_work.py
+    python bench/pack_work.py --smoke   # 20 rows of each table (smoke test)
 """
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -26,10 +30,16 @@ def work(ids, targets, batch_size: int = 64) -> dict:
 
 
 def main() -> None:
-    tok = AutoTokenizer.from_pretrained("checkpoints/base/smollm2-135m")
-    c = tasks.cases(tok, tasks.load_cases("capitals.csv"))
-    sets = {"capitals.csv (238 rows)": c}
-    for d, limit in (((1,), None), ((1, 2), 200)):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="20 rows of each table (smoke test)")
+    a = ap.parse_args()
+    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "checkpoints" / "base" / "smollm2-135m")
+    rows = tasks.load_cases("capitals.csv")
+    if a.smoke:
+        rows = rows.select(range(20))
+    c = tasks.cases(tok, rows)
+    sets = {f"capitals.csv ({len(rows)} rows)": c}
+    for d, limit in (((1,), 20 if a.smoke else None), ((1, 2), 20 if a.smoke else 200)):
         sets[f"arithmetic digits {d} (limit {limit})"] = arithmetic.cases(
             arithmetic.build(digits=d, templates=arithmetic.DEFAULT_TEMPLATES, limit=limit), tok
         )

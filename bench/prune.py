@@ -3,6 +3,7 @@
     python bench/prune.py [--model smollm2-135m] [--keep 50,25,10,5] [--batch 8] [--seq 32] [--repeats 9]
                           [--threads 1] [--no-memory]     # --threads 1 on a shared CPU (docs/benchmarks/prune.md)
     python bench/prune.py --sweep runs/SWEEP        # every cell of a prune sweep folder (DIR/cells.jsonl)
+    python bench/prune.py --smoke   # a tiny random model, keep 50,25, batch 2x8, 7 rounds, then made-up sweep cells
 
 Keep set: the given % of the deep layers' FFN neurons with the largest weight magnitude (one global budget); the
 bench measures the shapes, not the selector. For every keep level three models run on the same batch:
@@ -190,7 +191,7 @@ def report_line(name: str, d: list[float], s: list[float], fl: float) -> str:
     )
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--keep", default="50,25,10,5", help="percents of the deep FFN neurons kept, comma-separated")
@@ -201,8 +202,18 @@ def main() -> None:
     ap.add_argument("--sweep", default=None, help="a prune sweep folder: time every cell of DIR/cells.jsonl")
     ap.add_argument("--no-memory", action="store_true", help="skip the checkpoint size / RSS measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="a tiny random model, smallest sizes, then --sweep of made-up cells"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.smoke:
+        from _smoke import cells, scratch, tiny_model
+
+        tmp = scratch("prune")
+        small = ["--model", tiny_model(tmp), "--keep", "50,25", "--batch", "2", "--seq", "8", "--repeats", "7"]
+        main([*small, "--threads", "1"])
+        return main([*small, "--threads", "1", "--sweep", str(cells(tmp, {2: 64, 3: 64}).parent)])
     if a.child:
         return child(a.child, a.batch, a.seq)
     if a.repeats < 7:

@@ -8,6 +8,7 @@ models train on the same batches in alternation (interleaved, after warm-up step
 ratio of medians is reported, and the mean loss of the last steps of each, to show they train alike.
 
     python bench/train_step.py [--model smollm2-135m] [--layer 8] [--batch 16] [--steps 12] [--threads N]
+    python bench/train_step.py --smoke  # a tiny random model, layer 1, batch 2, 2 steps after 1 warm-up (smoke test)
 
 Last line: speedup <x>x (fp32 <s>s, bf16 <s>s), loss fp32 <l> bf16 <l>
 """
@@ -60,7 +61,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="a tiny random model, batch 2, 2 steps (smoke test)")
     a = ap.parse_args()
+    if a.smoke:
+        from _smoke import scratch, tiny_model
+
+        a.model, a.layer, a.batch, a.steps, a.warmup, a.threads = tiny_model(scratch("train_step")), 1, 2, 2, 1, 1
     if a.threads:
         torch.set_num_threads(a.threads)
     loaded = load_model(a.model)

@@ -7,6 +7,7 @@ shuffled order), median and spread over rounds. Run it on the machine that will 
 `--device cuda`); the decision to pad is only worth it where the table shows a rounded width beats the exact one.
 
     python bench/widths.py --d 576 --tokens 64 --rounds 15 --threads 2
+    python bench/widths.py --smoke      # 2 widths, 8 tokens, 1 round of 2 calls, 1 thread (smoke test)
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--widths", default="76,77,80,96,100,109,112,128,150,152,160,256,563,564,576,768,1000,1024,1536")
+    p.add_argument("--smoke", action="store_true", help="2 widths, 1 round, 1 thread (smoke test)")
     a = p.parse_args()
+    if a.smoke:
+        a.widths, a.tokens, a.rounds, a.reps, a.threads = "76,80", 8, 1, 2, 1
     torch.set_num_threads(a.threads)
     widths = [int(w) for w in a.widths.split(",")]
     times: dict[int, list[float]] = {w: [] for w in widths}

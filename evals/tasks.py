@@ -463,8 +463,10 @@ def pair_cases(tokenizer, pairs: Dataset, target: str = "first") -> PairCases:
     out = PairCases([], [], [], [])
     for i, ((fa, ka), (fb, kb)) in enumerate(pair_ids(tokenizer, pairs)):
         for j in range(1 if target == "first" else ka):
-            out.seqs_a.append(fa[: len(fa) - ka + j]), out.seqs_b.append(fb[: len(fb) - kb + j])
-            out.targets.append(fa[len(fa) - ka + j]), out.pair.append(i)
+            out.seqs_a.append(fa[: len(fa) - ka + j])
+            out.seqs_b.append(fb[: len(fb) - kb + j])
+            out.targets.append(fa[len(fa) - ka + j])
+            out.pair.append(i)
     return out
 
 
