@@ -26,7 +26,7 @@ $(BASE): | $(STAMP)
 	$(BIN)/python -c "from surgery.io.loading import import_gguf; import_gguf('smollm2-135m')"
 
 demo: setup $(BASE)
-	$(BIN)/surgery prune --recipe arithmetic-prune --quick --out checkpoints/demo --force
+	$(BIN)/surgery prune --recipe arithmetic-prune --profile demo --out checkpoints/demo --force
 
 test: setup $(BASE) lint
 	$(BIN)/python -m pytest -q

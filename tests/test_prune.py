@@ -373,3 +373,23 @@ def test_compensation_means_at_the_last_position_or_every_token(arch):
         torch.testing.assert_close(got_last[l], torch.stack(last[l]).mean(0), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_all[l], torch.cat(every[l]).mean(0), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(got_last[l], got_all[l])
+
+
+def test_the_report_closes_with_what_the_run_showed():
+    """The last lines of `surgery prune` (what `make demo` ends with): the pruned model against the original and
+    against each control selector, with a plain verdict from the 95% intervals, and where the checkpoint is."""
+    from surgery.commands.prune.job import shown
+
+    def row(name, acc, lo, hi):
+        return {"name": name, "test2": {"full_answer_acc": acc, "full_answer_ci95": [lo, hi], "n_problems": 400}}
+
+    rows = [
+        row("original", 0.048, 0.031, 0.073),
+        row("cna-pruned + LoRA", 0.135, 0.105, 0.172),
+        row("random-pruned + LoRA", 0.12, 0.09, 0.15),
+    ]
+    text = shown(rows, "cna", "test2", "2-digit test", "checkpoints/demo", "sliced")
+    assert "13.5% [10.5, 17.2]" in text and "4.8% [3.1, 7.3]" in text
+    assert "The pruned model is higher, 95% intervals apart." in text
+    assert "random-pruned + LoRA at the same budget (control): 12.0% [9.0, 15.0]; cna is not distinguishable" in text
+    assert text.splitlines()[-1].startswith("- The pruned checkpoint is `checkpoints/demo` (sliced layout)")

@@ -23,6 +23,7 @@ from surgery.edits.pruning import (
     PruneRecipe,
     PruneTask,
     check_keep_syntax,
+    ci_text,
     evaluate_row,
     export_checkpoint,
     keeps_for,
@@ -316,4 +317,50 @@ def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report
         raise RuntimeError(f"exported checkpoint does not match the in-memory model: {check}")
     data["results"]["reload"] = check
     md += f"\n\nReloaded with transformers: widths match kept counts, max |logit diff| {check['max_logit_diff']:.2e}"
+    md += "\n\n" + shown(res.rows, main, res.task.headline, res.task.labels[res.task.headline], run.out, r.layout)
     return Report(data, md, [run.out])
+
+
+def _apart(a: dict, b: dict) -> str:
+    """How full-answer accuracy a compares with b: higher / lower with the 95% intervals apart, or overlapping."""
+    (alo, ahi), (blo, bhi) = a["full_answer_ci95"], b["full_answer_ci95"]
+    if alo > bhi:
+        return "higher, 95% intervals apart"
+    if ahi < blo:
+        return "lower, 95% intervals apart"
+    return "not distinguishable (95% intervals overlap)"
+
+
+def _pct_ci(acc: dict) -> str:
+    value, interval = ci_text(acc).split(" ", 1)
+    return f"{value}% {interval}"
+
+
+def shown(rows: list[dict], main: str, headline: str, label: str, out, layout: str) -> str:
+    """The closing lines: what the run showed (the pruned model against the original and against each other
+    selector at the same budget, on the held-out problems) and where the checkpoint is."""
+    by_name = {row["name"]: row for row in rows}
+    pruned = by_name.get(f"{main}-pruned + LoRA")
+    if pruned is None:
+        return f"Checkpoint: `{out}` ({layout} layout)"
+    lines = ["## What this run shows", ""]
+    n = pruned[headline]["n_problems"]
+    if "original" in by_name:
+        original = by_name["original"][headline]
+        lines.append(
+            f"- {main}-pruned + LoRA: {_pct_ci(pruned[headline])} full-answer accuracy on {n} held-out {label} "
+            f"problems; the original model: {_pct_ci(original)}. "
+            f"The pruned model is {_apart(pruned[headline], original)}."
+        )
+    for name, row in by_name.items():
+        if name.endswith("-pruned + LoRA") and name != f"{main}-pruned + LoRA":
+            lines.append(
+                f"- {name} at the same budget (control): {_pct_ci(row[headline])}; {main} is "
+                f"{_apart(pruned[headline], row[headline])}."
+            )
+    trust = ", trust_remote_code=True" if layout == "sliced" else ""
+    lines.append(
+        f"- The pruned checkpoint is `{out}` ({layout} layout): "
+        f"`pipeline('text-generation', model='{out}'{trust})`; `surgery inspect {out}` verifies it."
+    )
+    return "\n".join(lines)
