@@ -161,13 +161,7 @@ def run(
     mean_sample: int | None,
     trust_remote_code: bool,
 ) -> rep.Report:
-    """Find the arithmetic circuit per operator by activation patching (Eq. 1) and faithfulness (Eq. 2).
-
-    Writes DIR/circuit.json (top-level "circuit": {"heads": ["L.H"], "mlps": [L]} = union over operators, "per_op"
-    with each operator's circuit, effects of every head/MLP at each role, faithfulness curves, neuron ranking),
-    DIR/circuit.md, DIR/effects.png (effect per layer x position) and DIR/faithfulness.png. --faithfulness F picks
-    the fewest heads reaching F (default: the Pareto knee) and the neurons per layer reaching F (default 0.9).
-    --score teacher-forced (default) scores every answer token given the ones before it; first: the first one."""
+    """`surgery circuit` (its options and help: this package's __init__.py)."""
     t0 = time.time()
     template = check_options(task, faithfulness, mode, limit, verify, rescore, templates, score)
     if metric not in P.METRICS:

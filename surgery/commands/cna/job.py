@@ -56,15 +56,7 @@ def run(
     tokens: str | None,
     logits_mb: float,
 ):
-    """Neuron importance (the paper's log-prob increase of the target when a neuron's subvalue is added, through
-    the frozen final norm and unembedding) for every FFN neuron, and CNA: the change of that importance between
-    setting A and B. The reported top neurons are certified equal to an exhaustive ranking. --validate runs the
-    paper's checks (mask: Table 5, pe: Table 6, fe: Table 8) with random-neuron controls.
-    --data FILE: your cases (prompt, target; target = every target token teacher forced, or its first with
-    --tokens first). --pairs FILE (prompt_a, prompt_b, optional target): CNA between prompt A and prompt B of
-    each pair (target = the pair's target, default the model's top-1 after A), summed over pairs.
-    --logits-mb bounds the memory of dataset and --data/--pairs mode: the MiB of base logits (layers x cases x
-    vocabulary, fp32) each setting holds at once; a pass takes at most that many cases (and --batch-size)."""
+    """`surgery cna` (its options and help: this package's __init__.py)."""
     t0 = time.time()
     if not logits_mb > 0:
         raise UsageError(f"--logits-mb must be > 0 (MiB of base logits held per setting), got {logits_mb}")

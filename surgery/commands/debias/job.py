@@ -684,11 +684,7 @@ def run(
     profile: str | None,
     trust_remote_code: bool,
 ) -> rep.Report:
-    """Find the FFN neurons behind gender-biased profession predictions (CNA between "A woman ..." and "A man ..."
-    prompts on selection templates), zero (--edit zero, native checkpoint) or remove (--edit remove, sliced) the top
-    --neurons, and write a checkpoint with report.json/report.md/plots: bias before/after on disjoint evaluation
-    templates (total, woman-/man-biased, per profession), the random and activation-diff baselines, a sweep over N,
-    collateral (XSum perplexity, 1-digit arithmetic, factual gender controls) and the Wino-test rate."""
+    """`surgery debias` (its options and help: this package's __init__.py)."""
     r = load_recipe(recipe, overrides, quick, profile, neurons=neurons, method=method, edit=edit)
     run = Run("debias", out, force, default=f"debias-{r.method}-{r.neurons}")
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

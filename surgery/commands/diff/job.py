@@ -15,9 +15,7 @@ from surgery.model.arch import arch_for
 
 
 def diff(base: str, other: str, out: str | None = None) -> Report:
-    """Which FFN neurons and attention heads were removed, zeroed or scaled, and which other tensors changed,
-    from the weights alone (no manifest needed). BASE may be a registry name. Scaled neurons report their factor;
-    amplified ones (factor > 1) are flagged."""
+    """`surgery diff` (its options and help: this package's __init__.py)."""
     from transformers import AutoConfig
 
     out_dir = check_out_dir(out)

@@ -105,12 +105,7 @@ def run(
     ppl_tokens: int,
     trust_remote_code: bool,
 ) -> rep.Report:
-    """Remove the difference between prompt A and prompt B of your pairs (--pairs FILE: prompt_a, prompt_b,
-    optional target, group, split; or gender-bias, the debias recipe): select --neurons FFN neurons by CNA
-    between A and B on the selection split (--method cna | random | activation-diff), edit them (--edit zero |
-    scale [--scale S] | remove), measure the A/B gap (mean |log p(target|A) - log p(target|B)|) on held-out pairs
-    before and after, the collateral (XSum perplexity; --keep-data FILE: cases that must not change) and
-    export the edited checkpoint with report.json/report.md and provenance."""
+    """`surgery edit` (its options and help: this package's __init__.py)."""
     t0 = time.time()
     if pairs is None:
         raise UsageError("--pairs FILE is required (columns prompt_a, prompt_b, optional target), or gender-bias")

@@ -95,12 +95,7 @@ def run(
     data: str | None,
     columns: str | None,
 ):
-    """Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digits, template and case type,
-    95% Wilson intervals), gender bias (profession log-prob gap, factual controls, Wino-test) or perplexity
-    (XSum sample). --data FILE (jsonl/csv/parquet/datasets folder, columns prompt, target, optional group;
-    --columns prompt=NAME,target=NAME) scores your own cases instead: full-target and per-token accuracy
-    (teacher forced), log p(target) and perplexity, overall and per group. Prints a table; with --out writes
-    DIR/report.json and DIR/report.md (an existing DIR needs --force: its reports are overwritten)."""
+    """`surgery eval` (its options and help: this package's __init__.py)."""
     outdir = None if out is None else rep.new_out_dir(out, Path(out), force)
     if data is not None or columns is not None:
         return run_data(model, dtype, device, data, columns, limit, batch_size, outdir, trust_remote_code)

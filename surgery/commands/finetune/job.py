@@ -475,13 +475,7 @@ def run(
     data: str | None,
     columns: str | None,
 ) -> Report:
-    """Precise fine-tuning (Zhang et al.): train only the heads (q/k/v rows, o_proj columns) and MLPs that carry
-    arithmetic, and compare with full fine-tuning, LoRA, random heads, + MLPs and a K sweep on the same data and
-    steps: math (2-digit arithmetic, ASDiv) and general ability (MMLU, CSQA, XSum perplexity), 95% intervals.
-    Writes DIR/report.json, report.md, tradeoff.png and DIR/checkpoint (the precise model, native load).
-    --data FILE (prompt, target, optional group, split; --columns to map names): train on your train split and
-    report your test split's teacher-forced full-target accuracy instead of the math columns (split by row with
-    data.seed, data.test_size); without --components the head/MLP scans run on your train rows."""
+    """`surgery finetune` (its options and help: this package's __init__.py)."""
     from transformers import AutoConfig
 
     t0 = time.time()

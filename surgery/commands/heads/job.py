@@ -56,16 +56,7 @@ def run(
     data: str | None,
     columns: str | None,
 ) -> rep.Report:
-    """Ablate each attention head and measure arithmetic accuracy per operation (the paper's head scan).
-
-    Writes DIR/heads.json (baseline + one row per head: acc, drop, n per op / group / case type), DIR/heads.md
-    (Tables 1-3 of the paper) and DIR/heads.png (layer x head heatmaps of the accuracy drop). --mode screen ranks
-    all heads by a first-order attribution and exact-scans the top --verify K. Resumes from DIR after an
-    interruption; `accelerate launch -m surgery heads ...` splits the heads across processes.
-    --method path-patch: Zhang et al.'s path patching with a null-operator counterfactual instead (see
-    surgery.path_patch; --digits defaults to the given digits, key heads have an effect below -5%).
-    --data FILE (prompt, target, optional group; --columns to map names): scan your own cases instead, every
-    target token teacher forced, accuracy reported overall and per group."""
+    """`surgery heads` (its options and help: this package's __init__.py)."""
     from accelerate import PartialState
 
     if method == "path-patch" and data is not None:

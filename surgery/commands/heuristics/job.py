@@ -37,11 +37,7 @@ def run(
     grid_sample: int | None,
     trust_remote_code: bool,
 ) -> rep.Report:
-    """Label the circuit's top neurons with arithmetic heuristics (activation maps over the operand grid), and
-    test the labels by ablation with random-neuron controls.
-
-    Reads CIRCUIT/circuit.json (from `surgery circuit`); writes DIR/heuristics.json (label, match score and map
-    per neuron; classified fraction; ablations with 95% intervals), DIR/heuristics.md and DIR/gallery.png."""
+    """`surgery heuristics` (its options and help: this package's __init__.py)."""
     t0 = time.time()
     data = read_circuit(circuit)
     bad = [f for f in families if f not in FAMILIES]

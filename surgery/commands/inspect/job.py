@@ -16,10 +16,7 @@ from surgery.io.report import Report
 
 
 def inspect(path: str) -> Report:
-    """Summarise a checkpoint's provenance (surgery.json) and verify it: the manifest's own hash, the size and
-    sha256 of every file it lists, that no other file is in the folder (subfolders included), and that every
-    tensor file parses. Exit code 0 when all match, 1 when anything was altered, added, removed or truncated,
-    2 when PATH is not a readable surgery checkpoint."""
+    """`surgery inspect` (its options and help: this package's __init__.py)."""
     folder = Path(path)
     m = read_manifest(folder)
     files = m["files"]

@@ -71,9 +71,7 @@ def run(
     profile: str | None,
     trust_remote_code: bool,
 ) -> Report:
-    """Train one LoRA per layer on 2-digit arithmetic, report test accuracy per layer (paper Figure 2, PNG) and
-    the coefficient amplification of each LoRA model's CNA top neurons per layer group vs the original
-    (paper Tables 9-10)."""
+    """`surgery lora-sweep` (its options and help: this package's __init__.py)."""
     r = load_recipe(recipe, overrides or (), quick, profile)
     run = Run("lora-sweep", out, force, default=f"lora-sweep-{Path(model).name}")
     spec = layers if layers is not None else r.sweep.layers

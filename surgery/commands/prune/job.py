@@ -155,13 +155,7 @@ def run(
     data: str | None,
     columns: str | None,
 ) -> Report:
-    """Prune a model's FFN with CNA (paper 6.1): reference LoRA, CNA on 1-digit cases, keep topN / P% of the
-    chosen layers, slice, fresh LoRA, train on 2-digit problems, compare with random / magnitude / activation /
-    taylor at the same per-layer budget, export a checkpoint (sliced by default) with report and plots.
-    `--sweep 50%,25%,10%,5%`: every budget x selector from one set of scores, resumable in --out, with an
-    accuracy-vs-kept plot. `--keep auto --max-drop D`: the smallest kept percentage whose recovered validation
-    accuracy is within D points of the unpruned LoRA model (`--against original`: of the original), exported.
-    `--data FILE` prunes for your own (prompt, target) rows instead (recipe key data.path; e.g. custom-prune)."""
+    """`surgery prune` (its options and help: this package's __init__.py)."""
     if sweep is not None and keep is not None:
         raise UsageError("--sweep and --keep both given; a sweep runs every budget in its list (drop --keep)")
     auto = keep is not None and keep.strip().lower() == "auto"
