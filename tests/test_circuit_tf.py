@@ -99,7 +99,7 @@ def test_teacher_forced_noop_and_full_patch(arch):
         for l in range(view.n_layers):
             h.patch("z", l, cf.z[l], every[..., None].expand(-1, -1, view.n_heads))
             h.patch("ffn", l, cf.ffn[l], every)
-        logits = view.model(**P._inputs(view, pr.inputs(), keep=A)).logits
+        logits = view.model(**P.model_inputs(view, pr.inputs(), keep=A)).logits
     torch.testing.assert_close(logits, cf.logits, atol=1e-5, rtol=1e-5)
 
 

@@ -46,7 +46,7 @@ def patch_everything(view: ModelView, ids: torch.Tensor, donor: P.Acts) -> torch
         for l in range(view.n_layers):
             h.patch("z", l, donor.z[l], every[..., None].expand(-1, -1, view.n_heads))
             h.patch("ffn", l, donor.ffn[l], every)
-        return view.model(**P._inputs(view, ids)).logits[:, -1].float()
+        return view.model(**P.model_inputs(view, ids)).logits[:, -1].float()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

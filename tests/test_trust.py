@@ -16,6 +16,8 @@ from conftest import make_tiny
 from test_export import KEEP, edit_in_place, tiny_tokenizer
 
 from surgery.cli import main as cli_main
+from surgery.commands.diff.job import diff as diff_checkpoints
+from surgery.commands.inspect.job import inspect as inspect_checkpoint
 from surgery.edits.lora import Fit, LoraSpec, attach, merged_copy
 from surgery.edits.pruning import Plan, PruneRecipe, export_checkpoint
 from surgery.errors import UsageError
@@ -100,12 +102,14 @@ def test_foreign_code_runs_only_with_the_flag(evil):
 
 
 def test_cli_has_the_flag_for_every_model_command():
-    from surgery.cli import COMMANDS, build_parser
+    from surgery import commands
+    from surgery.cli import build_parser
 
     parser = build_parser()
-    for name, (_, options) in COMMANDS.items():
-        if any("--model" in flags for flags, _ in options):
-            required = [x for flags, kw in options if kw.get("required") for x in (flags[0], "x")]
+    for name in commands.names():
+        options = commands.get(name).options
+        if any("--model" in o.flags for o in options):
+            required = [x for o in options if o.required for x in (o.flags[0], "x")]
             assert parser.parse_args([name, *required, "--trust-remote-code"]).trust_remote_code is True
 
 
@@ -123,7 +127,7 @@ def test_own_sliced_export_loads_without_flag(sliced):
     loaded = load_model(str(sliced))
     assert loaded.model.config.ffn_widths == [16, 48, 8]
     assert [w for w in export.load(sliced).config.ffn_widths] == [16, 48, 8]
-    assert "loads without" in export.inspect(str(sliced)).data["remote_code"]
+    assert "loads without" in inspect_checkpoint(str(sliced)).data["remote_code"]
 
 
 @pytest.mark.parametrize("change", ["modeling", "auto_map", "layout"])
@@ -148,10 +152,10 @@ def test_sliced_export_with_altered_code_is_refused(sliced, change):
 # ---- 2, 6. inspect covers every file and the manifest; exit codes ----------------------------------------------
 @pytest.mark.parametrize("extra", ["adapter/x.safetensors", "pytorch_model.bin", "notes.txt", "sub/dir/evil.py"])
 def test_inspect_flags_unlisted_files_anywhere(sliced, extra):
-    assert export.inspect(str(sliced)).exit_code == 0
+    assert inspect_checkpoint(str(sliced)).exit_code == 0
     (sliced / extra).parent.mkdir(parents=True, exist_ok=True)
     (sliced / extra).write_bytes(b"\0" * 64)
-    r = export.inspect(str(sliced))
+    r = inspect_checkpoint(str(sliced))
     assert r.exit_code == 1 and any(p.startswith(extra) and "not listed" in p for p in r.data["problems"])
 
 
@@ -161,7 +165,7 @@ def test_inspect_checks_listed_files_in_subfolders(tmp_path):
     data = bytearray(adapter.read_bytes())
     data[-1] ^= 0xFF
     adapter.write_bytes(bytes(data))
-    r = export.inspect(str(out))
+    r = inspect_checkpoint(str(out))
     assert r.exit_code == 1 and any(p.startswith("adapter/") and "sha256" in p for p in r.data["problems"])
 
 
@@ -170,11 +174,11 @@ def test_inspect_detects_an_edited_manifest(sliced):
     m = json.loads(f.read_text())
     m["seed"] = 1234
     f.write_text(json.dumps(m, indent=2))
-    r = export.inspect(str(sliced))
+    r = inspect_checkpoint(str(sliced))
     assert r.exit_code == 1 and any("manifest_sha256 mismatch" in p for p in r.data["problems"])
     del m["manifest_sha256"]
     f.write_text(json.dumps(m, indent=2))
-    r = export.inspect(str(sliced))
+    r = inspect_checkpoint(str(sliced))
     assert r.exit_code == 1 and any("no manifest_sha256" in p for p in r.data["problems"])
 
 
@@ -273,10 +277,10 @@ def test_every_kind_inspects_and_diffs(kind, tmp_path, capsys):
     m = json.loads((out / "surgery.json").read_text())
     assert isinstance(m["base"], dict) and m["base"]["id"] == "base" and len(m["base"]["sha256"]) == 64
     assert m["manifest_sha256"] == export.manifest_digest(m)
-    r = export.inspect(str(out))
+    r = inspect_checkpoint(str(out))
     assert r.exit_code == 0, r.data["problems"]
     assert cli_main(["inspect", str(out)]) == 0 and "All hashes match" in capsys.readouterr().out
-    d = export.diff(str(tmp_path / "base"), str(out))
+    d = diff_checkpoints(str(tmp_path / "base"), str(out))
     widths = d.data["summary"]["widths"]
     assert widths == ([48, 48, 48] if kind in ("padded", "zeroed", "debias") else [16, 48, 8])
 
@@ -289,7 +293,7 @@ def test_legacy_prune_manifest_with_string_base_does_not_crash(sliced):
     m["base"] = "smollm2-135m"
     del m["manifest_sha256"]
     f.write_text(json.dumps(m))
-    r = export.inspect(str(sliced))
+    r = inspect_checkpoint(str(sliced))
     assert r.exit_code == 1 and r.data["base"]["id"] == "smollm2-135m" and "base: smollm2-135m" in r.markdown
 
 

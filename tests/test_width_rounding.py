@@ -11,6 +11,7 @@ import torch
 from conftest import ARCHS, N, make_tiny, tiny_inputs
 from transformers.activations import ACT2FN
 
+from surgery.commands.diff.job import diff as diff_checkpoints
 from surgery.edits.lora import LoraSpec, attach
 from surgery.errors import UsageError
 from surgery.io import checkpoint as export
@@ -95,7 +96,7 @@ def test_padding_survives_export_reload_and_padded_layout(arch, tmp_path):
     dense = export.load(tmp_path / "p")
     assert ModelView(dense).ffn_widths() == [N, N, N]
     torch.testing.assert_close(_logits(dense), _logits(model), atol=1e-5, rtol=0)
-    d = export.diff(str(tmp_path / "p"), str(tmp_path / "s"))
+    d = diff_checkpoints(str(tmp_path / "p"), str(tmp_path / "s"))
     assert [r["padding"] for r in d.data["layers"]] == [0, 0, 3] and d.data["summary"]["modified"] == 0
 
 
