@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from surgery.errors import UsageError
-
 
 @dataclass(frozen=True)
 class Option:
@@ -141,12 +139,6 @@ def registered(kind: str) -> Callable[[str], str]:
 
     check.__name__ = f"{kind} selector"
     return check
-
-
-def check_keys(values: dict[str, Any], allowed: Sequence[str]) -> None:
-    bad = sorted(set(values) - set(allowed))
-    if bad:
-        raise UsageError(f"unknown option(s) {', '.join(bad)}")
 
 
 # ---- shared option groups -----------------------------------------------------------------------------
