@@ -132,3 +132,47 @@ def sweep_scores(folder: Path, widths: dict[int, int], order: tuple[str, ...] = 
     (Path(folder) / "state").mkdir(parents=True, exist_ok=True)
     torch.save({"sel": Selection(sorted(widths), list(order), scores), "means": None}, folder / "state" / "scores.pt")
     return Path(folder)
+
+
+# ---- every bench's --smoke in ONE interpreter (tests/test_bench_smoke.py) ----------------------------------------
+def run_all(names: list[str], report: Path) -> None:
+    """Runs bench/NAME.py --smoke for each name, one after another in this process, as `python bench/NAME.py
+    --smoke` would (run as __main__, its own argv), and writes {name: {"rc", "stdout", "stderr"}} to `report` as
+    JSON. Output is captured at the file-descriptor level, so what a bench's child processes print is caught too.
+    One interpreter pays torch's and transformers' import (~8 s on 2 cores) once instead of once per bench."""
+    import json
+    import runpy
+    import traceback
+
+    results = {}
+    bench = Path(__file__).resolve().parent
+    for name in names:
+        logs = Path(tempfile.mkdtemp(prefix=f"bench-smoke-log-{name}-"))
+        saved = os.dup(1), os.dup(2)
+        sys.stdout.flush(), sys.stderr.flush()
+        with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.argv = [str(bench / f"{name}.py"), "--smoke"]
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+                rc = 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, int | None):
+                    print(e.code, file=sys.stderr)
+            except BaseException:  # a broken bench is reported, the others still run
+                traceback.print_exc()
+                rc = 1
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0]), os.close(saved[1])
+        results[name] = {"rc": rc, "stdout": (logs / "out").read_text(), "stderr": (logs / "err").read_text()}
+        shutil.rmtree(logs, ignore_errors=True)
+    Path(report).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":  # python bench/_smoke.py REPORT.json NAME [NAME ...]
+    run_all(sys.argv[2:], Path(sys.argv[1]))

@@ -1,9 +1,11 @@
 """Every script in bench/ keeps running: each runs its whole code path with --smoke (a tiny random model with
-SmolLM2's tokenizer, or no model, at the smallest sizes; files only under a temporary folder) in a subprocess, and
-must exit 0 and print the line it always ends with. A new bench without an entry here fails `test_every_bench`."""
+SmolLM2's tokenizer, or no model, at the smallest sizes; files only under a temporary folder), all in ONE child
+interpreter (bench/_smoke.py run_all: torch and transformers import once, not 17 times), and each must exit 0 and
+print the line it always ends with. A new bench without an entry here fails `test_every_bench`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -84,8 +86,11 @@ def test_every_bench_has_a_smoke_run():
     assert bench_scripts() == set(BENCHES), "add the bench to BENCHES (with its --smoke) or remove the stale entry"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=marks, id=n) for n, (marks, _) in BENCHES.items()])
-def test_bench_smoke(name):
+@pytest.fixture(scope="module")
+def smoke_runs(request) -> dict[str, dict]:
+    """Every selected bench's --smoke, run once for the module in ONE child interpreter (bench/_smoke.py run_all:
+    each as __main__ with its own argv, output captured per bench): {name: {"rc", "stdout", "stderr"}}."""
+    names = [i.callspec.params["name"] for i in request.session.items if i.originalname == "test_bench_smoke"]
     env = dict(
         os.environ,
         HF_HUB_OFFLINE="1",
@@ -93,18 +98,41 @@ def test_bench_smoke(name):
         TOKENIZERS_PARALLELISM="false",
         TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
     )
+    report = request.getfixturevalue("tmp_path_factory").mktemp("bench-smoke") / "runs.json"
     try:
-        out = subprocess.run(
-            [sys.executable, f"bench/{name}.py", "--smoke"],
+        done = subprocess.run(
+            [sys.executable, "bench/_smoke.py", str(report), *names],
             cwd=ROOT,
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=1800,
         )
     except subprocess.TimeoutExpired as e:  # pragma: no cover - a hang
-        pytest.fail(f"bench/{name}.py --smoke ran past {e.timeout}s")
-    assert out.returncode == 0, f"bench/{name}.py --smoke exited {out.returncode}:\n{out.stderr[-3000:]}"
-    lines = out.stdout.splitlines()
+        pytest.fail(f"the bench smokes ran past {e.timeout}s")
+    assert report.exists(), f"bench/_smoke.py exited {done.returncode} before reporting:\n{done.stderr[-3000:]}"
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=marks, id=n) for n, (marks, _) in BENCHES.items()])
+def test_bench_smoke(name, smoke_runs):
+    out = smoke_runs[name]
+    assert out["rc"] == 0, f"bench/{name}.py --smoke exited {out['rc']}:\n{out['stderr'][-3000:]}"
+    lines = out["stdout"].splitlines()
     for pattern in BENCHES[name][1]:
-        assert any(re.search(pattern, line) for line in lines), f"no line matches {pattern!r} in:\n{out.stdout}"
+        assert any(re.search(pattern, line) for line in lines), f"no line matches {pattern!r} in:\n{out['stdout']}"
+
+
+def test_a_broken_bench_is_reported_and_the_rest_still_run(tmp_path):
+    """The one-interpreter runner reports a bench that raises (rc 1, its traceback) and goes on to the next."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "_smoke.py").write_text((ROOT / "bench" / "_smoke.py").read_text())
+    (bench / "boom.py").write_text("print('before')\nraise ValueError('boom')\n")
+    (bench / "fine.py").write_text("import sys\nprint('ok', sys.argv[1:])\n")
+    report = tmp_path / "runs.json"
+    subprocess.run([sys.executable, str(bench / "_smoke.py"), str(report), "boom", "fine"], check=True, timeout=120)
+    runs = json.loads(report.read_text())
+    boom = runs["boom"]
+    assert boom["rc"] == 1 and "before" in boom["stdout"] and "ValueError: boom" in boom["stderr"]
+    assert runs["fine"] == {"rc": 0, "stdout": "ok ['--smoke']\n", "stderr": ""}

@@ -250,11 +250,20 @@ def test_interrupted_scan_resumes(tiny_dir, tmp_path, monkeypatch):
         (["--task", "perplexity"], "supports --task arithmetic"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(tiny_dir, tmp_path, args, msg):
-    r = _cli("--model", str(tiny_dir), "--out", str(tmp_path), "--limit", "4", *args)
-    assert r.returncode == 2, r.stderr
-    err = r.stderr.strip().splitlines()  # unfiltered: nothing from transformers may precede the error
-    assert len(err) == 1 and err[0].startswith("surgery: error:") and msg in err[0], r.stderr
+def test_bad_input_is_one_line_exit_2(tiny_dir, tmp_path, args, msg, capfd):
+    """In this process (file-descriptor capture: nothing from transformers may precede the error); the first case
+    also as a real `python -m surgery` child, which is what a user sees."""
+    from surgery.cli import main
+
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_dir), "--out", str(out), "--limit", "4", *args]
+    assert main(["heads", *argv]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("surgery: error:") and msg in err[0], err
+    assert not out.exists()
+    if args[0:2] == ["--heads", "3.0"]:
+        r = _cli(*argv)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == err, r.stderr
 
 
 @pytest.mark.slow
