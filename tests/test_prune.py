@@ -393,3 +393,33 @@ def test_the_report_closes_with_what_the_run_showed():
     assert "The pruned model is higher, 95% intervals apart." in text
     assert "random-pruned + LoRA at the same budget (control): 12.0% [9.0, 15.0]; cna is not distinguishable" in text
     assert text.splitlines()[-1].startswith("- The pruned checkpoint is `checkpoints/demo` (sliced layout)")
+
+
+# ---- --uniform: every layer at one width (a stock checkpoint) -------------------------------------------------
+def test_uniform_keeps_the_same_share_of_every_layer_each_by_its_own_ranking():
+    orig, ref, t = make_tiny("llama"), make_tiny("llama", seed=1), task()
+    model = make_tiny("llama")
+    plan = prune.make_plan(recipe(keep="25%", uniform=True), model)
+    assert plan.layers == [0, 1, 2] and plan.uniform  # 'deep' (the recipe default) becomes every layer
+    r = prune.PruneRecipe(cna=prune.CnaSpec(batch_size=2))
+    sel = prune.select(orig, ref, TOK, t, plan.layers, ["cna", "random", "magnitude"], r, 0)
+    keeps = prune.keeps_for(sel, "pct", 25, uniform=True)
+    for name, keep in keeps.items():
+        assert {l: len(v) for l, v in keep.items()} == {0: 12, 1: 12, 2: 12}, name
+        for l, kept in keep.items():  # each layer's own 12 best
+            assert set(kept) == set(sel.scores[name][l].topk(12).indices.tolist()), (name, l)
+    pooled = prune.keeps_for(sel, "pct", 25)["cna"]  # the global budget spreads unevenly: not one width
+    assert sum(len(v) for v in pooled.values()) == 36
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(keep="top5"), "give --keep as a percentage"),
+        (dict(keep="25%", layers="1-2"), "drop --layers"),
+        (dict(keep="25%", compensate=True), "no place for compensate"),
+    ],
+)
+def test_uniform_refuses_what_cannot_be_one_width(kw, msg):
+    with pytest.raises(UsageError, match=msg):
+        prune.make_plan(recipe(uniform=True, **kw), make_tiny("llama"))

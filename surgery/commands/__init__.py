@@ -27,6 +27,7 @@ ORDER = (
     "finetune",
     "circuit",
     "heuristics",
+    "export",
     "inspect",
     "diff",
 )

@@ -112,6 +112,9 @@ class PruneRecipe:
     lora_layer: int | None = None  # None: round(lora_depth * n_layers)
     lora_depth: float = field(default=0.28125, metadata=rules(min=0, max=1))  # the paper's layer 9 of 32
     layout: str = field(default="sliced", metadata=rules(choices=("sliced", "padded")))
+    # Minitron-style: EVERY layer keeps the same P% of its neurons (each layer's own best), so the checkpoint is
+    # a stock config with one smaller intermediate size: plain from_pretrained, GGUF as the stock architecture
+    uniform: bool = False
     compensate: bool = False  # fold removed neurons' mean contributions into the FFN output bias (FLAP)
     # where the means come from: last = the answer-reading position of every selection case (default); tokens =
     # every prompt token (FLAP's calibration), which on SmolLM2 folds first-token outliers (massive activations,
@@ -142,6 +145,7 @@ class Plan:
     keep_value: float
     lora_layer: int
     selectors: list[str]
+    uniform: bool = False
 
 
 def parse_keep(spec: str) -> tuple[str, float]:
@@ -168,6 +172,12 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
         raise UsageError("empty --layers; use 'deep', A-B or a list like 3,5,7")
     layers = parse_layers(str(r.layers), view.n_layers)
     kind, value = parse_keep(r.keep)
+    if r.uniform:
+        if kind != "pct":
+            raise UsageError(f"--uniform keeps P% of every layer; give --keep as a percentage (not {r.keep})")
+        if str(r.layers).strip() not in ("deep", "all") and layers != list(range(view.n_layers)):
+            raise UsageError("--uniform cuts every layer to one width; drop --layers (it applies to all layers)")
+        layers = list(range(view.n_layers))
     available = sum(view.ffn_width(l) for l in layers)
     if kind == "top" and not 1 <= value <= available:
         raise UsageError(f"--keep top{int(value)}: need 1..{available} (neurons in layers {r.layers})")
@@ -188,8 +198,10 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
             f"compensate=true adds FFN output biases that the native {model.config.model_type} class "
             "lacks; use --layout sliced"
         )
+    if r.uniform and r.compensate:
+        raise UsageError("--uniform writes a stock checkpoint, which has no place for compensate=true's FFN biases")
     order = [r.selector] + [s for s in r.baselines if s != r.selector]
-    return Plan(layers, kind, value, lora_layer, order)
+    return Plan(layers, kind, value, lora_layer, order, r.uniform)
 
 
 # ---- the task a model is pruned for ---------------------------------------------------------------------------
@@ -368,13 +380,16 @@ def select(
     return sel
 
 
-def keeps_for(sel: Selection, kind: str, value: float) -> dict[str, Keep]:
+def keeps_for(sel: Selection, kind: str, value: float, uniform: bool = False) -> dict[str, Keep]:
     """Keep sets of every selector at one budget. The main selector's set: topN = the union over cases of each
     case's N highest-CNA neurons per layer (CNA's rule sets the per-layer budget whichever selector is main, since
     only CNA ranks per case; a non-CNA main then keeps its own best neurons at those counts); P% = the main
-    selector's global top P% of the layers. Every other selector keeps its best neurons at the main set's
-    per-layer counts."""
+    selector's global top P% of the layers; P% uniform = P% of EVERY layer, each layer's own best. Every other
+    selector keeps its best neurons at the main set's per-layer counts."""
     main = sel.order[0]
+    if uniform:
+        budget = {l: max(1, round(value / 100 * len(v))) for l, v in sel.scores[main].items()}
+        return {n: selectors.by_budget(sel.scores[n], budget) for n in sel.order}
     if kind == "top":
         union = case_union(sel, int(value))
         main_keep = union if main == "cna" else selectors.by_budget(sel.scores[main], counts(union))

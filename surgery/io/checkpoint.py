@@ -85,7 +85,7 @@ def save(
         check_padding_zero(model)
         files = write_tensors(model, tmp, layout, kept, target_dtype, shard_bytes)
         _write_config(model, tmp, layout, target_dtype)
-        if layout == "sliced":
+        if layout == "sliced" and needs_modeling(model):
             (tmp / MODELING).write_text(modeling_source(model))
         _write_side_files(model, tokenizer, tmp, extra_files or {})
         manifest = write_manifest(
@@ -281,11 +281,20 @@ def _write_config(model: nn.Module, folder: Path, layout: str, dtype: torch.dtyp
     base_cls = _base_class(model)
     d["architectures"] = [base_cls.__name__]
     widths = ModelView(model).ffn_widths() if layout == "sliced" else None
-    if widths is not None:
+    if widths is not None and needs_modeling(model):
         d.update(_sliced_config(model, widths))
+    elif widths is not None:  # one width in every layer: the stock config at that width, no code
+        d[ModelView(model).arch.width_attr] = widths[0]
     if dtype is not None:
         d["dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def needs_modeling(model: nn.Module) -> bool:
+    """Whether a sliced checkpoint of `model` needs the generated modeling file: its layers have different FFN
+    widths, or bias compensation gave the FFNs output biases the native class lacks. A model cut to ONE width in
+    every layer (`prune --uniform`) is a stock config with a smaller intermediate size: plain `from_pretrained`."""
+    return len(set(ModelView(model).ffn_widths())) > 1 or bool(getattr(model.config, "surgery_ffn_out_bias", False))
 
 
 def _sliced_config(model: nn.Module, widths: list[int]) -> dict:
@@ -367,7 +376,7 @@ def _manifest(
     m = dict(prov)
     m.setdefault("layers", {str(k): {"kept": v} for k, v in sorted(kept.items())})
     m["base"] = base_record(base if base is not None else m.get("base"), model)
-    if layout == "sliced":
+    if layout == "sliced" and (folder / MODELING).is_file():
         m["modeling_sha256"] = sha256_file(folder / MODELING)
     m.update(
         {
@@ -455,7 +464,7 @@ def _save_markdown(out: Path, m: dict) -> str:
 
 
 def load_instructions(path: Path | str, layout: str) -> str:
-    trc = ", trust_remote_code=True" if layout == "sliced" else ""
+    trc = ", trust_remote_code=True" if layout == "sliced" and (Path(path) / MODELING).is_file() else ""
     return (
         f"Load: `AutoModelForCausalLM.from_pretrained('{path}'{trc})` or "
         f"`pipeline('text-generation', model='{path}'{trc})`"
@@ -548,6 +557,8 @@ def remote_code_note(folder: Path, m: dict) -> str | None:
     --trust-remote-code)."""
     if m.get("layout") != "sliced":
         return None
+    if not (folder / MODELING).is_file():
+        return "none: one FFN width in every layer, a stock config"
     why = trust.not_ours(folder)
     return (
         f"{MODELING} is surgery {__version__}'s template: loads without {trust.FLAG}"

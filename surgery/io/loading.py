@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from surgery.errors import UsageError
 from surgery.io import trust
 from surgery.model.arch import arch_for
+from surgery.model.batching import contiguous_head
 
 
 class ModelNotFound(UsageError):
@@ -266,6 +267,7 @@ def load_model(
     if device == "cuda":
         m = m.to("cuda")
     prepare_tokenizer(tok)
+    contiguous_head(m)
     return Loaded(m.eval(), tok, name, str(where), where if isinstance(where, Path) else None)
 
 

@@ -59,6 +59,10 @@ class Arch:
     ffn_bias_attr: str | None = None  # config flag that gives the native FFN projections biases (Llama: mlp_bias)
     attn_qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # q, k, v projections
     qkv_layout: QkvLayout = "separate"  # how head h's query/key/value features sit in attn_qkv (see qkv_slices)
+    # llama.cpp: the architecture a GGUF of one FFN width is written as (None: no GGUF export), and whether
+    # per-layer widths can go out as `deci` (llama.cpp's DeciLM graph is the Llama graph with n_ff per layer)
+    gguf: str | None = None
+    gguf_per_layer: bool = False
 
 
 _LLAMA = Arch(
@@ -74,9 +78,9 @@ _LLAMA = Arch(
 )
 
 ARCHS: dict[str, Arch] = {
-    "llama": replace(_LLAMA, ffn_bias_attr="mlp_bias"),
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
+    "llama": replace(_LLAMA, ffn_bias_attr="mlp_bias", gguf="llama", gguf_per_layer=True),
+    "mistral": replace(_LLAMA, gguf="llama", gguf_per_layer=True),  # llama.cpp's converter writes Mistral as llama
+    "qwen2": replace(_LLAMA, gguf="qwen2", gguf_per_layer=True),  # deci: q/k biases permuted with their rows
     # Phi-3: Llama with fused qkv and gate_up projections
     "phi3": replace(
         _LLAMA,

@@ -28,6 +28,24 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Makes the LM head's input contiguous before its matmul (a forward pre-hook; idempotent; returns `model`).
+
+    With `logits_to_keep`, transformers feeds the head `hidden[:, -k:, :]`, a strided view; torch's CPU linear
+    then takes a batched-matmul path that is 4-5x slower than on the same values made contiguous (measured with
+    torch 2.13, d 576, vocabulary 49,152: 585 ms vs 116 ms for 64 rows at k = 1; 1.06 s vs 0.22 s forward +
+    backward at batch 16, k = 4). The head is the largest single matmul of a small model, so this is a third of a
+    LoRA training step and most of an evaluation batch. The values, and so the logits, are the same."""
+    head = model.get_output_embeddings()
+    if head is not None and _contiguous_input not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous_input)
+    return model
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists into (input_ids, attention_mask) LongTensors of shape [B, max_len]."""
     if not seqs or any(len(s) == 0 for s in seqs):

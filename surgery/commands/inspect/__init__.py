@@ -12,7 +12,7 @@ COMMAND = Command(
     "inspect",
     __doc__,
     [
-        option("path", help="checkpoint folder"),
+        option("path", help="checkpoint folder, or a .gguf file written by `surgery export`"),
     ],
     "surgery.commands.inspect.job:inspect",
 )

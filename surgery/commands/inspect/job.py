@@ -12,12 +12,15 @@ from surgery.io.checkpoint import (
     verify_manifest,
     verify_safetensors,
 )
+from surgery.io.gguf_file import read_gguf
 from surgery.io.report import Report
 
 
 def inspect(path: str) -> Report:
     """`surgery inspect` (its options and help: this package's __init__.py)."""
     folder = Path(path)
+    if folder.is_file() and folder.suffix == ".gguf":
+        return inspect_gguf(folder)
     m = read_manifest(folder)
     files = m["files"]
     problems = verify_manifest(m) + verify_files(folder, files) + verify_safetensors(folder)
@@ -68,3 +71,33 @@ def markdown(d: dict) -> str:
     lines += [f"- remote code: {d['remote_code']}"] if d.get("remote_code") else []
     lines += [""] + ([f"PROBLEM: {p}" for p in d["problems"]] or ["All hashes match."])
     return "\n".join(lines)
+
+
+def inspect_gguf(path: Path) -> Report:
+    """A GGUF file `surgery export` wrote: its digest recomputed over every metadata pair and tensor, and the
+    provenance of the checkpoint it came from (its surgery.json, stored in the metadata)."""
+    g = read_gguf(path)
+    m = g["manifest"] or {}
+    data = {
+        "path": str(path),
+        "format": "gguf",
+        "arch": g["arch"],
+        "ffn_widths": g["widths"],
+        "tensors": len(g["tensors"]),
+        "source": {k: m.get(k) for k in ("layout", "arch", "base", "created", "tool", "recipe", "seed")} if m else None,
+        "edited_layers": sorted(m.get("layers") or {}, key=int),
+        "problems": g["problems"],
+        "ok": not g["problems"],
+    }
+    widths = g["widths"]
+    lines = [
+        f"# {path}",
+        "",
+        f"- GGUF, llama.cpp architecture **{g['arch']}**, {len(g['tensors'])} tensors",
+        f"- FFN widths: {widths[0] if widths and len(set(widths)) == 1 else widths}",
+        "- made from: " + (f"a surgery checkpoint, {m.get('layout')} layout" if m else "no surgery.json embedded"),
+        f"- edited layers: {data['edited_layers']}",
+        "",
+        *([f"PROBLEM: {p}" for p in g["problems"]] or ["The digest matches: metadata and tensors are as exported."]),
+    ]
+    return Report(data=data, markdown="\n".join(lines), exit_code=1 if g["problems"] else 0)

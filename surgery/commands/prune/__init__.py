@@ -6,6 +6,7 @@ taylor at the same per-layer budget, export a checkpoint (sliced by default) wit
 `--sweep 50%,25%,10%,5%`: every budget x selector from one set of scores, resumable in --out, with an
 accuracy-vs-kept plot. `--keep auto --max-drop D`: the smallest kept percentage whose recovered validation
 accuracy is within D points of the unpruned LoRA model (`--against original`: of the original), exported.
+`--uniform --keep P%`: every layer cut to the same width (Minitron-style), a stock checkpoint with no remote code.
 `--data FILE` prunes for your own (prompt, target) rows instead (recipe key data.path; e.g. custom-prune).
 """
 
@@ -49,6 +50,12 @@ COMMAND = Command(
             "with --keep auto, 'original' measures the drop against the original model",
         ),
         option("--layout", default=None, choices=["sliced", "padded"]),
+        option(
+            "--uniform",
+            action="store_true",
+            help="with --keep P%%: EVERY layer keeps P%% of its neurons, so the checkpoint is a stock config "
+            "(plain from_pretrained; GGUF as the stock llama.cpp architecture)",
+        ),
     ],
     "surgery.commands.prune.job:run",
 )

@@ -38,6 +38,7 @@ from surgery.edits.pruning import (
 )
 from surgery.errors import UsageError
 from surgery.evals import tasks
+from surgery.io.checkpoint import MODELING
 from surgery.io.context import Run
 from surgery.io.loading import load_model
 from surgery.io.recipe import to_dict
@@ -148,6 +149,7 @@ def run(
     lora_layer: int | None,
     against: str | None,
     layout: str | None,
+    uniform: bool,
     profile: str | None,
     trust_remote_code: bool,
     sweep: str | None,
@@ -184,6 +186,7 @@ def run(
         selector=selector,
         lora_layer=lora_layer,
         layout=layout,
+        uniform=True if uniform else None,
     )
     tasks.check_data_args(data, None, columns)
     if data is not None:
@@ -232,7 +235,7 @@ def pipeline(
         rows = _reference_rows(orig, ref, ref_fit, against, task)
     top_k = int(plan.keep_value) if plan.keep_kind == "top" else 0
     sel = select(orig, ref, tok, task.cases, plan.layers, plan.selectors, r, top_k, run.step)
-    keeps, cert = keeps_for(sel, plan.keep_kind, plan.keep_value), sel.certified
+    keeps, cert = keeps_for(sel, plan.keep_kind, plan.keep_value, plan.uniform), sel.certified
     teacher = ref if r.train.distill > 0 else None  # the unpruned LoRA model teaches the pruned ones
     means = token_means(orig, tok, task.cases, plan.layers, r.compensate_at) if r.compensate else None
     del ref, ref_fit
@@ -352,7 +355,7 @@ def shown(rows: list[dict], main: str, headline: str, label: str, out, layout: s
                 f"- {name} at the same budget (control): {_pct_ci(row[headline])}; {main} is "
                 f"{_apart(pruned[headline], row[headline])}."
             )
-    trust = ", trust_remote_code=True" if layout == "sliced" else ""
+    trust = ", trust_remote_code=True" if (Path(out) / MODELING).is_file() else ""
     lines.append(
         f"- The pruned checkpoint is `{out}` ({layout} layout): "
         f"`pipeline('text-generation', model='{out}'{trust})`; `surgery inspect {out}` verifies it."

@@ -437,7 +437,7 @@ def _train_cell(sw: Sweep, budget: str, name: str, keep: Keep) -> dict:
 def run_sweep(sw: Sweep, budgets: list[str]) -> None:
     """Every budget x selector, each written as it finishes; the report is rewritten after every cell. Cells another
     process holds are passed over, then waited for at the end (and trained here if that process died)."""
-    keeps = {b: keeps_for(sw.sel, *parse_keep(b)) for b in budgets}
+    keeps = {b: keeps_for(sw.sel, *parse_keep(b), sw.plan.uniform) for b in budgets}
     busy = []
     for budget in budgets:
         for name in sw.plan.selectors:
@@ -462,7 +462,7 @@ def search(sw: Sweep, max_drop: float, against: str, steps: int) -> dict:
     for _ in range(steps):
         mid = round((lo + hi) / 2, 2)
         budget = f"{mid:g}%"
-        rec = cell(sw, budget, main, keeps_for(sw.sel, "pct", mid)[main])
+        rec = cell(sw, budget, main, keeps_for(sw.sel, "pct", mid, sw.plan.uniform)[main])
         acc = rec["validation"]["full_answer_acc"]
         ok = acc >= target - 1e-12
         path.append({"budget": budget, "kept": rec["kept"], "val_acc": acc, "passed": ok})

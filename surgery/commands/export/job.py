@@ -1,0 +1,119 @@
+"""`surgery export`: load SRC as transformers does, write it as GGUF (surgery/io/gguf_file.py), report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgery.errors import UsageError
+from surgery.io import llamacpp
+from surgery.io.checkpoint import MANIFEST, read_manifest
+from surgery.io.context import Run
+from surgery.io.gguf_file import TYPES, check_type, gguf_arch, write_gguf
+from surgery.io.loading import load_model
+from surgery.io.report import Report, atomic_dir, json_text, make, write_text_atomic
+
+FORMATS = ("gguf",)
+
+
+def export(
+    *, src: str, format: str, gguf_type: str, prompt: str, out: str | None, force: bool, trust_remote_code: bool
+) -> Report:
+    """`surgery export` (its options and help: this package's __init__.py)."""
+    if format not in FORMATS:
+        raise UsageError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
+    if gguf_type not in TYPES:
+        raise UsageError(f"unknown --gguf-type {gguf_type!r}; use one of {', '.join(TYPES)}")
+    folder = Path(src)
+    manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else None
+    run = Run("export", out, force, default=f"export-{folder.name or src}")
+    with run.step("load"):
+        loaded = load_model(src, trust_remote_code=trust_remote_code)
+        arch = gguf_arch(loaded.model)  # a model llama.cpp cannot run, or a type its widths do not fit: one line
+        check_type(loaded.model, gguf_type)
+    name = Path(loaded.name).name
+    with run.step("write"), atomic_dir(run.out, force) as tmp:
+        written = write_gguf(
+            loaded.model, loaded.tokenizer, tmp / f"{name}-{gguf_type}.gguf", gguf_type, manifest, name=name
+        )
+        results = {
+            "file": str(run.out / written.path.name),
+            "arch": arch,
+            "gguf_type": gguf_type,
+            "ffn_widths": written.widths,
+            "tensors": written.tensors,
+            "bytes": written.bytes,
+            "manifest_embedded": manifest is not None,
+        }
+        if llamacpp.available():  # the file as llama.cpp runs it, against transformers on the same prompt
+            results["llama_cpp"] = runtime_check(loaded.model, loaded.tokenizer, written.path, prompt)
+        data = make("export", loaded.describe(), {"src": src, "format": format}, results, run.elapsed())
+        md = markdown(results, run.command)
+        write_text_atomic(tmp / "report.json", json_text(data))
+        write_text_atomic(tmp / "report.md", md + "\n")
+    return Report(data, md, [run.out])
+
+
+def runtime_check(model, tokenizer, path: Path, prompt: str, new_tokens: int = 16) -> dict:
+    """`prompt` through llama.cpp and through transformers: max |logit diff| over its positions and both greedy
+    continuations (`new_tokens` tokens, no stop token)."""
+    import numpy as np
+    import torch
+
+    llm = llamacpp.open_gguf(path)
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    with torch.no_grad():
+        hf = model(torch.tensor([ids])).logits[0].float().numpy()
+        hf_new = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
+        )[0, len(ids) :].tolist()
+    cpp_new = llamacpp.greedy(llm, ids, new_tokens)
+    return {
+        "prompt": prompt,
+        "same_token_ids": llamacpp.tokenize(llm, prompt) == ids,
+        "max_logit_diff": float(np.abs(llamacpp.logits(llm, ids) - hf).max()),
+        "completion": tokenizer.decode(cpp_new),
+        "same_greedy_as_transformers": cpp_new == hf_new,
+    }
+
+
+def markdown(r: dict, command: str) -> str:
+    widths = r["ffn_widths"]
+    shown = f"{widths[0]} in every layer" if len(set(widths)) == 1 else f"per layer {widths}"
+    return "\n".join(
+        [
+            f"# export: {Path(r['file']).name}",
+            f"`{command}`",
+            "",
+            f"- llama.cpp architecture **{r['arch']}**, {r['gguf_type']}, {r['tensors']} tensors, "
+            f"{r['bytes'] / 2**20:.1f} MiB",
+            f"- FFN widths: {shown}",
+            "- provenance (surgery.json) embedded: "
+            + ("yes" if r["manifest_embedded"] else "no (not a surgery checkpoint)"),
+            "",
+            *_runtime_lines(r.get("llama_cpp")),
+            "Run it:",
+            "",
+            f"    llama-cli -m {r['file']} -p 'Calculate: 12+7='",
+            f'    python -c "from llama_cpp import Llama; '
+            f"print(Llama('{r['file']}')('Calculate: 12+7=', max_tokens=4))\"",
+            "",
+            f"Verify it: `surgery inspect {r['file']}`",
+        ]
+    )
+
+
+def _runtime_lines(check: dict | None) -> list[str]:
+    if check is None:
+        return ["llama-cpp-python is not installed: the file was not run here (`make setup` installs it).", ""]
+    same = "the same" if check["same_greedy_as_transformers"] else "NOT the same"
+    return [
+        f"Through llama.cpp: {check['prompt']!r} -> {check['completion']!r} ({same} greedy tokens as "
+        f"transformers; max |logit diff| {check['max_logit_diff']:.1e}; token ids "
+        f"{'identical' if check['same_token_ids'] else 'DIFFERENT'})",
+        "",
+    ]

