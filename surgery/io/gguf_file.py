@@ -28,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -311,51 +313,103 @@ _PLACEHOLDER = "0" * 64
 
 
 def _seal(path: Path) -> None:
-    """Replaces the placeholder digest in a written file with the digest of what a reader gets back from it
-    (values as stored, e.g. float32 metadata), patched in place: the same length, so nothing moves."""
+    """Replaces the placeholder digest in a written file with `file_digest` (patched in place: the same length,
+    so nothing moves)."""
+    at = header(path)["digest_at"]
+    if at is None:
+        raise RuntimeError(f"{path}: no {DIGEST_KEY} to seal")
     digest = file_digest(path)
-    key = DIGEST_KEY.encode()
     with open(path, "r+b") as f:
-        head = f.read(64 << 20)
-        at = head.find(key + (8).to_bytes(4, "little") + (64).to_bytes(8, "little") + _PLACEHOLDER.encode())
-        if at < 0:
-            raise RuntimeError(f"{path}: the digest placeholder is not in the first 64 MiB")
-        f.seek(at + len(key) + 12)
+        f.seek(at)
         f.write(digest.encode())
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 over a GGUF file's key-value pairs (but surgery.digest and the reader's GGUF.* header fields) and
-    every tensor's name and bytes, as gguf-py's reader returns them."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-    kv = {name: field_value(f) for name, f in r.fields.items()}
-    tensors = hashlib.sha256()
-    for t in r.tensors:
-        tensors.update(t.name.encode() + b"\0" + np.ascontiguousarray(t.data).tobytes())
-    return _digest(kv, tensors.hexdigest())
-
-
-def _digest(kv: dict, tensors: str) -> str:
-    kv = {k: v for k, v in kv.items() if k != DIGEST_KEY and not k.startswith("GGUF.")}
-    text = json.dumps(kv, sort_keys=True, default=str, ensure_ascii=False)
-    return sha256((text + "\n" + tensors).encode()).hexdigest()
+    """SHA-256 of the whole file with the 64 bytes of the surgery.digest value read as the placeholder: every
+    metadata pair, tensor description, padding byte and tensor byte counts."""
+    at = header(path)["digest_at"]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        pos = 0
+        while chunk := f.read(1 << 24):
+            if at is not None and at < pos + len(chunk) and at + 64 > pos:
+                buf = bytearray(chunk)
+                lo, hi = max(at - pos, 0), min(at + 64 - pos, len(buf))
+                buf[lo:hi] = _PLACEHOLDER.encode()[lo - (at - pos) : hi - (at - pos)]
+                chunk = bytes(buf)
+            h.update(chunk)
+            pos += len(chunk)
+    return h.hexdigest()
 
 
 # ---- reading one back ---------------------------------------------------------------------------------------
-def read_gguf(path: str | Path) -> dict:
-    """{"arch", "manifest" (dict or None), "widths", "tensors": {name: shape}, "problems": [..]} of a GGUF file;
-    problems lists what `verify_gguf` found (empty: the file is as surgery wrote it)."""
-    import gguf
+# A GGUF header parser of its own: gguf-py's GGUFReader maps every element of every array (a 49k-token vocabulary
+# and its merges) into numpy views, ~5 s a file on this CPU; metadata and tensor shapes need one pass over bytes.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
 
+
+def header(path: str | Path, max_items: int = 64) -> dict:
+    """{"version", "kv": {key: value}, "tensors": {name: shape (HF order)}, "digest_at": offset of the
+    surgery.digest value or None}. Arrays longer than `max_items` are read past and given as {"array": length}."""
+    with open(path, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        r = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as e:
-        raise UsageError(f"{path} is not a readable GGUF file ({str(e).splitlines()[0][:120]})") from e
-    kv = {name: field_value(f) for name, f in r.fields.items()}
+        return _parse(data, max_items)
+    except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})"[:200]) from e
+    finally:
+        data.close()
+
+
+def _parse(b, max_items: int) -> dict:
+    if b[:4] != b"GGUF":
+        raise ValueError("no GGUF magic")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", b, 4)
+    pos = 24
+
+    def string(p: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", b, p)
+        return bytes(b[p + 8 : p + 8 + n]).decode("utf-8"), p + 8 + n
+
+    def value(kind: int, p: int):
+        if kind == _STRING:
+            return string(p)
+        if kind == _ARRAY:
+            sub, n = struct.unpack_from("<IQ", b, p)
+            p += 12
+            items = []
+            for _ in range(n):
+                v, p = value(sub, p)
+                if n <= max_items:
+                    items.append(v)
+            return (items if n <= max_items else {"array": n}), p
+        fmt = _SCALARS[kind]
+        return struct.unpack_from(fmt, b, p)[0], p + struct.calcsize(fmt)
+
+    kv, digest_at = {}, None
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", b, pos)
+        if key == DIGEST_KEY and kind == _STRING:
+            digest_at = pos + 4 + 8
+        kv[key], pos = value(kind, pos + 4)
+    tensors = {}
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", b, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", b, pos + 4)
+        pos += 4 + 8 * n_dims + 4 + 8
+        tensors[name] = [int(d) for d in reversed(dims)]
+    return {"version": version, "kv": kv, "tensors": tensors, "digest_at": digest_at}
+
+
+def read_gguf(path: str | Path) -> dict:
+    """{"arch", "manifest" (dict or None), "widths", "tensors": {name: shape}, "problems": [..], "metadata"} of a
+    GGUF file; problems lists what verification found (empty: the file is as surgery wrote it)."""
+    h = header(path)
+    kv = h["kv"]
     arch = kv.get("general.architecture")
-    shapes = {t.name: [int(n) for n in reversed(t.shape.tolist())] for t in r.tensors}
     problems = []
     stored = kv.get(DIGEST_KEY)
     if stored is None:
@@ -363,19 +417,24 @@ def read_gguf(path: str | Path) -> dict:
     elif stored != file_digest(path):
         problems.append("surgery.digest does not match: the metadata or tensors were changed after export")
     manifest = kv.get(MANIFEST_KEY)
+    try:
+        manifest = json.loads(manifest) if isinstance(manifest, str) else None
+    except json.JSONDecodeError:
+        problems.append(f"{MANIFEST_KEY} is not valid JSON")
+        manifest = None
     widths = kv.get(f"{arch}.feed_forward_length")
     return {
         "arch": arch,
-        "manifest": json.loads(manifest) if isinstance(manifest, str) else None,
+        "manifest": manifest,
         "widths": widths if isinstance(widths, list) else [widths] * int(kv.get(f"{arch}.block_count", 0)),
-        "tensors": shapes,
+        "tensors": h["tensors"],
         "problems": problems,
-        "metadata": {k: v for k, v in kv.items() if not k.startswith(("tokenizer.ggml.", "GGUF."))},
+        "metadata": {k: v for k, v in kv.items() if not k.startswith("tokenizer.ggml.")},
     }
 
 
 def field_value(f):
-    """A GGUFReader field as the plain value GGUFWriter was given (str, number, or list)."""
+    """A gguf-py GGUFReader field as the plain value GGUFWriter was given (str, number, or list)."""
     import gguf
 
     if not f.types:

@@ -41,8 +41,10 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None):
-    """A llama_cpp.Llama over `path` that keeps the logits of every position (logits_all), on the CPU."""
+def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, f32_cache: bool = True):
+    """A llama_cpp.Llama over `path` that keeps the logits of every position (logits_all), on the CPU. The KV
+    cache is f32 unless f32_cache=False (llama.cpp's default, f16: it alone moves SmolLM2's logits by ~3e-2, so
+    comparisons with transformers use f32; deployments usually keep f16)."""
     if not available():
         raise UsageError("llama-cpp-python is not installed; `make setup` installs it (or pip install 'surgery[gguf]')")
     from llama_cpp import Llama
@@ -58,6 +60,8 @@ def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None):
                 logits_all=True,
                 verbose=False,
                 n_gpu_layers=0,
+                type_k=0 if f32_cache else 1,  # GGML_TYPE_F32 / GGML_TYPE_F16
+                type_v=0 if f32_cache else 1,
             )
     except ValueError as e:
         raise UsageError(f"llama.cpp refused {path}: {str(e).splitlines()[0][:160]}") from e

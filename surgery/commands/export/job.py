@@ -63,14 +63,10 @@ def runtime_check(model, tokenizer, path: Path, prompt: str, new_tokens: int = 1
     ids = tokenizer.encode(prompt, add_special_tokens=True)
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].float().numpy()
-        hf_new = model.generate(
-            torch.tensor([ids]),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=None,
-        )[0, len(ids) :].tolist()
+        seq = list(ids)
+        for _ in range(new_tokens):  # argmax decoding, no stop token: what llamacpp.greedy does
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        hf_new = seq[len(ids) :]
     cpp_new = llamacpp.greedy(llm, ids, new_tokens)
     return {
         "prompt": prompt,
