@@ -64,7 +64,7 @@ def test_options_are_declared_once_and_match_the_job(verb):
         build_parser().parse_args(
             [
                 verb,
-                *(["PATH"] if verb == "inspect" else []),
+                *(["PATH"] if verb in ("inspect", "export") else []),
                 *(["A", "B"] if verb == "diff" else []),
                 *(["--circuit", "C"] if verb == "heuristics" else []),
             ]
