@@ -189,8 +189,8 @@ def test_another_recipe_is_refused_by_name_and_nothing_changes(tiny_smol_dir, tm
 def test_search_bisects_to_the_smallest_passing_budget(monkeypatch):
     """A fake model that passes iff at least 30% is kept: the probes halve the interval every time."""
     ref_rows = [{"validation": {"full_answer_acc": 0.5}}, {"validation": {"full_answer_acc": 0.8}}]
-    sw = SimpleNamespace(ref_rows=ref_rows, plan=SimpleNamespace(selectors=["cna"]), sel=None)
-    monkeypatch.setattr(prune_sweep, "keeps_for", lambda sel, kind, v: {"cna": {0: list(range(int(v)))}})
+    sw = SimpleNamespace(ref_rows=ref_rows, plan=SimpleNamespace(selectors=["cna"], uniform=False), sel=None)
+    monkeypatch.setattr(prune_sweep, "keeps_for", lambda sel, kind, v, uniform=False: {"cna": {0: list(range(int(v)))}})
     interim = []
     monkeypatch.setattr(prune_sweep, "write_report", lambda sw, budgets, found: interim.append(dict(found)))
 
