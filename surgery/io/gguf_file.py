@@ -145,6 +145,7 @@ def _tensors(model: nn.Module, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     permute = arch in ("llama", "deci")
     n_head, n_kv = view.n_heads, view.n_kv_heads
+    q_names, k_names = _suffixes(view.arch.attn_qkv[0]), _suffixes(view.arch.attn_qkv[1])
     for hf_name, t in model.state_dict().items():
         if tied and hf_name.startswith(view.arch.lm_head + "."):
             continue
@@ -156,14 +157,18 @@ def _tensors(model: nn.Module, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
                 f"no GGUF name for tensor {hf_name!r} of {arch}; this checkpoint has parts llama.cpp lacks"
             )
         t = t.detach().to("cpu", torch.float32)
-        if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        if permute and hf_name.endswith(q_names):  # the arch table's q / k projections (separate layout)
             t = _permute(t, n_head)
-        elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif permute and hf_name.endswith(k_names):
             t = _permute(t, n_kv)
         yield name, t
     freqs = _rope_freqs(cfg)
     if freqs is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], freqs
+
+
+def _suffixes(path: str) -> tuple[str, str]:
+    return f"{path}.weight", f"{path}.bias"
 
 
 def _MODEL_ARCH(name: str):  # noqa: N802 - gguf's enum, looked up by its llama.cpp name

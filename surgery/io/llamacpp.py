@@ -91,3 +91,18 @@ def greedy(llm, ids: list[int], n: int) -> list[int]:
         out.append(token)
         llm.eval([token])
     return out
+
+
+def transformers_greedy(model, ids: list[int], n: int) -> list[int]:
+    """The same argmax decoding in transformers, with its KV cache and no stop token (generate() would also
+    suppress EOS under min_new_tokens): the reference `greedy` is compared with."""
+    import torch
+
+    out, past, step = [], None, torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            res = model(step, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            out.append(int(res.logits[0, -1].argmax()))
+            step = torch.tensor([[out[-1]]])
+    return out

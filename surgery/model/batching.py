@@ -36,9 +36,9 @@ def contiguous_head(model: torch.nn.Module) -> torch.nn.Module:
     """Makes the LM head's input contiguous before its matmul (a forward pre-hook; idempotent; returns `model`).
 
     With `logits_to_keep`, transformers feeds the head `hidden[:, -k:, :]`, a strided view; torch's CPU linear
-    then takes a batched-matmul path that is 4-5x slower than on the same values made contiguous (measured with
-    torch 2.13, d 576, vocabulary 49,152: 585 ms vs 116 ms for 64 rows at k = 1; 1.06 s vs 0.22 s forward +
-    backward at batch 16, k = 4). The head is the largest single matmul of a small model, so this is a third of a
+    then takes a batched-matmul path that is 4-5x slower than on the same values made contiguous (torch 2.13,
+    d 576, vocabulary 49,152: 585 ms vs 116 ms for 64 rows at k = 1; the command is on
+    docs/benchmarks/training.md). The head is the largest single matmul of a small model, so this is a third of a
     LoRA training step and most of an evaluation batch. The values, and so the logits, are the same."""
     head = model.get_output_embeddings()
     if head is not None and _contiguous_input not in head._forward_pre_hooks.values():

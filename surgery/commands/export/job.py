@@ -63,10 +63,7 @@ def runtime_check(model, tokenizer, path: Path, prompt: str, new_tokens: int = 1
     ids = tokenizer.encode(prompt, add_special_tokens=True)
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].float().numpy()
-        seq = list(ids)
-        for _ in range(new_tokens):  # argmax decoding, no stop token: what llamacpp.greedy does
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-        hf_new = seq[len(ids) :]
+    hf_new = llamacpp.transformers_greedy(model, ids, new_tokens)
     cpp_new = llamacpp.greedy(llm, ids, new_tokens)
     return {
         "prompt": prompt,
