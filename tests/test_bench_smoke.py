@@ -57,6 +57,13 @@ BENCHES = {
         [r"^layer 3: removed 32", r"^error ratio \(compensated / uncompensated.*: all [\d.]+, no-first [\d.]+"],
     ),
     "finetune": ([needs_tokenizer, slow], [SPEEDUP + r"full [\d.]+s, precise [\d.]+s\), trained [\d,]+ of "]),
+    "deploy": (
+        [needs_tokenizer, slow],
+        [
+            r"^round 1/1: (dense|pruned) [\d.]+ tok/s",
+            r"^\| generation tok/s \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \|$",
+        ],
+    ),
     "heads": ([needs_tokenizer, slow], [r"^12 heads x \d+ cases", SPEEDUP + r"reference .*identical=true$"]),
     "keep_overlap": ([], [r"^\| 25% \| cna \| random \| [\d.]+ \|", r"^overlap 2 budgets, 6 selector pairs$"]),
     "no_recovery": ([needs_tokenizer, slow], [r"^original: 1-digit ", r"^compensated 50% magnitude: 1-digit [\d.]+"]),

@@ -75,6 +75,11 @@ CASES = [  # (argv, a phrase the one line must contain)
     (["circuit", "--limit", "1"], "at least 2 per operator"),
     (["circuit", "--mean-sample", "3"], "--mean-sample 3 is fewer than the 8"),
     (["circuit", "--score", "last"], "unknown --score 'last'"),
+    (["prune", "--export", "onnx"], "unknown --export format 'onnx'"),
+    (["prune", "--sweep", "50%", "--export", "gguf"], "a --sweep exports no checkpoint"),
+    (["debias", "--export", "gguf:q3_k"], "unknown GGUF type 'q3_k'"),
+    (["edit", "--pairs", "gender-bias", "--export", "tar"], "unknown --export format 'tar'"),
+    (["finetune", "--export", "gguf,gguf:f32"], "--export lists gguf:f32 twice"),
 ]
 
 
@@ -105,6 +110,7 @@ def test_profile_that_is_not_a_mapping(bad_profile, tmp_path, capfd):
         (["cna", "--prompt", "Calculate: 3+5=", "--target", " nursery rhymes"], "is 2 tokens"),
         (["lora-sweep", "--quick", "--layers", "7"], "outside the model"),  # no step log line before the error
         (["prune", "--quick", "--keep", "top5", "--lora-layer", "9"], "--lora-layer 9 is outside the model"),
+        (["prune", "--quick", "--keep", "top5", "--export", "gguf:q8_0"], "prune with --multiple 32"),
     ],
 )
 def test_bad_input_after_loading_is_still_one_line(tiny_dir, argv, phrase, tmp_path, capfd):

@@ -65,10 +65,31 @@ def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
     )
+    layer_norm = dict(vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
     cfg = {
         "llama": lambda: T.LlamaConfig(**common, attention_bias=True, mlp_bias=True),
         "mistral": lambda: T.MistralConfig(**common, sliding_window=None),
         "qwen2": lambda: T.Qwen2Config(**common, use_sliding_window=False),
+        "phi3": lambda: T.Phi3Config(**common, sliding_window=None),
+        # every other layer sliding over 8 tokens (the prompts are longer), soft-capped logits
+        "gemma3": lambda: T.Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=30.0,
+        ),
+        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=3, n_head=4, n_inner=96, n_positions=256, **layer_norm),
+        "gpt_neox": lambda: T.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            rotary_pct=0.5,
+            **{**layer_norm, "tie_word_embeddings": False},
+        ),
     }[arch]()
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
@@ -82,7 +103,7 @@ def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
 def sliced(model: torch.nn.Module, widths: dict[int, int]) -> torch.nn.Module:
     """`model` with layer l's FFN cut to `widths[l]` neurons (every other neuron from the first: no search)."""
     view = ModelView(model)
-    keep = {l: list(range(0, view.ffn_width(l), max(1, view.ffn_width(l) // w)))[:w] for l, w in widths.items()}
+    keep = {l: list(range(0, view.ffn_width(l), max(1, view.ffn_width(l) // max(w, 1))))[:w] for l, w in widths.items()}
     slice_ffn(model, keep)
     return model
 
@@ -143,6 +164,20 @@ def test_per_layer_widths_run_in_llama_cpp_as_deci(arch, tmp_path):
 
 @needs_tokenizer
 @needs_llama_cpp
+def test_a_layer_cut_to_no_neuron_is_written_as_zero_neurons(tmp_path):
+    """CNA can empty a layer (top-N per case with few cases). llama.cpp's deci skips a width-0 layer entirely,
+    attention too; written as one all-zero neuron (a block of 32 for q8_0) it computes what transformers does."""
+    model, tok = sliced(tiny("llama"), {0: 64, 1: 0, 2: 96}), tokenizer()
+    assert ModelView(model).ffn_widths() == [64, 0, 96]
+    written = write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    assert written.widths == [64, 1, 96] and read_gguf(written.path)["widths"] == [64, 1, 96]
+    got = agreement(model, tok, written.path, n_greedy=8)
+    assert got["ids_same"] and got["greedy_same"] and got["max_logit_diff"] < 1e-3, got
+    assert write_gguf(model, tok, tmp_path / "q.gguf", "q8_0").widths == [64, 32, 96]
+
+
+@needs_tokenizer
+@needs_llama_cpp
 def test_quantised_deci_agrees_within_its_rounding(tmp_path):
     model, tok = sliced(tiny("llama"), WIDTHS), tokenizer()
     ref = agreement(model, tok, write_gguf(model, tok, tmp_path / "f32.gguf", "f32").path, n_greedy=4)
@@ -190,16 +225,40 @@ def test_real_smollm2_sliced_runs_in_llama_cpp(tmp_path):
     assert rendered == loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# ---- one width: every other architecture as its own llama.cpp graph ----------------------------------------------
+@needs_tokenizer
+@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gpt2", "gpt_neox"])
+@needs_llama_cpp
+def test_one_width_models_run_in_llama_cpp_as_their_own_architecture(arch, tmp_path):
+    """Gemma-3 (norms +1, sliding layers, soft-cap), Phi-3 (fused qkv and gate_up), GPT-2 (Conv1D, learned
+    positions, LayerNorm) and NeoX (per-head qkv, partial rotary, parallel residual, untied head), unpruned and
+    cut to one width (--uniform), agree with transformers in llama.cpp; per-layer widths are refused."""
+    expected = {"gemma3": "gemma3", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gptneox"}[arch]
+    tok = tokenizer()
+    for width in (96, 32):  # unpruned, then every layer cut to 32
+        model = sliced(tiny(arch), {0: width, 1: width, 2: width}) if width != 96 else tiny(arch)
+        assert gguf_arch(model) == expected
+        path = write_gguf(model, tok, tmp_path / f"{arch}-{width}.gguf", "f32").path
+        assert read_gguf(path)["widths"] == [width] * 3
+        got = agreement(model, tok, path)
+        assert got["ids_same"] and got["greedy_same"], (width, got)
+        assert got["max_logit_diff"] < 1e-3, (width, got)
+    with pytest.raises(UsageError, match="prune with --uniform"):
+        gguf_arch(sliced(tiny(arch), WIDTHS))
+
+
 # ---- refusals, provenance and tampering -------------------------------------------------------------------------
 @needs_tokenizer
-def test_block_types_need_widths_that_fit_and_gemma_is_refused(tmp_path):
+def test_block_types_need_widths_that_fit_and_gptj_is_refused(tmp_path):
     model = sliced(tiny("llama"), {0: 48, 1: 32, 2: 96})
     with pytest.raises(UsageError, match="layer 0 FFN width is 48.*--multiple 32"):
         write_gguf(model, tokenizer(), tmp_path / "x.gguf", "q8_0")
     assert not any(tmp_path.iterdir())
+    with pytest.raises(UsageError, match="no GGUF export for 'gptj' .llama.cpp names a GPT-J architecture"):
+        gguf_arch(make_tiny("gptj"))
     gemma = make_tiny("gemma3")
     slice_ffn(gemma, {0: [0, 1, 2]})
-    with pytest.raises(UsageError, match="no GGUF export for 'gemma3_text' yet"):
+    with pytest.raises(UsageError, match="gemma3_text with per-layer FFN widths .* prune with --uniform"):
         gguf_arch(gemma)
 
 
@@ -232,6 +291,28 @@ def test_export_command_embeds_provenance_and_inspect_catches_tampering(tmp_path
     raw[-3] ^= 0x40  # one tensor byte
     tampered.write_bytes(raw)
     assert main(["inspect", str(tampered)]) == 1
+
+
+@needs_tokenizer
+def test_checkpoint_save_writes_exports_inside_the_checkpoint(tmp_path):
+    """save(..., exports=[gguf]) (what --export does in prune/debias/edit/finetune): the GGUF is in the folder,
+    listed with its hash in surgery.json, its metadata carries the provenance; a per-layer cut of an architecture
+    without a per-layer graph is refused before any work."""
+    from surgery.commands.inspect.job import inspect
+    from surgery.io.checkpoint import save
+    from surgery.io.deploy import Export, check_planned
+
+    model, tok = sliced(tiny("qwen2"), WIDTHS), tokenizer()
+    save(model, tok, tmp_path / "c", layout="sliced", provenance={"seed": 3}, exports=[Export("gguf", "f16")])
+    manifest = json.loads((tmp_path / "c" / "surgery.json").read_text())
+    (record,) = manifest["exports"]
+    assert record["arch"] == "deci" and record["gguf_type"] == "f16" and record["file"] in manifest["files"]
+    g = read_gguf(tmp_path / "c" / record["file"])
+    assert g["problems"] == [] and g["manifest"]["seed"] == 3 and g["widths"] == [64, 32, 96]
+    assert inspect(str(tmp_path / "c")).exit_code == 0
+    with pytest.raises(UsageError, match="no per-layer-width llama.cpp graph"):
+        check_planned(make_tiny("gemma3"), [Export("gguf")], per_layer=True, multiple=8)
+    check_planned(make_tiny("gemma3"), [Export("gguf")], per_layer=False, multiple=8)  # --uniform: fine
 
 
 def test_export_bad_input_is_one_line(tmp_path, capfd):

@@ -38,7 +38,7 @@ def pruned(tmp_path_factory, smol):
     from surgery.commands.prune import run
 
     out = tmp_path_factory.mktemp("prune") / "x"
-    return out, run(out=str(out), quick=True, keep="top50", overrides=SMALL)
+    return out, run(out=str(out), quick=True, keep="top50", overrides=SMALL, export="gguf")
 
 
 def test_report_rows_and_budget(pruned):
@@ -72,6 +72,34 @@ def test_checkpoint_widths_and_reload(pruned):
     assert prov["layout"] == "sliced"
     assert rep.data["results"]["reload"]["widths_match"]
     assert rep.data["results"]["reload"]["max_logit_diff"] < 1e-4
+
+
+def test_export_gguf_sits_in_the_checkpoint_and_runs_in_llama_cpp(pruned):
+    """--export gguf: the pruned model (LoRA merged) as one GGUF in the checkpoint folder, listed with its sha256 in
+    surgery.json, carrying the provenance; llama.cpp runs it as `deci` at the checkpoint's own widths and decodes
+    what the reloaded checkpoint decodes."""
+    from surgery.commands.inspect.job import inspect as inspect_path
+    from surgery.io import checkpoint, llamacpp
+    from surgery.io.gguf_file import read_gguf
+
+    out, rep = pruned
+    manifest = json.loads((out / "surgery.json").read_text())
+    (record,) = manifest["exports"]
+    path = out / record["file"]
+    assert record["format"] == "gguf" and record["arch"] == "deci" and record["file"] in manifest["files"]
+    g = read_gguf(path)
+    assert g["problems"] == [] and g["widths"] == [w or 1 for w in manifest["ffn"]["widths"]]  # 0: one zero neuron
+    assert g["manifest"]["recipe"]["keep"] == "top50" and g["manifest"]["layout"] == "sliced"
+    assert inspect_path(str(out)).data["problems"] == []
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python not installed")
+    from transformers import AutoTokenizer
+
+    back, tok = checkpoint.load(out), AutoTokenizer.from_pretrained(str(out))
+    llm = llamacpp.open_gguf(path)
+    for prompt in ("Calculate: 23+45=", "Calculate: 7*8="):
+        ids = tok.encode(prompt)
+        assert llamacpp.greedy(llm, ids, 6) == llamacpp.transformers_greedy(back, ids, 6), prompt
 
 
 def test_reloaded_checkpoint_answers_like_report(pruned):

@@ -423,3 +423,23 @@ def test_uniform_keeps_the_same_share_of_every_layer_each_by_its_own_ranking():
 def test_uniform_refuses_what_cannot_be_one_width(kw, msg):
     with pytest.raises(UsageError, match=msg):
         prune.make_plan(recipe(uniform=True, **kw), make_tiny("llama"))
+
+
+# ---- --multiple: sliced widths padded for GGUF blocks -------------------------------------------------------
+def test_multiple_pads_sliced_widths_with_zero_neurons_and_records_the_padding():
+    """--multiple 32: each sliced layer's width is its kept count rounded up to 32 with zero neurons (the output
+    unchanged), recorded as padding; 1 = exact widths; the default is the GEMM-friendly 8."""
+    orig = make_tiny("llama")  # 3 layers of 48 neurons
+    keep = {1: list(range(0, 20, 2)), 2: list(range(7))}  # 10 and 7 neurons
+    exact, by32 = prune.sliced_copy(orig, keep, multiple=1), prune.sliced_copy(orig, keep, multiple=32)
+    assert ModelView(exact).ffn_widths() == [48, 10, 7] and ModelView(by32).ffn_widths() == [48, 32, 32]
+    assert by32.config.ffn_padding[1:] == [22, 25]
+    x = tiny_inputs()
+    with torch.no_grad():
+        assert torch.allclose(exact(**x).logits, by32(**x).logits, atol=1e-5)
+    assert ModelView(prune.sliced_copy(orig, keep)).ffn_widths() == [48, 16, 8]  # the default multiple, 8
+    assert prune.PruneRecipe().multiple == 8
+    with pytest.raises(UsageError, match="multiple"):
+        prune.load_recipe("arithmetic-prune", ["multiple=0"])
+    r = prune.load_recipe("arithmetic-prune", keep="25%", multiple=32)
+    assert prune.make_plan(r, make_tiny("llama")).multiple == 32

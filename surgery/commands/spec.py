@@ -176,6 +176,14 @@ DATA = [
 ]
 OUT = [option("--out", default=None, help="output folder for report.json / report.md / plots")]
 FORCE = [option("--force", action="store_true", help="overwrite an existing output folder")]
+EXPORT = [
+    option(
+        "--export",
+        default=None,
+        help="also write the checkpoint for a runtime, into the same folder: gguf[:TYPE] (llama.cpp; TYPE f32 | "
+        "f16 | bf16 | q8_0 | q4_0, default f32)",
+    )
+]
 RECIPE = [
     option("--quick", action="store_true", help="the recipe's quick profile (CPU-sized smoke run)"),
     option("--profile", default=None, help="a named profile of the recipe (e.g. cpu); --quick = --profile quick"),

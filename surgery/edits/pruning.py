@@ -32,11 +32,12 @@ from surgery.find.cna import parse_layers, scan
 from surgery.find.neurons import by_layer, mean_coefficients, top_n
 from surgery.io import checkpoint as export
 from surgery.io import recipe as recipes
+from surgery.io.deploy import Export
 from surgery.io.recipe import rules, to_dict
 from surgery.io.report import md_table
 from surgery.model.arch import ModelView
 from surgery.model.batching import pad_id
-from surgery.model.slicing import base_width, ffn_param_count, fold_means, slice_ffn, sliced_width
+from surgery.model.slicing import PAD_MULTIPLE, base_width, ffn_param_count, fold_means, slice_ffn, sliced_width
 
 
 # ---- the recipe --------------------------------------------------------------------------------------------
@@ -115,6 +116,9 @@ class PruneRecipe:
     # Minitron-style: EVERY layer keeps the same P% of its neurons (each layer's own best), so the checkpoint is
     # a stock config with one smaller intermediate size: plain from_pretrained, GGUF as the stock architecture
     uniform: bool = False
+    # each sliced layer's physical width rounded UP to a multiple of this with zero padding neurons (recorded as
+    # ffn.padding; model/slicing.py): 8 = GEMM-friendly (default), 32 = q8_0/q4_0 GGUF blocks, 1 = exact widths
+    multiple: int = field(default=PAD_MULTIPLE, metadata=rules(min=1))
     compensate: bool = False  # fold removed neurons' mean contributions into the FFN output bias (FLAP)
     # where the means come from: last = the answer-reading position of every selection case (default); tokens =
     # every prompt token (FLAP's calibration), which on SmolLM2 folds first-token outliers (massive activations,
@@ -146,6 +150,7 @@ class Plan:
     lora_layer: int
     selectors: list[str]
     uniform: bool = False
+    multiple: int = 1
 
 
 def parse_keep(spec: str) -> tuple[str, float]:
@@ -201,7 +206,7 @@ def make_plan(r: PruneRecipe, model: nn.Module) -> Plan:
     if r.uniform and r.compensate:
         raise UsageError("--uniform writes a stock checkpoint, which has no place for compensate=true's FFN biases")
     order = [r.selector] + [s for s in r.baselines if s != r.selector]
-    return Plan(layers, kind, value, lora_layer, order, r.uniform)
+    return Plan(layers, kind, value, lora_layer, order, r.uniform, r.multiple)
 
 
 # ---- the task a model is pruned for ---------------------------------------------------------------------------
@@ -421,13 +426,19 @@ def global_budget(scores: Scores, pct: float) -> Keep:
 
 
 # ---- slicing + fresh LoRA ----------------------------------------------------------------------------------
-def sliced_copy(orig: nn.Module, keep: dict[int, list[int]], means: dict[int, torch.Tensor] | None = None) -> nn.Module:
-    """A deep copy of `orig` with each listed layer's FFN physically cut to the kept neurons; with `means` (mean
-    coefficient per neuron) the removed neurons' mean contributions are folded into the FFN output bias first."""
+def sliced_copy(
+    orig: nn.Module,
+    keep: dict[int, list[int]],
+    means: dict[int, torch.Tensor] | None = None,
+    multiple: int = PAD_MULTIPLE,
+) -> nn.Module:
+    """A deep copy of `orig` with each listed layer's FFN physically cut to the kept neurons (widths padded up to
+    `multiple` with zero neurons); with `means` (mean coefficient per neuron) the removed neurons' mean
+    contributions are folded into the FFN output bias first."""
     m = copy.deepcopy(orig)
     if means is not None:
         fold_means(m, keep, means)
-    slice_ffn(m, keep)
+    slice_ffn(m, keep, multiple)
     return m.eval()
 
 
@@ -455,7 +466,7 @@ def prune_and_train(
 ) -> tuple[nn.Module, Fit]:
     """Slice a copy (bias-compensated with `means` when given), attach a fresh LoRA at the plan's layer, train it
     on the task's rows (lr chosen on validation; distilled from `teacher` when train.distill > 0)."""
-    sliced = sliced_copy(orig, keep, means)
+    sliced = sliced_copy(orig, keep, means, plan.multiple)
     ffn = sorted(keep) if r.lora.ffn else ()  # lora.ffn: the recovery LoRA also adapts the pruned FFNs
     return sliced, fit_lora(
         sliced, tokenizer, plan.lora_layer, r.lora, r.train, task.train, task.validate, teacher=teacher, ffn_layers=ffn
@@ -558,8 +569,10 @@ def export_checkpoint(
     keep: dict[int, list[int]],
     base: str,
     extra: dict,
+    exports: Sequence[Export] = (),
 ) -> dict:
-    """Write the chosen model (LoRA merged) with provenance, then reload it and compare logits."""
+    """Write the chosen model (LoRA merged) with provenance (and `exports`, e.g. GGUF), then reload it and
+    compare logits."""
     prov = {
         "recipe": to_dict(r),
         "seed": r.seed,
@@ -578,6 +591,7 @@ def export_checkpoint(
         merge=True,
         extra_files=extra,
         base=base,
+        exports=exports,
     )
     return check_reload(out, merged, keep, r.layout)
 

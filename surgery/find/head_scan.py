@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from surgery.errors import UsageError
 from surgery.evals import arithmetic, tasks
 from surgery.model.arch import ModelView
-from surgery.model.batching import device_of, left_pad, pad_id, position_ids
+from surgery.model.batching import cache_kwargs, device_of, left_pad, pad_id, position_ids
 from surgery.model.hooks import Hooks, run_from
 
 Head = tuple[int, int]
@@ -181,16 +181,15 @@ def ablated(
                 view.model(
                     input_ids=b.input_ids[:1, :P].to(dev).repeat(G, 1),
                     position_ids=b.position_ids[:1, :P].to(dev).repeat(G, 1),
-                    past_key_values=cache,
-                    use_cache=True,
                     logits_to_keep=1,
+                    **cache_kwargs(view.model, cache),
                 )
             cache.batch_repeat_interleave(B)
         h.ablate_heads(layer, mask.repeat_interleave(B, 0), replacement=repl)
         inp = b.inputs(dev, repeat=G)
         inp.update(input_ids=inp["input_ids"][:, P:], position_ids=inp["position_ids"][:, P:])
         if P:
-            inp.update(past_key_values=cache, use_cache=True)
+            inp.update(cache_kwargs(view.model, cache))
         with run_from(view, layer, resid[:, P:].repeat(G, 1, 1)):
             logits = view.model(**inp).logits
     return score(logits, b, G)

@@ -19,7 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from surgery import __version__
 from surgery.errors import UsageError
 from surgery.io import trust
+from surgery.io.deploy import Export, write_exports
 from surgery.io.loading import DTYPES, resolve, sha256_file
 from surgery.io.report import Report, atomic_dir, now
 from surgery.model.arch import ModelView
@@ -62,12 +63,14 @@ def save(
     max_shard_size: str | int = "2GB",
     base: str | Path | None = None,
     extra_files: dict[str, str | bytes] | None = None,
+    exports: Sequence[Export] = (),
 ) -> Report:
     """Write a self-describing checkpoint folder `out` in `layout` (sliced | padded | zeroed), atomically.
 
     `provenance` (recipe, seed, lora, base, layers: {l: {"kept"|"edited": [...]}}) goes into surgery.json with
     the tool version, layout, widths, dtype, created time and the sha256 of every file. `adapter_model` (a PEFT
-    model) is saved under adapter/ and, with merge=True, merged into the exported weights."""
+    model) is saved under adapter/ and, with merge=True, merged into the exported weights. `exports` (deploy
+    formats, e.g. GGUF) are written from the same weights into the folder and listed in surgery.json."""
     if layout not in LAYOUTS:
         raise UsageError(f"unknown --layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     target_dtype, out = _dtype(dtype), Path(out)
@@ -88,6 +91,9 @@ def save(
         if layout == "sliced" and needs_modeling(model):
             (tmp / MODELING).write_text(modeling_source(model))
         _write_side_files(model, tokenizer, tmp, extra_files or {})
+        if exports:  # their own metadata carries the manifest as it stands without them
+            inner = _manifest(model, tmp, layout, prov, kept, target_dtype, files, base, adapter_model, merge)
+            prov["exports"] = write_exports(model, tokenizer, tmp, list(exports), inner)
         manifest = write_manifest(
             tmp, _manifest(model, tmp, layout, prov, kept, target_dtype, files, base, adapter_model, merge)
         )

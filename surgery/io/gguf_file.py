@@ -67,23 +67,19 @@ def gguf_arch(model: nn.Module) -> str:
     view = ModelView(model)
     name = view.arch.gguf
     if name is None:
+        why = f" ({view.arch.gguf_missing})" if view.arch.gguf_missing else ""
         raise UsageError(
-            f"no GGUF export for {model.config.model_type!r} yet; export the safetensors checkpoint "
-            "(--format native or padded) instead"
+            f"no GGUF export for {model.config.model_type!r}{why}; export the safetensors checkpoint instead"
         )
     widths = view.ffn_widths()
-    if 0 in widths:
-        raise UsageError(
-            f"layer {widths.index(0)} keeps no FFN neuron; llama.cpp skips a layer of FFN width 0 entirely "
-            "(its attention too), so this model cannot be written as GGUF; keep at least one neuron per layer"
-        )
     if len(set(widths)) == 1:
         return name
     if view.arch.gguf_per_layer:
         return "deci"
     raise UsageError(
-        f"{model.config.model_type} with per-layer FFN widths has no llama.cpp architecture; prune with --uniform "
-        "(one width for every layer) or export the padded layout (--layout padded)"
+        f"{model.config.model_type} with per-layer FFN widths has no llama.cpp architecture (its {name} graph "
+        "builds every layer at one width); prune with --uniform (one width for every layer) or export the "
+        "padded layout (--layout padded)"
     )
 
 
@@ -135,21 +131,20 @@ def _rope_freqs(config) -> torch.Tensor | None:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _tensors(model: nn.Module, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, fp32 tensor) for every weight llama.cpp reads, in the converter's layout."""
+def _tensors(model: nn.Module, arch: str, empty: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, fp32 tensor) for every weight llama.cpp reads, in the converter's layout; a layer cut to no
+    FFN neuron gets `empty` all-zero neurons."""
     import gguf
 
     cfg = model.config
     view = ModelView(model)
     names = gguf.get_tensor_name_map(_MODEL_ARCH(arch), view.n_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    permute = arch in ("llama", "deci")
-    n_head, n_kv = view.n_heads, view.n_kv_heads
-    q_names, k_names = _suffixes(view.arch.attn_qkv[0]), _suffixes(view.arch.attn_qkv[1])
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     for hf_name, t in model.state_dict().items():
         if tied and hf_name.startswith(view.arch.lm_head + "."):
             continue
-        if hf_name.endswith("rotary_emb.inv_freq"):
+        if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):  # buffers, not weights
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -157,14 +152,34 @@ def _tensors(model: nn.Module, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
                 f"no GGUF name for tensor {hf_name!r} of {arch}; this checkpoint has parts llama.cpp lacks"
             )
         t = t.detach().to("cpu", torch.float32)
-        if permute and hf_name.endswith(q_names):  # the arch table's q / k projections (separate layout)
-            t = _permute(t, n_head)
-        elif permute and hf_name.endswith(k_names):
-            t = _permute(t, n_kv)
-        yield name, t
+        if 0 in t.shape:  # an FFN cut to no neuron: `empty` zero neurons instead (see _written_widths)
+            t = torch.zeros([n or empty for n in t.shape])
+        if hf_name in conv1d:  # GPT-2 Conv1D keeps [in, out]; llama.cpp reads [out, in] like a Linear
+            t = t.T.contiguous()
+        yield name, _converted(t, hf_name, arch, view)
     freqs = _rope_freqs(cfg)
     if freqs is not None:
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], freqs
+
+
+def _converted(t: torch.Tensor, hf_name: str, arch: str, view: ModelView) -> torch.Tensor:
+    """What llama.cpp's converter changes in a tensor for `arch` (as convert_hf_to_gguf.py does):
+    - llama / deci: Q and K rows (and biases) from the HF rotate-half layout to llama.cpp's interleaved NORM rope
+      (qwen2, phi3, gemma3 and gptneox use NEOX rope, the HF layout as it is);
+    - gemma3: every RMS norm weight + 1 (HF's Gemma3RMSNorm computes x * (1 + w), llama.cpp x * w);
+    - gptneox: query_key_value rows from per-head [q_h | k_h | v_h] to [q | k | v]."""
+    if arch in ("llama", "deci"):
+        if hf_name.endswith(_suffixes(view.arch.attn_qkv[0])):
+            return _permute(t, view.n_heads)
+        if hf_name.endswith(_suffixes(view.arch.attn_qkv[1])):
+            return _permute(t, view.n_kv_heads)
+    if arch == "gemma3" and hf_name.endswith("norm.weight"):
+        return t + 1.0
+    if arch == "gptneox" and hf_name.endswith(_suffixes(view.arch.attn_qkv[0])):
+        n, dh = view.n_heads, view.head_dim
+        grouped = t.reshape(n, 3, dh, *t.shape[1:])
+        return torch.cat([grouped[:, i].reshape(n * dh, *t.shape[1:]) for i in range(3)])
+    return t
 
 
 def _suffixes(path: str) -> tuple[str, str]:
@@ -196,26 +211,96 @@ _FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # llama_fty
 
 
 # ---- metadata -----------------------------------------------------------------------------------------------
+def _written_widths(model: nn.Module, gguf_type: str) -> list[int]:
+    """Each layer's FFN width in the file: its own, except that a layer cut to no neuron is written with zero
+    neurons (one, or a block of a block type): llama.cpp's `deci` skips a layer of width 0 entirely, attention
+    included, while an all-zero neuron adds exactly nothing (act(0) * 0 with a zero value column), as the
+    empty FFN does in transformers."""
+    empty = BLOCK.get(gguf_type, 1)
+    return [w or empty for w in ModelView(model).ffn_widths()]
+
+
 def _hparams(w, model: nn.Module, arch: str, gguf_type: str) -> None:
+    """The hyperparameters llama.cpp reads for `arch`, as its converter writes them from the HF config."""
     cfg = model.config
     view = ModelView(model)
-    widths = view.ffn_widths()
+    widths = _written_widths(model, gguf_type)
     w.add_block_count(view.n_layers)
-    w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
+    w.add_context_length(int(_first(cfg, "max_position_embeddings", "n_positions", default=2048)))
     w.add_embedding_length(view.hidden_size)
     w.add_feed_forward_length(widths if arch == "deci" else widths[0])
     w.add_head_count(view.n_heads)
-    w.add_head_count_kv(view.n_kv_heads)
-    w.add_key_length(view.head_dim)
-    w.add_value_length(view.head_dim)
-    w.add_rope_dimension_count(view.head_dim)
-    params = getattr(cfg, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(cfg, "rope_theta", None))
-    if theta is not None:
-        w.add_rope_freq_base(float(theta))
-    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(int(cfg.vocab_size))
     w.add_file_type(_FILE_TYPE[gguf_type])
+    if arch in ("gpt2", "gptneox"):  # LayerNorm models
+        w.add_layer_norm_eps(float(_first(cfg, "layer_norm_epsilon", "layer_norm_eps")))
+        if arch == "gptneox":
+            rotary = _rope(cfg).get("partial_rotary_factor", getattr(cfg, "rotary_pct", 1.0))
+            w.add_rope_dimension_count(int(rotary * view.head_dim))
+            w.add_rope_freq_base(float(_rope(cfg).get("rope_theta", getattr(cfg, "rotary_emb_base", 10000.0))))
+            w.add_parallel_residual(bool(getattr(cfg, "use_parallel_residual", True)))
+        return
+    w.add_head_count_kv(view.n_kv_heads)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_key_length(view.head_dim)
+    w.add_value_length(view.head_dim)
+    if arch == "gemma3":
+        _gemma3_hparams(w, cfg)
+        return
+    rope = _rope(cfg)
+    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * view.head_dim))
+    if "rope_theta" in rope:
+        w.add_rope_freq_base(float(rope["rope_theta"]))
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(
+            int(rope.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+        )
+        w.add_sliding_window(int(getattr(cfg, "sliding_window", None) or 0))
+
+
+def _gemma3_hparams(w, cfg) -> None:
+    """Gemma 3: global rope base (full-attention layers) and local base (sliding layers), the sliding window with
+    each layer's kind as llama.cpp's per-layer pattern, final logit soft-capping, linear rope scaling if any."""
+    import gguf
+
+    scalar = getattr(cfg, "query_pre_attn_scalar", None)
+    if scalar is not None and scalar != cfg.head_dim:
+        raise UsageError(
+            f"query_pre_attn_scalar {scalar} is not head_dim {cfg.head_dim}: llama.cpp's gemma3 graph scales "
+            "queries by 1/sqrt(head_dim) (27B excepted), so this model would run differently there"
+        )
+    full, local = _rope(cfg, "full_attention"), _rope(cfg, "sliding_attention")
+    w.add_rope_freq_base(float(full.get("rope_theta", 1_000_000.0)))
+    if "rope_theta" in local:
+        w.add_rope_freq_base_swa(float(local["rope_theta"]))
+    if full.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(full["factor"]))
+    if getattr(cfg, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    kinds = list(getattr(cfg, "layer_types", None) or [])
+    if getattr(cfg, "sliding_window", None) and "sliding_attention" in kinds:
+        w.add_sliding_window(int(cfg.sliding_window))
+        w.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+
+
+def _rope(cfg, kind: str | None = None) -> dict:
+    """The config's rope parameters (transformers 5 `rope_parameters`, per layer kind for Gemma 3), with the
+    older top-level `rope_theta` / `partial_rotary_factor` as fallbacks."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if kind is not None:
+        params = dict(params.get(kind, params))
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key not in params and getattr(cfg, key, None) is not None:
+            params[key] = getattr(cfg, key)
+    return params
+
+
+def _first(cfg, *keys: str, default=None):
+    for key in keys:
+        if getattr(cfg, key, None) is not None:
+            return getattr(cfg, key)
+    return default
 
 
 def _vocab(w, tokenizer, vocab_size: int) -> None:
@@ -295,7 +380,7 @@ def write_gguf(
         _hparams(w, model, arch, gguf_type)
         _vocab(w, tokenizer, int(model.config.vocab_size))
         count = 0
-        for name, t in _tensors(model, arch):
+        for name, t in _tensors(model, arch, BLOCK.get(gguf_type, 1)):
             data, raw = _encode(t, gguf_type)
             w.add_tensor(name, data, raw_dtype=raw)
             count += 1
@@ -311,7 +396,7 @@ def write_gguf(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return GgufWritten(path, arch, gguf_type, ModelView(model).ffn_widths(), count, path.stat().st_size)
+    return GgufWritten(path, arch, gguf_type, _written_widths(model, gguf_type), count, path.stat().st_size)
 
 
 _PLACEHOLDER = "0" * 64

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from surgery.errors import UsageError
+from surgery.model.batching import cache_kwargs, output_cache
 
 
 def available() -> bool:
@@ -41,10 +42,13 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, f32_cache: bool = True):
-    """A llama_cpp.Llama over `path` that keeps the logits of every position (logits_all), on the CPU. The KV
-    cache is f32 unless f32_cache=False (llama.cpp's default, f16: it alone moves SmolLM2's logits by ~3e-2, so
-    comparisons with transformers use f32; deployments usually keep f16)."""
+def open_gguf(
+    path: str | Path, n_ctx: int = 512, threads: int | None = None, f32_cache: bool = True, logits_all: bool = True
+):
+    """A llama_cpp.Llama over `path` that keeps the logits of every position (logits_all; False: the last one
+    only, as a deployment runs), on the CPU. The KV cache is f32 unless f32_cache=False (llama.cpp's default,
+    f16: it alone moves SmolLM2's logits by ~3e-2, so comparisons with transformers use f32; deployments usually
+    keep f16)."""
     if not available():
         raise UsageError("llama-cpp-python is not installed; `make setup` installs it (or pip install 'surgery[gguf]')")
     from llama_cpp import Llama
@@ -57,7 +61,7 @@ def open_gguf(path: str | Path, n_ctx: int = 512, threads: int | None = None, f3
                 n_ctx=n_ctx,
                 n_threads=threads,
                 n_threads_batch=threads,
-                logits_all=True,
+                logits_all=logits_all,
                 verbose=False,
                 n_gpu_layers=0,
                 type_k=0 if f32_cache else 1,  # GGML_TYPE_F32 / GGML_TYPE_F16
@@ -101,8 +105,8 @@ def transformers_greedy(model, ids: list[int], n: int) -> list[int]:
     out, past, step = [], None, torch.tensor([ids])
     with torch.no_grad():
         for _ in range(n):
-            res = model(step, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(step, **cache_kwargs(model, past))
+            past = output_cache(res)
             out.append(int(res.logits[0, -1].argmax()))
             step = torch.tensor([[out[-1]]])
     return out

@@ -59,10 +59,12 @@ class Arch:
     ffn_bias_attr: str | None = None  # config flag that gives the native FFN projections biases (Llama: mlp_bias)
     attn_qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # q, k, v projections
     qkv_layout: QkvLayout = "separate"  # how head h's query/key/value features sit in attn_qkv (see qkv_slices)
-    # llama.cpp: the architecture a GGUF of one FFN width is written as (None: no GGUF export), and whether
-    # per-layer widths can go out as `deci` (llama.cpp's DeciLM graph is the Llama graph with n_ff per layer)
+    # llama.cpp: the architecture a GGUF of one FFN width is written as (None: no GGUF export, `gguf_missing`
+    # says why), and whether per-layer widths can go out as `deci` (llama.cpp's DeciLM graph is the Llama graph
+    # with n_ff per layer)
     gguf: str | None = None
     gguf_per_layer: bool = False
+    gguf_missing: str = ""
 
 
 _LLAMA = Arch(
@@ -91,6 +93,7 @@ ARCHS: dict[str, Arch] = {
         lora_targets=("qkv_proj", "o_proj"),
         attn_qkv=("self_attn.qkv_proj",),
         qkv_layout="rows",
+        gguf="phi3",
     ),
     # Gemma 3: Llama with norms around the FFN, (1 + w) RMS norms and final logit soft-capping
     "gemma3_text": replace(
@@ -99,6 +102,7 @@ ARCHS: dict[str, Arch] = {
         post_ffn_norm="post_feedforward_layernorm",
         norm_kind="rms1p",
         softcap_attr="final_logit_softcapping",
+        gguf="gemma3",
     ),
     "gpt2": Arch(
         layers="transformer.h",
@@ -117,6 +121,7 @@ ARCHS: dict[str, Arch] = {
         conv1d=True,
         width_attr="n_inner",
         lora_targets=("attn.c_attn", "attn.c_proj"),  # not mlp.c_proj
+        gguf="gpt2",
     ),
     "gptj": Arch(
         layers="transformer.h",
@@ -133,6 +138,7 @@ ARCHS: dict[str, Arch] = {
         parallel_residual=True,
         width_attr="n_inner",
         lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+        gguf_missing="llama.cpp names a GPT-J architecture but builds no graph for it",
     ),
     "gpt_neox": Arch(
         layers="gpt_neox.layers",
@@ -150,6 +156,7 @@ ARCHS: dict[str, Arch] = {
         parallel_residual=True,  # when config.use_parallel_residual (the default); see ModelView.parallel
         lm_head="embed_out",
         lora_targets=("attention.query_key_value", "attention.dense"),
+        gguf="gptneox",
     ),
 }
 ARCHS["gemma3"] = ARCHS["gemma3_text"]  # a Gemma3 text checkpoint whose config says gemma3

@@ -10,6 +10,7 @@ it imports nothing of theirs.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -44,6 +45,20 @@ def contiguous_head(model: torch.nn.Module) -> torch.nn.Module:
     if head is not None and _contiguous_input not in head._forward_pre_hooks.values():
         head.register_forward_pre_hook(_contiguous_input)
     return model
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The keyword arguments that pass a KV cache into `model`'s forward (and ask for one back): transformers
+    5.2x names it `cache`, earlier 5.x `past_key_values` (deprecated since, removed in 5.40)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name (see `cache_kwargs`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ templates (total, woman-/man-biased, per profession), the random and activation-
 collateral (XSum perplexity, 1-digit arithmetic, factual gender controls) and the Wino-test rate.
 """
 
-from surgery.commands.spec import CONTRAST_SELECTORS, FORCE, MODEL, OUT, RECIPE, Command, option, registered
+from surgery.commands.spec import CONTRAST_SELECTORS, EXPORT, FORCE, MODEL, OUT, RECIPE, Command, option, registered
 
 COMMAND = Command(
     "debias",
@@ -16,6 +16,7 @@ COMMAND = Command(
         *MODEL,
         *OUT,
         *FORCE,
+        *EXPORT,
         *RECIPE,
         option("--recipe", default="gender-debias", help="recipe name in recipes/ or a YAML path"),
         option("--neurons", type=int, default=None, help="how many neurons to edit"),

@@ -45,18 +45,22 @@ from surgery.io import checkpoint as export
 from surgery.io import recipe as recipes
 from surgery.io import report as rep
 from surgery.io.context import Run
+from surgery.io.deploy import Export, check_planned, parse_exports
 from surgery.io.loading import load_model
 from surgery.io.recipe import rules
 from surgery.io.report import png_bytes as png
 from surgery.model.arch import ModelView
 from surgery.model.batching import (
+    cache_kwargs,
     continuation_ids,
     device_of,
     left_pad,
+    output_cache,
     pad_id,
     position_ids,
     predict_cases,
 )
+from surgery.model.slicing import PAD_MULTIPLE
 
 EDITS = ("zero", "remove")
 TARGETS = ("first", "all")
@@ -246,7 +250,7 @@ def prefix_logprobs(
     rest = [i for i, c in enumerate(conts) if len(c) > 1]
     for s in range(0, len(rest), batch_size):
         rows = rest[s : s + batch_size]
-        total[rows] += _continue(model, out.past_key_values, mask, group[rows], [conts[r] for r in rows], dev)
+        total[rows] += _continue(model, output_cache(out), mask, group[rows], [conts[r] for r in rows], dev)
     return total
 
 
@@ -266,8 +270,7 @@ def _continue(model: nn.Module, cache, prompt_mask: Tensor, group: Tensor, conts
             input_ids=ids.to(dev),
             attention_mask=torch.cat([pmask, cmask], 1).to(dev),
             position_ids=pos.to(dev),
-            past_key_values=c,
-            use_cache=True,
+            **cache_kwargs(model, c),
         )
         .logits.float()
         .log_softmax(-1)
@@ -675,6 +678,7 @@ def run(
     device: str,
     out: str | None,
     force: bool,
+    export: str | None,
     quick: bool,
     overrides: Sequence[str],
     recipe: str,
@@ -686,11 +690,14 @@ def run(
 ) -> rep.Report:
     """`surgery debias` (its options and help: this package's __init__.py)."""
     r = load_recipe(recipe, overrides, quick, profile, neurons=neurons, method=method, edit=edit)
+    exports = parse_exports(export)
     run = Run("debias", out, force, default=f"debias-{r.method}-{r.neurons}")
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     view, tok = ModelView(loaded.model), loaded.tokenizer
     layers = parse_layers(None if r.layers == "all" else r.layers, view.n_layers)
     check_neurons(r, view, layers)
+    removing = r.edit == "remove"
+    check_planned(loaded.model, exports, per_layer=removing, multiple=PAD_MULTIPLE if removing else None)
     professions = list(r.professions or gb.PROFESSIONS)
     methods = list(dict.fromkeys([r.method, *r.sweep.methods]))
     sel = select_all(view, tok, r, layers, professions, methods)
@@ -712,7 +719,7 @@ def run(
         "selection_layers": [layers[0], layers[-1]],
     }
     data_ = rep.make(cmd, loaded.describe(), config, results, run.elapsed())
-    return _export(loaded, edited, r, chosen, data_, run.out, force)
+    return _export(loaded, edited, r, chosen, data_, run.out, force, exports)
 
 
 def _results(
@@ -773,7 +780,14 @@ def _command(model: str, recipe: str, r: DebiasRecipe, profile: str | None, over
 
 
 def _export(
-    loaded, edited: nn.Module, r: DebiasRecipe, chosen: list[Neuron], data: dict, outdir: Path, force: bool
+    loaded,
+    edited: nn.Module,
+    r: DebiasRecipe,
+    chosen: list[Neuron],
+    data: dict,
+    outdir: Path,
+    force: bool,
+    exports: Sequence[Export] = (),
 ) -> rep.Report:
     """Write the checkpoint (zeroed: native; remove: sliced) with report.json, report.md and the plots inside."""
     md = markdown(data)
@@ -802,6 +816,7 @@ def _export(
         force=force,
         extra_files=extra,
         base=loaded.source,
+        exports=exports,
     )
     files = [outdir / name for name in extra]
     return rep.Report(data, md, files=files)

@@ -8,7 +8,18 @@ before and after, the collateral (XSum perplexity; --keep-data FILE: cases that 
 export the edited checkpoint with report.json/report.md and provenance.
 """
 
-from surgery.commands.spec import CONTRAST_SELECTORS, FORCE, MODEL, OUT, Command, option, positive, registered, strs
+from surgery.commands.spec import (
+    CONTRAST_SELECTORS,
+    EXPORT,
+    FORCE,
+    MODEL,
+    OUT,
+    Command,
+    option,
+    positive,
+    registered,
+    strs,
+)
 
 COMMAND = Command(
     "edit",
@@ -17,6 +28,7 @@ COMMAND = Command(
         *MODEL,
         *OUT,
         *FORCE,
+        *EXPORT,
         option(
             "--pairs",
             default=None,

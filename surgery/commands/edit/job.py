@@ -31,9 +31,11 @@ from surgery.find.neurons import Neuron, by_layer, top_n
 from surgery.io import checkpoint as export
 from surgery.io import report as rep
 from surgery.io.context import Run
+from surgery.io.deploy import Export, check_planned, parse_exports
 from surgery.io.loading import load_model
 from surgery.model.arch import ModelView
 from surgery.model.batching import pad_id
+from surgery.model.slicing import PAD_MULTIPLE
 
 
 def check(
@@ -86,6 +88,7 @@ def run(
     device: str,
     out: str | None,
     force: bool,
+    export: str | None,
     pairs: str | None,
     columns: str | None,
     neurons: int,
@@ -110,6 +113,7 @@ def run(
     if pairs is None:
         raise UsageError("--pairs FILE is required (columns prompt_a, prompt_b, optional target), or gender-bias")
     check(neurons, edit, scale, method, tokens, test_size, ppl_docs, ppl_tokens)
+    exports = parse_exports(export)
     bad = [b for b in baselines if b not in selectors.names("contrast")]
     if bad:
         raise UsageError(f"unknown --baselines {bad}; use some of {', '.join(selectors.names('contrast'))}")
@@ -127,6 +131,9 @@ def run(
     total = sum(view.ffn_width(l) for l in chosen_layers)
     if neurons > total:
         raise UsageError(f"asked to edit {neurons} neurons but the selection layers hold only {total}")
+    check_planned(
+        loaded.model, exports, per_layer=edit == "remove", multiple=PAD_MULTIPLE if edit == "remove" else None
+    )
     with run_.step("targets"):
         sel = tasks.fill_targets(loaded.model, tok, sel, batch_size)
         test = tasks.fill_targets(loaded.model, tok, test, batch_size)
@@ -191,7 +198,7 @@ def run(
         ppl_tokens=ppl_tokens,
     )
     data = rep.make(run_.command, loaded.describe(), config, results, time.time() - t0)
-    return _export(loaded, edited, chosen, edit, factor, data, run_.out, force)
+    return _export(loaded, edited, chosen, edit, factor, data, run_.out, force, exports)
 
 
 def select(
@@ -329,7 +336,15 @@ def _keep(p: dict) -> str:
 
 
 def _export(
-    loaded, edited, chosen: list[Neuron], edit: str, factor: float, data: dict, outdir: Path, force: bool
+    loaded,
+    edited,
+    chosen: list[Neuron],
+    edit: str,
+    factor: float,
+    data: dict,
+    outdir: Path,
+    force: bool,
+    exports: Sequence[Export] = (),
 ) -> rep.Report:
     """The checkpoint (zero/scale: zeroed layout, native; remove: sliced) with report.json and report.md."""
     md = markdown(data)
@@ -360,5 +375,6 @@ def _export(
         force=force,
         extra_files=extra,
         base=loaded.source,
+        exports=exports,
     )
     return rep.Report(data, md, files=[outdir / n for n in extra])

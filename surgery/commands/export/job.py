@@ -8,11 +8,12 @@ from surgery.errors import UsageError
 from surgery.io import llamacpp
 from surgery.io.checkpoint import MANIFEST, read_manifest
 from surgery.io.context import Run
-from surgery.io.gguf_file import TYPES, check_type, gguf_arch, write_gguf
+from surgery.io.deploy import Export, check_now, write_exports
+from surgery.io.gguf_file import TYPES
 from surgery.io.loading import load_model
 from surgery.io.report import Report, atomic_dir, json_text, make, write_text_atomic
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf",)  # surgery/io/deploy.py's formats
 
 
 def export(
@@ -28,24 +29,17 @@ def export(
     run = Run("export", out, force, default=f"export-{folder.name or src}")
     with run.step("load"):
         loaded = load_model(src, trust_remote_code=trust_remote_code)
-        arch = gguf_arch(loaded.model)  # a model llama.cpp cannot run, or a type its widths do not fit: one line
-        check_type(loaded.model, gguf_type)
-    name = Path(loaded.name).name
+        wanted = [Export(format, gguf_type)]
+        check_now(loaded.model, wanted)  # a model llama.cpp cannot run, or a type its widths do not fit: one line
     with run.step("write"), atomic_dir(run.out, force) as tmp:
-        written = write_gguf(
-            loaded.model, loaded.tokenizer, tmp / f"{name}-{gguf_type}.gguf", gguf_type, manifest, name=name
-        )
+        (written,) = write_exports(loaded.model, loaded.tokenizer, tmp, wanted, manifest, Path(loaded.name).name)
         results = {
-            "file": str(run.out / written.path.name),
-            "arch": arch,
-            "gguf_type": gguf_type,
-            "ffn_widths": written.widths,
-            "tensors": written.tensors,
-            "bytes": written.bytes,
+            **{k: v for k, v in written.items() if k != "format"},
+            "file": str(run.out / written["file"]),
             "manifest_embedded": manifest is not None,
         }
         if llamacpp.available():  # the file as llama.cpp runs it, against transformers on the same prompt
-            results["llama_cpp"] = runtime_check(loaded.model, loaded.tokenizer, written.path, prompt)
+            results["llama_cpp"] = runtime_check(loaded.model, loaded.tokenizer, tmp / written["file"], prompt)
         data = make("export", loaded.describe(), {"src": src, "format": format}, results, run.elapsed())
         md = markdown(results, run.command)
         write_text_atomic(tmp / "report.json", json_text(data))

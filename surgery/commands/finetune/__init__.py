@@ -9,7 +9,7 @@ report your test split's teacher-forced full-target accuracy instead of the math
 data.seed, data.test_size); without --components the head/MLP scans run on your train rows.
 """
 
-from surgery.commands.spec import DATA, FORCE, MODEL, OUT, RECIPE, Command, option, positive
+from surgery.commands.spec import DATA, EXPORT, FORCE, MODEL, OUT, RECIPE, Command, option, positive
 
 COMMAND = Command(
     "finetune",
@@ -18,6 +18,7 @@ COMMAND = Command(
         *MODEL,
         *OUT,
         *FORCE,
+        *EXPORT,
         *RECIPE,
         *DATA,
         option("--recipe", default="precise-sft", help="recipe name in recipes/ or a YAML path"),

@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from surgery.find import head_scan as hd
 from surgery.find.components import Components, parse, shape_of, take
 from surgery.io import recipe as recipes
 from surgery.io.checkpoint import save
+from surgery.io.deploy import Export, check_now, parse_exports
 from surgery.io.loading import home, load_model, resolve
 from surgery.io.report import Report, atomic_dir, make, md_table, new_out_dir, png_bytes, wilson
 from surgery.model.arch import ModelView
@@ -465,6 +467,7 @@ def run(
     device: str,
     out: str | None,
     force: bool,
+    export: str | None,
     quick: bool,
     profile: str | None,
     overrides: list[str] | None,
@@ -480,6 +483,7 @@ def run(
 
     t0 = time.time()
     r = load_recipe(recipe, quick, overrides, profile)
+    exports = parse_exports(export)
     tasks.check_data_args(data, None, columns)
     parts = user_splits(tasks.load_cases(data, columns), r) if data is not None else None
     k = top_heads or r.top_heads
@@ -497,6 +501,7 @@ def run(
     _log(f"loading {model}")
     loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
     base, tok = loaded.model, loaded.tokenizer
+    check_now(base, exports)  # fine-tuning keeps every width: the unchanged model's checks hold
     if parts is not None:
         tasks.encode(tok, parts["train"])  # bad targets: one line before the scan or any training
     selection = parts["train"] if parts is not None else None
@@ -527,7 +532,7 @@ def run(
                 and not row.comps.mlps
                 and len(row.comps.heads) == k
             ):
-                _export(rec.pop("_model"), tok, ckpt, loaded, r, row.comps)
+                _export(rec.pop("_model"), tok, ckpt, loaded, r, row.comps, exports)
             rec.pop("_model", None)
             _append(partial / "rows.jsonl", fp, rec)
         if row.kind == "base":
@@ -590,7 +595,9 @@ def _append(path: Path, fp: str, rec: dict) -> None:
         f.write(json.dumps({"fingerprint": fp, **rec}) + "\n")
 
 
-def _export(model: nn.Module, tok, ckpt: Path, loaded, r: FinetuneRecipe, comps: Components) -> None:
+def _export(
+    model: nn.Module, tok, ckpt: Path, loaded, r: FinetuneRecipe, comps: Components, exports: Sequence[Export] = ()
+) -> None:
     view = ModelView(model)
     layers: dict[str, dict] = {}
     for l, h in comps.heads:
@@ -611,7 +618,7 @@ def _export(model: nn.Module, tok, ckpt: Path, loaded, r: FinetuneRecipe, comps:
     }
     if ckpt.exists():
         shutil.rmtree(ckpt)
-    save(model, tok, ckpt, layout="zeroed", provenance=prov, base=loaded.source)
+    save(model, tok, ckpt, layout="zeroed", provenance=prov, base=loaded.source, exports=exports)
 
 
 # ---- report ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ accuracy is within D points of the unpruned LoRA model (`--against original`: of
 `--data FILE` prunes for your own (prompt, target) rows instead (recipe key data.path; e.g. custom-prune).
 """
 
-from surgery.commands.spec import DATA, FORCE, MODEL, OUT, RECIPE, TASK_SELECTORS, Command, option, registered
+from surgery.commands.spec import DATA, EXPORT, FORCE, MODEL, OUT, RECIPE, TASK_SELECTORS, Command, option, registered
 
 COMMAND = Command(
     "prune",
@@ -20,6 +20,7 @@ COMMAND = Command(
         *DATA,
         *OUT,
         *FORCE,
+        *EXPORT,
         *RECIPE,
         option("--recipe", default="arithmetic-prune", help="recipe name in recipes/ or a YAML path"),
         option(
@@ -55,6 +56,13 @@ COMMAND = Command(
             action="store_true",
             help="with --keep P%%: EVERY layer keeps P%% of its neurons, so the checkpoint is a stock config "
             "(plain from_pretrained; GGUF as the stock llama.cpp architecture)",
+        ),
+        option(
+            "--multiple",
+            type=int,
+            default=None,
+            help="round every layer's kept count up to a multiple of this (e.g. 32: q8_0/q4_0 GGUF blocks; "
+            "256: DeciLM's ffn_mult grid); the next-best neurons fill the rounding",
         ),
     ],
     "surgery.commands.prune.job:run",

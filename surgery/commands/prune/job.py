@@ -11,6 +11,7 @@ and `--keep auto` hand over to surgery/commands/prune/sweep.py (many budgets, re
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from surgery.errors import UsageError
 from surgery.evals import tasks
 from surgery.io.checkpoint import MODELING
 from surgery.io.context import Run
+from surgery.io.deploy import Export, check_planned, parse_exports
 from surgery.io.loading import load_model
 from surgery.io.recipe import to_dict
 from surgery.io.report import Report, json_text, make, md_table, png_bytes
@@ -140,6 +142,7 @@ def run(
     device: str,
     out: str | None,
     force: bool,
+    export: str | None,
     quick: bool,
     overrides: list[str] | None,
     recipe: str,
@@ -150,6 +153,7 @@ def run(
     against: str | None,
     layout: str | None,
     uniform: bool,
+    multiple: int | None,
     profile: str | None,
     trust_remote_code: bool,
     sweep: str | None,
@@ -160,6 +164,9 @@ def run(
     """`surgery prune` (its options and help: this package's __init__.py)."""
     if sweep is not None and keep is not None:
         raise UsageError("--sweep and --keep both given; a sweep runs every budget in its list (drop --keep)")
+    exports = parse_exports(export)
+    if exports and sweep is not None:
+        raise UsageError("--export writes a checkpoint's runtime files; a --sweep exports no checkpoint (drop it)")
     auto = keep is not None and keep.strip().lower() == "auto"
     if max_drop is not None and not auto:
         raise UsageError("--max-drop applies to --keep auto; add --keep auto or drop --max-drop")
@@ -187,6 +194,7 @@ def run(
         lora_layer=lora_layer,
         layout=layout,
         uniform=True if uniform else None,
+        multiple=multiple,
     )
     tasks.check_data_args(data, None, columns)
     if data is not None:
@@ -199,15 +207,23 @@ def run(
         raise UsageError(f"--against {against} does not exist; give a PEFT adapter folder or a checkpoint folder")
     if budgets is not None or auto or r.keep == "auto":
         return prune_sweep.run(
-            {"model": model, "dtype": dtype, "device": device}, r, out, force, budgets, against, trust_remote_code
+            {"model": model, "dtype": dtype, "device": device},
+            r,
+            out,
+            force,
+            budgets,
+            against,
+            trust_remote_code,
+            exports,
         )
     run = Run("prune", out, force, default=f"prune-{Path(model).name}")
     check_keep_syntax(r.keep)
     with run.step("load"):
         loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
         plan = make_plan(r, loaded.model)  # inside the step: a bad plan is the only line printed
+        check_planned(loaded.model, exports, per_layer=not plan.uniform, multiple=plan.multiple)
     res = pipeline(loaded, r, plan, against, run, trust_remote_code)
-    return finish(loaded, r, plan, res, run)
+    return finish(loaded, r, plan, res, run, exports)
 
 
 @dataclass
@@ -275,7 +291,7 @@ def _reference_rows(orig, ref, ref_fit, against, task: PruneTask) -> list[dict]:
     ]
 
 
-def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report:
+def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run, exports: Sequence[Export] = ()) -> Report:
     """Step f: report + plots + export of the main selector's model; reload check."""
     main = plan.selectors[0]
     md = markdown(r, plan, res.rows, res.keeps, res.width, run, loaded.name, res.task, res.cna_certified)
@@ -309,6 +325,7 @@ def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run) -> Report
             res.keeps[main],
             loaded.source,
             extra,
+            exports,
         )
     if not check["widths_match"] or check["max_logit_diff"] > 1e-3:
         raise RuntimeError(f"exported checkpoint does not match the in-memory model: {check}")

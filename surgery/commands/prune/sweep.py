@@ -43,7 +43,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from peft import PeftModel
@@ -73,6 +73,7 @@ from surgery.edits.pruning import (
 )
 from surgery.errors import UsageError
 from surgery.io.context import Run
+from surgery.io.deploy import Export, check_planned
 from surgery.io.loading import load_model
 from surgery.io.recipe import to_dict
 from surgery.io.report import Report, json_text, make, md_table, png_bytes, write_json, write_text_atomic
@@ -496,7 +497,7 @@ def rebuild(sw: Sweep, rec: dict) -> tuple[Fit, nn.Module, Keep]:
     """A finished cell's model again: slice the original with its keep set (bias-compensated as trained), load its
     saved adapter: the same weights as when it was evaluated."""
     keep = {int(l): v for l, v in rec["keep"].items()}
-    sliced = sliced_copy(sw.loaded.model, keep, sw.means)
+    sliced = sliced_copy(sw.loaded.model, keep, sw.means, sw.plan.multiple)
     pm = PeftModel.from_pretrained(sliced, str(adapter_dir(sw.out, rec["budget"], rec["selector"])))
     fit = Fit(pm, rec["lr"], {}, [], 0.0)
     return fit, merged_copy(pm), keep
@@ -699,6 +700,7 @@ def run(
     budgets: list[str] | None,
     against: str | None,
     trust_remote_code: bool,
+    exports: Sequence[Export] = (),
 ) -> Report:
     """`--sweep` (budgets given) or `--keep auto` (budgets None): see the module docstring."""
     model = loaded_args["model"]
@@ -716,6 +718,7 @@ def run(
         plan = make_plan(dataclasses.replace(r, keep=(budgets or ["50%"])[0]), loaded.model)
         for b in budgets or []:
             make_plan(dataclasses.replace(r, keep=b), loaded.model)  # every budget fits the model
+        check_planned(loaded.model, list(exports), per_layer=not plan.uniform, multiple=plan.multiple)
     start_folder(run.out, fp, force, resuming)
     sw = prepare(loaded, r, plan, run.out, against, top_k, run, trust_remote_code)
     if budgets is not None:
@@ -729,7 +732,7 @@ def run(
             fit, merged, keep = rebuild(sw, rec)
             rr = dataclasses.replace(r, keep=rec["budget"])
             check = export_checkpoint(
-                fit, merged, loaded.tokenizer, run.out / "checkpoint", True, rr, plan, keep, loaded.source, {}
+                fit, merged, loaded.tokenizer, run.out / "checkpoint", True, rr, plan, keep, loaded.source, {}, exports
             )
         if not check["widths_match"] or check["max_logit_diff"] > 1e-3:
             raise RuntimeError(f"exported checkpoint does not match the evaluated model: {check}")
