@@ -28,14 +28,19 @@ $(STAMP): pyproject.toml Makefile
 $(BASE): | $(STAMP)
 	$(BIN)/python -c "from surgery.io.loading import import_gguf; import_gguf('smollm2-135m')"
 
-# the product in one run: CNA-pruned SmolLM2 + LoRA against the original and a random cut (about 10 minutes on
-# 2 cores), then the pruned checkpoint as one GGUF file, run through llama.cpp
+# the product in one run: CNA-pruned SmolLM2 + LoRA against the original and a random cut (5-14 minutes on
+# 2 cores), then the pruned checkpoint as one GGUF file, run through llama.cpp; last, what the run showed
 demo: setup $(BASE)
 	$(BIN)/surgery prune --recipe arithmetic-prune --profile demo --out checkpoints/demo --force
 	$(BIN)/surgery export checkpoints/demo --out checkpoints/demo-gguf --force
+	@echo
+	@sed -n '/^## What this run shows/,$$p' checkpoints/demo/report.md
+	@echo "- The same model for llama.cpp: checkpoints/demo-gguf/demo-f32.gguf (its completion above)."
 
+# one pytest worker per core (pytest-xdist), one torch thread each, a test file's tests on one worker (module fixtures
+# are built once)
 test: setup $(BASE) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # ruff (pinned in the dev extra, configured in pyproject.toml): lint rules and the formatter's check
 lint: setup

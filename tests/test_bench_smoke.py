@@ -79,7 +79,15 @@ BENCHES = {
             SPEEDUP + r"dense [\d.]+s, sliced [\d.]+s\), params [\d,]+ -> [\d,]+$",
         ],
     ),
+    "runtime_accuracy": (
+        [needs_tokenizer, slow],
+        [r"^\| llama\.cpp, f32 KV cache \| [\d.]+% \[.*\] \(\d+/8\) \| 0 \|$"],
+    ),
     "train_step": ([needs_tokenizer, slow], [SPEEDUP + r"fp32 [\d.]+s, bf16 [\d.]+s\), loss fp32 [\d.]+ bf16"]),
+    "uniform": (
+        [needs_tokenizer, slow],
+        [r"^\| uniform \| [\d.]+% .* \| \d+ \| \d+ in every layer \|$", r"^\| per-layer \| [\d.]+% .* \| \d+ \| "],
+    ),
     "widths": ([], [r"^d=576 tokens=8 threads=1 ", r"^\s+80\s+[\d.]+\s+[\d.]+"]),
 }
 

@@ -227,13 +227,16 @@ def test_real_smollm2_sliced_runs_in_llama_cpp(tmp_path):
 
 # ---- one width: every other architecture as its own llama.cpp graph ----------------------------------------------
 @needs_tokenizer
-@pytest.mark.parametrize("arch", ["gemma3", "phi3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "phi3", "gpt2", "gpt_neox"])
 @needs_llama_cpp
 def test_one_width_models_run_in_llama_cpp_as_their_own_architecture(arch, tmp_path):
-    """Gemma-3 (norms +1, sliding layers, soft-cap), Phi-3 (fused qkv and gate_up), GPT-2 (Conv1D, learned
-    positions, LayerNorm) and NeoX (per-head qkv, partial rotary, parallel residual, untied head), unpruned and
-    cut to one width (--uniform), agree with transformers in llama.cpp; per-layer widths are refused."""
-    expected = {"gemma3": "gemma3", "phi3": "phi3", "gpt2": "gpt2", "gpt_neox": "gptneox"}[arch]
+    """Llama (Q/K rows permuted), Mistral (as llama), Qwen2 (q/k/v biases, NEOX rope), Gemma-3 (norms +1,
+    sliding layers, soft-cap), Phi-3 (fused qkv and gate_up), GPT-2 (Conv1D, learned positions, LayerNorm) and
+    NeoX (per-head qkv, partial rotary, parallel residual, untied head), unpruned and cut to one width
+    (--uniform), agree with transformers in llama.cpp; per-layer widths are refused where llama.cpp has no
+    per-layer graph (the Llama family goes out as deci: the tests above)."""
+    expected = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3", "phi3": "phi3"}
+    expected = {**expected, "gpt2": "gpt2", "gpt_neox": "gptneox"}[arch]
     tok = tokenizer()
     for width in (96, 32):  # unpruned, then every layer cut to 32
         model = sliced(tiny(arch), {0: width, 1: width, 2: width}) if width != 96 else tiny(arch)
@@ -243,8 +246,9 @@ def test_one_width_models_run_in_llama_cpp_as_their_own_architecture(arch, tmp_p
         got = agreement(model, tok, path)
         assert got["ids_same"] and got["greedy_same"], (width, got)
         assert got["max_logit_diff"] < 1e-3, (width, got)
-    with pytest.raises(UsageError, match="prune with --uniform"):
-        gguf_arch(sliced(tiny(arch), WIDTHS))
+    if arch not in ("llama", "mistral", "qwen2"):
+        with pytest.raises(UsageError, match="prune with --uniform"):
+            gguf_arch(sliced(tiny(arch), WIDTHS))
 
 
 # ---- refusals, provenance and tampering -------------------------------------------------------------------------
@@ -256,6 +260,14 @@ def test_block_types_need_widths_that_fit_and_gptj_is_refused(tmp_path):
     assert not any(tmp_path.iterdir())
     with pytest.raises(UsageError, match="no GGUF export for 'gptj' .llama.cpp names a GPT-J architecture"):
         gguf_arch(make_tiny("gptj"))
+    from tokenizers import Tokenizer, models
+
+    spm_style = T.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "<0x00>": 2}, merges=[], byte_fallback=True))
+    )
+    with pytest.raises(UsageError, match="SentencePiece-style"):
+        write_gguf(tiny("llama"), spm_style, tmp_path / "spm.gguf")
+    assert not any(tmp_path.iterdir())
     gemma = make_tiny("gemma3")
     slice_ffn(gemma, {0: [0, 1, 2]})
     with pytest.raises(UsageError, match="gemma3_text with per-layer FFN widths .* prune with --uniform"):

@@ -4,9 +4,10 @@
     check_planned(model, exports, per_layer=True, multiple=32)   # before a long job: will the result be writable?
     write_exports(model, tokenizer, folder, exports, manifest)   # inside the checkpoint's temporary folder
 
-`surgery export SRC --format gguf` and `prune/debias/edit/finetune --export gguf[:TYPE]` go through these, so a
-format is added in one place. A GGUF written by a command sits in its checkpoint folder as NAME-TYPE.gguf and is
-listed (with its sha256) in surgery.json like every other file; its own metadata carries the provenance.
+`surgery export SRC --format gguf|vllm` and `prune/debias/edit/finetune --export gguf[:TYPE],vllm` go through
+these, so a format is added in one place. A GGUF written by a command sits in its checkpoint folder as
+NAME-TYPE.gguf (its own metadata carries the provenance), a vLLM folder as vllm/; both are listed (with their
+sha256) in surgery.json like every other file.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 from torch import nn
 
 from surgery.errors import UsageError
-from surgery.io import gguf_file
+from surgery.io import gguf_file, vllm_config
 from surgery.model.arch import ModelView
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Export:
 
 
 def parse_exports(spec: str | None) -> list[Export]:
-    """'gguf' | 'gguf:q8_0' | a comma list of them -> Exports; anything else is one line."""
+    """'gguf' | 'gguf:q8_0' | 'vllm' | a comma list of them -> Exports; anything else is one line."""
     if spec is None or not str(spec).strip():
         return []
     out = []
@@ -42,6 +43,8 @@ def parse_exports(spec: str | None) -> list[Export]:
         fmt, _, kind = part.strip().lower().partition(":")
         if fmt not in FORMATS:
             raise UsageError(f"unknown --export format {fmt!r}; use one of {', '.join(FORMATS)} (e.g. gguf:q8_0)")
+        if fmt == "vllm" and kind:
+            raise UsageError(f"--export vllm takes no type (the weights keep the checkpoint's dtype); drop ':{kind}'")
         kind = kind or "f32"
         if kind not in gguf_file.TYPES:
             raise UsageError(f"unknown GGUF type {kind!r} in --export {spec}; use one of {', '.join(gguf_file.TYPES)}")
@@ -54,6 +57,9 @@ def parse_exports(spec: str | None) -> list[Export]:
 def check_now(model: nn.Module, exports: list[Export]) -> None:
     """For a model whose widths are final (debias, edit, finetune, export): every export writable, or one line."""
     for e in exports:
+        if e.format == "vllm":
+            vllm_config.check_vllm(model)
+            continue
         gguf_file.gguf_arch(model)
         gguf_file.check_type(model, e.gguf_type)
 
@@ -67,6 +73,9 @@ def check_planned(model: nn.Module, exports: list[Export], per_layer: bool, mult
     view = ModelView(model)
     for e in exports:
         arch = view.arch
+        if e.format == "vllm":
+            vllm_config.check_vllm(model, per_layer=per_layer and multiple is not None)
+            continue
         if arch.gguf is None or multiple is None:
             check_now(model, [e])  # an unchanged model: the same checks as its export
             continue
@@ -92,6 +101,9 @@ def write_exports(
     name = name or Path(str(getattr(model.config, "_name_or_path", "") or "model")).name or "model"
     records = []
     for e in exports:
+        if e.format == "vllm":
+            records.append(vllm_config.write_vllm(model, tokenizer, folder / "vllm"))
+            continue
         path = folder / f"{name}-{e.gguf_type}.gguf"
         written = gguf_file.write_gguf(model, tokenizer, path, e.gguf_type, manifest, name=name)
         records.append(

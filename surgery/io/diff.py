@@ -51,8 +51,51 @@ class Weights:
         h = self._open[next(iter(self._open))]
         return h.get_tensor(next(iter(h.keys()))).dtype
 
+    def slack(self, name: str) -> Tensor | None:
+        """Per-entry storage rounding beyond `tolerance(dtype())`: none for safetensors (see GgufWeights.slack)."""
+        return None
 
-def tolerance(dtype: torch.dtype) -> float:
+
+class GgufWeights:
+    """Read-only tensors of a GGUF file (as `surgery export` writes them) under the Hugging Face names of the model
+    `config` describes (the checkpoint on the other side), dequantised to float32 in HF layout with llama.cpp's
+    conversions undone (gguf_file.GgufTensors); `names`: the other side's tensor names, looked for first."""
+
+    def __init__(self, path: Path, config, names=()):
+        from surgery.io.gguf_file import GgufTensors
+
+        self.folder = path
+        self.tensors = GgufTensors(path, config, names)
+
+    def names(self) -> set[str]:
+        return self.tensors.names()
+
+    def get(self, name: str) -> Tensor | None:
+        return self.tensors.get(name)
+
+    def dtype(self) -> torch.dtype | str:
+        """The matrices' storage type: a torch dtype for f32 / f16 / bf16 files, else the GGUF type name
+        ("q8_0", "q4_0", ...), which `tolerance` reads as block quantisation."""
+        t = self.tensors.gguf_type
+        return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}.get(t, t)
+
+    def slack(self, name: str) -> Tensor | None:
+        """Per entry, how far a block-quantised (q8_0 / q4_0) tensor may be from the weights it was written from
+        (half a step of its block's scale, GgufTensors.bound); None for f32 / f16 / bf16 tensors."""
+        return self.tensors.bound(name)
+
+
+# Block-quantised GGUF matrices (GgufWeights.dtype): an entry is off by up to half a quantisation step of its block
+# of 32 (blocks run along a matrix's rows), about amax/254 for q8_0 and, where q4_0 clips, amax/8 of the block;
+# diff's checks allow 10 x tolerance of a key row's, a head's or a tensor's largest entry, which bounds that. A
+# neuron's value column crosses blocks set by other neurons, so its check adds each entry's own bound (slack).
+# Changes under these bounds (a scale within 1 +- 10 x tolerance) go unseen in such a file.
+QUANT_TOLERANCE = {"q8_0": 1.5e-3, "q4_0": 2e-2}
+
+
+def tolerance(dtype: torch.dtype | str) -> float:
+    if isinstance(dtype, str):
+        return QUANT_TOLERANCE.get(dtype, 2e-2)
     return {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-6)
 
 
@@ -60,9 +103,18 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def open_weights(folder: Path) -> Weights:
-    """The folder's tensors, or one UsageError line when a tensor file or the index is corrupt or truncated."""
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def open_weights(folder: Path, config=None, names=()) -> Weights | GgufWeights:
+    """The folder's tensors, or a GGUF file's (`GgufWeights`: `config` and `names` of the checkpoint on the other
+    side), or one UsageError line when a tensor file or the index is corrupt or truncated."""
     try:
+        if is_gguf(folder):
+            if not Path(folder).is_file():
+                raise UsageError(f"{folder}: no such GGUF file")
+            return GgufWeights(Path(folder), config, names)
         return Weights(folder)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         if isinstance(e, UsageError):
@@ -73,7 +125,9 @@ def open_weights(folder: Path) -> Weights:
         ) from None
 
 
-def compare(base: Weights, other: Weights, cfg, arch: Arch, base_dir: Path, other_dir: Path) -> dict:
+def compare(
+    base: Weights | GgufWeights, other: Weights | GgufWeights, cfg, arch: Arch, base_dir: Path, other_dir: Path
+) -> dict:
     """Per layer: FFN neurons removed / zeroed / scaled / modified and heads zeroed / scaled / modified; other
     tensors that changed; a summary; the changed components (as `surgery finetune --components` reads them)."""
     tol = max(tolerance(base.dtype()), tolerance(other.dtype()))
@@ -139,12 +193,23 @@ def _diff_layer(a: Arch, base: Weights, other: Weights, l: int, n_heads: int, to
     rec: dict = {"layer": l}
     mb, mo = _ffn_mats(a, base, l), _ffn_mats(a, other, l)
     if mb is not None and mo is not None:
-        rec.update(_diff_neurons(mb, mo, tol))
+        rec.update(_diff_neurons(mb, mo, tol, (_value_slack(a, base, l), _value_slack(a, other, l))))
     rec.update(_diff_heads(a, base, other, l, n_heads, tol))
     return rec
 
 
-def _diff_neurons(mb: tuple[Tensor, Tensor], mo: tuple[Tensor, Tensor], tol: float) -> dict:
+def _value_slack(a: Arch, W: Weights | GgufWeights, l: int) -> Tensor | None:
+    """[N, d] per-entry storage rounding of layer l's value vectors (block-quantised GGUF), or None."""
+    s = W.slack(f"{a.layers}.{l}.{a.ffn_out}.weight")
+    return None if s is None else (s if a.conv1d else s.T)
+
+
+def _diff_neurons(
+    mb: tuple[Tensor, Tensor],
+    mo: tuple[Tensor, Tensor],
+    tol: float,
+    slack: tuple[Tensor | None, Tensor | None] = (None, None),
+) -> dict:
     (kb, vb), (ko, vo) = mb, mo
     n, m = kb.shape[0], ko.shape[0]
     idx = torch.arange(n) if m == n else _match_rows(ko, kb, tol)
@@ -165,11 +230,20 @@ def _diff_neurons(mb: tuple[Tensor, Tensor], mo: tuple[Tensor, Tensor], tol: flo
     scale_v = vbi.abs().amax(1).clamp_min(1e-12)
     zero = (voj.abs().amax(1) == 0) & (vbi.abs().amax(1) > 0)
     c = (voj * vbi).sum(1) / vbi.pow(2).sum(1).clamp_min(1e-30)
-    prop = (voj - c.unsqueeze(1) * vbi).abs().amax(1) <= 10 * tol * scale_v * c.abs().clamp_min(1)
-    scaled = prop & ~zero & ((c - 1).abs() > 10 * tol)
+    lim = 10 * tol * scale_v * c.abs().clamp_min(1)
+    sb, so = slack
+    if sb is None and so is None:
+        prop = (voj - c.unsqueeze(1) * vbi).abs().amax(1) <= lim
+        same = torch.zeros_like(prop)
+    else:  # a block-quantised side: each entry may also be off by its block's rounding
+        s = (0 if sb is None else sb[i]) + (0 if so is None else so[j])
+        prop = ((voj - c.unsqueeze(1) * vbi).abs() <= lim.unsqueeze(1) + s).all(1)
+        same = ((voj - vbi).abs() <= (10 * tol * scale_v).unsqueeze(1) + s).all(1)  # unchanged up to rounding
+        zero &= ~same  # values within their block's rounding of 0 (a q4_0 block set by larger neighbours)
+    scaled = prop & ~zero & ~same & ((c - 1).abs() > 10 * tol)
     key_zero = (koj.abs().amax(1) == 0) & (kbi.abs().amax(1) > 0)
     key_changed = (koj - kbi).abs().amax(1) > 10 * tol * kbi.abs().amax(1).clamp_min(1e-12)
-    value_changed = ~prop & ~zero
+    value_changed = ~prop & ~zero & ~same
     rec["zeroed"] = sorted(set(i[zero | key_zero].tolist()))
     rec["scaled"] = [{"neuron": int(i[t]), "factor": round(float(c[t]), 6)} for t in scaled.nonzero().flatten()]
     rec["amplified"] = [s["neuron"] for s in rec["scaled"] if abs(s["factor"]) > 1]

@@ -308,7 +308,13 @@ def _vocab(w, tokenizer, vocab_size: int) -> None:
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    model_kind = json.loads(backend.to_str())["model"]["type"] if backend is not None else None
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model_kind = spec.get("model", {}).get("type")
+    if model_kind == "BPE" and spec["model"].get("byte_fallback"):
+        raise UsageError(
+            "this tokenizer is SentencePiece-style (byte fallback, as Gemma's and Llama 2's); llama.cpp reads those "
+            "as its `llama` vocabulary with per-token scores, which this writer does not produce yet"
+        )
     if model_kind != "BPE":
         raise UsageError(
             f"GGUF export writes byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM, Mistral-Nemo); this one is "
@@ -539,3 +545,162 @@ def field_value(f):
     if f.types[0] == gguf.GGUFValueType.STRING:
         return bytes(value).decode("utf-8", "replace")
     return value.tolist()[0]
+
+
+# ---- tensors back to HF names (surgery diff) ----------------------------------------------------------------------
+# The inverse of `_tensors`: a GGUF file's tensors under the state-dict names of the Hugging Face model a config
+# describes, in HF layout, with what `_converted` and the Conv1D transpose did undone, so `surgery diff` can set an
+# exported file against a checkpoint folder. Every undo is a reshuffle of the same numbers except Gemma 3's norms
+# (w + 1 - 1 in float32: within one float32 rounding of w). A layer written with `empty` zero neurons (cut to none)
+# reads back as that many all-zero neurons.
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp interleaved rows -> HF rotate-half rows, per head: the inverse of `_permute`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unconverted(t: torch.Tensor, hf_name: str, arch: str, qkv: tuple[str, ...], n_heads: int, n_kv: int):
+    """The inverse of `_converted` for a tensor the writer stored under `arch` (the file's general.architecture);
+    `qkv`: the arch table's q/k/v projection paths."""
+    if arch in ("llama", "deci"):
+        if hf_name.endswith(_suffixes(qkv[0])):
+            return _unpermute(t, n_heads)
+        if hf_name.endswith(_suffixes(qkv[1])):
+            return _unpermute(t, n_kv)
+    if arch == "gemma3" and hf_name.endswith("norm.weight"):
+        return t - 1.0
+    if arch == "gptneox" and hf_name.endswith(_suffixes(qkv[0])):  # [q | k | v] -> per head [q_h | k_h | v_h]
+        dh = t.shape[0] // (3 * n_heads)
+        return t.reshape(3, n_heads, dh, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
+    return t
+
+
+def _model_names(config) -> tuple[list[str], set[str]] | None:
+    """(state-dict names, Conv1D weight names) of the stock causal LM `config` describes, from an instance on the
+    meta device (no weights, no remote code); None when transformers cannot build one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception:  # noqa: BLE001 - any failure here only means: take the names from the other side
+        return None
+    conv1d = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    return list(model.state_dict()), conv1d
+
+
+_QUANT_NAMES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0"}
+
+
+class GgufTensors:
+    """The tensors of a GGUF file (as `write_gguf` writes them) by Hugging Face name, read lazily and dequantised
+    to float32 in HF layout. `config`: the checkpoint the file is compared with (its architecture must be the one
+    the file was written as: the arch table's `gguf` name, or `deci` for per-layer widths); `names`: further HF
+    names to look for (the other side's tensors, e.g. an FFN output bias the stock class lacks), preferred over
+    the stock model's names where both map to one GGUF tensor. GGUF tensors with no HF name keep their GGUF name;
+    llama.cpp's `rope_freqs` (computed from the config) is left out."""
+
+    def __init__(self, path: str | Path, config, names=()):
+        import gguf
+
+        from surgery.model.arch import arch_for
+
+        self.path = Path(path)
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+            field = self.reader.fields.get("general.architecture")
+            self.arch = field_value(field) if field is not None else None
+        except (ValueError, OSError, KeyError, IndexError, TypeError, struct.error) as e:
+            raise UsageError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})"[:200]) from None
+        table = arch_for(config)
+        allowed = [a for a in (table.gguf, "deci" if table.gguf_per_layer else None) if a]
+        if self.arch not in allowed:
+            expect = " or ".join(repr(a) for a in allowed) if allowed else "none (no GGUF export)"
+            raise UsageError(
+                f"{path} holds a llama.cpp {self.arch!r} model, but the checkpoint it is compared with is "
+                f"{config.model_type} (GGUF architecture {expect}); diff compares two models of one architecture"
+            )
+        self.qkv = table.attn_qkv
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        stock = _model_names(config)
+        n_layers = int(config.num_hidden_layers)
+        if stock is not None:
+            self.conv1d = stock[1]
+        else:  # GPT-2: every projection inside a layer is a Conv1D
+            paths = (*table.attn_qkv, table.attn_out, *table.ffn_in, table.ffn_out) if table.conv1d else ()
+            self.conv1d = {f"{table.layers}.{l}.{p}.weight" for l in range(n_layers) for p in paths}
+        tmap = gguf.get_tensor_name_map(_MODEL_ARCH(self.arch), n_layers)
+        by_gguf = {t.name: t for t in self.reader.tensors}
+        self.where: dict[str, str] = {}
+        for hf in [*names, *(stock[0] if stock is not None else [])]:
+            g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+            if hf not in self.where and g in by_gguf and g not in self.where.values():
+                self.where[hf] = g
+        lm_head = f"{table.lm_head}.weight"
+        embd = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
+        if lm_head in names and lm_head not in self.where and getattr(config, "tie_word_embeddings", False):
+            self.where[lm_head] = embd  # a tied head is not written: llama.cpp reads the embedding
+        rope = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        mapped = set(self.where.values())
+        self.where.update({g: g for g in by_gguf if g not in mapped and g != rope})
+        self.tensors = by_gguf
+        types = {t.tensor_type.name for t in self.reader.tensors if len(t.shape) > 1}
+        worst = next((q for q in ("Q4_0", "Q8_0", "BF16", "F16") if q in types), None)
+        other = sorted(types - set(_QUANT_NAMES))
+        self.gguf_type = other[0].lower() if other else _QUANT_NAMES.get(worst, "f32")
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        import gguf
+
+        g = self.where.get(name)
+        if g is None:
+            return None
+        t = self.tensors[g]
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise UsageError(f"{self.path}: cannot dequantise {g} ({t.tensor_type.name}: {e})"[:200]) from None
+        return self._hf(name, g, np.array(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)]))
+
+    def bound(self, name: str) -> torch.Tensor | None:
+        """Per entry (HF layout), how far `get(name)` may be from the value the writer was given: the rounding of
+        a q8_0 / q4_0 block (from the block's stored scale d); None for a tensor stored as f32 / f16 / bf16."""
+        import gguf
+
+        g = self.where.get(name)
+        t = None if g is None else self.tensors[g]
+        rule = None if t is None else _ROUNDING.get(t.tensor_type.name)
+        if rule is None:
+            return None
+        block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        scales = np.ascontiguousarray(np.asarray(t.data, dtype=np.uint8).reshape(-1, size)[:, :2])
+        d = np.abs(scales.view(np.float16).astype(np.float32))  # [blocks, 1]
+        per_entry = np.repeat(rule[0] * d + rule[1] * 2.0**-25, block, axis=1)
+        return self._hf(name, g, per_entry.reshape([int(n) for n in reversed(t.shape)]), values=False)
+
+    def _hf(self, name: str, g: str, x: np.ndarray, values: bool = True) -> torch.Tensor:
+        """A stored tensor (GGUF layout) in HF layout: what `_converted` and the Conv1D transpose did, undone
+        (for a bound, `values=False`, only the reshuffles: no Gemma 3 norm shift)."""
+        x = torch.from_numpy(x)
+        if g == name:  # no HF name: as stored
+            return x
+        if values or not (self.arch == "gemma3" and name.endswith("norm.weight")):
+            x = _unconverted(x, name, self.arch, self.qkv, self.n_heads, self.n_kv)
+        return x.T.contiguous() if name in self.conv1d else x
+
+
+# |stored - given| <= a * |d| + m * 2^-25 per entry of a block with stored (f16) scale d, as gguf-py quantises:
+# q8_0 rounds x / d to the nearest of -127..127 (half a step), q4_0 truncates x / d + 8.5 into 0..15 (half a step,
+# a whole one where 16 is clipped to 15); codes are computed with the float32 scale, read back with its float16
+# rounding (relative 2^-11, absolute 2^-25 below float16's normal range) times codes up to m.
+_ROUNDING = {"Q8_0": (0.5 + 127 * 2.0**-10, 127), "Q4_0": (1 + 8 * 2.0**-10, 8)}
+
+
+def hf_tensors(path: str | Path, config, names=()) -> dict[str, torch.Tensor]:
+    """Every tensor of a GGUF file by Hugging Face name, float32, HF layout (`GgufTensors`, read at once)."""
+    g = GgufTensors(path, config, names)
+    return {n: g.get(n) for n in sorted(g.names())}

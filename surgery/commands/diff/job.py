@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from surgery.errors import UsageError
-from surgery.io.diff import compare, first_line, open_weights
+from surgery.io.diff import compare, first_line, is_gguf, open_weights
 from surgery.io.loading import resolve
 from surgery.io.report import Report, check_out_dir, md_table
 from surgery.io.report import save as save_report
@@ -15,21 +15,31 @@ from surgery.model.arch import arch_for
 
 
 def diff(base: str, other: str, out: str | None = None) -> Report:
-    """`surgery diff` (its options and help: this package's __init__.py)."""
-    from transformers import AutoConfig
-
+    """`surgery diff` (its options and help: this package's __init__.py). Either side may be a GGUF file (as
+    `surgery export` writes it): its tensors are read under the names of the checkpoint folder on the other side,
+    whose config describes both."""
     out_dir = check_out_dir(out)
-    base_dir, other_dir = Path(resolve(base)[1]), Path(other)
-    if not (other_dir / "config.json").exists():
-        raise UsageError(f"{other} has no config.json; point OTHER at a checkpoint folder")
-    try:
-        cfg = AutoConfig.from_pretrained(str(other_dir))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    base_gguf, other_gguf = is_gguf(base), is_gguf(other)
+    if base_gguf and other_gguf:
         raise UsageError(
-            f"{other_dir / 'config.json'} is unreadable ({first_line(e)}); point OTHER at an intact checkpoint folder"
-        ) from None
+            "BASE and OTHER are both GGUF files; diff needs a checkpoint folder on one side (its config names "
+            "the model's tensors): compare the GGUF with the folder it was exported from"
+        )
+    base_dir = Path(base) if base_gguf else Path(resolve(base)[1])
+    other_dir = Path(other)
+    if other_gguf:
+        cfg = _config(base_dir, "BASE")
+    else:
+        if not (other_dir / "config.json").exists():
+            raise UsageError(f"{other} has no config.json; point OTHER at a checkpoint folder or a GGUF file")
+        cfg = _config(other_dir, "OTHER")
     arch = arch_for(cfg)
-    base_weights, other_weights = open_weights(base_dir), open_weights(other_dir)
+    if base_gguf:
+        other_weights = open_weights(other_dir)
+        base_weights = open_weights(base_dir, cfg, sorted(other_weights.names()))
+    else:
+        base_weights = open_weights(base_dir)
+        other_weights = open_weights(other_dir, cfg, sorted(base_weights.names()))
     try:
         data = compare(base_weights, other_weights, cfg, arch, base_dir, other_dir)
     except (SafetensorError, OSError) as e:  # a tensor file whose header parsed but whose data did not
@@ -38,6 +48,18 @@ def diff(base: str, other: str, out: str | None = None) -> Report:
             "(`surgery inspect` names it)"
         ) from None
     return save_report(Report(data=data, markdown=markdown(data)), out_dir, stem="diff")
+
+
+def _config(folder: Path, side: str):
+    """The checkpoint folder's config, or one line."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UsageError(
+            f"{folder / 'config.json'} is unreadable ({first_line(e)}); point {side} at an intact checkpoint folder"
+        ) from None
 
 
 def markdown(d: dict) -> str:

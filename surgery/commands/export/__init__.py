@@ -6,7 +6,9 @@ own graph for the architecture when every layer has one FFN width, and as `deci`
 Llama graph) for a Llama, Mistral or Qwen2 pruned to per-layer widths; other per-layer-width models are refused
 (prune with --uniform, or export the padded layout). --gguf-type q8_0 / q4_0 store rows in blocks of 32: every
 width must be a multiple of 32 (prune with --multiple 32). The checkpoint's surgery.json goes into the GGUF's
-metadata with a digest of the whole file, so `surgery inspect FILE.gguf` verifies it.
+metadata with a digest of the whole file, so `surgery inspect FILE.gguf` verifies it. `--format vllm` writes a
+folder vLLM serves: per-layer widths as DeciLM block_configs (exact widths; `vllm serve OUT --trust-remote-code`),
+one width as the stock config.
 """
 
 from surgery.commands.spec import FORCE, OUT, Command, option
@@ -16,7 +18,11 @@ COMMAND = Command(
     __doc__,
     [
         option("src", help="checkpoint folder, HF model folder, or registry name"),
-        option("--format", default="gguf", help="gguf (one file for llama.cpp)"),
+        option(
+            "--format",
+            default="gguf",
+            help="gguf (one file for llama.cpp) | vllm (a folder vLLM serves: per-layer widths as DeciLM blocks)",
+        ),
         option("--gguf-type", default="f32", help="f32 | f16 | bf16 | q8_0 | q4_0 (matrices; norms stay f32)"),
         option(
             "--prompt",

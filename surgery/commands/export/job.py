@@ -1,4 +1,4 @@
-"""`surgery export`: load SRC as transformers does, write it as GGUF (surgery/io/gguf_file.py), report."""
+"""`surgery export`: load SRC as transformers does, write it as GGUF or a vLLM folder (surgery/io/deploy.py), report."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from surgery.io.deploy import Export, check_now, write_exports
 from surgery.io.gguf_file import TYPES
 from surgery.io.loading import load_model
 from surgery.io.report import Report, atomic_dir, json_text, make, write_text_atomic
+from surgery.io.vllm_config import write_vllm
 
-FORMATS = ("gguf",)  # surgery/io/deploy.py's formats
+FORMATS = ("gguf", "vllm")  # surgery/io/deploy.py's formats
 
 
 def export(
@@ -31,6 +32,16 @@ def export(
         loaded = load_model(src, trust_remote_code=trust_remote_code)
         wanted = [Export(format, gguf_type)]
         check_now(loaded.model, wanted)  # a model llama.cpp cannot run, or a type its widths do not fit: one line
+    if format == "vllm":
+        with run.step("write"), atomic_dir(run.out, force) as tmp:
+            results = write_vllm(loaded.model, loaded.tokenizer, tmp)
+            results["folder"] = str(run.out)
+            results["serve"] = results["serve"].replace(str(tmp), str(run.out))
+            data = make("export", loaded.describe(), {"src": src, "format": format}, results, run.elapsed())
+            md = vllm_markdown(results, run.command)
+            write_text_atomic(tmp / "report.json", json_text(data))
+            write_text_atomic(tmp / "report.md", md + "\n")
+        return Report(data, md, [run.out])
     with run.step("write"), atomic_dir(run.out, force) as tmp:
         (written,) = write_exports(loaded.model, loaded.tokenizer, tmp, wanted, manifest, Path(loaded.name).name)
         results = {
@@ -90,6 +101,29 @@ def markdown(r: dict, command: str) -> str:
             f"print(Llama('{r['file']}')('Calculate: 12+7=', max_tokens=4))\"",
             "",
             f"Verify it: `surgery inspect {r['file']}`",
+        ]
+    )
+
+
+def vllm_markdown(r: dict, command: str) -> str:
+    widths = r["ffn_widths"]
+    shown = f"{widths[0]} in every layer" if len(set(widths)) == 1 else f"per layer {widths}"
+    how = (
+        "DeciLM block_configs with each layer's exact ffn.intermediate_size, and the configuration_decilm.py vLLM "
+        "loads with --trust-remote-code"
+        if r["remote_code"]
+        else "the stock config (no code)"
+    )
+    return "\n".join(
+        [
+            f"# export: {r['folder']} for vLLM",
+            f"`{command}`",
+            "",
+            f"- architecture **{r['architecture']}**: {how}",
+            f"- FFN widths: {shown}",
+            "- checked against vLLM's loader source (tests/test_vllm.py); vLLM itself was not run here",
+            "",
+            f"Serve it: `{r['serve']}`",
         ]
     )
 

@@ -39,7 +39,7 @@ from surgery.edits.pruning import (
 )
 from surgery.errors import UsageError
 from surgery.evals import tasks
-from surgery.io.checkpoint import MODELING
+from surgery.io.checkpoint import MODELING, needs_modeling
 from surgery.io.context import Run
 from surgery.io.deploy import Export, check_planned, parse_exports
 from surgery.io.loading import load_model
@@ -308,9 +308,12 @@ def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run, exports: 
         "data": res.task.sizes(),
     }
     data = make("prune", loaded.describe(), to_dict(r), results, run.elapsed())
+    remote_code = r.layout == "sliced" and needs_modeling(res.merged[main])
+    label = res.task.labels[res.task.headline]
+    closing = shown(res.rows, main, res.task.headline, label, run.out, r.layout, remote_code)
     extra = {
         "report.json": json_text(data),
-        "report.md": md + "\n",
+        "report.md": md + "\n\n" + closing + "\n",
         **plots(res.rows, res.keeps[main], res.width, res.task.headline, res.task.labels[res.task.headline]),
     }
     with run.step("export"):
@@ -331,7 +334,7 @@ def finish(loaded, r: PruneRecipe, plan: Plan, res: Results, run: Run, exports: 
         raise RuntimeError(f"exported checkpoint does not match the in-memory model: {check}")
     data["results"]["reload"] = check
     md += f"\n\nReloaded with transformers: widths match kept counts, max |logit diff| {check['max_logit_diff']:.2e}"
-    md += "\n\n" + shown(res.rows, main, res.task.headline, res.task.labels[res.task.headline], run.out, r.layout)
+    md += "\n\n" + closing
     return Report(data, md, [run.out])
 
 
@@ -350,9 +353,12 @@ def _pct_ci(acc: dict) -> str:
     return f"{value}% {interval}"
 
 
-def shown(rows: list[dict], main: str, headline: str, label: str, out, layout: str) -> str:
+def shown(
+    rows: list[dict], main: str, headline: str, label: str, out, layout: str, remote_code: bool | None = None
+) -> str:
     """The closing lines: what the run showed (the pruned model against the original and against each other
-    selector at the same budget, on the held-out problems) and where the checkpoint is."""
+    selector at the same budget, on the held-out problems) and where the checkpoint is (`remote_code`: whether
+    it carries its modeling file; None: look in `out`)."""
     by_name = {row["name"]: row for row in rows}
     pruned = by_name.get(f"{main}-pruned + LoRA")
     if pruned is None:
@@ -372,7 +378,8 @@ def shown(rows: list[dict], main: str, headline: str, label: str, out, layout: s
                 f"- {name} at the same budget (control): {_pct_ci(row[headline])}; {main} is "
                 f"{_apart(pruned[headline], row[headline])}."
             )
-    trust = ", trust_remote_code=True" if (Path(out) / MODELING).is_file() else ""
+    remote_code = (Path(out) / MODELING).is_file() if remote_code is None else remote_code
+    trust = ", trust_remote_code=True" if remote_code else ""
     lines.append(
         f"- The pruned checkpoint is `{out}` ({layout} layout): "
         f"`pipeline('text-generation', model='{out}'{trust})`; `surgery inspect {out}` verifies it."
