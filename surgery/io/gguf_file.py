@@ -303,6 +303,17 @@ def _first(cfg, *keys: str, default=None):
     return default
 
 
+def looks_special(text: str) -> bool:
+    """An added token the converter makes a control token though the tokenizer does not mark it special
+    (llama.cpp's `does_token_look_special`)."""
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<｜") and text.endswith("｜>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
+
+
 def _vocab(w, tokenizer, vocab_size: int) -> None:
     """The tokenizer as llama.cpp's converter writes a byte-level BPE one (its `_set_vocab_gpt2`)."""
     import gguf
@@ -311,10 +322,8 @@ def _vocab(w, tokenizer, vocab_size: int) -> None:
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model_kind = spec.get("model", {}).get("type")
     if model_kind == "BPE" and spec["model"].get("byte_fallback"):
-        raise UsageError(
-            "this tokenizer is SentencePiece-style (byte fallback, as Gemma's and Llama 2's); llama.cpp reads those "
-            "as its `llama` vocabulary with per-token scores, which this writer does not produce yet"
-        )
+        _vocab_sentencepiece(w, tokenizer, vocab_size, spec)
+        return
     if model_kind != "BPE":
         raise UsageError(
             f"GGUF export writes byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM, Mistral-Nemo); this one is "
@@ -341,7 +350,7 @@ def _vocab(w, tokenizer, vocab_size: int) -> None:
         if token in added:
             if not decoder[i].normalized:
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            special = decoder[i].special or (token.startswith(("<|", "<｜")) and token.endswith(("|>", "｜>")))
+            special = decoder[i].special or looks_special(token)
             types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
@@ -350,15 +359,79 @@ def _vocab(w, tokenizer, vocab_size: int) -> None:
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    with_special = tokenizer.encode("a", add_special_tokens=True)
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    w.add_add_bos_token(len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id)
-    w.add_add_eos_token(len(with_special) > len(plain) and with_special[-1] == tokenizer.eos_token_id)
     if getattr(tokenizer, "add_prefix_space", None) is not None:
         w.add_add_space_prefix(bool(tokenizer.add_prefix_space))
+    _special(w, tokenizer, vocab_size, merges=True)
+
+
+def _special(w, tokenizer, vocab_size: int, merges: bool) -> None:
+    """Special-token ids, merges (byte-level BPE), the chat template (gguf-py's SpecialVocab over the saved
+    tokenizer), and whether BOS / EOS are added, as transformers adds them to "a" (where SpecialVocab found no
+    flag in the tokenizer's config)."""
+    import gguf
+
     with tempfile.TemporaryDirectory(prefix="surgery-tokenizer-") as d:
         tokenizer.save_pretrained(d)
-        gguf.SpecialVocab(Path(d), load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+        special = gguf.SpecialVocab(Path(d), load_merges=merges, n_vocab=vocab_size)
+    with_special = tokenizer.encode("a", add_special_tokens=True)
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    added = len(with_special) > len(plain)
+    flags = {"bos": added and with_special[0] == tokenizer.bos_token_id}
+    flags["eos"] = added and with_special[-1] == tokenizer.eos_token_id
+    for kind, value in flags.items():
+        special.add_special_token.setdefault(kind, value)
+    special.add_to_gguf(w, quiet=True)
+
+
+def _vocab_sentencepiece(w, tokenizer, vocab_size: int, spec: dict) -> None:
+    """A SentencePiece-style tokenizer (BPE with byte fallback, spaces as U+2581: Gemma, Llama 2) as llama.cpp's
+    `llama` vocabulary, the way its converter writes one (`_set_vocab_sentencepiece`): pieces, scores, token types
+    (byte <0xNN>, unknown, control for special added tokens, user-defined for the other added ones).
+
+    llama.cpp's SentencePiece tokenizer merges, at each step, the adjacent pair whose concatenation is the vocabulary
+    piece with the HIGHEST score; a Hugging Face BPE merges the pair of LOWEST rank. With no tokenizer.model (the
+    scores) at hand, each piece gets minus the rank of the first merge that produces it, so the two orders agree
+    (transformers builds a SentencePiece vocabulary's merges in score order); pieces no merge produces (single
+    characters, bytes, added tokens) get the converter's defaults. Checked on Gemma-3-270M: the same ids as
+    transformers on every test prompt."""
+    import gguf
+
+    model = spec["model"]
+    first: dict[str, int] = {}
+    for rank, merge in enumerate(model.get("merges", [])):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        first.setdefault(a + b, rank)
+    reverse = {i: piece for piece, i in model["vocab"].items()}
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    unk = model.get("unk_token")
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        if i in added:
+            piece = added[i]["content"]
+            special = added[i].get("special") or looks_special(piece)
+            kind = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+            score = -1000.0
+        elif i in reverse:
+            piece = reverse[i]
+            kind = gguf.TokenType.NORMAL
+            if piece == unk:
+                kind = gguf.TokenType.UNKNOWN
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                kind = gguf.TokenType.BYTE
+            score = -float(first[piece]) if piece in first else 0.0
+        else:
+            piece, kind, score = f"[PAD{i}]", gguf.TokenType.UNUSED, -10000.0
+        tokens.append(piece)
+        scores.append(score)
+        types.append(kind)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))
+    w.add_add_space_prefix(bool(pieces) and pieces[0].startswith("\u2581"))  # SentencePiece's dummy prefix
+    _special(w, tokenizer, vocab_size, merges=False)
 
 
 # ---- the file -----------------------------------------------------------------------------------------------

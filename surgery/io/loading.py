@@ -106,6 +106,9 @@ def gguf_file(name: str) -> Path:
         hits = sorted(Path(folder).glob(src.gguf_glob))
         if hits:
             return hits[0]
+    package = importlib.import_module(src.package)
+    if hasattr(package, "assemble"):  # a model split over several packages (Gemma-3-270M): joined once, cached
+        return Path(package.assemble())
     raise ModelNotFound(f"package {src.pip} has no file matching {src.gguf_glob}; reinstall it")
 
 
