@@ -288,11 +288,9 @@ def test_block_types_need_widths_that_fit_and_gptj_is_refused(tmp_path):
         gguf_arch(make_tiny("gptj"))
     from tokenizers import Tokenizer, models
 
-    spm_style = T.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "<0x00>": 2}, merges=[], byte_fallback=True))
-    )
-    with pytest.raises(UsageError, match="SentencePiece-style"):
-        write_gguf(tiny("llama"), spm_style, tmp_path / "spm.gguf")
+    unigram = T.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.Unigram([("a", 0.0), ("b", -1.0)])))
+    with pytest.raises(UsageError, match="writes BPE tokenizers .* this one is Unigram"):
+        write_gguf(tiny("llama"), unigram, tmp_path / "unigram.gguf")
     assert not any(tmp_path.iterdir())
     gemma = make_tiny("gemma3")
     slice_ffn(gemma, {0: [0, 1, 2]})

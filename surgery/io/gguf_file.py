@@ -326,7 +326,8 @@ def _vocab(w, tokenizer, vocab_size: int) -> None:
         return
     if model_kind != "BPE":
         raise UsageError(
-            f"GGUF export writes byte-level BPE tokenizers (Llama-3, Qwen2, SmolLM, Mistral-Nemo); this one is "
+            f"GGUF export writes BPE tokenizers (byte-level: Llama-3, Qwen2, SmolLM; SentencePiece-style: Gemma, "
+            f"Llama 2); this one is "
             f"{model_kind or type(tokenizer).__name__}"
         )
     digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
