@@ -225,6 +225,7 @@ TINY = [
     "collateral.arithmetic_limit=4",
     "collateral.wino_limit=4",
     "candidates=8",
+    "heldout.stereoset_limit=6",
 ]
 
 
@@ -242,6 +243,9 @@ def test_run_end_to_end_on_tiny(tmp_path, tiny_dir, edit):
     assert [r["group"] for r in res["bias_table"]] == ["total", "woman-biased", "man-biased"]
     assert len(res["neurons"]) == 3 and all(len(r["top_tokens"]) == 10 for r in res["neurons"])
     assert res["edit_check"] < 1e-5 and res["wino"]["base"]["n"] == 4
+    held = res["heldout"]["stereoset"]["gender"]
+    assert held["before"]["n"] == held["after"]["n"] == 6 and 0 <= held["after"]["ss"] <= 100
+    assert "## Held out: StereoSet intrasentence" in (out / "report.md").read_text()
     assert not set(res["selection"]["templates"]) & set(res["eval_templates"])
     manifest = json.loads((out / "surgery.json").read_text())
     assert manifest["layout"] == ("zeroed" if edit == "zero" else "sliced")

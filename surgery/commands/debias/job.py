@@ -36,7 +36,7 @@ from surgery.edits.neurons import (  # noqa: F401 (debias API)
     zeroed,
 )
 from surgery.errors import UsageError
-from surgery.evals import arithmetic, perplexity
+from surgery.evals import arithmetic, perplexity, stereoset
 from surgery.evals import gender_bias as gb
 from surgery.find import selectors
 from surgery.find.cna import neuron_name, parse_layers, top_tokens
@@ -88,6 +88,15 @@ class Collateral:
 
 
 @dataclass
+class HeldOut:
+    """The held-out benchmark the edit is judged on: StereoSet intrasentence (evals/stereoset.py), never used to
+    select or tune anything."""
+
+    stereoset: list[str] = field(default_factory=lambda: ["gender"])  # bias types; [] skips it
+    stereoset_limit: int | None = field(default=None, metadata=rules(min=1))  # items per type (None = all)
+
+
+@dataclass
 class DebiasRecipe:
     name: str = "gender-debias"
     neurons: int = field(default=18, metadata=rules(min=1))
@@ -106,6 +115,7 @@ class DebiasRecipe:
     batch_size: int = field(default=32, metadata=rules(min=1))
     sweep: Sweep = field(default_factory=Sweep)
     collateral: Collateral = field(default_factory=Collateral)
+    heldout: HeldOut = field(default_factory=HeldOut)
 
 
 def load_recipe(
@@ -525,6 +535,29 @@ def plot_sweep(rows: dict[str, list[dict]], base: dict) -> dict[str, bytes]:
     return out
 
 
+def _heldout_lines(st: dict) -> list[str]:
+    """The held-out StereoSet table: SS (50 = no stereotype preference), LMS, ICAT, before and after."""
+    if not st:
+        return []
+
+    def ci(r: dict, k: str) -> str:
+        lo, hi = r[f"{k}_ci95"]
+        return f"{r[k]:.1f} [{lo:.1f}, {hi:.1f}]"
+
+    rows = []
+    for kind, pair in st.items():
+        rows += [[kind, name, ci(r, "ss"), ci(r, "lms"), ci(r, "icat"), r["n"]] for name, r in pair.items()]
+    return [
+        "## Held out: StereoSet intrasentence (never used for selection)",
+        "",
+        rep.md_table(["bias type", "model", "SS [95% CI]", "LMS [95% CI]", "ICAT [95% CI]", "items"], rows),
+        "",
+        "SS: % of items preferring the stereotype over the anti-stereotype (50 = none); LMS: % of comparisons "
+        "preferring a meaningful over the unrelated sentence; ICAT = LMS x min(SS, 100 - SS) / 50.",
+        "",
+    ]
+
+
 def markdown(d: dict) -> str:
     """report.md: the headline (Table 13 form), methods at N, neurons (Table 12 form), sweep, collateral."""
     c, res = d["config"], d["results"]
@@ -561,6 +594,7 @@ def markdown(d: dict) -> str:
             ],
         ),
         "",
+        *_heldout_lines(res.get("heldout", {}).get("stereoset", {})),
         "## Sweep over N (bias and collateral; hook zeroing)",
         "",
         _sweep_table(res["sweep"]),
@@ -710,6 +744,7 @@ def run(
     table = neuron_rows(view, tok, chosen, sel, r.method)  # before the edit: top tokens read the value vectors
     edited, check = edit_and_check(loaded.model, tok, chosen, r.edit, data.bias["prompt"][:16])
     results = _results(r, sel, base, points, wino, table, check, professions)
+    results["heldout"] = heldout(loaded.model, edited, tok, r)
     cmd = _command(model, recipe, r, "quick" if quick else profile, overrides, run.out)
     config = {
         **recipes.to_dict(r),
@@ -720,6 +755,17 @@ def run(
     }
     data_ = rep.make(cmd, loaded.describe(), config, results, run.elapsed())
     return _export(loaded, edited, r, chosen, data_, run.out, force, exports)
+
+
+def heldout(model: nn.Module, edited: nn.Module, tok, r: DebiasRecipe) -> dict:
+    """StereoSet SS / LMS / ICAT (95% bootstrap intervals) of the original and the edited model, per bias type."""
+    out = {}
+    for kind in r.heldout.stereoset:
+        out[kind] = {
+            name: stereoset.evaluate(m, tok, kind, r.batch_size, r.heldout.stereoset_limit, seed=r.seed)
+            for name, m in (("before", model), ("after", edited))
+        }
+    return {"stereoset": out}
 
 
 def _results(
