@@ -75,7 +75,8 @@ def evaluate(
         raise UsageError(f"no StereoSet items for {bias_type!r} (limit {limit}); use a limit of 1 or more")
     flat = sentence_scores(model, tokenizer, [r[k] for r in rows for k in KINDS], batch_size)
     scores = flat.view(len(rows), 3)
-    return {"bias_type": bias_type, "n": len(rows), **with_intervals(scores, resamples, seed)}
+    mean = float(scores.mean())  # the mean sentence score: tells two models apart where the rates tie
+    return {"bias_type": bias_type, "n": len(rows), "mean_score": mean, **with_intervals(scores, resamples, seed)}
 
 
 def with_intervals(scores: torch.Tensor, resamples: int = 1000, seed: int = 0) -> dict:

@@ -15,6 +15,7 @@ from surgery.commands.debias import job as D
 from surgery.commands.debias import run as debias_run
 from surgery.errors import UsageError
 from surgery.evals import gender_bias as gb
+from surgery.evals import stereoset
 from surgery.find import selectors
 from surgery.find.cna import Scorer, collect
 from surgery.find.neurons import mean_coefficients, random_scores
@@ -245,6 +246,10 @@ def test_run_end_to_end_on_tiny(tmp_path, tiny_dir, edit):
     assert res["edit_check"] < 1e-5 and res["wino"]["base"]["n"] == 4
     held = res["heldout"]["stereoset"]["gender"]
     assert held["before"]["n"] == held["after"]["n"] == 6 and 0 <= held["after"]["ss"] <= 100
+    fresh = T.AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()  # "before" is the unedited model
+    tok = T.AutoTokenizer.from_pretrained(str(tiny_dir))
+    assert held["before"] == stereoset.evaluate(fresh, tok, "gender", 32, 6)
+    assert held["after"]["mean_score"] != held["before"]["mean_score"]
     assert "## Held out: StereoSet intrasentence" in (out / "report.md").read_text()
     assert not set(res["selection"]["templates"]) & set(res["eval_templates"])
     manifest = json.loads((out / "surgery.json").read_text())

@@ -742,9 +742,11 @@ def run(
     wino.update({m: wino_point(loaded.model, tok, top_n(sel.scores[m], r.neurons), data) for m in sel.scores})
     chosen = top_n(sel.scores[r.method], r.neurons)
     table = neuron_rows(view, tok, chosen, sel, r.method)  # before the edit: top tokens read the value vectors
+    before = heldout(loaded.model, tok, r)  # before edit_and_check edits the weights in place
     edited, check = edit_and_check(loaded.model, tok, chosen, r.edit, data.bias["prompt"][:16])
     results = _results(r, sel, base, points, wino, table, check, professions)
-    results["heldout"] = heldout(loaded.model, edited, tok, r)
+    after = heldout(edited, tok, r)
+    results["heldout"] = {"stereoset": {k: {"before": before[k], "after": after[k]} for k in before}}
     cmd = _command(model, recipe, r, "quick" if quick else profile, overrides, run.out)
     config = {
         **recipes.to_dict(r),
@@ -757,15 +759,10 @@ def run(
     return _export(loaded, edited, r, chosen, data_, run.out, force, exports)
 
 
-def heldout(model: nn.Module, edited: nn.Module, tok, r: DebiasRecipe) -> dict:
-    """StereoSet SS / LMS / ICAT (95% bootstrap intervals) of the original and the edited model, per bias type."""
-    out = {}
-    for kind in r.heldout.stereoset:
-        out[kind] = {
-            name: stereoset.evaluate(m, tok, kind, r.batch_size, r.heldout.stereoset_limit, seed=r.seed)
-            for name, m in (("before", model), ("after", edited))
-        }
-    return {"stereoset": out}
+def heldout(model: nn.Module, tok, r: DebiasRecipe) -> dict:
+    """StereoSet SS / LMS / ICAT (95% bootstrap intervals) of `model`, per bias type of the recipe."""
+    limit, seed = r.heldout.stereoset_limit, r.seed
+    return {kind: stereoset.evaluate(model, tok, kind, r.batch_size, limit, seed=seed) for kind in r.heldout.stereoset}
 
 
 def _results(
