@@ -339,9 +339,12 @@ def test_checkpoint_save_writes_exports_inside_the_checkpoint(tmp_path):
     from surgery.io.deploy import Export, check_planned
 
     model, tok = sliced(tiny("qwen2"), WIDTHS), tokenizer()
-    save(model, tok, tmp_path / "c", layout="sliced", provenance={"seed": 3}, exports=[Export("gguf", "f16")])
+    exports = [Export("gguf", "f16"), Export("vllm")]
+    save(model, tok, tmp_path / "c", layout="sliced", provenance={"seed": 3}, exports=exports)
     manifest = json.loads((tmp_path / "c" / "surgery.json").read_text())
-    (record,) = manifest["exports"]
+    record, served = manifest["exports"]
+    assert served["format"] == "vllm" and served["architecture"] == "DeciLMForCausalLM"
+    assert "vllm/config.json" in manifest["files"] and "vllm/configuration_decilm.py" in manifest["files"]
     assert record["arch"] == "deci" and record["gguf_type"] == "f16" and record["file"] in manifest["files"]
     g = read_gguf(tmp_path / "c" / record["file"])
     assert g["problems"] == [] and g["manifest"]["seed"] == 3 and g["widths"] == [64, 32, 96]
