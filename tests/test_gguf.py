@@ -354,6 +354,27 @@ def test_checkpoint_save_writes_exports_inside_the_checkpoint(tmp_path):
     check_planned(make_tiny("gemma3"), [Export("gguf")], per_layer=False, multiple=8)  # --uniform: fine
 
 
+@needs_tokenizer
+@pytest.mark.parametrize("widths, base", [(WIDTHS, 96), ({0: 32, 1: 32, 2: 32}, 32)])
+def test_export_native_loads_without_remote_code(widths, base, tmp_path):
+    """--format native: per-layer widths as the base shapes padded with zeros, one width as the stock config at
+    that width; plain from_pretrained (no trust_remote_code, no modeling file) computes what the sliced model does."""
+    from surgery.cli import main
+    from surgery.io.checkpoint import save
+
+    model, tok = sliced(tiny("llama"), widths), tokenizer()
+    save(model, tok, tmp_path / "ckpt", layout="sliced", provenance={"seed": 1})
+    out = tmp_path / "native"
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "native", "--out", str(out)]) == 0
+    assert not (out / "modeling_surgery.py").exists()
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == base
+    back = T.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.tensor([[1, 44, 45, 46, 47, 48]])
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, model(ids).logits, atol=1e-5)
+    assert json.loads((out / "report.json").read_text())["results"]["layout"] == ("padded" if base == 96 else "sliced")
+
+
 def test_export_bad_input_is_one_line(tmp_path, capfd):
     from surgery.cli import main
 

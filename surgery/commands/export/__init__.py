@@ -8,7 +8,8 @@ Llama graph) for a Llama, Mistral or Qwen2 pruned to per-layer widths; other per
 width must be a multiple of 32 (prune with --multiple 32). The checkpoint's surgery.json goes into the GGUF's
 metadata with a digest of the whole file, so `surgery inspect FILE.gguf` verifies it. `--format vllm` writes a
 folder vLLM serves: per-layer widths as DeciLM block_configs (exact widths; `vllm serve OUT --trust-remote-code`),
-one width as the stock config.
+one width as the stock config. `--format native` writes a checkpoint plain `from_pretrained` loads without
+remote code: one width as the stock config at that width, per-layer widths as base shapes padded with zeros.
 """
 
 from surgery.commands.spec import FORCE, OUT, Command, option
@@ -21,7 +22,8 @@ COMMAND = Command(
         option(
             "--format",
             default="gguf",
-            help="gguf (one file for llama.cpp) | vllm (a folder vLLM serves: per-layer widths as DeciLM blocks)",
+            help="gguf (one file for llama.cpp) | vllm (a folder vLLM serves: per-layer widths as DeciLM blocks) | "
+            "native (plain from_pretrained: one width as the stock config, per-layer widths padded with zeros)",
         ),
         option("--gguf-type", default="f32", help="f32 | f16 | bf16 | q8_0 | q4_0 (matrices; norms stay f32)"),
         option(

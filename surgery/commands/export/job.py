@@ -6,15 +6,16 @@ from pathlib import Path
 
 from surgery.errors import UsageError
 from surgery.io import llamacpp
-from surgery.io.checkpoint import MANIFEST, read_manifest
+from surgery.io.checkpoint import MANIFEST, read_manifest, save
 from surgery.io.context import Run
 from surgery.io.deploy import Export, check_now, write_exports
 from surgery.io.gguf_file import TYPES
 from surgery.io.loading import load_model
 from surgery.io.report import Report, atomic_dir, json_text, make, write_text_atomic
 from surgery.io.vllm_config import write_vllm
+from surgery.model.arch import ModelView
 
-FORMATS = ("gguf", "vllm")  # surgery/io/deploy.py's formats
+FORMATS = ("gguf", "vllm", "native")  # gguf / vllm: surgery/io/deploy.py; native: a stock checkpoint
 
 
 def export(
@@ -32,6 +33,8 @@ def export(
         loaded = load_model(src, trust_remote_code=trust_remote_code)
         wanted = [Export(format, gguf_type)]
         check_now(loaded.model, wanted)  # a model llama.cpp cannot run, or a type its widths do not fit: one line
+    if format == "native":
+        return native(loaded, manifest, src, run, force)
     if format == "vllm":
         with run.step("write"), atomic_dir(run.out, force) as tmp:
             results = write_vllm(loaded.model, loaded.tokenizer, tmp)
@@ -55,6 +58,40 @@ def export(
         md = markdown(results, run.command)
         write_text_atomic(tmp / "report.json", json_text(data))
         write_text_atomic(tmp / "report.md", md + "\n")
+    return Report(data, md, [run.out])
+
+
+def native(loaded, manifest: dict | None, src: str, run: Run, force: bool) -> Report:
+    """A checkpoint every tool loads with plain `from_pretrained` (no remote code): one FFN width -> the stock
+    config at that width (sliced); per-layer widths -> the base shapes with the removed neurons as zeros (padded:
+    no speed win, but native everywhere). The kept indices come from SRC's surgery.json."""
+    widths = ModelView(loaded.model).ffn_widths()
+    layout = "sliced" if len(set(widths)) == 1 else "padded"
+    prov = {"layers": (manifest or {}).get("layers", {}), "exported_from": {"src": src, "format": "native"}}
+    results = {"folder": str(run.out), "layout": layout, "ffn_widths": widths}
+    data = make("export", loaded.describe(), {"src": src, "format": "native"}, results, run.elapsed())
+    shape = f"{widths[0]} in every layer (the stock config)" if layout == "sliced" else "per layer, padded with zeros"
+    md = "\n".join(
+        [
+            f"# export: {run.out.name}, native",
+            f"`{run.command}`",
+            "",
+            f"- layout **{layout}**: FFN widths {shape}; loads with plain from_pretrained, no remote code",
+            "",
+            f"Load it: `AutoModelForCausalLM.from_pretrained('{run.out}')`",
+        ]
+    )
+    with run.step("write"):
+        save(
+            loaded.model,
+            loaded.tokenizer,
+            run.out,
+            layout=layout,
+            provenance=prov,
+            force=force,
+            base=(manifest or {}).get("base"),
+            extra_files={"report.json": json_text(data), "report.md": md + "\n"},
+        )
     return Report(data, md, [run.out])
 
 
