@@ -210,6 +210,7 @@ def test_edit_equals_the_dense_model_with_the_neurons_edited(tiny_smol_dir, tmp_
     keep = write(tmp_path / "k.jsonl", [{"prompt": r["question"], "target": r["answer"]} for r in ROWS])
     out = tmp_path / "edited"
     extra = ["--scale", "0.5"] if edit == "scale" else []
+    further = write(tmp_path / "further.csv", [dict(p) for p in PAIRS])
     assert (
         _run(
             [
@@ -225,6 +226,8 @@ def test_edit_equals_the_dense_model_with_the_neurons_edited(tiny_smol_dir, tmp_
                 *extra,
                 "--keep-data",
                 str(keep),
+                "--eval-data",
+                str(further),
                 "--ppl-docs",
                 "0",
                 "--out",
@@ -236,6 +239,11 @@ def test_edit_equals_the_dense_model_with_the_neurons_edited(tiny_smol_dir, tmp_
     man = json.loads((out / "surgery.json").read_text())
     res = json.loads((out / "report.json").read_text())["results"]
     assert man["operation"] == "edit" and len(man["neurons"]) == 4 and res["edit_check"] < 1e-5
+    e = res["eval_data"]  # the further held-out pairs: measured on the unedited model, then with the edit
+    assert e["pairs"] == len(PAIRS) and set(e["after"]) >= {"cna"} and "reduction" in e["after"]["cna"]
+    assert e["before"]["gap"]["overall"]["n"] == len(PAIRS)
+    assert "--eval-data: 4 further held-out pairs" in (out / "report.md").read_text()
+    assert e["shared_with_selection"] == 2  # the file repeats the two selection pairs: counted, not hidden
     model, tok = tiny_loaded
     dense = T.AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32).eval()
     view = ModelView(dense)
@@ -292,6 +300,7 @@ BAD = [  # (argv with {file} placeholders, a phrase the one stderr line must con
     (["edit", "--pairs", "{pairs.csv}", "--scale", "0.5"], "--scale is the factor of --edit scale"),
     (["edit", "--pairs", "{nocol.csv}"], "no column prompt_a, prompt_b"),
     (["edit", "--pairs", "{pairs.csv}", "--keep-data", "{empty.jsonl}"], "is empty"),
+    (["edit", "--pairs", "{pairs.csv}", "--eval-data", "{nocol.csv}"], "no column prompt_a, prompt_b"),
 ]
 
 

@@ -48,6 +48,13 @@ COMMAND = Command(
         option("--baselines", type=strs, default=(), help="other selectors measured at the same N, e.g. random"),
         option("--keep-data", default=None, help="cases that must not change (prompt, target): collateral"),
         option("--keep-columns", default=None, help="column mapping of --keep-data"),
+        option(
+            "--eval-data",
+            default=None,
+            help="more held-out pairs (other phrasings, other groups; columns as --pairs): the gap before and after, "
+            "never used for selection",
+        ),
+        option("--eval-columns", default=None, help="column mapping of --eval-data"),
         option("--layers", default=None, help="selection layers A-B or list (default all)"),
         option("--tokens", default="first", choices=["first", "all"], help="CNA on the first target token or all"),
         option("--test-size", type=float, default=0.5, help="held-out share of pairs without a split column"),

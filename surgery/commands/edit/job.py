@@ -98,6 +98,8 @@ def run(
     baselines: Sequence[str],
     keep_data: str | None,
     keep_columns: str | None,
+    eval_data: str | None,
+    eval_columns: str | None,
     layers: str | None,
     tokens: str,
     test_size: float,
@@ -124,6 +126,7 @@ def run(
     sel, test = parts["train"], parts["test"]
     dup = tasks.warn_duplicates(sel, test, "prompt_a")
     keep = tasks.load_cases(keep_data, keep_columns) if keep_data is not None else None
+    extra = tasks.load_pairs(eval_data, eval_columns) if eval_data is not None else None  # bad file: one line now
     run_ = Run("edit", out, force, default=f"edit-{method}-{neurons}")
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     view, tok = ModelView(loaded.model), loaded.tokenizer
@@ -138,6 +141,9 @@ def run(
         sel = tasks.fill_targets(loaded.model, tok, sel, batch_size)
         test = tasks.fill_targets(loaded.model, tok, test, batch_size)
         tasks.pair_ids(tok, test)  # every held-out target must tokenise after both prompts
+        if extra is not None:
+            extra = tasks.fill_targets(loaded.model, tok, extra, batch_size)
+            tasks.pair_ids(tok, extra)
     methods = list(dict.fromkeys([method, *baselines]))
     with run_.step("select"):
         scores, info = select(
@@ -161,6 +167,22 @@ def run(
         }
         for l, i in chosen
     ]
+    further = None
+    if extra is not None:
+        with run_.step("eval-data"):  # before the edit: edit_and_check edits the weights in place
+            gap = {
+                m: measure(loaded.model, tok, top_n(scores[m], neurons), factor, extra, None, None, 0, batch_size)
+                for m in methods
+            }
+            base = measure(loaded.model, tok, [], 0.0, extra, None, None, 0, batch_size)
+            after_each = {m: _point(g, base) for m, g in gap.items()}
+            chosen_from = set(sel["prompt_a"])
+            further = {
+                "pairs": len(extra),
+                "shared_with_selection": sum(prompt in chosen_from for prompt in extra["prompt_a"]),
+                "before": _point(base),
+                "after": after_each,
+            }
     with run_.step("edit"):
         edited, diff = edit_and_check(loaded.model, tok, chosen, edit, list(test["prompt_a"][:16]), factor)
     results = {
@@ -177,6 +199,7 @@ def run(
         "before": _point(before),
         "after": {m: _point(p, before) for m, p in after.items()},
         "edit_check": diff,
+        "eval_data": further,
     }
     config = dict(
         model=model,
@@ -188,6 +211,7 @@ def run(
         method=method,
         baselines=list(baselines),
         keep_data=keep_data,
+        eval_data=eval_data,
         layers=layers,
         tokens=tokens,
         test_size=test_size,
@@ -300,6 +324,7 @@ def markdown(d: dict) -> str:
             rep.md_table(["group", "before", "after", "pairs"], groups),
             "",
             *_keep_groups(res, c["method"]),
+            *_eval_data_lines(res.get("eval_data"), c["method"]),
             f"## Edited neurons ({c['method']})",
             "",
             rep.md_table(
@@ -310,6 +335,30 @@ def markdown(d: dict) -> str:
             f"Weight edit vs hook edit: max |logit diff| {res['edit_check']:.2e}. Time {d['timing']['seconds']:.0f} s.",
         ]
     )
+
+
+def _eval_data_lines(e: dict | None, method: str) -> list[str]:
+    """--eval-data: the A/B gap on the further held-out pairs, before and after each method, and per group."""
+    if not e:
+        return []
+    b = e["before"]["gap"]
+    rows = [["base (no edit)", b["overall"]["abs_gap"], ""]]
+    rows += [[m, p["gap"]["overall"]["abs_gap"], _pct(p.get("reduction"))] for m, p in e["after"].items()]
+    edited = e["after"][method]["gap"]["groups"]
+    groups = [[g, v["abs_gap"], edited[g]["abs_gap"], v["n"]] for g, v in b["groups"].items()]
+    return [
+        f"## --eval-data: {e['pairs']} further held-out pairs (never used for selection; prompts also among the "
+        f"selection pairs: {e['shared_with_selection']})",
+        "",
+        rep.md_table(["method", "gap", "reduction"], rows),
+        "",
+        rep.md_table(["group", "before", f"after ({method})", "pairs"], groups),
+        "",
+    ]
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
 
 
 def _keep_groups(res: dict, method: str) -> list[str]:
