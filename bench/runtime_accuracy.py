@@ -41,12 +41,12 @@ def llama_flags(llm, cases) -> list[bool]:
     """Per case: llama.cpp's argmax after the case's input ids equals its target (one eval per problem)."""
     import numpy as np
 
-    from surgery.evals.arithmetic import _problem_groups
+    from surgery.evals.arithmetic import problem_groups
     from surgery.io import llamacpp
 
     ids_col, tgt = list(cases["input_ids"]), list(cases["target"])
     flags = [False] * len(ids_col)
-    for group in _problem_groups(cases):
+    for group in problem_groups(cases):
         full = ids_col[group[-1]] + [tgt[group[-1]]]
         logits = llamacpp.logits(llm, full)
         for c in group:
@@ -55,9 +55,9 @@ def llama_flags(llm, cases) -> list[bool]:
 
 
 def by_problem(cases, flags) -> dict[str, bool]:
-    from surgery.evals.arithmetic import _problem_groups
+    from surgery.evals.arithmetic import problem_groups
 
-    return {f"{cases[g[0]]['prompt']}{cases[g[0]]['answer']}": all(flags[c] for c in g) for g in _problem_groups(cases)}
+    return {f"{cases[g[0]]['prompt']}{cases[g[0]]['answer']}": all(flags[c] for c in g) for g in problem_groups(cases)}
 
 
 def main() -> None:

@@ -459,7 +459,7 @@ def encode(problems, tokenizer) -> list[dict]:
 def problem_predictions(model: nn.Module, tokenizer, cases, batch_size: int = 64) -> torch.Tensor:
     """Greedy-correct flag per case, teacher forced, with ONE forward per problem (cases of a problem are
     consecutive prefixes of the same sequence, as `cases` builds them)."""
-    groups = _problem_groups(cases)
+    groups = problem_groups(cases)
     ids_col, tgt = list(cases["input_ids"]), list(cases["target"])
     correct = torch.zeros(len(ids_col), dtype=torch.bool)
     for idx in batches(len(groups), batch_size):
@@ -473,7 +473,7 @@ def problem_predictions(model: nn.Module, tokenizer, cases, batch_size: int = 64
     return correct
 
 
-def _problem_groups(cases) -> list[list[int]]:
+def problem_groups(cases) -> list[list[int]]:
     """Case indices grouped by (problem, template), in order."""
     groups: dict[str, list[int]] = {}
     for i, (pid, t) in enumerate(zip(cases["problem_id"], cases["template"])):

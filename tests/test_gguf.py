@@ -375,6 +375,22 @@ def test_export_native_loads_without_remote_code(widths, base, tmp_path):
     assert json.loads((out / "report.json").read_text())["results"]["layout"] == ("padded" if base == 96 else "sliced")
 
 
+@needs_tokenizer
+def test_export_native_takes_an_architecture_without_gguf(tmp_path):
+    """--format native writes safetensors, so GPT-J (no llama.cpp graph) exports too."""
+    from surgery.cli import main
+    from surgery.io.checkpoint import save
+
+    gptj = make_tiny("gptj")
+    slice_ffn(gptj, {0: [0, 1, 2], 1: list(range(8))})
+    save(gptj, tokenizer(), tmp_path / "ckpt", layout="sliced")
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "native", "--out", str(tmp_path / "n")]) == 0
+    back = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "n")).eval()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, gptj(ids).logits, atol=1e-5)
+
+
 def test_export_bad_input_is_one_line(tmp_path, capfd):
     from surgery.cli import main
 

@@ -164,6 +164,10 @@ def test_vllm_refusals_are_one_line(tmp_path):
     windowed.config.sliding_window = 16
     with pytest.raises(UsageError, match="sliding window"):
         write_vllm(windowed, tokenizer(), tmp_path / "m")
+    compensated = sliced(tiny("llama"), WIDTHS)
+    compensated.config.surgery_ffn_out_bias = True
+    with pytest.raises(UsageError, match="compensate=true"):
+        write_vllm(compensated, tokenizer(), tmp_path / "c")
     assert not any(tmp_path.iterdir())
 
 

@@ -150,7 +150,7 @@ class Plan:
     lora_layer: int
     selectors: list[str]
     uniform: bool = False
-    multiple: int = 1
+    multiple: int = PAD_MULTIPLE
 
 
 def parse_keep(spec: str) -> tuple[str, float]:

@@ -91,12 +91,11 @@ def save(
         if layout == "sliced" and needs_modeling(model):
             (tmp / MODELING).write_text(modeling_source(model))
         _write_side_files(model, tokenizer, tmp, extra_files or {})
-        if exports:  # their own metadata carries the manifest as it stands without them
-            inner = _manifest(model, tmp, layout, prov, kept, target_dtype, files, base, adapter_model, merge)
-            prov["exports"] = write_exports(model, tokenizer, tmp, list(exports), inner)
-        manifest = write_manifest(
-            tmp, _manifest(model, tmp, layout, prov, kept, target_dtype, files, base, adapter_model, merge)
-        )
+        manifest = _manifest(model, tmp, layout, prov, kept, target_dtype, files, base, adapter_model, merge)
+        if exports:  # their own metadata carries the manifest as it stands without them; then they are listed
+            manifest["exports"] = write_exports(model, tokenizer, tmp, list(exports), manifest)
+            manifest["files"].update(file_hashes(tmp, skip=set(manifest["files"])))
+        manifest = write_manifest(tmp, manifest)
     return Report(data=manifest, markdown=_save_markdown(out, manifest), files=[out])
 
 
@@ -436,12 +435,14 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
     return m
 
 
-def file_hashes(folder: Path) -> dict[str, dict]:
-    """{relative path: {sha256, bytes}} of every file in the folder except the manifest itself."""
+def file_hashes(folder: Path, skip: set[str] = frozenset()) -> dict[str, dict]:
+    """{relative path: {sha256, bytes}} of every file in the folder except the manifest itself (and `skip`:
+    relative paths already hashed)."""
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and p.name != MANIFEST and rel not in skip:
+            out[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return out
 
 

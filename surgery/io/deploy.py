@@ -27,11 +27,7 @@ FORMATS = ("gguf", "vllm")
 @dataclass(frozen=True)
 class Export:
     format: str
-    gguf_type: str = "f32"
-
-    @property
-    def label(self) -> str:
-        return f"{self.format}:{self.gguf_type}" if self.format == "gguf" else self.format
+    gguf_type: str = "f32"  # gguf only
 
 
 def parse_exports(spec: str | None) -> list[Export]:

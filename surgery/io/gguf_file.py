@@ -162,20 +162,24 @@ def _tensors(model: nn.Module, arch: str, empty: int = 1) -> Iterator[tuple[str,
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS], freqs
 
 
+_NORM_ROPE = ("llama", "deci")  # llama.cpp graphs that rotate interleaved pairs; the others read HF's rotate-half
+
+
 def _converted(t: torch.Tensor, hf_name: str, arch: str, view: ModelView) -> torch.Tensor:
-    """What llama.cpp's converter changes in a tensor for `arch` (as convert_hf_to_gguf.py does):
-    - llama / deci: Q and K rows (and biases) from the HF rotate-half layout to llama.cpp's interleaved NORM rope
-      (qwen2, phi3, gemma3 and gptneox use NEOX rope, the HF layout as it is);
-    - gemma3: every RMS norm weight + 1 (HF's Gemma3RMSNorm computes x * (1 + w), llama.cpp x * w);
-    - gptneox: query_key_value rows from per-head [q_h | k_h | v_h] to [q | k | v]."""
-    if arch in ("llama", "deci"):
-        if hf_name.endswith(_suffixes(view.arch.attn_qkv[0])):
+    """What llama.cpp's converter changes in a tensor (as convert_hf_to_gguf.py does), from the arch table's facts:
+    - under a NORM-rope llama.cpp graph (`_NORM_ROPE`): Q and K rows (and biases) from the HF rotate-half layout to
+      llama.cpp's interleaved one;
+    - `rms1p` norms (Gemma's x * (1 + w)): every norm weight + 1, as llama.cpp computes x * w;
+    - a `heads` qkv layout (NeoX's per-head [q_h | k_h | v_h] rows): regrouped to [q | k | v]."""
+    table = view.arch
+    if arch in _NORM_ROPE:
+        if hf_name.endswith(_suffixes(table.attn_qkv[0])):
             return _permute(t, view.n_heads)
-        if hf_name.endswith(_suffixes(view.arch.attn_qkv[1])):
+        if hf_name.endswith(_suffixes(table.attn_qkv[1])):
             return _permute(t, view.n_kv_heads)
-    if arch == "gemma3" and hf_name.endswith("norm.weight"):
+    if table.norm_kind == "rms1p" and hf_name.endswith("norm.weight"):
         return t + 1.0
-    if arch == "gptneox" and hf_name.endswith(_suffixes(view.arch.attn_qkv[0])):
+    if table.qkv_layout == "heads" and hf_name.endswith(_suffixes(table.attn_qkv[0])):
         n, dh = view.n_heads, view.head_dim
         grouped = t.reshape(n, 3, dh, *t.shape[1:])
         return torch.cat([grouped[:, i].reshape(n * dh, *t.shape[1:]) for i in range(3)])
@@ -232,13 +236,13 @@ def _hparams(w, model: nn.Module, arch: str, gguf_type: str) -> None:
     w.add_head_count(view.n_heads)
     w.add_vocab_size(int(cfg.vocab_size))
     w.add_file_type(_FILE_TYPE[gguf_type])
-    if arch in ("gpt2", "gptneox"):  # LayerNorm models
+    if view.arch.norm_kind == "layer":  # GPT-2, NeoX: LayerNorm, no grouped keys/values
         w.add_layer_norm_eps(float(_first(cfg, "layer_norm_epsilon", "layer_norm_eps")))
-        if arch == "gptneox":
+        if arch == "gptneox":  # rotary (partly) and, by default, the parallel residual
             rotary = _rope(cfg).get("partial_rotary_factor", getattr(cfg, "rotary_pct", 1.0))
             w.add_rope_dimension_count(int(rotary * view.head_dim))
             w.add_rope_freq_base(float(_rope(cfg).get("rope_theta", getattr(cfg, "rotary_emb_base", 10000.0))))
-            w.add_parallel_residual(bool(getattr(cfg, "use_parallel_residual", True)))
+            w.add_parallel_residual(view.parallel)
         return
     w.add_head_count_kv(view.n_kv_heads)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
@@ -632,17 +636,18 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _unconverted(t: torch.Tensor, hf_name: str, arch: str, qkv: tuple[str, ...], n_heads: int, n_kv: int):
+def _unconverted(t: torch.Tensor, hf_name: str, arch: str, table, n_heads: int, n_kv: int, values: bool = True):
     """The inverse of `_converted` for a tensor the writer stored under `arch` (the file's general.architecture);
-    `qkv`: the arch table's q/k/v projection paths."""
-    if arch in ("llama", "deci"):
+    `table`: the model's arch table entry. values=False (a rounding bound): the reshuffles only, no norm shift."""
+    qkv = table.attn_qkv
+    if arch in _NORM_ROPE:
         if hf_name.endswith(_suffixes(qkv[0])):
             return _unpermute(t, n_heads)
         if hf_name.endswith(_suffixes(qkv[1])):
             return _unpermute(t, n_kv)
-    if arch == "gemma3" and hf_name.endswith("norm.weight"):
-        return t - 1.0
-    if arch == "gptneox" and hf_name.endswith(_suffixes(qkv[0])):  # [q | k | v] -> per head [q_h | k_h | v_h]
+    if table.norm_kind == "rms1p" and hf_name.endswith("norm.weight"):
+        return t - 1.0 if values else t
+    if table.qkv_layout == "heads" and hf_name.endswith(_suffixes(qkv[0])):  # [q | k | v] -> per head [q_h|k_h|v_h]
         dh = t.shape[0] // (3 * n_heads)
         return t.reshape(3, n_heads, dh, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
     return t
@@ -694,7 +699,7 @@ class GgufTensors:
                 f"{path} holds a llama.cpp {self.arch!r} model, but the checkpoint it is compared with is "
                 f"{config.model_type} (GGUF architecture {expect}); diff compares two models of one architecture"
             )
-        self.qkv = table.attn_qkv
+        self.table = table
         self.n_heads = int(config.num_attention_heads)
         self.n_kv = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         stock = _model_names(config)
@@ -762,8 +767,7 @@ class GgufTensors:
         x = torch.from_numpy(x)
         if g == name:  # no HF name: as stored
             return x
-        if values or not (self.arch == "gemma3" and name.endswith("norm.weight")):
-            x = _unconverted(x, name, self.arch, self.qkv, self.n_heads, self.n_kv)
+        x = _unconverted(x, name, self.arch, self.table, self.n_heads, self.n_kv, values)
         return x.T.contiguous() if name in self.conv1d else x
 
 

@@ -87,6 +87,11 @@ def check_vllm(model: nn.Module, per_layer: bool | None = None) -> None:
             f"{cfg.model_type} with a sliding window ({cfg.sliding_window}): vLLM's DeciLM graph attends over the "
             "whole context, so it would run this model differently"
         )
+    if getattr(cfg, "surgery_ffn_out_bias", False):
+        raise UsageError(
+            "this checkpoint folds removed neurons into FFN output biases (compensate=true); vLLM's DeciLM FFN has "
+            "biases on all three projections or none, so it cannot hold them; prune without compensate"
+        )
     if (getattr(cfg, "hidden_act", "silu") or "silu") != "silu":
         raise UsageError(f"hidden_act {cfg.hidden_act!r}: vLLM's DeciLM FFN is SiLU-gated only")
 
@@ -104,7 +109,10 @@ def vllm_config(model: nn.Module) -> dict:
         d["architectures"] = [_stock_class(model)]
         return d
     group = view.n_heads // view.n_kv_heads
-    biased_qkv = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
+    first = view.layer(0)  # which projections carry biases, read from the weights (Qwen2: q/k/v but not o)
+    qkv_bias = first.get_submodule(view.arch.attn_qkv[0]).bias is not None
+    o_bias = view.attn_out(0).bias is not None
+    mlp_bias = view.ffn_in(0)[0].bias is not None
     d.pop("intermediate_size", None)
     d.update(
         {
@@ -114,10 +122,10 @@ def vllm_config(model: nn.Module) -> dict:
             "head_dim": view.head_dim,  # NVIDIA's DeciLMConfig defaults it to 128: always explicit
             "hidden_act": "silu",
             "num_key_value_heads": view.n_kv_heads,
-            # vLLM: q/k/v/o biases from attention_bias, then q/k/v alone from qkv_bias (Qwen2: o has none)
-            "attention_bias": bool(getattr(cfg, "attention_bias", False)),
-            "qkv_bias": biased_qkv,
-            "mlp_bias": bool(getattr(cfg, "mlp_bias", False)),
+            # vLLM: the output projection's bias from attention_bias, q/k/v's from qkv_bias when present
+            "attention_bias": o_bias,
+            "qkv_bias": qkv_bias,
+            "mlp_bias": mlp_bias,
             "block_configs": [
                 {
                     "attention": {"no_op": False, "n_heads_in_group": group},

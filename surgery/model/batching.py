@@ -10,6 +10,7 @@ it imports nothing of theirs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 
@@ -51,8 +52,12 @@ def cache_kwargs(model: torch.nn.Module, cache) -> dict:
     """The keyword arguments that pass a KV cache into `model`'s forward (and ask for one back): transformers
     5.2x names it `cache`, earlier 5.x `past_key_values` (deprecated since, removed in 5.40)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
+    return {_cache_name(type(base)): cache, "use_cache": True}
+
+
+@functools.cache
+def _cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def output_cache(output):

@@ -61,8 +61,8 @@ COMMAND = Command(
             "--multiple",
             type=int,
             default=None,
-            help="round every layer's kept count up to a multiple of this (e.g. 32: q8_0/q4_0 GGUF blocks; "
-            "256: DeciLM's ffn_mult grid); the next-best neurons fill the rounding",
+            help="pad every sliced layer's width up to a multiple of this with zero neurons (default 8; 32: "
+            "q8_0/q4_0 GGUF blocks; 1: exact widths); recorded as ffn.padding",
         ),
     ],
     "surgery.commands.prune.job:run",
