@@ -50,7 +50,8 @@ def build(n_docs: int = 50, max_chars: int | None = None) -> Dataset:
 def perplexity(
     model: torch.nn.Module, tokenizer, ds: Dataset, max_length: int = 256, batch_size: int = 8, progress: bool = True
 ) -> dict:
-    """{"ppl", "nll", "tokens", "docs"}: token-weighted mean NLL over docs truncated to max_length tokens."""
+    """{"ppl", "nll", "tokens", "docs", "doc_nll", "doc_tokens"}: token-weighted mean NLL over docs truncated to
+    max_length tokens; per document its summed NLL and scored tokens (for paired intervals between two models)."""
     if max_length < 2:
         raise UsageError(f"max_length must be >= 2 to score any token, got {max_length}")
     seqs = [ids[:max_length] for ids in tokenizer(list(ds["document"])).input_ids]
@@ -60,7 +61,15 @@ def perplexity(
     lps = suffix_logprobs(model, seqs, [len(s) - 1 for s in seqs], pad_id(tokenizer), batch_size, progress)
     tokens = sum(len(lp) for lp in lps)
     nll = -float(sum(lp.double().sum() for lp in lps)) / tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "docs": len(seqs), "max_length": max_length}
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "tokens": tokens,
+        "docs": len(seqs),
+        "max_length": max_length,
+        "doc_nll": [-float(lp.double().sum()) for lp in lps],
+        "doc_tokens": [len(lp) for lp in lps],
+    }
 
 
 # ---- the task -------------------------------------------------------------------------------------------------

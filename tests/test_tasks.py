@@ -365,7 +365,7 @@ def test_arithmetic_through_the_protocol_scores_like_the_arithmetic_suite(tiny_l
 def test_edit_on_the_gender_pairs_is_debias_selection(tiny_loaded):
     """`surgery edit --pairs gender-bias` and `surgery debias` build the same CNA cases and get the same scores."""
     from surgery.commands.debias import job as debias
-    from surgery.commands.edit import job as edit
+    from surgery.commands.edit import data as edit
     from surgery.evals import gender_bias as gb
 
     model, tok = tiny_loaded

@@ -143,7 +143,7 @@ def registered(kind: str) -> Callable[[str], str]:
 
 # ---- shared option groups -----------------------------------------------------------------------------
 TASK_SELECTORS = "cna | random | magnitude | activation | taylor | total-effect | wanda | flap"
-CONTRAST_SELECTORS = "cna | activation-diff | random"
+CONTRAST_SELECTORS = "cna | cna-specific | activation-diff | random"
 
 MODEL = [
     option("--model", default="smollm2-135m", help="registry name, local HF folder, or hub id"),

@@ -44,13 +44,27 @@ def contrast_scores(
     seed: int = 0,
     batch_size: int = 32,
     candidates: int = 100,
+    keep_seqs: list[list[int]] | None = None,
+    keep_targets: list[int] | None = None,
 ) -> tuple[dict[int, Tensor], dict]:
     """Scores {layer: [N]} of contrast selector `method` (higher = edit first) and what it reported.
 
     CNA reads the per-case contexts (`seqs_a`/`seqs_b`, each ending before the scored token `targets`); the
-    activation baselines and random read the bare prompts (`prompts_a`/`prompts_b`)."""
-    if method == "cna":
-        inp = selectors.Inputs(view, layers, pad, seqs_a, targets, seqs_b, batch_size=batch_size, candidates=candidates)
+    activation baselines and random read the bare prompts (`prompts_a`/`prompts_b`); cna-specific also reads
+    the keep cases (`keep_seqs`, each ending before its `keep_targets` token)."""
+    if method in ("cna", "cna-specific"):
+        inp = selectors.Inputs(
+            view,
+            layers,
+            pad,
+            seqs_a,
+            targets,
+            seqs_b,
+            batch_size=batch_size,
+            candidates=candidates,
+            keep_seqs=keep_seqs,
+            keep_targets=keep_targets,
+        )
     else:
         inp = selectors.Inputs(view, layers, pad, prompts_a, None, prompts_b, seed=seed, batch_size=batch_size)
     return selectors.score("contrast", method, inp), inp.info

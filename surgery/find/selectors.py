@@ -47,6 +47,9 @@ class Inputs:
     seed: int = 0
     batch_size: int = 16
     candidates: int = 128  # contrast CNA: screened neurons rescored exactly in every pair
+    keep_seqs: list[list[int]] | None = None  # contrast cna-specific: behaviour that must not move (contexts)
+    keep_targets: list[int] | None = None  # ... and the token each keep context predicts
+    keep_weight: float = 1.0  # cna-specific: lambda, the weight of the keep importance
     info: dict = field(default_factory=dict)  # a selector may report how it selected (e.g. CNA certification)
 
 
@@ -263,6 +266,7 @@ def cna_contrast(inp: Inputs) -> Scores:
         total[l][idx] = exact[l]
     screen = torch.cat([fo[l][idx] for l, idx in cand.items()])
     ex = torch.cat(list(exact.values()))
+    inp.info["candidate_neurons"] = cand  # {layer: [index]}: the neurons whose sums are exact
     inp.info.update(
         {
             "cases": len(inp.targets),
@@ -272,6 +276,33 @@ def cna_contrast(inp: Inputs) -> Scores:
         }
     )
     return total
+
+
+@register("contrast", "cna-specific")
+def cna_specific(inp: Inputs) -> Scores:
+    """CNA on the pairs minus CNA on the keep cases: mean over pairs of imp(A) - imp(B) minus lambda times the mean
+    over keep cases of |imp| for the keep target (`keep_weight`, default 1; both log-probability units per case).
+    A neuron that moves A/B but also carries the keep behaviour ranks below one that moves A/B alone. Exact for
+    the pair screen's candidates (both terms), first-order elsewhere, as `cna`."""
+    if not inp.keep_seqs:
+        raise UsageError("cna-specific needs the --keep-data cases (behaviour the edit must not move)")
+    pair = cna_contrast(inp)
+    n_pairs, n_keep = len(inp.targets), len(inp.keep_targets)
+    layers = inp.layers
+    cand = inp.info["candidate_neurons"]
+    keep = {l: torch.zeros(inp.view.ffn_width(l)) for l in layers}
+    for s in tqdm(range(0, n_keep, inp.batch_size), desc="cna keep", unit="batch"):
+        w = torch.tensor(inp.keep_targets[s : s + inp.batch_size])
+        st = collect(inp.view, *left_pad(inp.keep_seqs[s : s + inp.batch_size], inp.pad), layers)
+        sc = Scorer(inp.view, st, inp.view.final_sigma(st.hfin), w, work=Workspace())
+        for l in layers:
+            fo = sc.first_order(l).abs().sum(0)
+            if l in cand:
+                i = torch.tensor(cand[l])
+                fo[i] = sc.exact_same(l, i).abs().sum(0)
+            keep[l] += fo
+    inp.info.update({"keep_cases": n_keep, "keep_weight": inp.keep_weight})
+    return {l: pair[l] / n_pairs - inp.keep_weight * keep[l] / n_keep for l in layers}
 
 
 def _pair_scorers(inp: Inputs, layers: list[int], desc: str) -> Iterator[tuple[Scorer, Scorer]]:

@@ -160,7 +160,8 @@ def _ffn_names(a: Arch, l: int) -> list[str]:
 
 
 def _ffn_mats(a: Arch, W: Weights, l: int) -> tuple[Tensor, Tensor] | None:
-    """(keys [N, k*d (+biases)], values [N, d]) of layer l, in one row per neuron."""
+    """(keys [N, k*d + k], values [N, d]) of layer l, in one row per neuron; a missing key bias is a zero one (a
+    config that switches biases on, e.g. Llama's mlp_bias for a folded edit, adds zeros and changes nothing)."""
     pre = f"{a.layers}.{l}."
     vw = W.get(pre + a.ffn_out + ".weight")
     if vw is None:
@@ -171,7 +172,8 @@ def _ffn_mats(a: Arch, W: Weights, l: int) -> tuple[Tensor, Tensor] | None:
         w, b = W.get(pre + p + ".weight"), W.get(pre + p + ".bias")
         w = w.T if a.conv1d else w
         chunks = 2 if a.ffn_kind == "fused" else 1
-        parts += list(w.chunk(chunks, 0)) + ([c.unsqueeze(1) for c in b.chunk(chunks, 0)] if b is not None else [])
+        b = b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        parts += list(w.chunk(chunks, 0)) + [c.unsqueeze(1) for c in b.chunk(chunks, 0)]
     return torch.cat(parts, 1), values
 
 
@@ -323,7 +325,11 @@ def _diff_ffn_out_bias(a: Arch, base: Weights, other: Weights, l: int, tol: floa
     stays listed under other_tensors too)."""
     name = f"{a.layers}.{l}.{a.ffn_out}.bias"
     b, o = base.get(name), other.get(name)
-    if b is None or o is None or b.shape != o.shape:
+    if b is None and o is None:
+        return {}
+    b = b if b is not None else torch.zeros_like(o)  # a missing bias is a zero one
+    o = o if o is not None else torch.zeros_like(b)
+    if b.shape != o.shape:
         return {}
     return {"ffn_out_bias_changed": bool(_changed_entries(b, o, tol).any())}
 

@@ -227,6 +227,30 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, mid - half), min(1.0, mid + half)]
 
 
+def mcnemar(before: Sequence[bool], after: Sequence[bool]) -> dict:
+    """Paired accuracy change on the same items: exact two-sided McNemar p-value (binomial on the discordant
+    items), the change and its 95% paired normal interval."""
+    n = len(before)
+    lost = sum(b and not a for b, a in zip(before, after))
+    gained = sum(a and not b for b, a in zip(before, after))
+    k, m = min(lost, gained), lost + gained
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2**m) if m else 1.0
+    d = [float(a) - float(b) for b, a in zip(before, after)]
+    mean = sum(d) / n if n else 0.0
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(n) if n else 0.0
+    return {
+        "n": n,
+        "acc_before": sum(before) / n if n else 0.0,
+        "acc_after": sum(after) / n if n else 0.0,
+        "change": mean,
+        "change_ci95": [mean - half, mean + half],
+        "lost": lost,
+        "gained": gained,
+        "p_value": p,
+    }
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub Markdown table; floats printed with 3 decimals."""
 

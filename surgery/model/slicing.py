@@ -150,7 +150,7 @@ def fold_means(model: nn.Module, keep: KeepSpec, means: dict[int, Tensor]) -> di
     switched on (key biases stay zero, so it loads natively); architectures whose native class has no FFN output
     bias record `config.surgery_ffn_out_bias` and export only as the sliced layout."""
     view = ModelView(model)
-    _ensure_out_biases(model, view)
+    ensure_out_biases(model, view)
     shifts = {}
     for layer, k in normalize_keep(view, keep).items():
         v = view.values(layer)
@@ -160,7 +160,7 @@ def fold_means(model: nn.Module, keep: KeepSpec, means: dict[int, Tensor]) -> di
     return shifts
 
 
-def _ensure_out_biases(model: nn.Module, view: ModelView) -> None:
+def ensure_out_biases(model: nn.Module, view: ModelView) -> None:
     """A (zero) bias on every layer's FFN output projection; on Llama-family configs also on the keys (mlp_bias)."""
     flag = view.arch.ffn_bias_attr  # the config switch of a native FFN bias (biases on keys and values alike)
     for i in range(view.n_layers):

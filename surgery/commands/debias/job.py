@@ -146,6 +146,11 @@ def check_recipe(r: DebiasRecipe) -> None:
             f"sweep.methods must be a non-empty subset of {', '.join(selectors.names('contrast'))}; got "
             f"{r.sweep.methods}"
         )
+    if "cna-specific" in (r.method, *r.sweep.methods):
+        raise UsageError(
+            "cna-specific needs cases the edit must not move; use surgery edit --pairs gender-bias --method "
+            "cna-specific --keep-data FILE"
+        )
     if not r.sweep.ns or min(r.sweep.ns) < 1:
         raise UsageError(f"sweep.ns must be a non-empty list of counts >= 1; got {r.sweep.ns}")
     if r.professions is not None and not r.professions:

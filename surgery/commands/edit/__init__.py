@@ -37,8 +37,23 @@ COMMAND = Command(
         ),
         option("--columns", default=None, help="map your column names: prompt_a=NAME,prompt_b=NAME,target=NAME"),
         option("--neurons", type=positive, default=18, help="how many neurons to edit"),
-        option("--edit", default="zero", choices=["zero", "scale", "remove"]),
-        option("--scale", type=float, default=None, help="--edit scale: multiply the coefficients by S"),
+        option(
+            "--edit",
+            default="zero",
+            choices=["zero", "scale", "remove", "leace", "project", "steer"],
+            help="neuron edits: zero | scale | remove; representation edits: leace | project | steer",
+        ),
+        option(
+            "--scale",
+            default=None,
+            help="--edit scale: multiply the coefficients by S, or auto (chosen on the validation pairs; default)",
+        ),
+        option(
+            "--edit-layers",
+            type=positive,
+            default=4,
+            help="representation edits: how many layers (those whose A/B outputs differ most on the selection pairs)",
+        ),
         option(
             "--method",
             default="cna",
@@ -48,6 +63,19 @@ COMMAND = Command(
         option("--baselines", type=strs, default=(), help="other selectors measured at the same N, e.g. random"),
         option("--keep-data", default=None, help="cases that must not change (prompt, target): collateral"),
         option("--keep-columns", default=None, help="column mapping of --keep-data"),
+        option(
+            "--keep-test-size",
+            type=float,
+            default=0.5,
+            help="cna-specific reads --keep-data: the share held out to measure the collateral on",
+        ),
+        option(
+            "--stereoset",
+            default=None,
+            help="StereoSet bias types measured as held-out benchmark (gender,profession,race,religion or none; "
+            "default: gender for --pairs gender-bias)",
+        ),
+        option("--stereoset-limit", type=positive, default=None, help="StereoSet items per type (default all)"),
         option(
             "--eval-data",
             default=None,
@@ -63,6 +91,14 @@ COMMAND = Command(
         option("--batch-size", type=positive, default=32),
         option("--ppl-docs", type=int, default=6, help="XSum documents for the perplexity collateral (0: skip)"),
         option("--ppl-tokens", type=int, default=128),
+        option(
+            "--compare",
+            action="store_true",
+            help="run every method at several budgets with random controls (resumable: <out>.partial) and write a "
+            "Pareto table and plot; no checkpoint",
+        ),
+        option("--budgets", default="6,18,54", help="--compare: neuron budgets"),
+        option("--layer-budgets", default="1,4,12", help="--compare: layer budgets of the representation edits"),
     ],
     "surgery.commands.edit.job:run",
 )

@@ -22,33 +22,36 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from surgery.edits.neurons import EDITS, contrast_scores, edit_and_check, scaled
+from surgery.commands.edit import cells
+from surgery.commands.edit import compare as cmp
+from surgery.commands.edit.cells import EDITS
+from surgery.commands.edit.data import prepare
+from surgery.edits import directions
+from surgery.edits.neurons import probe_logits
 from surgery.errors import UsageError
-from surgery.evals import perplexity, tasks
+from surgery.evals import stereoset
 from surgery.find import selectors
-from surgery.find.cna import neuron_name, parse_layers, top_tokens
-from surgery.find.neurons import Neuron, by_layer, top_n
+from surgery.find.cna import neuron_name, top_tokens
+from surgery.find.neurons import by_layer
 from surgery.io import checkpoint as export
 from surgery.io import report as rep
 from surgery.io.context import Run
-from surgery.io.deploy import Export, check_planned, parse_exports
-from surgery.io.loading import load_model
-from surgery.model.arch import ModelView
-from surgery.model.batching import pad_id
-from surgery.model.slicing import PAD_MULTIPLE
+from surgery.io.deploy import Export, parse_exports
 
 
 def check(
     neurons: int,
     edit: str,
-    scale: float | None,
+    scale: str | None,
     method: str,
     tokens: str,
     test_size: float,
     ppl_docs: int,
     ppl_tokens: int,
-) -> None:
-    """One line for every option that needs no model."""
+    edit_layers: int = 4,
+    keep_test_size: float = 0.5,
+) -> float | None:
+    """One line for every option that needs no model; returns --scale as a number (None: auto / not given)."""
     if neurons < 1:
         raise UsageError(f"--neurons must be >= 1, got {neurons}")
     if edit not in EDITS:
@@ -63,22 +66,40 @@ def check(
         raise UsageError(f"--test-size must be > 0 (a fraction or a count), got {test_size}")
     if ppl_docs < 0 or ppl_tokens < 2:
         raise UsageError("--ppl-docs must be >= 0 and --ppl-tokens >= 2")
+    if edit_layers < 1:
+        raise UsageError(f"--edit-layers must be >= 1, got {edit_layers}")
+    if not 0 < keep_test_size < 1:
+        raise UsageError(f"--keep-test-size must be a fraction between 0 and 1, got {keep_test_size}")
+    if scale is None or scale == "auto":
+        return None
+    try:
+        return float(scale)
+    except ValueError:
+        raise UsageError(f"--scale must be a number or auto, got {scale!r}") from None
 
 
-def measure(
-    model, tokenizer, neurons: Sequence[Neuron], factor: float, test, keep, docs, ppl_tokens: int, batch_size: int
-) -> dict:
-    """Held-out gap table, keep-data table and perplexity with `neurons` scaled by `factor` through hooks."""
-    with scaled(model, neurons, factor):
-        gaps = tasks.pair_gaps(model, tokenizer, test, batch_size)
-        out = {"gap": tasks.gap_table(test, gaps), "gaps": gaps}
-        if keep is not None:
-            out["keep"] = tasks.evaluate(model, tokenizer, keep, batch_size)
-        if docs is not None:
-            out["perplexity"] = perplexity.perplexity(model, tokenizer, docs, ppl_tokens, batch_size=8, progress=False)[
-                "ppl"
-            ]
-    return out
+def parse_budgets(spec: str, name: str) -> list[int]:
+    """'6,18,54' -> [6, 18, 54] (positive integers)."""
+    try:
+        out = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{name} must be comma-separated integers, e.g. 6,18,54; got {spec!r}") from None
+    if not out or min(out) < 1:
+        raise UsageError(f"{name} must list positive integers, got {spec!r}")
+    return sorted(set(out))
+
+
+def stereoset_types(spec: str | None, pairs: str) -> list[str]:
+    """--stereoset: bias types measured as the held-out benchmark (default: gender for the gender-bias pairs)."""
+    if spec is None:
+        return ["gender"] if pairs == "gender-bias" else []
+    if spec == "none":
+        return []
+    types = [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in types if t not in stereoset.BIAS_TYPES]
+    if bad:
+        raise UsageError(f"unknown --stereoset type(s) {bad}; use some of {', '.join(stereoset.BIAS_TYPES)} or none")
+    return types
 
 
 def run(
@@ -93,7 +114,7 @@ def run(
     columns: str | None,
     neurons: int,
     edit: str,
-    scale: float | None,
+    scale: str | None,
     method: str,
     baselines: Sequence[str],
     keep_data: str | None,
@@ -109,98 +130,25 @@ def run(
     ppl_docs: int,
     ppl_tokens: int,
     trust_remote_code: bool,
+    edit_layers: int = 4,
+    stereoset: str | None = None,
+    stereoset_limit: int | None = None,
+    keep_test_size: float = 0.5,
+    compare: bool = False,
+    budgets: str = "6,18,54",
+    layer_budgets: str = "1,4,12",
 ) -> rep.Report:
     """`surgery edit` (its options and help: this package's __init__.py)."""
     t0 = time.time()
     if pairs is None:
         raise UsageError("--pairs FILE is required (columns prompt_a, prompt_b, optional target), or gender-bias")
-    check(neurons, edit, scale, method, tokens, test_size, ppl_docs, ppl_tokens)
-    exports = parse_exports(export)
+    factor = check(neurons, edit, scale, method, tokens, test_size, ppl_docs, ppl_tokens, edit_layers, keep_test_size)
+    bias_types = stereoset_types(stereoset, pairs)
+    if stereoset_limit is not None and stereoset_limit < 1:
+        raise UsageError(f"--stereoset-limit must be >= 1, got {stereoset_limit}")
     bad = [b for b in baselines if b not in selectors.names("contrast")]
     if bad:
         raise UsageError(f"unknown --baselines {bad}; use some of {', '.join(selectors.names('contrast'))}")
-    factor = 0.0 if edit != "scale" else (0.0 if scale is None else float(scale))
-    ds = tasks.load_pairs(pairs, columns)
-    parts = tasks.split(ds, seed, test_size)
-    tasks.require(parts, "train", "test")
-    sel, test = parts["train"], parts["test"]
-    dup = tasks.warn_duplicates(sel, test, "prompt_a")
-    keep = tasks.load_cases(keep_data, keep_columns) if keep_data is not None else None
-    extra = tasks.load_pairs(eval_data, eval_columns) if eval_data is not None else None  # bad file: one line now
-    run_ = Run("edit", out, force, default=f"edit-{method}-{neurons}")
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    view, tok = ModelView(loaded.model), loaded.tokenizer
-    chosen_layers = parse_layers(layers, view.n_layers)
-    total = sum(view.ffn_width(l) for l in chosen_layers)
-    if neurons > total:
-        raise UsageError(f"asked to edit {neurons} neurons but the selection layers hold only {total}")
-    check_planned(
-        loaded.model, exports, per_layer=edit == "remove", multiple=PAD_MULTIPLE if edit == "remove" else None
-    )
-    with run_.step("targets"):
-        sel = tasks.fill_targets(loaded.model, tok, sel, batch_size)
-        test = tasks.fill_targets(loaded.model, tok, test, batch_size)
-        tasks.pair_ids(tok, test)  # every held-out target must tokenise after both prompts
-        if extra is not None:
-            extra = tasks.fill_targets(loaded.model, tok, extra, batch_size)
-            tasks.pair_ids(tok, extra)
-    methods = list(dict.fromkeys([method, *baselines]))
-    with run_.step("select"):
-        scores, info = select(
-            view, tok, sel, chosen_layers, methods, tokens, seed, batch_size, max(candidates, neurons)
-        )
-    docs = perplexity.build(n_docs=ppl_docs) if ppl_docs else None
-    with run_.step("measure"):
-        before = measure(loaded.model, tok, [], 0.0, test, keep, docs, ppl_tokens, batch_size)
-        after = {
-            m: measure(loaded.model, tok, top_n(scores[m], neurons), factor, test, keep, docs, ppl_tokens, batch_size)
-            for m in methods
-        }
-    chosen = top_n(scores[method], neurons)
-    table = [
-        {
-            "neuron": neuron_name(l, i),
-            "layer": l,
-            "index": i,
-            "score": float(scores[method][l][i]),
-            "top_tokens": top_tokens(view, tok, l, i),
-        }
-        for l, i in chosen
-    ]
-    further = None
-    if extra is not None:
-        with run_.step("eval-data"):  # before the edit: edit_and_check edits the weights in place
-            gap = {
-                m: measure(loaded.model, tok, top_n(scores[m], neurons), factor, extra, None, None, 0, batch_size)
-                for m in methods
-            }
-            base = measure(loaded.model, tok, [], 0.0, extra, None, None, 0, batch_size)
-            after_each = {m: _point(g, base) for m, g in gap.items()}
-            chosen_from = set(sel["prompt_a"])
-            further = {
-                "pairs": len(extra),
-                "shared_with_selection": sum(prompt in chosen_from for prompt in extra["prompt_a"]),
-                "before": _point(base),
-                "after": after_each,
-            }
-    with run_.step("edit"):
-        edited, diff = edit_and_check(loaded.model, tok, chosen, edit, list(test["prompt_a"][:16]), factor)
-    results = {
-        "selection": {
-            "pairs": len(sel),
-            "method": method,
-            "tokens": tokens,
-            "info": _jsonable(info),
-            "layers": [chosen_layers[0], chosen_layers[-1]],
-        },
-        "held_out_pairs": len(test),
-        "duplicates": dup,
-        "neurons": table,
-        "before": _point(before),
-        "after": {m: _point(p, before) for m, p in after.items()},
-        "edit_check": diff,
-        "eval_data": further,
-    }
     config = dict(
         model=model,
         pairs=pairs,
@@ -220,57 +168,123 @@ def run(
         batch_size=batch_size,
         ppl_docs=ppl_docs,
         ppl_tokens=ppl_tokens,
+        edit_layers=edit_layers,
+        stereoset=bias_types,
+        stereoset_limit=stereoset_limit,
+        keep_test_size=keep_test_size,
     )
+    common = dict(
+        model=model,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        pairs=pairs,
+        columns=columns,
+        keep_data=keep_data,
+        keep_columns=keep_columns,
+        eval_data=eval_data,
+        eval_columns=eval_columns,
+        layers=layers,
+        tokens=tokens,
+        test_size=test_size,
+        seed=seed,
+        candidates=candidates,
+        batch_size=batch_size,
+        ppl_docs=ppl_docs,
+        ppl_tokens=ppl_tokens,
+        keep_test_size=keep_test_size,
+        bias_types=bias_types,
+        stereoset_limit=stereoset_limit,
+    )
+    if compare:
+        if export:
+            raise UsageError("--compare writes a comparison, not a checkpoint; drop --export (edit with the winner)")
+        nb, lb = parse_budgets(budgets, "--budgets"), parse_budgets(layer_budgets, "--layer-budgets")
+        return cmp.run(common, config, nb, lb, keep_data is not None, out, force, t0)
+    exports = parse_exports(export)
+    representation = edit in directions.METHODS
+    main = cells.Cell(edit if representation else method, edit, edit_layers if representation else neurons, factor)
+    extra_cells = (
+        [cells.Cell("random-project", "random-project", edit_layers)] * ("random" in baselines)
+        if representation
+        else [cells.Cell(b, edit, neurons, factor) for b in baselines if b != method]
+    )
+    run_ = Run("edit", out, force, default=f"edit-{main.name.replace('@', '-')}")
+    needed = [] if representation else list(dict.fromkeys([method, *baselines]))
+    p = prepare(
+        run_,
+        **common,
+        selectors_needed=needed,
+        most_neurons=0 if representation else neurons,
+        exports=exports,
+        per_layer=edit == "remove",
+        needs_bias=edit == "steer",
+    )
+    loaded, tok = p.loaded, p.loaded.tokenizer
+    with run_.step("choose"):
+        applied = {c.method: cells.realize(p.fit, c) for c in [main, *extra_cells]}
+    with run_.step("measure"):  # every measurement before the weights are edited in place
+        before = cells.measure(loaded.model, tok, None, p.measures)
+        after = {m: cells.measure(loaded.model, tok, a, p.measures) for m, a in applied.items()}
+    chosen = applied[main.method]
+    view = p.fit.view
+    table = [
+        {
+            "neuron": neuron_name(l, i),
+            "layer": l,
+            "index": i,
+            "score": float(p.fit.scores[method][l][i]),
+            "top_tokens": top_tokens(view, tok, l, i),
+        }
+        for l, i in chosen.neurons
+    ]
+    with run_.step("edit"):
+        edited, diff = fold_and_check(loaded.model, tok, chosen, list(p.measures.test["prompt_a"][:16]))
+    further = None
+    if p.measures.extra is not None:
+        further = {
+            "pairs": len(p.measures.extra),
+            "shared_with_selection": p.shared_with_selection,
+            "before": {"gap": before["eval_data"]["gap"]},
+            "after": {
+                m: {
+                    "gap": a["eval_data"]["gap"],
+                    "reduction": cells.changes(before, a, seed)["eval_data_reduction"]["value"],
+                }
+                for m, a in after.items()
+            },
+        }
+    results = {
+        "selection": {**p.selection, "method": main.method, "edit": edit, "chosen": chosen.describe()},
+        "held_out_pairs": p.eval_pairs,
+        "duplicates": p.duplicates,
+        "neurons": table,
+        "before": _point(before),
+        "after": {m: {**_point(a, before), "changes": cells.changes(before, a, seed)} for m, a in after.items()},
+        "chosen": {m: a.describe() for m, a in applied.items()},
+        "edit_check": diff,
+        "eval_data": further,
+    }
     data = rep.make(run_.command, loaded.describe(), config, results, time.time() - t0)
-    return _export(loaded, edited, chosen, edit, factor, data, run_.out, force, exports)
+    return _export(loaded, edited, chosen, data, run_.out, force, exports)
 
 
-def select(
-    view: ModelView,
-    tok,
-    pairs,
-    layers: list[int],
-    methods: Sequence[str],
-    tokens: str,
-    seed: int,
-    batch_size: int,
-    candidates: int,
-) -> tuple[dict, dict]:
-    """Scores of every method on the selection pairs (the engine debias uses) and CNA's report."""
-    pc = tasks.pair_cases(tok, pairs, tokens)
-    prompts_a = [tok(p).input_ids for p in pairs["prompt_a"]]
-    prompts_b = [tok(p).input_ids for p in pairs["prompt_b"]]
-    scores, info = {}, {}
-    for m in methods:
-        scores[m], i = contrast_scores(
-            view,
-            layers,
-            pad_id(tok),
-            m,
-            seqs_a=pc.seqs_a,
-            seqs_b=pc.seqs_b,
-            targets=pc.targets,
-            prompts_a=prompts_a,
-            prompts_b=prompts_b,
-            seed=seed,
-            batch_size=batch_size,
-            candidates=candidates,
-        )
-        info = i if m == methods[0] else info
-    return scores, info
-
-
-def _jsonable(info: dict) -> dict:
-    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, type(None)))}
+def fold_and_check(model, tokenizer, applied: cells.Applied, probe: Sequence[str]) -> tuple[object, float]:
+    """Fold the edit into the weights in place (every hook-based measurement is done by now); the max |logit
+    difference| between the folded model and the hooked one on `probe` prompts (0: the export is what was measured)."""
+    with applied.hooks(model):
+        hooked = probe_logits(model, tokenizer, probe)
+    applied.fold(model)
+    return model, float((probe_logits(model, tokenizer, probe) - hooked).abs().max())
 
 
 def _point(p: dict, base: dict | None = None) -> dict:
-    """Gap (overall, per group), keep-data accuracy, perplexity; with `base`: the gap's relative reduction."""
+    """Gap (overall, per group), keep-data accuracy, perplexity, StereoSet; with `base`: the gap's relative
+    reduction."""
     out = {"gap": p["gap"]}
-    if "keep" in p:
-        out["keep"] = p["keep"]
-    if "perplexity" in p:
-        out["perplexity"] = p["perplexity"]
+    for k in ("keep", "perplexity", "stereoset"):
+        if k in p:
+            out[k] = p[k]
     if base is not None:
         b = base["gap"]["overall"]["abs_gap"]
         out["reduction"] = 1 - p["gap"]["overall"]["abs_gap"] / b if b else None
@@ -278,63 +292,107 @@ def _point(p: dict, base: dict | None = None) -> dict:
 
 
 def markdown(d: dict) -> str:
-    """report.md: the gap before/after per method, per group, collateral, the neurons."""
+    """report.md: the gap before/after per method (with the reduction's interval), per group, collateral,
+    StereoSet, what was chosen, the neurons."""
     c, res = d["config"], d["results"]
+    main = res["selection"]["method"]
     b = res["before"]
-    rows = [
-        [
-            "base (no edit)",
-            b["gap"]["overall"]["abs_gap"],
-            "",
-            b.get("perplexity", ""),
-            _keep(b),
-            b["gap"]["overall"]["signed_gap"],
-        ]
-    ]
+    rows = [["base (no edit)", b["gap"]["overall"]["abs_gap"], "", b.get("perplexity", ""), _keep(b), ""]]
     for m, p in res["after"].items():
+        ch = p["changes"]
         rows.append(
             [
                 m,
                 p["gap"]["overall"]["abs_gap"],
-                f"{100 * p['reduction']:.1f}%",
+                _interval(ch["gap_reduction"]),
                 p.get("perplexity", ""),
                 _keep(p),
-                p["gap"]["overall"]["signed_gap"],
+                _mcnemar(ch.get("keep")),
             ]
         )
     groups = [
-        [g, e["abs_gap"], res["after"][c["method"]]["gap"]["groups"][g]["abs_gap"], e["n"]]
+        [g, e["abs_gap"], res["after"][main]["gap"]["groups"][g]["abs_gap"], e["n"]]
         for g, e in b["gap"]["groups"].items()
     ]
+    what = f"N={c['neurons']}" if not res["chosen"][main].get("layers") else f"{c['edit_layers']} layers"
     return "\n".join(
         [
-            f"# surgery edit: {d['model']['name']}, {c['method']}, N={c['neurons']}, edit {c['edit']}",
+            f"# surgery edit: {d['model']['name']}, {main}, {what}, edit {c['edit']}",
             "",
             f"Command: `{d['command']}`",
             "",
-            f"Selection: {res['selection']['pairs']} pairs; held out: {res['held_out_pairs']} pairs "
-            f"(prompts shared with selection: {res['duplicates']}).",
+            f"Selection: {res['selection']['pairs']} pairs; scale / alpha chosen on: {res['selection']['validation']}; "
+            f"held out: {res['held_out_pairs']} pairs (prompts shared with selection: {res['duplicates']}).",
             "",
             "## A/B gap on held-out pairs: mean |log p(target | A) - log p(target | B)|",
             "",
-            rep.md_table(["method", "gap", "reduction", "XSum ppl", "keep-data acc / log p", "signed gap"], rows),
+            rep.md_table(
+                [
+                    "method",
+                    "gap",
+                    "reduction [95% CI]",
+                    "XSum ppl",
+                    "keep-data acc / log p",
+                    "keep acc change (McNemar p)",
+                ],
+                rows,
+            ),
             "",
-            f"## Per group ({c['method']})",
+            f"## Per group ({main})",
             "",
             rep.md_table(["group", "before", "after", "pairs"], groups),
             "",
-            *_keep_groups(res, c["method"]),
-            *_eval_data_lines(res.get("eval_data"), c["method"]),
-            f"## Edited neurons ({c['method']})",
+            *stereoset_lines(res),
+            *_keep_groups(res, main),
+            *_eval_data_lines(res.get("eval_data"), main),
+            "## What was chosen (on the selection / validation pairs only)",
             "",
-            rep.md_table(
-                ["neuron", "score", "top tokens"],
-                [[r["neuron"], r["score"], " ".join(repr(t) for t in r["top_tokens"])] for r in res["neurons"]],
+            *[f"- {m}: {rep.json_text(a).strip()}" for m, a in res["chosen"].items()],
+            "",
+            *(
+                [
+                    f"## Edited neurons ({main})",
+                    "",
+                    rep.md_table(
+                        ["neuron", "score", "top tokens"],
+                        [[r["neuron"], r["score"], " ".join(repr(t) for t in r["top_tokens"])] for r in res["neurons"]],
+                    ),
+                    "",
+                ]
+                if res["neurons"]
+                else []
             ),
-            "",
             f"Weight edit vs hook edit: max |logit diff| {res['edit_check']:.2e}. Time {d['timing']['seconds']:.0f} s.",
         ]
     )
+
+
+def stereoset_lines(res: dict) -> list[str]:
+    """StereoSet intrasentence (held out: never chooses anything), before and after each method."""
+    b = res["before"].get("stereoset")
+    if not b:
+        return []
+    out = ["## StereoSet intrasentence (held out): SS (50 = no preference), LMS, ICAT, 95% bootstrap intervals", ""]
+    for t, r in b.items():
+        rows = [["base (no edit)", *_ss(r)]] + [[m, *_ss(p["stereoset"][t])] for m, p in res["after"].items()]
+        out += [f"{t} ({r['n']} items)", "", rep.md_table(["method", "SS", "LMS", "ICAT"], rows), ""]
+    return out
+
+
+def _ss(r: dict) -> list[str]:
+    return [f"{r[k]:.1f} [{r[k + '_ci95'][0]:.1f}, {r[k + '_ci95'][1]:.1f}]" for k in ("ss", "lms", "icat")]
+
+
+def _interval(x: dict | None) -> str:
+    if not x:
+        return ""
+    return f"{100 * x['value']:.1f}% [{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}]"
+
+
+def _mcnemar(k: dict | None) -> str:
+    if not k:
+        return ""
+    return f"{100 * k['change']:+.1f} pts (p={k['p_value']:.3f})"
 
 
 def _eval_data_lines(e: dict | None, method: str) -> list[str]:
@@ -387,26 +445,27 @@ def _keep(p: dict) -> str:
 def _export(
     loaded,
     edited,
-    chosen: list[Neuron],
-    edit: str,
-    factor: float,
+    chosen: cells.Applied,
     data: dict,
     outdir: Path,
     force: bool,
     exports: Sequence[Export] = (),
 ) -> rep.Report:
-    """The checkpoint (zero/scale: zeroed layout, native; remove: sliced) with report.json and report.md."""
+    """The checkpoint (zero/scale and the representation edits: zeroed layout, native; remove: sliced) with
+    report.json and report.md."""
     md = markdown(data)
-    groups = by_layer(chosen)
+    edit = chosen.cell.edit
+    groups = by_layer(chosen.neurons)
     prov = {
         "operation": "edit",
         "recipe": data["config"],
-        "method": data["config"]["method"],
+        "method": chosen.cell.method,
+        "edit": edit,
         "seed": data["config"]["seed"],
-        "neurons": [neuron_name(l, i) for l, i in chosen],
+        "neurons": [neuron_name(l, i) for l, i in chosen.neurons],
         "base": {"id": loaded.name, "source": loaded.source},
         "layers": {
-            str(l): {"edited": idx, "edit": edit, **({"scale": factor} if edit == "scale" else {})}
+            str(l): {"edited": idx, "edit": edit, **({"scale": chosen.factor} if edit == "scale" else {})}
             for l, idx in groups.items()
         },
     }
@@ -414,6 +473,9 @@ def _export(
         prov["layers"] = {
             str(l): {"kept": edited.surgery_kept[l], "removed": idx, "edit": "remove"} for l, idx in groups.items()
         }
+    if chosen.affines:  # W_out <- (I - L R) W_out (+ shift in the bias): the rank and shift per layer
+        prov["layers"] = {str(a.layer): {"edit": edit, **a.to_json()} for a in chosen.affines}
+        prov.update({k: v for k, v in chosen.chosen.items() if k == "alpha"})
     extra = {"report.json": rep.json_text(data), "report.md": md + "\n"}
     export.save(
         edited,
