@@ -146,3 +146,51 @@ def test_duplicate_prompts_across_splits_warn_with_count(capfd):
     )
     parts = ft.user_splits(ds, ft.FinetuneRecipe())
     assert len(parts["train"]) == 2 and "1 test prompt(s) also appear" in capfd.readouterr().err
+
+
+def test_a_row_killed_mid_training_resumes_from_its_saved_state(tiny_smol_dir, tmp_path, monkeypatch):
+    """save_steps=2: a row killed just after its step-4 save resumes at step 4 (weights, AdamW, scheduler, RNG and
+    data position restored) and ends where an uninterrupted row ends: the same losses and the same evaluation."""
+    from transformers import TrainerCallback
+
+    data = _jsonl(tmp_path / "d.jsonl")
+    over = [*SMALL, "train.max_steps=6", "save_steps=2", "methods=[precise]", "train.warmup_ratio=0.0"]
+
+    def go(out):
+        return finetune_run(model=str(tiny_smol_dir), out=str(out), quick=True, data=str(data), overrides=over)
+
+    whole = go(tmp_path / "whole").data["results"]["rows"]
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    real = ft.answer_trainer
+    monkeypatch.setattr(ft, "answer_trainer", lambda *a, **k: _with(real(*a, **k), Kill()))
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "o")
+    saved = list((tmp_path / "o.partial" / "state").glob("*/checkpoint-4"))
+    assert len(saved) == 1
+    steps = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
+
+    monkeypatch.setattr(ft, "answer_trainer", lambda *a, **k: _with(real(*a, **k), Count()))
+    resumed = go(tmp_path / "o").data["results"]["rows"]
+    assert steps == [5, 6]  # the resumed row ran only the steps after its save
+    a, b = whole[1], resumed[1]
+    assert a["name"] == b["name"] == "precise, 2 heads"
+    losses = lambda r: [(e["step"], e["loss"]) for e in r["log"] if "loss" in e]  # noqa: E731
+    assert [s for s, _ in losses(b)] == [1, 2, 3, 4, 5, 6]  # the saved log history is restored with the state
+    assert [x for _, x in losses(b)] == pytest.approx([x for _, x in losses(a)], rel=1e-5)
+    assert json.dumps(b["metrics"], sort_keys=True) == json.dumps(a["metrics"], sort_keys=True)
+    assert b["commit"] == a["commit"]
+    assert not (tmp_path / "o.partial").exists()
+
+
+def _with(trainer, callback):
+    trainer.add_callback(callback)
+    return trainer

@@ -121,9 +121,10 @@ def _trainer_class():
     return AnswerTrainer
 
 
-def train_args(spec: TrainSpec, lr: float, out_dir: str, n_rows: int, device: str | None = None):
-    """TrainingArguments for one run: no checkpoints, no reporting; on the CPU unless `device` (the model's) is a
-    GPU."""
+def train_args(spec: TrainSpec, lr: float, out_dir: str, n_rows: int, device: str | None = None, save_steps: int = 0):
+    """TrainingArguments for one run: no reporting; on the CPU unless `device` (the model's) is a GPU; no
+    checkpoints unless `save_steps` > 0 (then the whole training state every save_steps steps, the newest kept,
+    for `trainer.train(resume_from_checkpoint=True)`)."""
     from transformers import TrainingArguments
 
     steps_per_epoch = max(1, math.ceil(n_rows / spec.batch_size))
@@ -138,7 +139,9 @@ def train_args(spec: TrainSpec, lr: float, out_dir: str, n_rows: int, device: st
         weight_decay=spec.weight_decay,
         lr_scheduler_type="linear",
         logging_steps=max(1, total // 10),
-        save_strategy="no",
+        save_strategy="steps" if save_steps > 0 else "no",
+        save_steps=save_steps if save_steps > 0 else 500,
+        save_total_limit=1 if save_steps > 0 else None,
         report_to=[],
         use_cpu=not _accelerated(device),
         seed=spec.seed,

@@ -215,6 +215,23 @@ def recover_stale(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def git_commit() -> str | None:
+    """The short git commit of the surgery source tree a result was computed with (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     """95% Wilson score interval for k successes out of n (sane at 0, n and small n); [0, 1] when n = 0.
     The one interval every accuracy in every report uses."""

@@ -4,10 +4,12 @@
 A cell is (method, edit, budget[, scale]):
 - neuron edits (zero | scale | remove): `method` is a contrast selector (cna, cna-specific, activation-diff,
   random) and `budget` the number of neurons; `scale` None with edit scale means "chosen on the validation
-  pairs" from SCALE_GRID (the smallest validation gap; ties: the gentler scale);
+  pairs" from SCALE_GRID: the smallest validation gap among the scales whose perplexity on the GUARD_DOCS
+  validation XSum documents (never the evaluation documents) rises by at most GUARD_PPL, else the scale that
+  raises it least (a gap closed by breaking the model is not a choice);
 - representation edits (`surgery.edits.directions`: leace | project | steer | random-project): `budget` is the
   number of layers, the ones whose A/B outputs separate most on the fit pairs; steer's alpha is chosen on the
-  validation pairs from ALPHA_GRID.
+  validation pairs from ALPHA_GRID, with the same guard.
 Nothing is chosen on the held-out pairs, the keep-data evaluation part or StereoSet: those only measure.
 """
 
@@ -31,6 +33,7 @@ EDITS = (*NEURON_EDITS, *directions.METHODS)
 SCALE_GRID = (-1.0, -0.5, 0.0, 0.5)  # edit scale with --scale auto: candidates, chosen on validation pairs
 ALPHA_GRID = (0.5, 1.0, 2.0)  # steer: multiples of the mean A - B difference, chosen on validation pairs
 RESAMPLES = 1000
+GUARD_DOCS, GUARD_TOKENS, GUARD_PPL = 4, 128, 0.05  # validation text for choosing a scale / alpha: +5% at most
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,12 @@ class Fit:
     batch_size: int = 32
     seed: int = 0
     outputs: tuple | None = None  # (A outputs, B outputs) per layer, computed once on first use
+    guard: object | None = None  # validation XSum documents (after the evaluation ones), for the scale guard
+    guard_base: float | None = None  # their perplexity without an edit
+
+    def guard_ppl(self, applied: "Applied | None") -> float:
+        with applied.hooks(self.view.model) if applied is not None else nullcontext():
+            return perplexity.perplexity(self.view.model, self.tok, self.guard, GUARD_TOKENS, 8, progress=False)["ppl"]
 
     def ffn_outputs(self) -> tuple[dict, dict]:
         if self.outputs is None:
@@ -117,18 +126,40 @@ def realize(fit: Fit, cell: Cell) -> Applied:
         if cell.edit != "steer":
             affines = directions.fit(fit.view, cell.edit, ya, yb, layers, seed=fit.seed)
             return Applied(cell, affines=affines, chosen={"layers_chosen": layers})
-        options = {a: directions.fit(fit.view, "steer", ya, yb, layers, alpha=a) for a in ALPHA_GRID}
-        gaps = {a: _validation_gap(fit, Applied(cell, affines=e)) for a, e in options.items()}
-        best = min(ALPHA_GRID, key=lambda a: (round(gaps[a], 6), a))
-        return Applied(cell, affines=options[best], chosen={"layers_chosen": layers, "alpha": best, "validation": gaps})
+        options = {
+            a: Applied(cell, affines=directions.fit(fit.view, "steer", ya, yb, layers, alpha=a)) for a in ALPHA_GRID
+        }
+        best, table = _choose(fit, options, prefer=lambda a: a)  # ties: the smaller alpha
+        return Applied(
+            cell, affines=options[best].affines, chosen={"layers_chosen": layers, "alpha": best, "validation": table}
+        )
     neurons = top_n(fit.scores[cell.method], cell.budget)
     if cell.edit != "scale":
         return Applied(cell, neurons=neurons)
     if cell.scale is not None:
         return Applied(cell, neurons=neurons, factor=float(cell.scale))
-    gaps = {s: _validation_gap(fit, Applied(cell, neurons=neurons, factor=s)) for s in SCALE_GRID}
-    best = min(SCALE_GRID, key=lambda s: (round(gaps[s], 6), -s))
-    return Applied(cell, neurons=neurons, factor=best, chosen={"scale": best, "validation": gaps})
+    options = {s: Applied(cell, neurons=neurons, factor=s) for s in SCALE_GRID}
+    best, table = _choose(fit, options, prefer=lambda s: -s)  # ties: the gentler scale
+    return Applied(cell, neurons=neurons, factor=best, chosen={"scale": best, "validation": table})
+
+
+def _choose(fit: Fit, options: dict, prefer) -> tuple[float, dict]:
+    """The option with the smallest validation gap among those within the perplexity guard (else the one that
+    raises the guard perplexity least), and the table it was chosen from."""
+    if fit.guard is not None and fit.guard_base is None:
+        fit.guard_base = fit.guard_ppl(None)
+    table = {}
+    for key, applied in options.items():
+        row = {"gap": _validation_gap(fit, applied)}
+        if fit.guard is not None:
+            row["guard_ppl_change"] = fit.guard_ppl(applied) / fit.guard_base - 1
+        table[key] = row
+    ok = [k for k, r in table.items() if r.get("guard_ppl_change", 0.0) <= GUARD_PPL]
+    if ok:
+        best = min(ok, key=lambda k: (round(table[k]["gap"], 6), prefer(k)))
+    else:
+        best = min(table, key=lambda k: (table[k]["guard_ppl_change"], prefer(k)))
+    return best, table
 
 
 def _validation_gap(fit: Fit, applied: Applied) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,7 +69,7 @@ def run(
     fp = fingerprint({k: v for k, v in config.items() if k not in ("neurons", "edit", "scale", "method", "baselines")})
     partial.mkdir(parents=True, exist_ok=True)
     done = _load(partial / "cells.jsonl", fp)
-    commit = _commit()
+    commit = rep.git_commit()
     if "base" not in done:
         with run_.step("base"):
             done["base"] = _append(
@@ -112,19 +111,6 @@ def run(
 
 def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _load(path: Path, fp: str) -> dict:

@@ -122,7 +122,12 @@ def prepare(
             keep_seqs=keep_seqs,
             keep_targets=keep_targets,
         )
-    fit = cells.Fit(view, tok, sel, val if len(val) else sel, chosen_layers, scores, batch_size=batch_size, seed=seed)
+    guard = perplexity.build(n_docs=ppl_docs + cells.GUARD_DOCS).select(
+        range(ppl_docs, ppl_docs + cells.GUARD_DOCS)
+    )  # validation text after the evaluation documents: chooses, never reports
+    fit = cells.Fit(
+        view, tok, sel, val if len(val) else sel, chosen_layers, scores, batch_size=batch_size, seed=seed, guard=guard
+    )
     measures = cells.Measures(
         test=test,
         keep=keep,

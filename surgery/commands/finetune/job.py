@@ -54,7 +54,7 @@ from surgery.io import recipe as recipes
 from surgery.io.checkpoint import save
 from surgery.io.deploy import Export, check_now, parse_exports
 from surgery.io.loading import home, load_model, resolve
-from surgery.io.report import Report, atomic_dir, make, md_table, new_out_dir, png_bytes, wilson
+from surgery.io.report import Report, atomic_dir, git_commit, make, md_table, new_out_dir, png_bytes, wilson
 from surgery.model.arch import ModelView
 from surgery.model.batching import (
     batches,
@@ -114,6 +114,8 @@ class FinetuneRecipe:
     sweep: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     grad_scale: float | None = None  # None: H/h (the paper); 1: off
+    random_seeds: int = 1  # how many random-heads control rows (each its own draw of K heads)
+    save_steps: int = 0  # > 0: a row saves its training state (weights, AdamW, scheduler, RNG) every N steps
     lr: LrSpec = field(default_factory=LrSpec)
     train: TrainSpec = field(
         default_factory=lambda: TrainSpec(lrs=[1e-3], epochs=1, max_steps=200, batch_size=16, weight_decay=0.0)
@@ -341,44 +343,66 @@ class Trained:
     grad_bytes: int
 
 
-def _train(model: nn.Module, rows: list[dict], r: FinetuneRecipe, lr: float, pad: int) -> tuple[list, float, int]:
+def _train(
+    model: nn.Module, rows: list[dict], r: FinetuneRecipe, lr: float, pad: int, state_dir: Path | None = None
+) -> tuple[list, float, int]:
+    """Train in place. With `state_dir` and recipe save_steps > 0 the Trainer saves its whole state there every
+    save_steps steps (weights, AdamW, scheduler, RNG, data position; the last one kept) and a killed row resumes
+    from it: the same batches in the same order, the same result as an uninterrupted row. Seconds exclude the
+    steps a resumed row did not run (they are scaled up to the full row)."""
     from transformers import set_seed
 
     set_seed(r.seed)
+    keep = state_dir is not None and r.save_steps > 0
     with tempfile.TemporaryDirectory(prefix="surgery-ft-") as tmp:
-        trainer = answer_trainer(model, rows, r.train, lr, tmp, pad, device=str(device_of(model)))
+        out = str(state_dir) if keep else tmp
+        extra = {"save_steps": r.save_steps} if keep else {}
+        trainer = answer_trainer(model, rows, r.train, lr, out, pad, device=str(device_of(model)), **extra)
+        start = _saved_step(Path(out)) if keep else 0
         t0 = time.time()
-        trainer.train()
-        return log_of(trainer), time.time() - t0, state_bytes(trainer.optimizer)
+        trainer.train(resume_from_checkpoint=True if start else None)
+        seconds = time.time() - t0
+        done = trainer.state.global_step
+        if start and done > start:
+            seconds *= done / (done - start)
+        return log_of(trainer), seconds, state_bytes(trainer.optimizer)
+
+
+def _saved_step(folder: Path) -> int:
+    """The step of the newest saved training state in `folder` (0: none)."""
+    steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
 
 
 def _grad_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def train_full(base: nn.Module, rows, r: FinetuneRecipe, pad: int) -> Trained:
+def train_full(base: nn.Module, rows, r: FinetuneRecipe, pad: int, state_dir: Path | None = None) -> Trained:
     m = copy.deepcopy(base)
     for p in m.parameters():
         p.requires_grad_(True)
     g = _grad_bytes(m)
-    log, s, st = _train(m, rows, r, r.lr.full, pad)
+    log, s, st = _train(m, rows, r, r.lr.full, pad, state_dir)
     return Trained(m.eval(), log, s, sum(p.numel() for p in m.parameters()), st, g)
 
 
-def train_lora(base: nn.Module, rows, r: FinetuneRecipe, pad: int) -> Trained:
+def train_lora(base: nn.Module, rows, r: FinetuneRecipe, pad: int, state_dir: Path | None = None) -> Trained:
     pm = attach(base, list(range(ModelView(base).n_layers)), r.lora)
     g = _grad_bytes(pm)
     n = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    log, s, st = _train(pm, rows, r, r.lr.lora, pad)
+    log, s, st = _train(pm, rows, r, r.lr.lora, pad, state_dir)
     return Trained(merged_copy(pm), log, s, n, st, g)
 
 
-def train_precise(base: nn.Module, comps: Components, rows, r: FinetuneRecipe, pad: int) -> Trained:
+def train_precise(
+    base: nn.Module, comps: Components, rows, r: FinetuneRecipe, pad: int, state_dir: Path | None = None
+) -> Trained:
     m = copy.deepcopy(base)
     sel = select(m, comps)
     with Precise(m, sel, r.grad_scale):
         g = _grad_bytes(m)
-        log, s, st = _train(m, rows, r, r.lr.precise, pad)
+        log, s, st = _train(m, rows, r, r.lr.precise, pad, state_dir)
     return Trained(m.eval(), log, s, sel.trained_entries(m), st, g)
 
 
@@ -402,13 +426,11 @@ def plan_rows(r: FinetuneRecipe, comps: Components, mlps: list[int], n_heads_tot
     if "precise" in want:
         rows.append(Row(f"precise, {k} heads", "precise", Components(top.heads, [], comps.source)))
     if "random" in want:
-        rng = random.Random(r.seed)
+        rng = random.Random(r.seed)  # draw s of the seed-0 generator: the first draw is the single control's
         pool = [(l, h) for l, h in _all_heads(n_heads_total) if (l, h) not in set(top.heads)]
-        rows.append(
-            Row(
-                f"precise, {k} random heads (control)", "precise", Components(sorted(rng.sample(pool, k)), [], "random")
-            )
-        )
+        for draw in range(r.random_seeds):
+            name = f"precise, {k} random heads (control)" + (f" draw {draw + 1}" if r.random_seeds > 1 else "")
+            rows.append(Row(name, "precise", Components(sorted(rng.sample(pool, k)), [], "random")))
     if "precise+mlp" in want and mlps:
         rows.append(
             Row(
@@ -433,11 +455,26 @@ def _fingerprint(
     model_source: str, r: FinetuneRecipe, comps: Components, mlps: list[int], data: dict | None = None
 ) -> str:
     blob = json.dumps(
-        [model_source, recipes.to_dict(r), comps.to_dict(), mlps] + ([data] if data else []),
+        [model_source, _resume_key(r), comps.to_dict(), mlps] + ([data] if data else []),
         sort_keys=True,
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _resume_key(r: FinetuneRecipe) -> dict:
+    """The recipe as the resume key sees it: fields added after a run started, at their defaults (which keep the
+    old behaviour), are left out, so a run started before they existed still resumes. save_steps never changes a
+    result and is always left out."""
+    fields = recipes.to_dict(r)
+    fields.pop("save_steps", None)
+    for name, default in LATER_FIELDS.items():
+        if fields.get(name) == default:
+            fields.pop(name)
+    return fields
+
+
+LATER_FIELDS = {"random_seeds": 1}  # recipe fields added after the first resumable runs, at their old behaviour
 
 
 def data_identity(data: str, columns: str | None) -> dict:
@@ -518,6 +555,7 @@ def run(
     ident = data_identity(data, columns) if data is not None else None
     fp = _fingerprint(loaded.source, r, given, mlps, ident)
     done = _load_partial(partial / "rows.jsonl", fp)
+    commit = git_commit()
     results, base_items = [], None
     ckpt = partial / "checkpoint"
     for row in rows:
@@ -525,7 +563,9 @@ def run(
             rec = done[row.name]
         else:
             _log(f"row: {row.name}")
-            rec = _run_row(row, base, tok, sets, r, pad_id(tok))
+            state = partial / "state" / f"{fp}-{hashlib.sha256(row.name.encode()).hexdigest()[:8]}"
+            rec = _run_row(row, base, tok, sets, r, pad_id(tok), state)
+            rec["commit"] = commit
             if (
                 row.kind == "precise"
                 and row.comps.source != "random"
@@ -535,6 +575,7 @@ def run(
                 _export(rec.pop("_model"), tok, ckpt, loaded, r, row.comps, exports)
             rec.pop("_model", None)
             _append(partial / "rows.jsonl", fp, rec)
+            shutil.rmtree(state, ignore_errors=True)
         if row.kind == "base":
             base_items = rec["items"]
         results.append(rec)
@@ -550,16 +591,18 @@ def run(
     return report
 
 
-def _run_row(row: Row, base: nn.Module, tok, sets: Sets, r: FinetuneRecipe, pad: int) -> dict:
+def _run_row(
+    row: Row, base: nn.Module, tok, sets: Sets, r: FinetuneRecipe, pad: int, state_dir: Path | None = None
+) -> dict:
     bs = r.general.batch_size
     if row.kind == "base":
         t = Trained(base, [], 0.0, 0, 0, 0)
     elif row.kind == "full":
-        t = train_full(base, sets.train_rows, r, pad)
+        t = train_full(base, sets.train_rows, r, pad, state_dir)
     elif row.kind == "lora":
-        t = train_lora(base, sets.train_rows, r, pad)
+        t = train_lora(base, sets.train_rows, r, pad, state_dir)
     else:
-        t = train_precise(base, row.comps, sets.train_rows, r, pad)
+        t = train_precise(base, row.comps, sets.train_rows, r, pad, state_dir)
     items = evaluate(t.model, tok, sets, bs)
     steps = r.train.max_steps
     return {
