@@ -32,6 +32,9 @@ def bad_profile(tmp_path):
 
 
 CASES = [  # (argv, a phrase the one line must contain)
+    (["finetune", "--dtype", "float16", "--quick"], "--dtype float16 cannot train on the CPU"),
+    (["prune", "--dtype", "fp16", "--quick"], "--dtype float16 cannot train on the CPU"),
+    (["lora-sweep", "--dtype", "float16", "--quick"], "--dtype float16 cannot train on the CPU"),
     (["prune", "--set", "train.lrs=[]"], "'train.lrs' must not be empty"),
     (["prune", "--set", "train.batch_size=0"], "'train.batch_size' must be >= 1"),
     (["prune", "--set", "lora.rank=true"], "'lora.rank' must be a number"),

@@ -41,6 +41,7 @@ from surgery.io.loading import home
 from surgery.model.arch import ModelView
 from surgery.model.batching import device_of, left_pad, position_ids
 from surgery.model.hooks import Hooks
+from surgery.model.upcast import fp32_compute
 
 HeadList = tuple[tuple[int, int], ...]
 HELD = 1 << 24  # dataset mode: floats of base logits one setting holds at once (64 MiB), see `scan`
@@ -127,7 +128,7 @@ def collect(
     """One forward (optionally with heads zeroed / neurons scaled), captured at the last position."""
     last = view.n_layers - 1
     dev = device_of(view.model)
-    with Hooks(view) as h:
+    with fp32_compute(view.model), Hooks(view) as h:  # a bf16 model: fp32 arithmetic on its bf16 weights
         for layer, mask in head_masks(view, ablate).items():
             h.ablate_heads(layer, mask)
         for layer, s in (neuron_scale or {}).items():

@@ -228,6 +228,13 @@ def quiet_transformers() -> Iterator[None]:
         hub_logging.set_verbosity(levels[1])
 
 
+def check_training_dtype(dtype: str, device: str) -> None:
+    """Training in float16 on the CPU is refused before anything loads: PyTorch's CPU kernels and AdamW in fp16
+    underflow and stall; bfloat16 (the same memory, an fp32 exponent) or float32 train there."""
+    if DTYPES.get(dtype) == torch.float16 and device == "cpu":
+        raise UsageError("--dtype float16 cannot train on the CPU; use --dtype bfloat16 or float32 (or a GPU)")
+
+
 def load_model(
     model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
 ) -> Loaded:

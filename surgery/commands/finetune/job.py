@@ -53,7 +53,7 @@ from surgery.find.components import Components, parse, shape_of, take
 from surgery.io import recipe as recipes
 from surgery.io.checkpoint import save
 from surgery.io.deploy import Export, check_now, parse_exports
-from surgery.io.loading import home, load_model, resolve
+from surgery.io.loading import check_training_dtype, home, load_model, resolve
 from surgery.io.report import Report, atomic_dir, git_commit, make, md_table, new_out_dir, png_bytes, wilson
 from surgery.model.arch import ModelView
 from surgery.model.batching import (
@@ -415,14 +415,13 @@ class Row:
 
 
 def plan_rows(r: FinetuneRecipe, comps: Components, mlps: list[int], n_heads_total: int, k: int) -> list[Row]:
-    """The report's rows in order; sweep entries larger than the ranked heads are dropped (said in the report)."""
+    """The report's rows in run order, the core first (base, full, precise K, the random-heads controls), then
+    LoRA, + MLPs and the K sweep; sweep entries larger than the ranked heads are dropped (said in the report)."""
     rows = [Row("base", "base")]
     top = take(comps, k)
     want = set(r.methods)
     if "full" in want:
         rows.append(Row("full fine-tuning", "full"))
-    if "lora" in want:
-        rows.append(Row(f"LoRA r={r.lora.rank}, attention, all layers", "lora"))
     if "precise" in want:
         rows.append(Row(f"precise, {k} heads", "precise", Components(top.heads, [], comps.source)))
     if "random" in want:
@@ -431,6 +430,8 @@ def plan_rows(r: FinetuneRecipe, comps: Components, mlps: list[int], n_heads_tot
         for draw in range(r.random_seeds):
             name = f"precise, {k} random heads (control)" + (f" draw {draw + 1}" if r.random_seeds > 1 else "")
             rows.append(Row(name, "precise", Components(sorted(rng.sample(pool, k)), [], "random")))
+    if "lora" in want:  # after the core (full, precise, its random controls): a long run finishes those first
+        rows.append(Row(f"LoRA r={r.lora.rank}, attention, all layers", "lora"))
     if "precise+mlp" in want and mlps:
         rows.append(
             Row(
@@ -520,6 +521,7 @@ def run(
 
     t0 = time.time()
     r = load_recipe(recipe, quick, overrides, profile)
+    check_training_dtype(dtype, device)
     exports = parse_exports(export)
     tasks.check_data_args(data, None, columns)
     parts = user_splits(tasks.load_cases(data, columns), r) if data is not None else None

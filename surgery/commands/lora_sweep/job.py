@@ -18,7 +18,7 @@ from surgery.evals.arithmetic import Splits, accuracy, build_splits
 from surgery.find.cna import parse_layers, scan
 from surgery.find.neurons import mean_coefficients
 from surgery.io.context import Run
-from surgery.io.loading import load_model
+from surgery.io.loading import check_training_dtype, load_model
 from surgery.io.recipe import to_dict
 from surgery.io.report import Report, atomic_dir, make, md_table, png_bytes, save
 from surgery.model.arch import ModelView
@@ -73,6 +73,7 @@ def run(
 ) -> Report:
     """`surgery lora-sweep` (its options and help: this package's __init__.py)."""
     r = load_recipe(recipe, overrides or (), quick, profile)
+    check_training_dtype(dtype, device)
     run = Run("lora-sweep", out, force, default=f"lora-sweep-{Path(model).name}")
     spec = layers if layers is not None else r.sweep.layers
     if spec is not None and not str(spec).strip():

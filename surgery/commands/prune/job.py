@@ -42,7 +42,7 @@ from surgery.evals import tasks
 from surgery.io.checkpoint import MODELING, needs_modeling
 from surgery.io.context import Run
 from surgery.io.deploy import Export, check_planned, parse_exports
-from surgery.io.loading import load_model
+from surgery.io.loading import check_training_dtype, load_model
 from surgery.io.recipe import to_dict
 from surgery.io.report import Report, json_text, make, md_table, png_bytes
 from surgery.model.arch import ModelView
@@ -162,6 +162,7 @@ def run(
     columns: str | None,
 ) -> Report:
     """`surgery prune` (its options and help: this package's __init__.py)."""
+    check_training_dtype(dtype, device)  # every prune trains (the reference LoRA or the recovery)
     if sweep is not None and keep is not None:
         raise UsageError("--sweep and --keep both given; a sweep runs every budget in its list (drop --keep)")
     exports = parse_exports(export)
