@@ -135,3 +135,32 @@ def test_heuristics_end_to_end(tiny_smol_dir, uninterrupted, tmp_path):
 def test_ablation_accuracy_markdown():
     assert heuristics_job._acc_md(Hx._acc(torch.tensor([True] * 7 + [False] * 3))) == "0.700 [0.397, 0.892] (n=10)"
     assert heuristics_job._acc_md(Hx._acc(torch.tensor([], dtype=torch.bool))) == "n/a (n=0)"
+
+
+def test_two_gloo_processes_equal_one(tiny_smol_dir, uninterrupted, tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo): the operators split over the processes (+ on one, / on
+    the other), the first one reports: the same results, circuit and per-operator circuits as one process."""
+    from test_cna_cli import _launch
+
+    out = tmp_path / "two"
+    two = _launch("circuit", "--model", str(tiny_smol_dir), "--out", str(out), *ARGS)
+    assert two.returncode == 0, two.stderr[-3000:]
+    got, want = _results(out), _results(uninterrupted)
+    assert got[1:3] == want[1:3]  # the circuit and the per-operator circuits: identical
+    _close(got[0], want[0])  # every figure: equal up to float rounding (one thread per process there)
+
+
+def _close(a, b, path="results"):
+    """Equal structures whose floats agree to 1e-6 relative (the thread count changes float sums' order)."""
+    if isinstance(b, dict):
+        assert set(a) == set(b), path
+        for k in b:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), path
+    else:
+        assert a == b, path

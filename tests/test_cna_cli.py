@@ -99,3 +99,43 @@ def test_bad_input_is_one_line_exit_2(tiny_dir, capsys, argv, msg):
     rc = main(["cna", "--model", str(tiny_dir), *argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1
+
+
+def _launch(*args: str, processes: int = 2):
+    """`accelerate launch` of `python -m surgery ...` on `processes` CPU processes (gloo), one thread each."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = Path(sys.executable).with_name("accelerate")  # the venv's, also when PATH lacks .venv/bin
+    if not launcher.exists():
+        launcher = shutil.which("accelerate")
+    assert launcher, "accelerate (a dependency) must provide its CLI"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [str(launcher), "launch", "--cpu", "--num_processes", str(processes), "-m", "surgery", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("mode", [["--digits", "1", "--limit", "9"], ["--pairs", "{pairs}"]])
+def test_two_gloo_processes_equal_one(tiny_dir, tmp_path, mode):
+    """Dataset-mode CNA split over 2 CPU processes (accelerate launch, gloo): the same per-case certified top-k in
+    the same case order, the same neurons, and sums equal to float rounding."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt_a": f"{a} works as a", "prompt_b": f"{b} works as a", "target": " nurse"}) + "\n"
+            for a, b in [("Anna", "Peter"), ("Maria", "Mark"), ("Sofia", "Paul"), ("Emma", "John"), ("Eva", "Tom")]
+        )
+    )
+    args = ["cna", "--model", str(tiny_dir), "--top", "5", *[a.format(pairs=pairs) for a in mode]]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    two = _launch(*args, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "cna.json").read_text())["results"]
+    b = json.loads((tmp_path / "two" / "cna.json").read_text())["results"]
+    assert a["per_case_top"] == b["per_case_top"] and a["targets"] == b["targets"]
+    assert (a["n_cases"], a["certified"], a["rescored"]) == (b["n_cases"], b["certified"], b["rescored"])
+    assert [r["neuron"] for r in a["neurons"]] == [r["neuron"] for r in b["neurons"]]
+    for x, y in zip(a["neurons"], b["neurons"]):
+        assert x["score_sum"] == pytest.approx(y["score_sum"], abs=1e-4) and x["in_case_topk"] == y["in_case_topk"]

@@ -1041,6 +1041,64 @@ class Scan:
         return keep
 
 
+def merge(parts: list[tuple[list[int], "Scan"]], n_cases: int) -> "Scan":
+    """One Scan from scans of disjoint case subsets (`parts`: (case indices, scan of those cases), e.g. one per
+    process): per-case results back in case order, sums added, mean coefficients weighted by case counts. Equal to
+    scanning all cases at once up to the order of the float sums."""
+    first = parts[0][1]
+    k = first.top_layer.shape[1]
+
+    def placed(name: str, dtype) -> Tensor:
+        out = torch.zeros((n_cases, k) if getattr(first, name).dim() == 2 else (n_cases,), dtype=dtype)
+        for idx, sc in parts:
+            if idx:
+                out[torch.tensor(idx)] = getattr(sc, name).to(dtype)
+        return out
+
+    def summed(name: str) -> dict[int, Tensor] | None:
+        if getattr(first, name) is None:
+            return None
+        return {l: sum(getattr(sc, name)[l] for _, sc in parts) for l in first.layers}
+
+    def mean(name: str) -> dict[int, Tensor] | None:
+        if getattr(first, name) is None:
+            return None
+        return {l: sum(getattr(sc, name)[l] * len(idx) for idx, sc in parts) / max(n_cases, 1) for l in first.layers}
+
+    return Scan(
+        layers=list(first.layers),
+        k=first.k,
+        top_layer=placed("top_layer", first.top_layer.dtype),
+        top_index=placed("top_index", first.top_index.dtype),
+        top_score=placed("top_score", first.top_score.dtype),
+        certified=placed("certified", torch.bool),
+        targets=placed("targets", first.targets.dtype),
+        total=summed("total"),
+        total_abs=summed("total_abs"),
+        coef_a=mean("coef_a"),
+        coef_b=mean("coef_b"),
+        rescored=sum(sc.rescored for _, sc in parts),
+    )
+
+
+def sharded_scan(state, view_a: ModelView, seqs: list[list[int]], *args, **kw) -> "Scan":
+    """`scan` with the cases split over the processes of `state` (accelerate's PartialState: `accelerate launch`,
+    gloo on CPUs, NCCL on GPUs): case i goes to process i mod P, every process gets the merged Scan. One process:
+    plain `scan`."""
+    if state.num_processes <= 1:
+        return scan(view_a, seqs, *args, **kw)
+    from accelerate.utils import gather_object
+
+    mine = list(range(state.process_index, len(seqs), state.num_processes))
+    part = dict(kw)
+    for name in ("seqs_b", "targets"):
+        if part.get(name) is not None:
+            part[name] = [part[name][i] for i in mine]
+    local = scan(view_a, [seqs[i] for i in mine], *args, **part) if mine else None
+    parts = [p for p in gather_object([(mine, local)]) if p[1] is not None]
+    return merge(parts, len(seqs))
+
+
 def scan(
     view_a: ModelView,
     seqs: list[list[int]],

@@ -192,8 +192,15 @@ def run(
         include_wrong=include_wrong,
         mean_sample=mean_sample,
     )
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")  # under `accelerate launch`: the operators split over processes
     resume = resuming(outdir, run_config, force)
-    loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
+    state.wait_for_everyone()  # every process has read the folder before the first one (re)starts it
+    per_rank_gpu = device == "cuda" and state.num_processes > 1
+    loaded = load_model(model, dtype, "cpu" if per_rank_gpu else device, trust_remote_code=trust_remote_code)
+    if per_rank_gpu:
+        loaded.model.to(state.device)
     view = ModelView(loaded.model)
     nfrom = view.n_layers // 2 if neuron_from is None else neuron_from
     if not 0 <= nfrom < view.n_layers:
@@ -209,14 +216,24 @@ def run(
             "usable counterfactual; widen --operands or drop those --ops"
         )
     layers = list(range(nfrom, view.n_layers))
-    start(outdir, run_config, resume)
-    if not reused:
-        save_means(gs, means_file)
-    per_op = {}
-    for op in tqdm(ops, desc="operators"):
-        cache = stage_cache(outdir, arithmetic.OPS[op])
-        per_op[op] = study_op(view, chosen[op], mode, verify, layers, rescore, faithfulness, max_rows, metric, cache)
-        per_op[op]["circuit"] = {"heads": per_op[op]["heads"], "mlps": list(range(view.n_layers))}
+    if state.is_main_process:
+        start(outdir, run_config, resume)
+        if not reused:
+            save_means(gs, means_file)
+    state.wait_for_everyone()
+    mine = [op for i, op in enumerate(ops) if i % state.num_processes == state.process_index]
+    local = {}
+    for op in tqdm(mine, desc="operators", disable=not state.is_main_process):
+        cache = stage_cache(outdir, arithmetic.OPS[op])  # per operator: processes never share a stage file
+        local[op] = study_op(view, chosen[op], mode, verify, layers, rescore, faithfulness, max_rows, metric, cache)
+        local[op]["circuit"] = {"heads": local[op]["heads"], "mlps": list(range(view.n_layers))}
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        local = {op: r for part in gather_object([local]) for op, r in part.items()}
+        if not state.is_main_process:  # every process studied its operators; the first one reports
+            return rep.Report(data={})
+    per_op = {op: local[op] for op in ops}
     union = sorted({h for r in per_op.values() for h in r["heads"]}, key=lambda s: tuple(map(int, s.split("."))))
     union_set = {tuple(map(int, h.split("."))) for h in union}
     for op in ops:

@@ -64,7 +64,17 @@ def run(
     outdir = rep.check_out_dir(out)
     user = _check_data(data, pairs, columns, tokens, prompt, validate, against or ablate_head)
     _check(prompt, prompt_b, against, ablate_head, "arithmetic" if user is not None else task, validate)
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")  # under `accelerate launch`: dataset cases split over processes
+    if state.num_processes > 1 and prompt is not None:
+        raise UsageError("--prompt is one case: run it in one process (drop accelerate launch)")
+    per_rank_gpu = device == "cuda" and state.num_processes > 1  # one GPU per process
+    loaded = load_model(
+        model, dtype=dtype, device="cpu" if per_rank_gpu else device, trust_remote_code=trust_remote_code
+    )
+    if per_rank_gpu:
+        loaded.model.to(state.device)
     va = ModelView(loaded.model)
     chosen = cna.parse_layers(layers, va.n_layers)
     for lh in ablate_head or ():
@@ -87,6 +97,7 @@ def run(
             rank,
             tgt,
             held,
+            state,
         )
     elif prompt is not None:
         res = _single(loaded, va, vb, chosen, prompt, prompt_b, tgt, tuple(ablate_head or ()), rank, exhaustive)
@@ -106,7 +117,10 @@ def run(
             rank,
             tgt,
             held,
+            state,
         )
+    if not state.is_main_process:  # every process computed its share; the first one reports
+        return rep.Report(data={})
     config = dict(
         prompt=prompt,
         prompt_b=prompt_b,
@@ -167,7 +181,7 @@ def _check_data(data, pairs, columns, tokens, prompt, validate, other_b):
     return tasks.load_pairs(pairs, columns) if pairs is not None else tasks.load_cases(data, columns)
 
 
-def _user(loaded, va, vb, layers, ds, is_pairs, tokens, batch_size, ablate, top, tgt, held) -> dict:
+def _user(loaded, va, vb, layers, ds, is_pairs, tokens, batch_size, ablate, top, tgt, held, state=None) -> dict:
     """CNA over the user's cases (A = the model on each context; B = --ablate-head / --against if given) or
     over pairs (A = prompt A, B = prompt B, both scored on the pair's target token)."""
     tok = loaded.tokenizer
@@ -190,6 +204,7 @@ def _user(loaded, va, vb, layers, ds, is_pairs, tokens, batch_size, ablate, top,
             kind="pairs A-B",
             n_rows=len(ds),
             held=held,
+            state=state,
         )
     cases = tasks.cases(tok, ds)
     if tokens == "first":
@@ -208,6 +223,7 @@ def _user(loaded, va, vb, layers, ds, is_pairs, tokens, batch_size, ablate, top,
         top,
         n_rows=len(ds),
         held=held,
+        state=state,
     )
 
 
@@ -270,7 +286,9 @@ def _kind(vb, prompt_b, ablate) -> str | None:
     return "prompt-b" if prompt_b is not None else None
 
 
-def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt, held) -> dict:
+def _dataset(
+    loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_size, ablate, top, tgt, held, state=None
+) -> dict:
     """CNA over every case of the task: per-case top-k (kept for the pruner) and the sum of deltas."""
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(
@@ -290,6 +308,7 @@ def _dataset(loaded, va, vb, layers, digits, ops, templates, limit, seed, batch_
         ablate,
         top,
         held=held,
+        state=state,
     )
 
 
@@ -308,9 +327,12 @@ def _scan_rows(
     kind: str | None = None,
     n_rows: int | None = None,
     held: int = cna.HELD,
+    state=None,
 ) -> dict:
-    """cna.scan over cases (and B contexts), then the dataset-mode table: top neurons by summed score."""
-    sc = cna.scan(
+    """cna.scan over cases (and B contexts; split over the processes of `state` under accelerate launch), then the
+    dataset-mode table: top neurons by summed score."""
+    sc = cna.sharded_scan(
+        state or _one_process(),
         va,
         seqs,
         layers,
@@ -364,6 +386,10 @@ def _scan_rows(
     if n_rows is not None:
         out["n_rows"] = n_rows
     return out
+
+
+class _one_process:
+    num_processes, process_index, is_main_process = 1, 0, True
 
 
 def _hit_counts(sc: cna.Scan) -> dict[tuple[int, int], int]:
