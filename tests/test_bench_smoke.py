@@ -84,6 +84,7 @@ BENCHES = {
         [r"^\| llama\.cpp, f32 KV cache \| [\d.]+% \[.*\] \(\d+/8\) \| 0 \|$"],
     ),
     "train_step": ([needs_tokenizer, slow], [SPEEDUP + r"fp32 [\d.]+s, bf16 [\d.]+s\), loss fp32 [\d.]+ bf16"]),
+    "gpu_check": ([needs_tokenizer, slow], [r"^gpu_check: 8/8 checks ok \(cpu \(dry run\)\)$"]),
     "scale": ([needs_tokenizer], [r"^scale tiny: cna [\d.]+/case \([\d.]+x a batched forward\), peak [\d.]+ GB$"]),
     "uniform": (
         [needs_tokenizer, slow],
