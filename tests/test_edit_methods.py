@@ -351,3 +351,27 @@ def test_steer_refused_where_the_ffn_has_no_output_bias(tmp_path, files, capsys)
     argv = ["edit", "--model", str(d), "--pairs", str(files["pairs"]), "--edit", "steer", "--ppl-docs", "0"]
     assert _run([*argv, "--stereoset", "none", "--out", str(tmp_path / "o")]) == 2
     assert "use --edit project or leace" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit", ["leace", "steer"])
+def test_representation_edit_exports_to_gguf_and_runs_in_llama_cpp(tiny_smol_dir, files, tmp_path, edit):
+    """The folded edit (Llama: the FFN biases switched on by mlp_bias) written as GGUF: llama.cpp's logits equal
+    the exported checkpoint's in transformers."""
+    import numpy as np
+
+    from surgery.io import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed (the dev extra installs it)")
+    out = tmp_path / edit
+    _edit(tiny_smol_dir, files, out, "--edit", edit, "--edit-layers", "2", "--export", "gguf")
+    model = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.mlp_bias  # the constant lives in the FFN output bias
+    tok = T.AutoTokenizer.from_pretrained(out)
+    ids = tok("Emma works as a nurse and").input_ids
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    (gguf,) = out.glob("*.gguf")
+    llm = llamacpp.open_gguf(str(gguf))
+    got = np.asarray(llamacpp.logits(llm, ids))
+    assert float(np.abs(got - want[-got.shape[0] :]).max()) < 1e-4
