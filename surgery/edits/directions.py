@@ -16,7 +16,8 @@ pairs, y at the last prompt position of every A prompt (class 0) and every B pro
 Every edit is one `Affine` per layer, y -> y - L (R y) + c: `hooked` applies it in the forward pass (what the
 measurements see), `fold` writes it into the weights (what is exported); tests check they agree.
 Layers: the `budget` layers of the candidates whose A/B class means differ most, in units of the outputs'
-spread (||mu_A - mu_B|| / sqrt(mean ||y - mu||^2)), on the fit pairs.
+spread (||mu_A - mu_B|| / sqrt(mean ||y - mu||^2)), on the fit pairs. Classes are the pairs' sides after
+`aligned` swaps each pair so that its difference points along the top principal direction of the differences.
 """
 
 from __future__ import annotations
@@ -81,6 +82,19 @@ def ffn_outputs(
     return {l: torch.cat(v) for l, v in out.items()}
 
 
+def aligned(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairs swapped so that every paired difference a - b points along the top principal direction of the
+    differences. Pair sets oriented by something else than the concept (the gender pairs put the STEREOTYPED
+    gender in A, so A holds women and men alike) would otherwise have equal class means, and LEACE, steering and
+    the layer choice would see no concept at all."""
+    d = (a - b).double()
+    if not bool(d.abs().max() > 0):
+        return a, b
+    u = torch.linalg.svd(d, full_matrices=False).Vh[0]
+    flip = (d @ u) < 0
+    return torch.where(flip[:, None], b, a), torch.where(flip[:, None], a, b)
+
+
 def separation(a: Tensor, b: Tensor) -> float:
     """||mean a - mean b|| over the root mean squared distance of all outputs to their common mean."""
     y = torch.cat([a, b])
@@ -90,7 +104,7 @@ def separation(a: Tensor, b: Tensor) -> float:
 
 def choose_layers(outputs_a: dict[int, Tensor], outputs_b: dict[int, Tensor], budget: int) -> list[int]:
     """The `budget` layers whose A/B class means differ most (in units of spread), in layer order."""
-    sep = {l: separation(outputs_a[l], outputs_b[l]) for l in outputs_a}
+    sep = {l: separation(*aligned(outputs_a[l], outputs_b[l])) for l in outputs_a}
     return sorted(sorted(sep, key=lambda l: -sep[l])[:budget])
 
 
@@ -120,7 +134,7 @@ def fit(
     g = torch.Generator().manual_seed(seed)
     out = []
     for l in layers:
-        a, b = outputs_a[l].double(), outputs_b[l].double()
+        a, b = aligned(outputs_a[l].double(), outputs_b[l].double())
         d = a.shape[1]
         zero = torch.zeros(d, dtype=torch.float64)
         if method == "leace":
