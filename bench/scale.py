@@ -16,6 +16,11 @@ code paths, each timed with its peak resident memory (sampled every 20 ms):
            layers, kept under a scratch $SURGERY_HOME) and a second run (cached): s/case, and the cache's time
   export   every FFN cut to half its width (`slice_ffn`), saved as a checkpoint (sliced layout), loaded back with
            `load_model`, and its logits compared with the sliced model's
+  offload  the model saved whole, freed, and loaded back through `load_model(device="auto", max_memory=...)` under
+           a cap of --offload-cap of its size (the rest on disk, accelerate), then `cna` on the same layers and
+           cases: s/case, peak memory, and whether every case's certified top-100 equals the in-memory run's
+Peak memory is the process's resident set (RSS, sampled every 20 ms) and, beside it, its anonymous part (RssAnon:
+memory that is not a page of a file; weights read from disk through mmap count in RSS but the kernel can drop them).
 Writes OUT/scale.jsonl (one line per shape, appended: a killed run keeps the finished shapes), OUT/scale.md (the
 table) and OUT/scale.png (CNA's cached s/case and the cache's seconds per layer against neurons x vocabulary x hidden,
 what the bounds scale with, with a least-squares power-law fit). The models and the export are deleted as soon as
@@ -60,7 +65,7 @@ SHAPES = {  # the real configs' shapes (published config.json values)
     "tiny": ("LlamaConfig", dict(vocab_size=49152, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)),
 }  # fmt: skip
-STEPS = ("build", "eval", "heads", "cna", "export")
+STEPS = ("build", "eval", "heads", "cna", "export", "offload")
 
 
 class Peak:
@@ -69,7 +74,7 @@ class Peak:
     def __enter__(self) -> "Peak":
         import psutil
 
-        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.proc, self.peak, self.anon, self.stop = psutil.Process(), 0, 0, threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         self.t0 = time.perf_counter()
@@ -78,6 +83,7 @@ class Peak:
     def _sample(self) -> None:
         while not self.stop.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.anon = max(self.anon, _rss_anon())
             self.stop.wait(0.02)
 
     def __exit__(self, *exc) -> None:
@@ -85,6 +91,17 @@ class Peak:
         self.stop.set()
         self.thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def _rss_anon() -> int:
+    """Anonymous resident memory of this process in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def build(name: str, seed: int = 0, layers: int | None = None):
@@ -136,18 +153,28 @@ def run_shape(name: str, args, scratch: Path) -> dict:
     view = ModelView(model)
     N, V, d, L = view.ffn_width(0), model.config.vocab_size, model.config.hidden_size, view.n_layers
     rec.update(N=N, V=V, d=d, L=L, params=sum(p.numel() for p in model.parameters()))
-    rec["steps"]["build"] = {"seconds": p.seconds, "peak_gb": p.peak / 2**30}
+    rec["steps"]["build"] = {"seconds": p.seconds, "peak_gb": p.peak / 2**30, "anon_gb": p.anon / 2**30}
     n = len(seqs)
     if "eval" in args.steps:
         with Peak() as p, torch.no_grad():
             forward_logits(model, *left_pad(seqs, pad), 1)
-        rec["steps"]["eval"] = {"seconds": p.seconds, "per_case": p.seconds / n, "peak_gb": p.peak / 2**30}
+        rec["steps"]["eval"] = {
+            "seconds": p.seconds,
+            "per_case": p.seconds / n,
+            "peak_gb": p.peak / 2**30,
+            "anon_gb": p.anon / 2**30,
+        }
     if "heads" in args.steps:
         loaded = Loaded(model, tok, name, "random")
         _, batches = head_scan.arithmetic_batches(loaded, [2], None, None, n, 0, n)
         with Peak() as p:
             head_scan.attribution(view, batches)
-        rec["steps"]["heads"] = {"seconds": p.seconds, "per_case": p.seconds / n, "peak_gb": p.peak / 2**30}
+        rec["steps"]["heads"] = {
+            "seconds": p.seconds,
+            "per_case": p.seconds / n,
+            "peak_gb": p.peak / 2**30,
+            "anon_gb": p.anon / 2**30,
+        }
     if "cna" in args.steps:
         layers = cna.parse_layers(args.cna_layers, L)
         runs = []
@@ -164,10 +191,17 @@ def run_shape(name: str, args, scratch: Path) -> dict:
             "cache_seconds": max(0.0, runs[0].seconds - runs[1].seconds),
             "cache_per_layer": max(0.0, runs[0].seconds - runs[1].seconds) / len(layers),
             "peak_gb": max(r.peak for r in runs) / 2**30,
+            "anon_gb": max(r.anon for r in runs) / 2**30,
             "certified": bool(torch.as_tensor(getattr(sc, "certified", True)).all()),
         }
         if "eval" in rec["steps"]:
             rec["steps"]["cna"]["x_forward"] = rec["steps"]["cna"]["per_case"] / rec["steps"]["eval"]["per_case"]
+    full = scratch / f"full-{name}"
+    if "offload" in args.steps:  # saved whole now (export below cuts the model), loaded capped after
+        with Peak() as p:
+            model.save_pretrained(full)
+            tok.save_pretrained(full)
+        rec["steps"]["save"] = {"seconds": p.seconds, "peak_gb": p.peak / 2**30, "anon_gb": p.anon / 2**30}
     if "export" in args.steps:
         folder = scratch / f"export-{name}"
         with Peak() as p:
@@ -182,19 +216,67 @@ def run_shape(name: str, args, scratch: Path) -> dict:
         rec["steps"]["export"] = {
             "seconds": p.seconds,
             "peak_gb": p.peak / 2**30,
+            "anon_gb": p.anon / 2**30,
             "bytes": sum(f.stat().st_size for f in folder.iterdir()),
             "max_logit_diff": float((got - want).abs().max()),
         }
         del back
         shutil.rmtree(folder, ignore_errors=True)
+    else:
+        del model, view
+    if "offload" in args.steps:
+        rec["steps"]["offload"] = offload_step(full, tok, seqs, pad, args, sc if "cna" in args.steps else None)
+        shutil.rmtree(full, ignore_errors=True)
     rec["peak_gb"] = max(s["peak_gb"] for s in rec["steps"].values())
     rec["threads"] = torch.get_num_threads()
     return rec
 
 
+def offload_step(folder: Path, tok, seqs, pad: int, args, ref) -> dict:
+    """CNA on the model loaded from `folder` under a memory cap (device_map="auto", the rest offloaded to disk),
+    compared case by case with the in-memory scan `ref`."""
+    import gc
+
+    from surgery.find import cna
+    from surgery.io.loading import load_model
+    from surgery.model.arch import ModelView
+
+    gc.collect()
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    cap = int(size * args.offload_cap)
+    with Peak() as p:
+        loaded = load_model(str(folder), dtype="bfloat16", device="auto", max_memory={"cpu": cap})
+    load = {"seconds": p.seconds, "peak_gb": p.peak / 2**30, "anon_gb": p.anon / 2**30}
+    placed = loaded.model.hf_device_map
+    view = ModelView(loaded.model)
+    layers = cna.parse_layers(args.cna_layers, view.n_layers)
+    with Peak() as p:
+        sc = cna.scan(view, seqs, layers, 100, pad, batch_size=args.batch, progress=not args.smoke)
+    same = None
+    if ref is not None:
+        same = bool(
+            torch.equal(sc.top_layer, ref.top_layer)
+            and torch.equal(sc.top_index, ref.top_index)
+            and torch.equal(sc.certified, ref.certified)
+        )
+    return {
+        "cap_gb": cap / 2**30,
+        "model_gb": size / 2**30,
+        "on_disk": sum(1 for v in placed.values() if v == "disk"),
+        "modules": len(placed),
+        "load_seconds": load["seconds"],
+        "seconds": p.seconds,
+        "per_case": p.seconds / len(seqs),
+        "peak_gb": max(p.peak, load["peak_gb"] * 2**30) / 2**30,
+        "anon_gb": max(p.anon, load["anon_gb"] * 2**30) / 2**30,
+        "same_topk_as_in_memory": same,
+    }
+
+
 def table(recs: list[dict]) -> str:
     head = "| shape | N x V x d | build s | eval s/case | heads s/case | CNA s/case (cached) | CNA / forward | "
-    head += "vocab cache s/layer | export s | peak GB |\n|" + "---|" * 10
+    head += "vocab cache s/layer | export s | offloaded CNA s/case (cap GB, same top-k) | peak GB (anon) |\n|"
+    head += "---|" * 11
     nan = float("nan")
     rows = []
     for r in recs:
@@ -210,10 +292,18 @@ def table(recs: list[dict]) -> str:
             f"{c.get('x_forward', nan):.1f}x",
             f"{c.get('cache_per_layer', nan):.1f}",
             f"{s.get('export', {}).get('seconds', nan):.1f}",
-            f"{r['peak_gb']:.1f}",
+            _offload_cell(s.get("offload")),
+            f"{r['peak_gb']:.1f} ({max(v.get('anon_gb', nan) for v in s.values()):.1f})",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join([head, *rows])
+
+
+def _offload_cell(o: dict | None) -> str:
+    if not o:
+        return "-"
+    same = {True: "yes", False: "NO", None: "-"}[o["same_topk_as_in_memory"]]
+    return f"{o['per_case']:.2f} ({o['cap_gb']:.1f} of {o['model_gb']:.1f}, {same}; peak {o['peak_gb']:.1f})"
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
@@ -266,6 +356,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cna-layers", default="all", help="all, or A-B (e.g. the last 4 layers of the 8B shape)")
     ap.add_argument("--layers", type=int, default=None, help="build the shape with this many layers (a slice)")
+    ap.add_argument("--offload-cap", type=float, default=0.4, help="offload step: CPU cap as a fraction of the model")
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +127,31 @@ def positive(s: str) -> int:
     return v
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def memory_caps(s: str) -> dict[str | int, int]:
+    """'cpu=8GiB' or '8GiB' (the CPU) or '0=20GiB,cpu=64GiB' (GPU 0 and the CPU) -> bytes per device, the
+    `max_memory` accelerate's device_map="auto" takes (what exceeds every cap goes to disk)."""
+    caps: dict[str | int, int] = {}
+    for part in strs(s):
+        dev, _, size = part.rpartition("=")
+        dev = dev.strip().lower() or "cpu"
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)
+        if not (dev in ("cpu", "mps") or dev.isdigit()) or m is None or m.group(2).lower() not in _UNITS:
+            raise argparse.ArgumentTypeError(
+                f"cannot read {part!r}; write DEVICE=SIZE pairs such as cpu=8GiB or 0=20GiB,cpu=64GiB"
+            )
+        bytes_ = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        if bytes_ <= 0:
+            raise argparse.ArgumentTypeError(f"{part!r} gives no memory; a cap must be above 0")
+        caps[int(dev) if dev.isdigit() else dev] = bytes_
+    if not caps:
+        raise argparse.ArgumentTypeError("expected DEVICE=SIZE pairs such as cpu=8GiB")
+    return caps
+
+
 def registered(kind: str) -> Callable[[str], str]:
     """A selector name of `kind`, checked against the selector registry when the command line is parsed (the
     registry is imported then, not when the help is printed)."""
@@ -154,6 +180,15 @@ MODEL = [
         action="store_true",
         help="run the model folder's own Python code (auto_map); "
         "only for authors you trust (surgery's own sliced checkpoints need no flag)",
+    ),
+]
+OFFLOAD = [  # read-only commands: offloaded weights stream in per layer and cannot be edited or trained
+    option(
+        "--max-memory",
+        type=memory_caps,
+        default=None,
+        help="with --device auto: memory per device, e.g. cpu=8GiB or 0=20GiB,cpu=64GiB; "
+        "the rest of the model is offloaded to disk and streamed in layer by layer",
     ),
 ]
 TASK = [

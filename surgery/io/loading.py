@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import socket
@@ -216,6 +217,9 @@ def quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     levels = hf_logging.get_verbosity(), hub_logging.get_verbosity()
+    accel = logging.getLogger("accelerate")  # "parameters are on the meta device": what --max-memory asked for
+    accel_level = accel.level
+    accel.setLevel(logging.ERROR)
     hf_logging.set_verbosity_error()
     hub_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own progress bars only; errors stay one line
@@ -226,6 +230,7 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(levels[0])
         hub_logging.set_verbosity(levels[1])
+        accel.setLevel(accel_level)
 
 
 def check_training_dtype(dtype: str, device: str) -> None:
@@ -236,9 +241,15 @@ def check_training_dtype(dtype: str, device: str) -> None:
 
 
 def load_model(
-    model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+    model: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    max_memory: dict[str, int] | None = None,
 ) -> Loaded:
-    """Load a causal LM and its tokenizer, in eval mode. device 'auto' spreads it with accelerate's device_map.
+    """Load a causal LM and its tokenizer, in eval mode. device 'auto' spreads it with accelerate's device_map;
+    with `max_memory` (bytes per device, from --max-memory) what does not fit is offloaded to the CPU or to a
+    scratch folder on disk (removed when the process ends) and streamed in layer by layer.
     A folder's own Python code runs only when `trust.remote_code` proves it is surgery's sliced-layout file or
     trust_remote_code=True (--trust-remote-code); otherwise such a folder is refused with one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -249,12 +260,17 @@ def load_model(
         raise UsageError(f"unknown --device {device!r}; use cpu, cuda or auto")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible; use --device cpu")
+    if max_memory and device != "auto":
+        raise UsageError("--max-memory places the model with accelerate; add --device auto")
     name, where = resolve(model)
     if not isinstance(where, Path):
         check_hub(str(where))
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=trust.remote_code(where, trust_remote_code))
     if device == "auto":
         kwargs["device_map"] = "auto"
+    if max_memory:
+        check_max_memory(max_memory, where, DTYPES[dtype], kwargs["trust_remote_code"])
+        kwargs.update(max_memory=dict(max_memory), offload_folder=_scratch_offload_folder())
     try:
         with quiet_transformers():
             m, info = AutoModelForCausalLM.from_pretrained(str(where), output_loading_info=True, **kwargs)
@@ -279,6 +295,37 @@ def load_model(
     prepare_tokenizer(tok)
     contiguous_head(m)
     return Loaded(m.eval(), tok, name, str(where), where if isinstance(where, Path) else None)
+
+
+def check_max_memory(max_memory: dict[str, int], where, dtype: torch.dtype, trust_code: bool) -> None:
+    """Refuse a cap under the largest decoder layer: accelerate must hold one whole layer on some device to run
+    it. Sizes come from the config on the meta device (nothing is loaded)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(where), trust_remote_code=trust_code)
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_code)
+    sizes = compute_module_sizes(empty, dtype=dtype)
+    prefix = arch_for(empty.config).layers
+    layer = max(v for k, v in sizes.items() if k.startswith(prefix + ".") and k.count(".") == prefix.count(".") + 1)
+    if max(max_memory.values()) < layer:
+        given = ",".join(f"{k}={v / 2**20:.0f}MiB" for k, v in max_memory.items())
+        raise UsageError(
+            f"--max-memory {given} is smaller than one layer of this model ({layer / 2**20:.0f} MiB in "
+            f"{str(dtype).removeprefix('torch.')}); give one device at least that much"
+        )
+
+
+def _scratch_offload_folder() -> str:
+    """A private folder for disk-offloaded weights, deleted when the process exits."""
+    import atexit
+
+    path = tempfile.mkdtemp(prefix="surgery-offload-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def prepare_tokenizer(tok) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from surgery.errors import UsageError
+from surgery.model.offload import offloaded, tensor
 
 
 class ArchError(UsageError):
@@ -291,6 +292,14 @@ class ModelView:
         if not 0 <= head < self.n_heads:
             raise ArchError(f"head {layer}.{head} is outside the model (heads 0..{self.n_heads - 1})")
 
+    def check_editable(self, layer: int) -> None:
+        """Weights edited in place must be in memory: an offloaded layer's are re-read from the offload map."""
+        if any(offloaded(m) for m in self.layer(layer).modules()):
+            raise ArchError(
+                f"layer {layer} is offloaded (--max-memory), so its weights cannot be edited in place; "
+                "give the model enough memory, or drop --max-memory"
+            )
+
     # ---- modules -----------------------------------------------------------------------------------
     def layer(self, i: int) -> nn.Module:
         return self.layers[self.check_layer(i)]
@@ -328,7 +337,7 @@ class ModelView:
     # ---- weights as math objects ------------------------------------------------------------------
     def head_out_weight(self, layer: int, head: int) -> Tensor:
         """[d_model, head_dim] block of the attention output projection that maps z_h into the residual."""
-        w = self.attn_out(layer).weight
+        w = tensor(self.attn_out(layer))
         sl = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return w[sl, :].T if self.arch.conv1d else w[:, sl]
 
@@ -336,7 +345,7 @@ class ModelView:
         """[kv_heads * head_dim, d_model] value projection W_V (rows = output features)."""
         if self.arch.attn_v is None:
             raise ArchError(f"the value projection of {self.config.model_type} is not in the table")
-        w = _get(self.layer(layer), self.arch.attn_v).weight
+        w = tensor(_get(self.layer(layer), self.arch.attn_v))
         kv = self.head_dim * int(getattr(self.config, "num_key_value_heads", None) or self.n_heads)
         if self.arch.attn_v_fused == "qkv_rows":
             return w[-kv:]
@@ -378,15 +387,15 @@ class ModelView:
         return [pre + n for n, _ in self.ffn(layer).named_parameters()]
 
     def attn_out_bias(self, layer: int) -> Tensor | None:
-        return getattr(self.attn_out(layer), "bias", None)
+        return _bias(self.attn_out(layer))
 
     def values(self, layer: int) -> Tensor:
         """[N, d_model] value vectors v_k (rows), a view of the FFN output weight."""
-        w = self.ffn_out(layer).weight
+        w = tensor(self.ffn_out(layer))
         return w if self.arch.conv1d else w.T
 
     def ffn_out_bias(self, layer: int) -> Tensor | None:
-        return getattr(self.ffn_out(layer), "bias", None)
+        return _bias(self.ffn_out(layer))
 
     def ffn_post_scale(self, layer: int, y: Tensor) -> Tensor | None:
         """Per-feature scale s [..., d] that linearises a post-FFN norm at the real FFN output y (d-vectors):
@@ -394,7 +403,7 @@ class ModelView:
         norm = self.post_ffn_norm(layer)
         if norm is None:
             return None
-        w = norm.weight.float()
+        w = tensor(norm).float()
         gain = 1.0 + w if self.arch.norm_kind == "rms1p" else w
         return gain / (y.float().pow(2).mean(-1, keepdim=True) + _norm_eps(norm)).sqrt()
 
@@ -402,8 +411,8 @@ class ModelView:
         """Key matrices as [N, d_model] rows: (gate, up) for gated/fused FFNs, (fc1,) for plain ones."""
         mods = self.ffn_in(layer)
         if self.arch.ffn_kind == "fused":
-            return list(mods[0].weight.chunk(2, dim=0))
-        return [m.weight.T if self.arch.conv1d else m.weight for m in mods]
+            return list(tensor(mods[0]).chunk(2, dim=0))
+        return [tensor(m).T if self.arch.conv1d else tensor(m) for m in mods]
 
     # ---- the frozen-norm unembedding (docs/design.md section 1) -------------------------------------------
     def final_sigma(self, h: Tensor) -> Tensor:
@@ -415,12 +424,16 @@ class ModelView:
         return (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
     def final_gain(self) -> Tensor:
-        w = self.final_norm.weight.float()
+        w = tensor(self.final_norm).float()
         return 1.0 + w if self.arch.norm_kind == "rms1p" else w
 
     def unembed_matrix(self) -> Tensor:
-        """W_U as [vocab, d_model]."""
-        return self.lm_head.weight
+        """W_U as [vocab, d_model] (an offloaded head is read once and kept: every case's readout needs it)."""
+        if not offloaded(self.lm_head):
+            return self.lm_head.weight
+        if getattr(self, "_unembed", None) is None:
+            self._unembed = tensor(self.lm_head)
+        return self._unembed
 
     def readout(self, v: Tensor, sigma: Tensor, out: Tensor | None = None) -> Tensor:
         """The linear part of U: W_U (g * centre(v)) / sigma, for directions v [..., d] (no bias terms); written
@@ -433,10 +446,10 @@ class ModelView:
     def readout_bias(self) -> Tensor | float:
         """The constant part of U: W_U b_norm + b_lm_head (0 for RMSNorm models without a head bias)."""
         out: Tensor | float = 0.0
-        nb = getattr(self.final_norm, "bias", None)
+        nb = _bias(self.final_norm)
         if nb is not None:
             out = self.unembed_matrix().float() @ nb.float()
-        hb = getattr(self.lm_head, "bias", None)
+        hb = _bias(self.lm_head)
         if hb is not None:
             out = out + hb.float()
         return out
@@ -453,12 +466,14 @@ class ModelView:
     @torch.no_grad()
     def zero_head_weights(self, layer: int, head: int) -> None:
         """Zero the o_proj INPUT columns of head (layer, head): the paper's head ablation, in the weights."""
+        self.check_editable(layer)
         self.check_head(layer, head)
         self.head_out_weight(layer, head).zero_()
 
     @torch.no_grad()
     def zero_neuron_weights(self, layer: int, idx: Tensor | list[int]) -> None:
         """Zero neurons' key rows, key biases and value vectors: the neurons vanish from the function."""
+        self.check_editable(layer)
         idx = torch.as_tensor(idx, dtype=torch.long)
         for k in self.keys(layer):
             k[idx] = 0.0
@@ -471,7 +486,12 @@ class ModelView:
     @torch.no_grad()
     def scale_neuron_values(self, layer: int, idx: Tensor | list[int], scale: float) -> None:
         """Scale neurons' value vectors: each neuron's contribution m_k v_k scales by `scale` exactly."""
+        self.check_editable(layer)
         self.values(layer)[torch.as_tensor(idx, dtype=torch.long)] *= scale
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    return tensor(module, "bias") if getattr(module, "bias", None) is not None else None
 
 
 def _norm_eps(norm: nn.Module) -> float:

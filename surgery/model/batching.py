@@ -21,7 +21,13 @@ from surgery.errors import UsageError
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
-    """Where inputs must go: the device of the model's first parameter (the embedding under device_map)."""
+    """Where inputs must go: the device of the model's first parameter, or, where accelerate placed the model
+    (device_map, offload), the execution device of its input embedding (an offloaded weight sits on `meta`)."""
+    get = getattr(model, "get_input_embeddings", None)
+    hook = getattr(get(), "_hf_hook", None) if get is not None else None
+    where = getattr(hook, "execution_device", None)
+    if where is not None:
+        return torch.device(where)
     return next(model.parameters()).device
 
 

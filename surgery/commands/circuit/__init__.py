@@ -9,13 +9,14 @@ the fewest heads reaching F (default: the Pareto knee) and the neurons per layer
 --score teacher-forced (default) scores every answer token given the ones before it; first: the first one.
 """
 
-from surgery.commands.spec import FORCE, MODEL, OUT, Command, option, positive, strs
+from surgery.commands.spec import FORCE, MODEL, OFFLOAD, OUT, Command, option, positive, strs
 
 COMMAND = Command(
     "circuit",
     __doc__,
     [
         *MODEL,
+        *OFFLOAD,
         *OUT,
         *FORCE,
         option("--task", default="arithmetic"),

@@ -160,6 +160,7 @@ def run(
     include_wrong: bool,
     mean_sample: int | None,
     trust_remote_code: bool,
+    max_memory: dict | None = None,
 ) -> rep.Report:
     """`surgery circuit` (its options and help: this package's __init__.py)."""
     t0 = time.time()
@@ -198,7 +199,9 @@ def run(
     resume = resuming(outdir, run_config, force)
     state.wait_for_everyone()  # every process has read the folder before the first one (re)starts it
     per_rank_gpu = device == "cuda" and state.num_processes > 1
-    loaded = load_model(model, dtype, "cpu" if per_rank_gpu else device, trust_remote_code=trust_remote_code)
+    loaded = load_model(
+        model, dtype, "cpu" if per_rank_gpu else device, trust_remote_code=trust_remote_code, max_memory=max_memory
+    )
     if per_rank_gpu:
         loaded.model.to(state.device)
     view = ModelView(loaded.model)

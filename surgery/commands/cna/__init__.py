@@ -11,13 +11,14 @@ each pair (target = the pair's target, default the model's top-1 after A), summe
 vocabulary, fp32) each setting holds at once; a pass takes at most that many cases (and --batch-size).
 """
 
-from surgery.commands.spec import DATA, MODEL, OUT, TASK, Command, heads, option, positive, strs, text
+from surgery.commands.spec import DATA, MODEL, OFFLOAD, OUT, TASK, Command, heads, option, positive, strs, text
 
 COMMAND = Command(
     "cna",
     __doc__,
     [
         *MODEL,
+        *OFFLOAD,
         *TASK,
         *DATA,
         *OUT,

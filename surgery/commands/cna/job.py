@@ -50,6 +50,7 @@ def run(
     exhaustive: bool,
     validate: Sequence[str],
     trust_remote_code: bool,
+    max_memory: dict | None,
     data: str | None,
     columns: str | None,
     pairs: str | None,
@@ -71,7 +72,11 @@ def run(
         raise UsageError("--prompt is one case: run it in one process (drop accelerate launch)")
     per_rank_gpu = device == "cuda" and state.num_processes > 1  # one GPU per process
     loaded = load_model(
-        model, dtype=dtype, device="cpu" if per_rank_gpu else device, trust_remote_code=trust_remote_code
+        model,
+        dtype=dtype,
+        device="cpu" if per_rank_gpu else device,
+        trust_remote_code=trust_remote_code,
+        max_memory=max_memory,
     )
     if per_rank_gpu:
         loaded.model.to(state.device)

@@ -8,13 +8,14 @@ Evaluate a model on arithmetic (per-token and full-answer accuracy by op x digit
 DIR/report.json and DIR/report.md (an existing DIR needs --force).
 """
 
-from surgery.commands.spec import DATA, FORCE, MODEL, OUT, TASK, Command
+from surgery.commands.spec import DATA, FORCE, MODEL, OFFLOAD, OUT, TASK, Command
 
 COMMAND = Command(
     "eval",
     __doc__,
     [
         *MODEL,
+        *OFFLOAD,
         *TASK,
         *DATA,
         *OUT,

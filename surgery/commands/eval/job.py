@@ -94,14 +94,15 @@ def run(
     trust_remote_code: bool,
     data: str | None,
     columns: str | None,
+    max_memory: dict | None = None,
 ):
     """`surgery eval` (its options and help: this package's __init__.py)."""
     outdir = None if out is None else rep.new_out_dir(out, Path(out), force)
     if data is not None or columns is not None:
-        return run_data(model, dtype, device, data, columns, limit, batch_size, outdir, trust_remote_code)
+        return run_data(model, dtype, device, data, columns, limit, batch_size, outdir, trust_remote_code, max_memory)
     check_options(tuple(digits), ops, templates, limit, task)  # before loading anything
     start = time.time()
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, max_memory=max_memory)
     res = evaluate(
         loaded, task, digits=digits, ops=ops, templates=templates, limit=limit, batch_size=batch_size, seed=seed
     )
@@ -120,6 +121,7 @@ def run_data(
     batch_size: int,
     outdir,
     trust_remote_code: bool = False,
+    max_memory: dict | None = None,
 ):
     """`surgery eval --data`: the user's cases through `surgery.tasks` (checked before the model loads)."""
     tasks.check_data_args(data, None, columns)
@@ -129,7 +131,7 @@ def run_data(
             raise UsageError(f"limit must be >= 1, got {limit}")
         ds = ds.select(range(min(limit, len(ds))))
     start = time.time()
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, max_memory=max_memory)
     res = tasks.evaluate(loaded.model, loaded.tokenizer, ds, batch_size)
     config = {"data": data, "columns": columns, "limit": limit, "rows": len(ds), "batch_size": batch_size}
     report = rep.make(f"eval --data {data}", loaded.describe(), config, {"data": res}, time.time() - start)

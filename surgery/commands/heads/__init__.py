@@ -12,13 +12,14 @@ surgery.path_patch; --digits defaults to the given digits, key heads have an eff
 target token teacher forced, accuracy reported overall and per group.
 """
 
-from surgery.commands.spec import DATA, MODEL, OUT, TASK, Command, heads, option, positive
+from surgery.commands.spec import DATA, MODEL, OFFLOAD, OUT, TASK, Command, heads, option, positive
 
 COMMAND = Command(
     "heads",
     __doc__,
     [
         *MODEL,
+        *OFFLOAD,
         *TASK,
         *DATA,
         *OUT,

@@ -55,6 +55,7 @@ def run(
     counterfactual: str,
     data: str | None,
     columns: str | None,
+    max_memory: dict | None = None,
 ) -> rep.Report:
     """`surgery heads` (its options and help: this package's __init__.py)."""
     from accelerate import PartialState
@@ -75,6 +76,7 @@ def run(
             counterfactual,
             only_heads,
             trust_remote_code,
+            max_memory,
         )
     if method != "ablation":
         raise UsageError(f"unknown --method {method!r}; use ablation or path-patch")
@@ -88,7 +90,9 @@ def run(
     outdir = rep.check_out_dir(out) or Path("checkpoints") / "heads"
     state = PartialState(cpu=device == "cpu")  # cpu: gloo process group across CPU processes
     per_rank_gpu = device == "cuda" and state.num_processes > 1  # one GPU per process under accelerate launch
-    loaded = load_model(model, dtype, "cpu" if per_rank_gpu else device, trust_remote_code=trust_remote_code)
+    loaded = load_model(
+        model, dtype, "cpu" if per_rank_gpu else device, trust_remote_code=trust_remote_code, max_memory=max_memory
+    )
     if per_rank_gpu:
         loaded.model.to(state.device)
     view = ModelView(loaded.model)
@@ -330,6 +334,7 @@ def run_path_patch(
     counterfactual: str = "null-operator",
     only_heads=None,
     trust_remote_code: bool = False,
+    max_memory: dict | None = None,
 ) -> rep.Report:
     """Path patching of every head (sender) to the logits with the null-operator counterfactual; writes
     DIR/heads.json (rows with the relative logit effect; config.method = path-patch, readable by
@@ -341,7 +346,7 @@ def run_path_patch(
     outdir = rep.check_out_dir(out) or Path("checkpoints") / "heads-path-patch"
     kw = dict(ops=tuple(ops)) if ops else {}
     problems = arithmetic.build(digits=tuple(digits), templates=tmpl, seed=seed, limit=limit, **kw)
-    loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype, device, trust_remote_code=trust_remote_code, max_memory=max_memory)
     view = ModelView(loaded.model)
     heads = None
     if only_heads:
