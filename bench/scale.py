@@ -19,6 +19,9 @@ code paths, each timed with its peak resident memory (sampled every 20 ms):
   offload  the model saved whole, freed, and loaded back through `load_model(device="auto", max_memory=...)` under
            a cap of --offload-cap of its size (the rest on disk, accelerate), then `cna` on the same layers and
            cases: s/case, peak memory, and whether every case's certified top-100 equals the in-memory run's
+  journey  the user's first hour, timed end to end on --journey-cases cases: the head screen, `cna` on --cna-layers
+           with a cold vocabulary cache (a new model), the 18 neurons of largest summed effect zeroed in place (an
+           edit), and the edited model's answers on the same cases; then the same `cna` again, cached
 Peak memory is the process's resident set (RSS, sampled every 20 ms) and, beside it, its anonymous part (RssAnon:
 memory that is not a page of a file; weights read from disk through mmap count in RSS but the kernel can drop them).
 Writes OUT/scale.jsonl (one line per shape, appended: a killed run keeps the finished shapes), OUT/scale.md (the
@@ -65,7 +68,7 @@ SHAPES = {  # the real configs' shapes (published config.json values)
     "tiny": ("LlamaConfig", dict(vocab_size=49152, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)),
 }  # fmt: skip
-STEPS = ("build", "eval", "heads", "cna", "export", "offload")
+STEPS = ("build", "eval", "heads", "cna", "export", "offload", "journey")
 
 
 class Peak:
@@ -196,6 +199,8 @@ def run_shape(name: str, args, scratch: Path) -> dict:
         }
         if "eval" in rec["steps"]:
             rec["steps"]["cna"]["x_forward"] = rec["steps"]["cna"]["per_case"] / rec["steps"]["eval"]["per_case"]
+    if "journey" in args.steps:
+        rec["steps"]["journey"] = journey(model, view, tok, args, scratch / f"journey-{name}")
     full = scratch / f"full-{name}"
     if "offload" in args.steps:  # saved whole now (export below cuts the model), loaded capped after
         with Peak() as p:
@@ -230,6 +235,63 @@ def run_shape(name: str, args, scratch: Path) -> dict:
     rec["peak_gb"] = max(s["peak_gb"] for s in rec["steps"].values())
     rec["threads"] = torch.get_num_threads()
     return rec
+
+
+def journey(model, view, tok, args, home: Path) -> dict:
+    """heads screen + CNA (cold cache) + an 18-neuron edit + its evaluation on args.journey_cases cases."""
+    from surgery.find import cna, head_scan
+    from surgery.io.loading import Loaded
+    from surgery.model.batching import forward_logits, left_pad, pad_id
+
+    before = os.environ.get("SURGERY_HOME")
+    os.environ["SURGERY_HOME"] = str(home)  # a fresh cache: the vocabulary ranges are paid as on a new model
+    n, pad = args.journey_cases, pad_id(tok)
+    seqs = cases(tok, n)
+    t = {}
+    with Peak() as p:
+        t0 = time.perf_counter()
+        _, batches = head_scan.arithmetic_batches(Loaded(model, tok, "shape", "random"), [2], None, None, n, 0, 16)
+        head_scan.attribution(view, batches)
+        t["heads"] = time.perf_counter() - t0
+        layers = cna.parse_layers(args.cna_layers, view.n_layers)
+        t0 = time.perf_counter()
+        sc = cna.scan(view, seqs, layers, 100, pad, batch_size=args.batch, progress=not args.smoke)
+        t["cna_cold"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        flat = torch.cat([sc.total[l].abs() for l in layers])
+        top = flat.topk(min(18, flat.numel())).indices
+        widths = [sc.total[l].numel() for l in layers]
+        starts = [sum(widths[:i]) for i in range(len(layers))]
+        saved = []  # the zeroed rows, put back afterwards (the later steps measure the unedited model)
+        for l, s0, w in zip(layers, starts, widths):
+            idx = torch.tensor([int(i) - s0 for i in top if s0 <= int(i) < s0 + w], dtype=torch.long)
+            if len(idx):
+                saved.append((l, idx, [k[idx].clone() for k in view.keys(l)], view.values(l)[idx].clone()))
+                view.zero_neuron_weights(l, idx)
+        with torch.no_grad():
+            for i in range(0, n, args.batch):
+                forward_logits(model, *left_pad(seqs[i : i + args.batch], pad), 1)
+        t["edit_and_eval"] = time.perf_counter() - t0
+    with Peak() as q:
+        cna.scan(view, seqs, layers, 100, pad, batch_size=args.batch, progress=not args.smoke)
+    with torch.no_grad():
+        for l, idx, keys, values in saved:
+            for k, old in zip(view.keys(l), keys):
+                k[idx] = old
+            view.values(l)[idx] = values
+    if before is not None:
+        os.environ["SURGERY_HOME"] = before
+    total = t["heads"] + t["cna_cold"] + t["edit_and_eval"]
+    return {
+        "cases": n,
+        "cna_layers": [layers[0], layers[-1]],
+        **{f"{k}_seconds": v for k, v in t.items()},
+        "cna_cached_seconds": q.seconds,
+        "seconds": total,
+        "seconds_cached": total - t["cna_cold"] + q.seconds,
+        "peak_gb": max(p.peak, q.peak) / 2**30,
+        "anon_gb": max(p.anon, q.anon) / 2**30,
+    }
 
 
 def offload_step(folder: Path, tok, seqs, pad: int, args, ref) -> dict:
@@ -296,6 +358,15 @@ def table(recs: list[dict]) -> str:
             f"{r['peak_gb']:.1f} ({max(v.get('anon_gb', nan) for v in s.values()):.1f})",
         ]
         rows.append("| " + " | ".join(cells) + " |")
+    for r in recs:
+        j = r["steps"].get("journey")
+        if j:
+            rows.append(
+                f"\nJourney on {r['shape']}, {j['cases']} cases: head screen {j['heads_seconds']:.0f} s + CNA, layers "
+                f"{j['cna_layers'][0]}-{j['cna_layers'][1]} {j['cna_cold_seconds']:.0f} s (cold vocabulary cache) + "
+                f"18-neuron edit and its evaluation {j['edit_and_eval_seconds']:.0f} s = {j['seconds'] / 60:.1f} min; "
+                f"{j['seconds_cached'] / 60:.1f} min with the cache warm."
+            )
     return "\n".join([head, *rows])
 
 
@@ -356,6 +427,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cna-layers", default="all", help="all, or A-B (e.g. the last 4 layers of the 8B shape)")
     ap.add_argument("--layers", type=int, default=None, help="build the shape with this many layers (a slice)")
+    ap.add_argument("--journey-cases", type=int, default=100, help="journey step: cases")
     ap.add_argument("--offload-cap", type=float, default=0.4, help="offload step: CPU cap as a fraction of the model")
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--smoke", action="store_true")
@@ -363,6 +435,7 @@ def main() -> None:
     if args.smoke:
         scratch = _smoke.scratch("scale")
         args.shapes, args.cases, args.batch, args.out = "tiny", 2, 2, str(scratch / "out")
+        args.journey_cases = 4
     else:
         scratch = Path(tempfile.mkdtemp(prefix="bench-scale-"))
         os.environ.setdefault("SURGERY_HOME", str(scratch))  # the random models' vocabulary caches land here

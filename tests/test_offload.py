@@ -84,3 +84,11 @@ def test_bad_memory_caps_are_one_line_exit_2_nothing_written(tiny_smol_dir, tmp_
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_exit_2(tiny_smol_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    rc = main(["cna", "--model", str(tiny_smol_dir), "--prompt", "1+2=", "--device", "cuda", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no CUDA device" in err and len(err.splitlines()) == 1 and not out.exists()
