@@ -798,7 +798,8 @@ def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
     """Exact per-neuron max/min of W_U (g * centre(v_k)) over the vocabulary (the paper's N x V x d product, once).
 
     Cached on the weight tensor (lives and dies with the model, recomputed when an input weight is edited) and on
-    disk under $SURGERY_HOME/cache keyed by a hash of the weights, so later runs on the same model skip it."""
+    disk under $SURGERY_HOME/cache: a whole layer keyed by a hash of its weights (`_fingerprint`), and row by row
+    (`RowStore`), so that an edited, pruned or fine-tuned copy of a model pays only for the rows that changed."""
     w = sc.view.ffn_out(layer).weight
     post = sc.view.post_ffn_norm(layer)
     version = (
@@ -814,17 +815,92 @@ def _vocab_range(sc: Scorer, layer: int, d: Tensor) -> tuple[Tensor, Tensor]:
         if path.exists():
             hi, lo = torch.load(path, map_location=d.device)
         else:
-            with wide():
-                parts = [((sc._centre(ch) * sc.gain) @ sc.WU.T).aminmax(dim=-1) for ch in d.split(sc._rows_per_chunk())]
-            lo, hi = torch.cat([p.min for p in parts]), torch.cat([p.max for p in parts])
+            hi, lo = _rows_range(sc, d)
             _save_quietly(path, (hi, lo))
         hit = (version, hi, lo)
         w._surgery_vocab_range = hit
     return hit[1], hit[2]
 
 
-def _fingerprint(d: Tensor, sc: Scorer) -> str:
-    """sha256 of the value vectors, the unembedding and the final gain (what the vocabulary range depends on)."""
+def _rows_range(sc: Scorer, d: Tensor) -> tuple[Tensor, Tensor]:
+    """(max, min) over the vocabulary of each row of d, reusing every row already in the row store of this
+    unembedding and computing (then storing) only the others."""
+    store = RowStore(home() / "cache" / "vocab-range" / f"rows-{_unembed_key(sc)}")
+    keys = row_keys(d)
+    found, hi, lo = store.lookup(keys)
+    todo = (~found).nonzero().flatten()
+    if len(todo):
+        new, back = torch.unique(keys[todo], dim=0, return_inverse=True)  # equal rows (e.g. zeroed ones) once
+        first = torch.full((len(new),), len(todo), dtype=torch.long).scatter_reduce(
+            0, back, torch.arange(len(todo)), "amin"
+        )
+        with wide():
+            parts = [
+                ((sc._centre(ch) * sc.gain) @ sc.WU.T).aminmax(dim=-1)
+                for ch in d[todo[first].to(d.device)].split(sc._rows_per_chunk())
+            ]
+        new_hi, new_lo = torch.cat([p.max for p in parts]).cpu(), torch.cat([p.min for p in parts]).cpu()
+        hi[todo], lo[todo] = new_hi[back], new_lo[back]
+        store.add(new, new_hi, new_lo)
+    return hi.to(d.device), lo.to(d.device)
+
+
+def row_keys(d: Tensor) -> Tensor:
+    """[N, 2] int64: the first 128 bits of the sha256 of each row's float32 bytes."""
+    import numpy as np
+
+    rows = d.detach().float().cpu().contiguous().numpy()
+    digest = b"".join(hashlib.sha256(r).digest()[:16] for r in rows)
+    return torch.from_numpy(np.frombuffer(digest, dtype=np.int64).reshape(-1, 2).copy())
+
+
+class RowStore:
+    """Vocabulary ranges of single rows (value vectors) under one unembedding, addressed by `row_keys`: a folder
+    of shard files, one per computation (no two writers share a file), read once per process and again when new
+    shards appear."""
+
+    _memo: dict[Path, tuple[frozenset[str], Tensor, Tensor, Tensor]] = {}
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _index(self) -> tuple[Tensor, Tensor, Tensor]:
+        names = frozenset(p.name for p in self.folder.glob("*.pt")) if self.folder.is_dir() else frozenset()
+        memo = self._memo.get(self.folder)
+        if memo is None or memo[0] != names:
+            parts = []
+            for name in sorted(names):
+                try:
+                    parts.append(torch.load(self.folder / name, map_location="cpu"))
+                except Exception:  # a torn or foreign file only costs recomputation
+                    continue
+            keys = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, 2, dtype=torch.long)
+            hi = torch.cat([p[1] for p in parts]) if parts else torch.zeros(0)
+            lo = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0)
+            order = keys[:, 0].argsort()
+            memo = (names, keys[order], hi[order].float(), lo[order].float())
+            self._memo[self.folder] = memo
+        return memo[1], memo[2], memo[3]
+
+    def lookup(self, keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(found [N] bool, hi [N], lo [N]) for the rows `keys` [N, 2] (hi, lo are 0 where not found)."""
+        known, k_hi, k_lo = self._index()
+        n = len(keys)
+        hi, lo = torch.zeros(n), torch.zeros(n)
+        if not len(known):
+            return torch.zeros(n, dtype=torch.bool), hi, lo
+        pos = torch.searchsorted(known[:, 0].contiguous(), keys[:, 0].contiguous()).clamp_max(len(known) - 1)
+        found = (known[pos] == keys).all(-1)
+        hi[found], lo[found] = k_hi[pos[found]], k_lo[pos[found]]
+        return found, hi, lo
+
+    def add(self, keys: Tensor, hi: Tensor, lo: Tensor) -> None:
+        name = hashlib.sha256(keys.numpy().tobytes()).hexdigest()[:32]
+        _save_quietly(self.folder / f"{name}.pt", (keys.clone(), hi.float().clone(), lo.float().clone()))
+
+
+def _unembed_key(sc: Scorer) -> str:
+    """sha256 of the unembedding, the final gain and the norm kind (cached on the unembedding tensor)."""
     wu = sc.view.unembed_matrix()
     mem = getattr(wu, "_surgery_sha", None)
     if mem is None or mem[0] != wu._version:
@@ -833,7 +909,12 @@ def _fingerprint(d: Tensor, sc: Scorer) -> str:
         h.update(sc.view.arch.norm_kind.encode())
         mem = (wu._version, h.hexdigest())
         wu._surgery_sha = mem
-    h = hashlib.sha256(mem[1].encode())
+    return mem[1]
+
+
+def _fingerprint(d: Tensor, sc: Scorer) -> str:
+    """sha256 of the value vectors, the unembedding and the final gain (what the vocabulary range depends on)."""
+    h = hashlib.sha256(_unembed_key(sc).encode())
     h.update(d.detach().float().cpu().contiguous().numpy())
     return h.hexdigest()[:32]
 
