@@ -21,14 +21,15 @@ code paths, each timed with its peak resident memory (sampled every 20 ms):
            cases: s/case, peak memory, and whether every case's certified top-100 equals the in-memory run's
   journey  the user's first hour, timed end to end on --journey-cases cases: the head screen, `cna` on --cna-layers
            with a cold vocabulary cache (a new model), the 18 neurons of largest summed effect zeroed in place (an
-           edit), and the edited model's answers on the same cases; then the same `cna` again, cached
+           edit), and the edited model's answers on the same cases; then the same `cna` again on the edited model
+           (its unchanged rows come from the cache: the user's check of the edit)
 Peak memory is the process's resident set (RSS, sampled every 20 ms) and, beside it, its anonymous part (RssAnon:
 memory that is not a page of a file; weights read from disk through mmap count in RSS but the kernel can drop them).
 Writes OUT/scale.jsonl (one line per shape, appended: a killed run keeps the finished shapes), OUT/scale.md (the
 table) and OUT/scale.png (CNA's cached s/case and the cache's seconds per layer against neurons x vocabulary x hidden,
 what the bounds scale with, with a least-squares power-law fit). The models and the export are deleted as soon as
 a shape is done (an 8B copy is 16 GB).
-Last line: scale <shape>: cna <s>/case (<x>x a batched forward), peak <GB> GB
+Last line: scale <shape>: cna <s>/case (<x>x a batched forward) (or the journey's time), peak <GB> GB
 """
 
 from __future__ import annotations
@@ -415,7 +416,8 @@ def plot(recs: list[dict], path: Path) -> None:
             ax.annotate(r["shape"], (x, y), fontsize=7)
     ax.set_xlabel("neurons x vocabulary x hidden (one layer)")
     ax.set_ylabel("seconds")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     path.write_bytes(png_bytes(fig))
 
 
@@ -454,11 +456,15 @@ def main() -> None:
                 f.write(json.dumps(rec) + "\n")
             c = rec["steps"].get("cna", {})
             print(json.dumps(rec))
-            print(
-                f"scale {name}: cna {c.get('per_case', float('nan')):.3f}/case "
-                f"({c.get('x_forward', float('nan')):.1f}x a batched forward), peak {rec['peak_gb']:.1f} GB",
-                flush=True,
+            j = rec["steps"].get("journey")
+            what = (
+                f"cna {c['per_case']:.3f}/case ({c.get('x_forward', float('nan')):.1f}x a batched forward)"
+                if "per_case" in c
+                else f"journey {j['seconds']:.0f} s for {j['cases']} cases"
+                if j
+                else "no cna step"
             )
+            print(f"scale {name}: {what}, peak {rec['peak_gb']:.1f} GB", flush=True)
         recs = [json.loads(line) for line in (out / "scale.jsonl").read_text().splitlines() if line.strip()]
         (out / "scale.md").write_text(table(recs) + "\n")
         plot(recs, out / "scale.png")

@@ -135,6 +135,10 @@ def test_circuit_on_smollm2_writes_the_finetune_keys(smol, tmp_path):
     assert data["circuit"]["mlps"] == list(range(30))
     assert all(h.count(".") == 1 for h in data["circuit"]["heads"])
     assert data["per_op"]["+"]["heads"] == data["results"]["per_op"]["+"]["heads"]
+    ci = data["results"]["per_op"]["+"]["faithfulness_interval"]
+    if ci is not None:  # None only when a resample's denominator vanished in more than half the draws
+        assert ci["low"] <= ci["high"] and ci["se"] >= 0
+        assert "faithfulness (SE) [95% CI]" in (out / "circuit.md").read_text()
     for f in ("circuit.md", "effects.png", "faithfulness.png"):
         assert (out / f).stat().st_size > 0
 
@@ -153,3 +157,17 @@ def test_chance_iou_matches_random_sets():
         mc = sum(i / (2 * n - i) for i in draws) / len(draws)
         assert abs(C.chance_iou(n, total) - mc) < 0.01 + 0.05 * mc, (n, total, C.chance_iou(n, total), mc)
     assert C.chance_iou(0, 10) is None
+
+
+def test_faithfulness_interval_is_a_paired_bootstrap_of_the_ratio_of_means():
+    from surgery.find.circuit import faithfulness_interval
+
+    rng = np.random.default_rng(0)
+    model = rng.normal(1.0, 0.1, 400)
+    empty = rng.normal(0.0, 0.1, 400)
+    circuit = 0.8 * model + 0.2 * empty + rng.normal(0, 0.05, 400)  # F = 0.8 by construction
+    ci = faithfulness_interval(circuit.tolist(), model.tolist(), empty.tolist())
+    assert ci["low"] < 0.8 < ci["high"] and 0.0 < ci["se"] < 0.02
+    few = faithfulness_interval(circuit[:20].tolist(), model[:20].tolist(), empty[:20].tolist())
+    assert few["se"] > ci["se"]  # fewer prompts, wider
+    assert faithfulness_interval([], [], []) is None  # a stage cached without per-prompt values

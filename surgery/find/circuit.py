@@ -308,15 +308,39 @@ def recall(screen: Sequence[float], exact: Sequence[float], k: int = 20) -> floa
     return len(top(screen) & top(exact)) / k if k else float("nan")
 
 
-def nl(view: ModelView, batches: Batches, circuit: P.Circuit, metric: str = "nl") -> float:
-    """Mean NL (or P, with --metric prob) of the correct answer (teacher forced: NL averaged over its tokens, P
-    their product) with everything outside `circuit` mean-ablated."""
+def nl_values(view: ModelView, batches: Batches, circuit: P.Circuit, metric: str = "nl") -> Tensor:
+    """Per-prompt NL (or P, with --metric prob) of the correct answer (teacher forced: NL averaged over its
+    tokens, P their product) with everything outside `circuit` mean-ablated: [prompts], in batch order."""
     score = P.METRICS[metric]
     vals = [
         score(P.ablated(view, torch.cat([pr.clean, pr.r[:, :-1]], 1), g.means, circuit, pr.n_ans), pr.r)
         for g, pr in batches
     ]
-    return float(torch.cat(vals).mean())
+    return torch.cat(vals).double()
+
+
+def nl(view: ModelView, batches: Batches, circuit: P.Circuit, metric: str = "nl") -> float:
+    """Mean of `nl_values` over the prompts."""
+    return float(nl_values(view, batches, circuit, metric).mean())
+
+
+def faithfulness_interval(
+    circuit: Sequence[float], model: Sequence[float], empty: Sequence[float], draws: int = 2000, seed: int = 0
+) -> dict[str, float] | None:
+    """Bootstrap over prompts (paired: one resample of prompts for all three) of Eq. 2's ratio of means: its
+    standard error and 95% percentile interval. None without per-prompt values (a stage cached by older code)."""
+    if not circuit or not len(circuit) == len(model) == len(empty):
+        return None
+    c, m, e = (np.asarray(v, dtype=np.float64) for v in (circuit, model, empty))
+    idx = np.random.default_rng(seed).integers(0, len(c), size=(draws, len(c)))
+    cm, mm, em = c[idx].mean(1), m[idx].mean(1), e[idx].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = (cm - em) / (mm - em)
+    f = f[np.isfinite(f)]
+    if len(f) < draws // 2:
+        return None
+    lo, hi = np.percentile(f, [2.5, 97.5])
+    return {"se": round(float(f.std(ddof=1)), 4), "low": round(float(lo), 4), "high": round(float(hi), 4)}
 
 
 def knee(ns: Sequence[int], fs: Sequence[float], total: int) -> int:
@@ -330,15 +354,17 @@ def head_curve(
     """Faithfulness with all MLPs and the first n heads of `order` kept, for n on the grid."""
     total = len(order)
     ns = sorted({n for n in HEAD_GRID if n < total} | {total})
-    fs = []
+    fs, per_prompt = [], []
     for n in ns:
         c = P.Circuit(
             torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool)
         )
         for l, h in order[:n]:
             c.heads[l, h] = True
-        fs.append(P.faithfulness(nl(view, batches, c, metric), *ends))
-    return ns, fs
+        v = nl_values(view, batches, c, metric)
+        per_prompt.append(v.tolist())
+        fs.append(P.faithfulness(float(v.mean()), *ends))
+    return ns, fs, per_prompt
 
 
 def neuron_curve(
@@ -348,12 +374,12 @@ def neuron_curve(
     ranking: dict[int, list[int]],
     ends: tuple[float, float],
     metric: str = "nl",
-) -> tuple[list[int], list[float]]:
+) -> tuple[list[int], list[float], list[list[float]]]:
     """Faithfulness with the circuit's heads, all MLPs, and in each ranked layer only the top-k neurons at the
-    last position (the rest mean-ablated there), for k on the grid."""
+    last position (the rest mean-ablated there), for k on the grid, and the per-prompt values behind each point."""
     width = min(view.ffn_width(l) for l in ranking)
     ks = sorted({k for k in NEURON_GRID if k < width} | {width})
-    fs = []
+    fs, per_prompt = [], []
     for k in ks:
         c = P.Circuit(
             torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool)
@@ -364,8 +390,10 @@ def neuron_curve(
             keep = torch.zeros(view.ffn_width(l), dtype=torch.bool)
             keep[order[:k]] = True
             c.neurons[l] = keep
-        fs.append(P.faithfulness(nl(view, batches, c, metric), *ends))
-    return ks, fs
+        v = nl_values(view, batches, c, metric)
+        per_prompt.append(v.tolist())
+        fs.append(P.faithfulness(float(v.mean()), *ends))
+    return ks, fs, per_prompt
 
 
 def first_reaching(xs: Sequence[int], fs: Sequence[float], target: float) -> int | None:
@@ -431,14 +459,17 @@ def study_op(
     order = sorted(head_score, key=lambda lh: -head_score[lh])
 
     def head_stage() -> dict:
-        ends = (nl(view, batches, P.Circuit.full(view), metric), nl(view, batches, P.Circuit.empty(view), metric))
-        ns, fs = head_curve(view, batches, order, ends, metric)
+        model_v = nl_values(view, batches, P.Circuit.full(view), metric)
+        empty_v = nl_values(view, batches, P.Circuit.empty(view), metric)
+        ends = (float(model_v.mean()), float(empty_v.mean()))
+        ns, fs, curve_v = head_curve(view, batches, order, ends, metric)
         paper = (
             ends
             if metric == "nl"
             else (nl(view, batches, P.Circuit.full(view)), nl(view, batches, P.Circuit.empty(view)))
         )
-        return {"ends": ends, "paper": paper, "n": ns, "f": fs}
+        per_prompt = {"model": model_v.tolist(), "empty": empty_v.tolist(), "curve": curve_v}
+        return {"ends": ends, "paper": paper, "n": ns, "f": fs, "per_prompt": per_prompt}
 
     hd = cache("heads", head_stage)
     ends, ns, fs = tuple(hd["ends"]), hd["n"], hd["f"]
@@ -451,14 +482,27 @@ def study_op(
         for l in neuron_layers:
             screen[l, : view.ffn_width(l)] = torch.tensor(eff["neuron_screen"][str(l)], dtype=torch.float64)
         ranking, neuron_exact = rank_neurons(view, batches, acts(), screen, neuron_layers, rescore, max_rows)
-        ks, nfs = neuron_curve(view, batches, heads, ranking, ends, metric)
-        return {"ranking": {str(l): r for l, r in ranking.items()}, "exact": neuron_exact, "k": ks, "f": nfs}
+        ks, nfs, curve_v = neuron_curve(view, batches, heads, ranking, ends, metric)
+        return {
+            "ranking": {str(l): r for l, r in ranking.items()},
+            "exact": neuron_exact,
+            "k": ks,
+            "f": nfs,
+            "per_prompt": curve_v,
+        }
 
     nd = cache("neurons", neuron_stage)
     ranking = {int(l): r for l, r in nd["ranking"].items()}
     ks, nfs = nd["k"], nd["f"]
     k_needed = first_reaching(ks, nfs, target if target is not None else 0.9)
     paper = hd["paper"]
+    pp = hd.get("per_prompt") or {}
+
+    def interval(curve: list | None, i: int | None) -> dict | None:
+        if not pp or not curve or i is None:
+            return None
+        return faithfulness_interval(curve[i], pp["model"], pp["empty"])
+
     out = {
         "n_prompts": sum(pr.n for _, pr in batches),
         "nl_model": ends[0],
@@ -481,6 +525,8 @@ def study_op(
         "head_curve": {"n": ns, "faithfulness": [round(f, 4) for f in fs]},
         "heads": [f"{l}.{h}" for l, h in heads],
         "faithfulness": round(fs[ns.index(n_heads)], 4),
+        "faithfulness_interval": interval(pp.get("curve"), ns.index(n_heads)),
+        "neuron_faithfulness_interval": interval(nd.get("per_prompt"), ks.index(k_needed) if k_needed else None),
         "neuron_curve": {"per_layer": ks, "faithfulness": [round(f, 4) for f in nfs], "layers": neuron_layers},
         "neurons_per_layer_needed": k_needed,
         "neurons": {str(l): ranking[l][: k_needed or 50] for l in neuron_layers},

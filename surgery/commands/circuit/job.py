@@ -301,6 +301,11 @@ def run(
 
 
 # ---- rendering ------------------------------------------------------------------------------------------------
+def _with_interval(f: float, ci: dict | None) -> str:
+    """F with its bootstrap standard error and 95% interval over prompts, where the run recorded them."""
+    return f"{f} ({ci['se']}) [{ci['low']}, {ci['high']}]" if ci else f"{f}"
+
+
 def markdown(data: dict) -> str:
     res, cfg = data["results"], data["config"]
     lines = [
@@ -314,7 +319,7 @@ def markdown(data: dict) -> str:
                 f"{cfg['metric']} model",
                 f"{cfg['metric']} empty",
                 "heads",
-                "faithfulness",
+                "faithfulness (SE) [95% CI]",
                 "union F",
                 "neurons/layer for F",
                 "screen recall@20",
@@ -326,7 +331,7 @@ def markdown(data: dict) -> str:
                     round(r["nl_model"], 3),
                     round(r["nl_empty"], 3),
                     len(r["heads"]),
-                    r["faithfulness"],
+                    _with_interval(r["faithfulness"], r.get("faithfulness_interval")),
                     r["union_faithfulness"],
                     r["neurons_per_layer_needed"],
                     r.get("screen_recall_top20", r.get("screen_recall_of_verified")),
@@ -357,7 +362,13 @@ def markdown(data: dict) -> str:
             f"Faithfulness vs neurons kept per layer ({len(r['heads'])} circuit heads; layers "
             f"{min(map(int, r['neurons']))}-{max(map(int, r['neurons']))} at the last position): "
             + _curve(nc["per_layer"], nc["faithfulness"])
-            + ".",
+            + "."
+            + (
+                f" At {r['neurons_per_layer_needed']} per layer: SE {ci['se']}, 95% CI [{ci['low']}, {ci['high']}]"
+                " (bootstrap over prompts)."
+                if (ci := r.get("neuron_faithfulness_interval"))
+                else ""
+            ),
             "",
         ]
     if "agreement" in res:
