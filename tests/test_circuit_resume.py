@@ -60,7 +60,11 @@ def test_resumed_equals_uninterrupted(tiny_smol_dir, uninterrupted, tmp_path, mo
     monkeypatch.setattr(C, "neuron_curve", dies_second_time)
     assert main(argv) == 130
     assert not (out / "circuit.json").exists()
-    done = sorted(f.name for f in (out / circuit_job.STAGE_DIR).iterdir())
+    files = sorted(f.name for f in (out / circuit_job.STAGE_DIR).iterdir())
+    done = [f for f in files if not f.endswith(".commit")]
+    commits = circuit_job.stage_commits(out)  # every finished stage names the commit that computed it
+    assert sorted(commits) == [f.removesuffix(".json") for f in done if f.endswith(".json")]
+    assert all(commits.values())
     assert done == [
         "add.effects.json",
         "add.heads.json",
@@ -78,6 +82,7 @@ def test_resumed_equals_uninterrupted(tiny_smol_dir, uninterrupted, tmp_path, mo
     assert screens == []  # the effects of both operators came from the stages
     assert means == []  # and the means pass from the means file
     assert _results(out) == _results(uninterrupted)
+    assert json.loads((out / "circuit.json").read_text())["stage_commits"].keys() >= commits.keys()
 
 
 def test_other_configuration_is_refused(tiny_smol_dir, tmp_path, capfd):

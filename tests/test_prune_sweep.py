@@ -64,6 +64,8 @@ def test_resumed_sweep_equals_uninterrupted(tiny_smol_dir, tmp_path, monkeypatch
     args = dict(model=str(tiny_smol_dir), quick=True, overrides=SMALL, sweep="50%,25%")
     full = run(out=str(tmp_path / "full"), **args)
     assert len(full.data["results"]["cells"]) == 4
+    lines = (tmp_path / "full" / "cells.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["commit"] for line in lines)  # each cell records the commit it ran on
 
     calls = []
     real = prune_sweep.prune_and_train

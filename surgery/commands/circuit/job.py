@@ -73,17 +73,24 @@ def resuming(outdir: Path, run_config: dict, force: bool) -> bool:
 
 def stage_cache(outdir: Path, prefix: str) -> Cache:
     """A `cache(name, compute)` that returns DIR/stages/PREFIX.NAME.json if a run finished it, else computes,
-    writes it atomically and returns what was written (so a resumed run sees exactly what a fresh one does)."""
+    writes it atomically and returns what was written (so a resumed run sees exactly what a fresh one does). Beside
+    each stage, PREFIX.NAME.commit holds the git commit that computed it (`stage_commits`)."""
 
     def cache(name: str, fn: Callable[[], object]) -> object:
         f = outdir / STAGE_DIR / f"{prefix}.{name}.json"
         if f.is_file():
             return json.loads(f.read_text())
         val = json.loads(rep.json_text(fn()))
+        rep.write_text_atomic(f.with_suffix(".commit"), (rep.git_commit() or "unknown") + "\n")
         rep.write_json(f, val)
         return val
 
     return cache
+
+
+def stage_commits(outdir: Path) -> dict[str, str]:
+    """Which git commit computed each finished stage ("unknown" outside a checkout; stages of older runs: none)."""
+    return {f.stem: f.read_text().strip() for f in sorted((outdir / STAGE_DIR).glob("*.commit"))}
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -287,6 +294,7 @@ def run(
         "neurons": {str(l): sorted(i for ll, i in neurons if ll == l) for l in layers},
     }
     data["per_op"] = {op: r["circuit"] for op, r in per_op.items()}
+    data["stage_commits"] = stage_commits(outdir)
     md = markdown(data)
     # each file atomically, circuit.json last: its presence marks the folder finished (the stages stay beside it)
     rep.write_text_atomic(outdir / "circuit.md", md)

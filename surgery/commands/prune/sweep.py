@@ -76,7 +76,7 @@ from surgery.io.context import Run
 from surgery.io.deploy import Export, check_planned
 from surgery.io.loading import load_model
 from surgery.io.recipe import to_dict
-from surgery.io.report import Report, json_text, make, md_table, png_bytes, write_json, write_text_atomic
+from surgery.io.report import Report, git_commit, json_text, make, md_table, png_bytes, write_json, write_text_atomic
 from surgery.io.state import read_sweep
 from surgery.model.arch import ModelView
 from surgery.model.batching import left_pad, pad_id
@@ -206,9 +206,10 @@ def read_cells(out: Path) -> dict[str, dict]:
 
 
 def append_cell(out: Path, rec: dict) -> None:
-    """One line, flushed to disk: after this the cell counts as done (appends of concurrent workers take turns)."""
+    """One line, flushed to disk: after this the cell counts as done (appends of concurrent workers take turns).
+    The line records the git commit the cell ran on."""
     path = out / "cells.jsonl"
-    text = json.dumps(rec, default=_plain) + "\n"
+    text = json.dumps({**rec, "commit": rec.get("commit") or git_commit() or "unknown"}, default=_plain) + "\n"
     with folder_lock(out, "cells.jsonl"):
         if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             text = "\n" + text  # a line cut by a kill stays unparseable on its own line
