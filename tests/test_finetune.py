@@ -93,3 +93,43 @@ def test_plan_rows_same_k_random_control_disjoint_and_sweep():
         if x.name.startswith("precise, ") and "random" not in x.name and "MLPs" not in x.name
     ]
     assert sweep == [2, 1, 3]  # K=9 dropped: only 3 heads ranked
+
+
+def test_contrasts_chosen_vs_random_and_full_vs_precise():
+    """Paired contrasts on the same items: chosen heads right on items every random draw misses -> apart; one
+    draw as good as the chosen heads -> not apart; full fine-tuning losing MMLU items precise keeps -> apart."""
+    from surgery.commands.finetune import job
+
+    n = 200
+    chosen = [1] * 120 + [0] * 80
+    weak = [1] * 60 + [0] * 140
+
+    def row(name, kind, source, items, heads=8):
+        comps = (
+            None
+            if kind in ("base", "full")
+            else {"heads": [f"0.{i}" for i in range(heads)], "mlps": [], "source": source}
+        )
+        return {"name": name, "kind": kind, "components": comps, "items": items}
+
+    general = [1] * 100 + [0] * 100
+    forgot = [1] * 70 + [0] * 130
+    results = [
+        row("base", "base", None, {"arith": weak, "mmlu": general}),
+        row("full fine-tuning", "full", None, {"arith": chosen, "mmlu": forgot}),
+        row("precise, 8 heads", "precise", "path-patch", {"arith": chosen, "mmlu": general}),
+        *[row(f"random {d}", "precise", "random", {"arith": weak, "mmlu": general}) for d in range(3)],
+        row("precise, 4 heads", "precise", "path-patch", {"arith": weak, "mmlu": general}, heads=4),
+    ]
+    c = job.contrasts(results)
+    cr = c["chosen_vs_random"]
+    assert cr["chosen"] == "precise, 8 heads" and len(cr["random"]) == 3
+    assert cr["arith"]["apart"] and abs(cr["arith"]["pooled"]["mean"] - 60 / n) < 1e-9
+    assert c["full_vs_precise"]["mmlu"]["apart"] and c["full_vs_precise"]["mmlu"]["mean"] < 0
+    md = job.contrasts_md(c)
+    assert "chosen better, apart" in md and "full loses more, apart" in md
+
+    results[4]["items"]["arith"] = chosen  # one draw as good as the chosen heads: no longer apart
+    c = job.contrasts(results)
+    assert not c["chosen_vs_random"]["arith"]["apart"]
+    assert "not apart" in job.contrasts_md(c)

@@ -703,6 +703,91 @@ def table(results: list[dict]) -> str:
     return md_table(head, rows)
 
 
+def contrasts(results: list[dict]) -> dict:
+    """The paper's two questions, as paired differences on the same evaluation items (points, 95% CI):
+    chosen vs random, precise K minus each random-heads control draw and minus their per-item mean, on the math
+    columns; and forgetting, full fine-tuning minus precise K on the general columns (MMLU, CSQA). "apart" when the
+    interval excludes 0 (for the random contrast: the pooled one and every draw's, all on one side)."""
+    chosen = next(
+        (
+            rec
+            for rec in results
+            if rec["kind"] == "precise" and _source(rec) not in ("random", None) and not rec["components"]["mlps"]
+        ),
+        None,
+    )
+    k = len(chosen["components"]["heads"]) if chosen else 0
+    randoms = [
+        rec
+        for rec in results
+        if rec["kind"] == "precise" and _source(rec) == "random" and len(rec["components"]["heads"]) == k
+    ]
+    full = next((rec for rec in results if rec["kind"] == "full"), None)
+    out: dict = {}
+    if chosen and randoms:
+        vs: dict = {}
+        for m in (m for m in ("arith", "asdiv", "task") if m in chosen["items"]):
+            x = np.asarray(chosen["items"][m], float)
+            draws = [_paired(x - np.asarray(r["items"][m], float)) for r in randoms]
+            pooled = _paired(x - np.mean([np.asarray(r["items"][m], float) for r in randoms], axis=0))
+            signs = {_side(d) for d in draws + [pooled]}
+            vs[m] = {"pooled": pooled, "draws": draws, "apart": signs in ({1}, {-1}), "n_draws": len(draws)}
+        out["chosen_vs_random"] = {"chosen": chosen["name"], "random": [r["name"] for r in randoms], **vs}
+    if chosen and full:
+        fg: dict = {}
+        for m in (m for m in ("mmlu", "csqa") if m in chosen["items"]):
+            d = _paired(np.asarray(full["items"][m], float) - np.asarray(chosen["items"][m], float))
+            fg[m] = dict(d, apart=_side(d) != 0)
+        out["full_vs_precise"] = {"full": full["name"], "precise": chosen["name"], **fg}
+    return out
+
+
+def _source(rec: dict) -> str | None:
+    return (rec.get("components") or {}).get("source")
+
+
+def _side(d: dict) -> int:
+    """+1 / -1 when the 95% interval lies above / below 0, else 0."""
+    lo, hi = d["ci95"]
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def contrasts_md(c: dict) -> str:
+    """The contrasts as a table with a plain verdict per line."""
+    rows = []
+    cr = c.get("chosen_vs_random")
+    if cr:
+        for m in (m for m in ("arith", "asdiv", "task") if m in cr):
+            e = cr[m]
+            per = ", ".join(f"{100 * d['mean']:+.1f}" for d in e["draws"])
+            verdict = (
+                "chosen better, apart"
+                if e["apart"] and e["pooled"]["mean"] > 0
+                else ("random better, apart" if e["apart"] else "not apart")
+            )
+            rows.append(
+                [
+                    f"{cr['chosen']} minus {e['n_draws']} random draws",
+                    NAMES[m],
+                    f"{100 * e['pooled']['mean']:+.1f} {_ci(e['pooled']['ci95'])} (draws: {per})",
+                    verdict,
+                ]
+            )
+    fp = c.get("full_vs_precise")
+    if fp:
+        for m in (m for m in ("mmlu", "csqa") if m in fp):
+            e = fp[m]
+            verdict = (
+                "full loses more, apart"
+                if e["apart"] and e["mean"] < 0
+                else ("full keeps more, apart" if e["apart"] else "not apart")
+            )
+            rows.append(
+                [f"{fp['full']} minus {fp['precise']}", NAMES[m], f"{100 * e['mean']:+.1f} {_ci(e['ci95'])}", verdict]
+            )
+    return md_table(["contrast", "metric", "paired change, points [95% CI]", "verdict"], rows) if rows else ""
+
+
 def memory_table(results: list[dict]) -> str:
     rows = [
         [
@@ -772,6 +857,9 @@ def _report(loaded, r, comps, mlps, k, results, outp, ckpt, force, seconds, user
     )
     if user is not None:
         data["results"]["task_groups"] = user["groups"]
+    c = contrasts(results)
+    data["results"]["contrasts"] = c
+    c_md = contrasts_md(c)
     md = "\n\n".join(
         [
             f"# finetune: {loaded.name}, recipe {r.name}",
@@ -784,6 +872,7 @@ def _report(loaded, r, comps, mlps, k, results, outp, ckpt, force, seconds, user
             "Accuracy % with 95% Wilson interval; in brackets the paired change against base (points, 95% CI on the "
             "same items). XSum: perplexity with a bootstrap 95% interval over documents and the relative change.",
             table(results),
+            *(["## Contrasts: chosen vs random heads, full vs precise (paired, same items)", c_md] if c_md else []),
             *groups,
             "## Memory (gradients and optimiser state, measured from the tensors)",
             memory_table(results),
