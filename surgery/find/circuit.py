@@ -291,13 +291,15 @@ def exact_mean(
     """Exact Eq. 1 of each component averaged over every prompt of the batches, [len(comps)]."""
     if not comps:
         return torch.zeros(0, dtype=torch.float64)
-    per = [P.exact(view, pr, comps, cl, cf, max_rows) for (_, pr), (cl, cf) in zip(batches, acts)]
+    pairs = tqdm(list(zip(batches, acts)), desc=f"exact ({len(comps)} components)", unit="batch", leave=False)
+    per = [P.exact(view, pr, comps, cl, cf, max_rows) for (_, pr), (cl, cf) in pairs]
     return torch.cat(per, 1).mean(1)
 
 
 def screen_mean(view: ModelView, batches: Batches, acts: list[tuple[P.Acts, P.Acts]]) -> dict[str, Tensor]:
     """The screen of every head, MLP (per role) and last-position neuron, averaged over prompts."""
-    per = [P.screen(view, pr, cf, neurons=True) for (_, pr), (_, cf) in zip(batches, acts)]
+    pairs = tqdm(list(zip(batches, acts)), desc="screen", unit="batch", leave=False)
+    per = [P.screen(view, pr, cf, neurons=True) for (_, pr), (_, cf) in pairs]
     return {k: torch.cat([s[k] for s in per], -1).double().mean(-1) for k in per[0]}
 
 
@@ -355,7 +357,7 @@ def head_curve(
     total = len(order)
     ns = sorted({n for n in HEAD_GRID if n < total} | {total})
     fs, per_prompt = [], []
-    for n in ns:
+    for n in tqdm(ns, desc="heads curve", unit="point", leave=False):
         c = P.Circuit(
             torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool)
         )
@@ -380,7 +382,7 @@ def neuron_curve(
     width = min(view.ffn_width(l) for l in ranking)
     ks = sorted({k for k in NEURON_GRID if k < width} | {width})
     fs, per_prompt = [], []
-    for k in ks:
+    for k in tqdm(ks, desc="neurons curve", unit="point", leave=False):
         c = P.Circuit(
             torch.zeros(view.n_layers, view.n_heads, dtype=torch.bool), torch.ones(view.n_layers, dtype=torch.bool)
         )
