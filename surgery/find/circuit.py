@@ -528,7 +528,9 @@ def study_op(
         "heads": [f"{l}.{h}" for l, h in heads],
         "faithfulness": round(fs[ns.index(n_heads)], 4),
         "faithfulness_interval": interval(pp.get("curve"), ns.index(n_heads)),
-        "neuron_faithfulness_interval": interval(nd.get("per_prompt"), ks.index(k_needed) if k_needed else None),
+        "neuron_faithfulness_interval": interval(
+            nd.get("per_prompt"), None if k_needed is None else ks.index(k_needed)
+        ),
         "neuron_curve": {"per_layer": ks, "faithfulness": [round(f, 4) for f in nfs], "layers": neuron_layers},
         "neurons_per_layer_needed": k_needed,
         "neurons": {str(l): ranking[l][: k_needed or 50] for l in neuron_layers},

@@ -88,6 +88,15 @@ def stage_cache(outdir: Path, prefix: str) -> Cache:
     return cache
 
 
+def _needed(r: dict) -> str:
+    """Neurons per layer reaching the target F, or what the curve reached instead."""
+    if r["neurons_per_layer_needed"] is not None:
+        return str(r["neurons_per_layer_needed"])
+    nc = r["neuron_curve"]
+    best = max(range(len(nc["faithfulness"])), key=lambda i: nc["faithfulness"][i])
+    return f"not reached (best F {nc['faithfulness'][best]:.2f} at {nc['per_layer'][best]})"
+
+
 def stage_commits(outdir: Path) -> dict[str, str]:
     """Which git commit computed each finished stage ("unknown" outside a checkout; stages of older runs: none)."""
     return {f.stem: f.read_text().strip() for f in sorted((outdir / STAGE_DIR).glob("*.commit"))}
@@ -341,7 +350,7 @@ def markdown(data: dict) -> str:
                     len(r["heads"]),
                     _with_interval(r["faithfulness"], r.get("faithfulness_interval")),
                     r["union_faithfulness"],
-                    r["neurons_per_layer_needed"],
+                    _needed(r),
                     r.get("screen_recall_top20", r.get("screen_recall_of_verified")),
                 ]
                 for op, r in res["per_op"].items()
