@@ -615,11 +615,11 @@ def agreement(
     att = hs.attribution(view, packed)
     cand = sorted(((l, h) for l in range(view.n_layers) for h in range(view.n_heads)), key=lambda lh: float(att[lh]))
     cand = cand[: max(verify, len(heads))]
-    rows = hs.scan(view, packed, len(seqs), cand, progress=False)
+    rows = hs.scan(view, packed, len(seqs), cand)  # progress: hundreds of heads at 0-99 take minutes
     _, base = hs.baseline(view, packed, len(seqs))
     drop = {lh: float(base.mean() - r["logprob"].mean()) for lh, r in rows.items()}
     top_heads = set(sorted(drop, key=lambda lh: -drop[lh])[: len(heads)])
-    sc = cna.scan(view, seqs, layers, 10, pad_id(tokenizer), targets=tgt, batch_size=batch_size, progress=False)
+    sc = cna.scan(view, seqs, layers, 10, pad_id(tokenizer), targets=tgt, batch_size=batch_size)
 
     def top_by(total: dict[int, Tensor]) -> set[tuple[int, int]]:
         flat = [(float(v), l, i) for l in layers for i, v in enumerate(total[l].tolist())]
