@@ -81,8 +81,8 @@ def stage_cache(outdir: Path, prefix: str) -> Cache:
         if f.is_file():
             return json.loads(f.read_text())
         val = json.loads(rep.json_text(fn()))
+        rep.write_json(f, val)  # the stage first: a kill between the two never names an unfinished stage
         rep.write_text_atomic(f.with_suffix(".commit"), (rep.git_commit() or "unknown") + "\n")
-        rep.write_json(f, val)
         return val
 
     return cache
