@@ -21,7 +21,7 @@ full-target accuracy (per group too) instead of arithmetic/ASDiv; MMLU/CSQA/XSum
 The precise (K heads) model is exported as an ordinary checkpoint (layout zeroed: base shapes, native load) whose
 surgery.json lists the trained components and the recipe. Finished rows are kept in <out>.partial/rows.jsonl
 (keyed by the resolved recipe and, with --data, the data file's sha256), so an interrupted run continues where
-it stopped.
+it stopped; <out>.partial/progress.md shows the finished rows' table and contrasts after every row.
 """
 
 from __future__ import annotations
@@ -581,6 +581,7 @@ def run(
         if row.kind == "base":
             base_items = rec["items"]
         results.append(rec)
+        (partial / "progress.md").write_text(progress_md(results, base_items, r.seed))
     for rec in results:
         rec["metrics"] = summarize(rec["items"], None if rec["kind"] == "base" else base_items, r.seed)
     user = (
@@ -701,6 +702,18 @@ def table(results: list[dict]) -> str:
             ]
         )
     return md_table(head, rows)
+
+
+def progress_md(results: list[dict], base_items: dict | None, seed: int = 0) -> str:
+    """The rows finished so far, as the final report will show them (table and contrasts): written to
+    <out>.partial/progress.md after every row, so a long run can be read (and quoted) before it ends."""
+    done = [
+        dict(rec, metrics=summarize(rec["items"], None if rec["kind"] == "base" else base_items, seed))
+        for rec in results
+    ]
+    parts = [f"# Progress: {len(done)} rows finished\n", table(done)]
+    c = contrasts_md(contrasts(done))
+    return "\n".join(parts + ([f"\n## Contrasts\n\n{c}"] if c else [])) + "\n"
 
 
 def contrasts(results: list[dict]) -> dict:
