@@ -20,7 +20,12 @@ COMMAND = Command(
         *OUT,
         *FORCE,
         option("--task", default="arithmetic"),
-        option("--ops", type=strs, default=None, help="operators, e.g. +,- (default + - * /)"),
+        option(
+            "--ops",
+            type=strs,
+            default=None,
+            help="operators, e.g. +,- (default + - * /); a list that starts with - needs =: --ops=-,/",
+        ),
         option("--operands", default="0-9", help="inclusive operand range LO-HI, e.g. 0-99"),
         option("--templates", type=strs, default=None, help="one template: calculate (default) or plain"),
         option("--limit", type=int, default=50, help="clean prompts per operator (correctly answered)"),
