@@ -173,7 +173,7 @@ def test_a_row_killed_mid_training_resumes_from_its_saved_state(tiny_smol_dir, t
     saved = list((tmp_path / "o.partial" / "state").glob("*/checkpoint-4"))
     assert len(saved) == 1
     progress = (tmp_path / "o.partial" / "progress.md").read_text()  # the finished base row, readable mid-run
-    assert "1 rows finished" in progress and "| base |" in progress and "precise, 2 heads" not in progress
+    assert "1 of 2 rows finished" in progress and "| base |" in progress and "precise, 2 heads" not in progress
     steps = []
 
     class Count(TrainerCallback):

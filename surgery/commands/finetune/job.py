@@ -54,7 +54,17 @@ from surgery.io import recipe as recipes
 from surgery.io.checkpoint import save
 from surgery.io.deploy import Export, check_now, parse_exports
 from surgery.io.loading import check_training_dtype, home, load_model, resolve
-from surgery.io.report import Report, atomic_dir, git_commit, make, md_table, new_out_dir, png_bytes, wilson
+from surgery.io.report import (
+    Report,
+    atomic_dir,
+    git_commit,
+    make,
+    md_table,
+    new_out_dir,
+    png_bytes,
+    wilson,
+    write_text_atomic,
+)
 from surgery.model.arch import ModelView
 from surgery.model.batching import (
     batches,
@@ -581,7 +591,7 @@ def run(
         if row.kind == "base":
             base_items = rec["items"]
         results.append(rec)
-        (partial / "progress.md").write_text(progress_md(results, base_items, r.seed))
+        write_text_atomic(partial / "progress.md", progress_md(results, base_items, len(rows), r.seed))
     for rec in results:
         rec["metrics"] = summarize(rec["items"], None if rec["kind"] == "base" else base_items, r.seed)
     user = (
@@ -704,14 +714,14 @@ def table(results: list[dict]) -> str:
     return md_table(head, rows)
 
 
-def progress_md(results: list[dict], base_items: dict | None, seed: int = 0) -> str:
+def progress_md(results: list[dict], base_items: dict | None, planned: int, seed: int = 0) -> str:
     """The rows finished so far, as the final report will show them (table and contrasts): written to
     <out>.partial/progress.md after every row, so a long run can be read (and quoted) before it ends."""
     done = [
         dict(rec, metrics=summarize(rec["items"], None if rec["kind"] == "base" else base_items, seed))
         for rec in results
     ]
-    parts = [f"# Progress: {len(done)} rows finished\n", table(done)]
+    parts = [f"# Progress: {len(done)} of {planned} rows finished\n", table(done)]
     c = contrasts_md(contrasts(done))
     return "\n".join(parts + ([f"\n## Contrasts\n\n{c}"] if c else [])) + "\n"
 
