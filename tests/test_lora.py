@@ -227,3 +227,57 @@ def test_bf16_training_autocasts_and_keeps_fp32_weights(arch):
     diff = max(float((b16[n] - b32[n]).abs().max()) for n in b32)
     scale = max(float(p.abs().max()) for p in b32.values())
     assert 0 < diff < 0.2 * scale
+
+
+def test_train_lora_killed_after_a_save_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    """save_steps=2: a LoRA training killed just after its step-2 save resumes at step 2 (adapter, AdamW, scheduler,
+    RNG, data position) and ends with the same adapter and losses as an uninterrupted one (what a prune-sweep cell
+    relies on to resume mid-training)."""
+    from transformers import TrainerCallback
+
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": (ids := torch.randint(3, VOCAB, (6,), generator=g).tolist()), "labels": [-100] * 4 + ids[4:]}
+        for _ in range(16)
+    ]
+    spec = training.TrainSpec(max_steps=4, batch_size=4, lrs=[1e-2], warmup_ratio=0.0)
+
+    def go(state, **kw):
+        pm, log = lora.train_lora(make_tiny("llama"), TOK, rows, 1, lora.LoraSpec(rank=2), spec, 1e-2, **kw)
+        return {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}, log
+
+    whole, whole_log = go(None)
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    real = lora.answer_trainer
+
+    def with_callback(cb):
+        def make(*a, **k):
+            t = real(*a, **k)
+            t.add_callback(cb)
+            return t
+
+        return make
+
+    monkeypatch.setattr(lora, "answer_trainer", with_callback(Kill()))
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path, state_dir=tmp_path / "s", save_steps=2)
+    assert training.saved_step(tmp_path / "s") == 2
+    steps = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
+
+    monkeypatch.setattr(lora, "answer_trainer", with_callback(Count()))
+    resumed, resumed_log = go(tmp_path, state_dir=tmp_path / "s", save_steps=2)
+    assert steps == [3, 4]  # only the steps after the save ran
+    assert resumed.keys() == whole.keys()
+    for n in whole:
+        assert torch.allclose(resumed[n], whole[n], rtol=1e-5, atol=1e-7), n
+    losses = lambda log: [e["loss"] for e in log if "loss" in e]  # noqa: E731
+    assert losses(resumed_log) == pytest.approx(losses(whole_log), rel=1e-5)

@@ -66,6 +66,7 @@ def test_resumed_sweep_equals_uninterrupted(tiny_smol_dir, tmp_path, monkeypatch
     assert len(full.data["results"]["cells"]) == 4
     lines = (tmp_path / "full" / "cells.jsonl").read_text().splitlines()
     assert all(json.loads(line)["commit"] for line in lines)  # each cell records the commit it ran on
+    assert not any((tmp_path / "full" / "state" / "cells").glob("*"))  # a finished cell's training state is removed
 
     calls = []
     real = prune_sweep.prune_and_train

@@ -29,7 +29,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import set_seed
 
-from surgery.edits.training import TrainSpec, answer_trainer, log_of
+from surgery.edits.training import TrainSpec, answer_trainer, log_of, saved_step
 from surgery.errors import UsageError
 from surgery.io.loading import load_model
 from surgery.io.recipe import rules
@@ -159,17 +159,26 @@ def train_lora(
     lr: float,
     teacher: nn.Module | None = None,
     ffn_layers: Sequence[int] = (),
+    state_dir: Path | None = None,
+    save_steps: int = 0,
 ):
     """Fresh LoRA at `layer` on a copy of `model`, trained with transformers.Trainer (distilled from `teacher`
-    when spec.distill > 0); returns (peft_model, log)."""
+    when spec.distill > 0); returns (peft_model, log). With `state_dir` and `save_steps` > 0 the Trainer saves its
+    whole state there every save_steps steps (adapter, AdamW, scheduler, RNG, data position; the newest kept) and
+    a killed training resumes from it: the same batches in the same order as an uninterrupted one."""
 
     if not rows:
         raise UsageError("no training problems; raise data.per_op or lower data.test_size")
     set_seed(spec.seed)
     pm = attach(model, [layer], lora, ffn_layers=ffn_layers)
+    keep = state_dir is not None and save_steps > 0
+    extra = {"save_steps": save_steps} if keep else {}
     with tempfile.TemporaryDirectory(prefix="surgery-lora-") as tmp:
-        trainer = answer_trainer(pm, rows, spec, lr, tmp, pad_id(tokenizer), teacher, device=str(device_of(model)))
-        trainer.train()
+        out = str(state_dir) if keep else tmp
+        trainer = answer_trainer(
+            pm, rows, spec, lr, out, pad_id(tokenizer), teacher, device=str(device_of(model)), **extra
+        )
+        trainer.train(resume_from_checkpoint=True if keep and saved_step(Path(out)) else None)
     return pm.eval(), log_of(trainer)
 
 
@@ -195,14 +204,18 @@ def fit_lora(
     lrs: list[float] | None = None,
     teacher: nn.Module | None = None,
     ffn_layers: Sequence[int] = (),
+    state_dir: Path | None = None,
+    save_steps: int = 0,
 ) -> Fit:
     """Train one LoRA per candidate lr on encoded `rows`, keep the best by `validate(model)` (higher is better;
     the paper picks lr from 1e-3, 5e-4, 1e-4 on a validation split). One candidate or no `validate`: the first
-    lr, no validation pass."""
+    lr, no validation pass. `state_dir`/`save_steps`: each lr's training saves and resumes under state_dir/lr-<lr>
+    (`train_lora`)."""
     start, lrs = time.time(), list(lrs or spec.lrs)
     best, scores = None, {}
     for lr in lrs:
-        pm, log = train_lora(model, tokenizer, rows, layer, lora, spec, lr, teacher, ffn_layers)
+        at = state_dir / f"lr-{lr:g}" if state_dir is not None else None
+        pm, log = train_lora(model, tokenizer, rows, layer, lora, spec, lr, teacher, ffn_layers, at, save_steps)
         acc = validate(pm) if len(lrs) > 1 and validate is not None else None
         scores[lr] = acc
         if best is None or (acc is not None and acc > best[2]):

@@ -463,13 +463,26 @@ def prune_and_train(
     task: PruneTask,
     teacher: nn.Module | None = None,
     means: dict[int, torch.Tensor] | None = None,
+    state_dir: Path | None = None,
+    save_steps: int = 0,
 ) -> tuple[nn.Module, Fit]:
     """Slice a copy (bias-compensated with `means` when given), attach a fresh LoRA at the plan's layer, train it
-    on the task's rows (lr chosen on validation; distilled from `teacher` when train.distill > 0)."""
+    on the task's rows (lr chosen on validation; distilled from `teacher` when train.distill > 0). `state_dir`,
+    `save_steps`: the training saves its state there and a killed one resumes (`fit_lora`)."""
     sliced = sliced_copy(orig, keep, means, plan.multiple)
     ffn = sorted(keep) if r.lora.ffn else ()  # lora.ffn: the recovery LoRA also adapts the pruned FFNs
     return sliced, fit_lora(
-        sliced, tokenizer, plan.lora_layer, r.lora, r.train, task.train, task.validate, teacher=teacher, ffn_layers=ffn
+        sliced,
+        tokenizer,
+        plan.lora_layer,
+        r.lora,
+        r.train,
+        task.train,
+        task.validate,
+        teacher=teacher,
+        ffn_layers=ffn,
+        state_dir=state_dir,
+        save_steps=save_steps,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -156,6 +157,12 @@ def train_args(spec: TrainSpec, lr: float, out_dir: str, n_rows: int, device: st
 def _accelerated(device: str | None) -> bool:
     """Whether training runs on an accelerator: the model's device decides, not whether one exists."""
     return device is not None and torch.device(device).type != "cpu"
+
+
+def saved_step(folder: Path) -> int:
+    """The step of the newest training state the Trainer saved in `folder` (0: none)."""
+    steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
 
 
 def answer_trainer(

@@ -45,7 +45,7 @@ from torch import nn
 
 from surgery.edits.lora import LoraSpec, attach, merged_copy
 from surgery.edits.precise import Precise, check_optimizer_settings, select, state_bytes
-from surgery.edits.training import TrainSpec, answer_trainer, log_of
+from surgery.edits.training import TrainSpec, answer_trainer, log_of, saved_step
 from surgery.errors import UsageError
 from surgery.evals import arithmetic, asdiv, multiple_choice, perplexity, tasks
 from surgery.find import head_scan as hd
@@ -368,7 +368,7 @@ def _train(
         out = str(state_dir) if keep else tmp
         extra = {"save_steps": r.save_steps} if keep else {}
         trainer = answer_trainer(model, rows, r.train, lr, out, pad, device=str(device_of(model)), **extra)
-        start = _saved_step(Path(out)) if keep else 0
+        start = saved_step(Path(out)) if keep else 0
         t0 = time.time()
         trainer.train(resume_from_checkpoint=True if start else None)
         seconds = time.time() - t0
@@ -376,12 +376,6 @@ def _train(
         if start and done > start:
             seconds *= done / (done - start)
         return log_of(trainer), seconds, state_bytes(trainer.optimizer)
-
-
-def _saved_step(folder: Path) -> int:
-    """The step of the newest saved training state in `folder` (0: none)."""
-    steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(steps, default=0)
 
 
 def _grad_bytes(model: nn.Module) -> int:

@@ -4,7 +4,8 @@ of scores, in one resumable folder.
 Every selector's scores are computed once (`pruning.select`) and saved; each (budget, selector) CELL then slices
 the original, trains a fresh recovery LoRA, evaluates it, times the sliced model against the dense one, saves its
 adapter and appends one JSON line to cells.jsonl the moment it finishes. Rerunning the same command with the same
---out reads the folder and runs only the missing cells (a killed run loses at most the cell in progress); a folder
+--out reads the folder and runs only the missing cells (a killed cell resumes its training from the state it
+saves every 100 steps); a folder
 made by another recipe is refused, naming the differing keys. What may change between runs without a refusal: the
 budget list, the baselines and the search settings (they only add cells).
 
@@ -24,6 +25,7 @@ Folder:
     state/reference/            the reference LoRA adapter (reference-fit.json: its lr and size); reference.json
                                 its and the original's evaluation rows
     state/scores.pt             every selector's scores, CNA's per-case ranking, bias-compensation means
+    state/cells/<cell>/         a running cell's training state (adapter, AdamW, scheduler, RNG); removed when it ends
     cells.jsonl                 one finished cell per line (metrics, kept indices, latency)
     cells/<budget>-<selector>/  that cell's recovery adapter
     locks/                      the lock files of concurrent workers (empty files; safe to delete when none runs)
@@ -412,12 +414,16 @@ def cell(sw: Sweep, budget: str, name: str, keep: Keep, wait: bool = True) -> di
         return _train_cell(sw, budget, name, keep)
 
 
+CELL_SAVE_STEPS = 100  # a cell's training saves its state every 100 steps: a killed cell resumes mid-training
+
+
 def _train_cell(sw: Sweep, budget: str, name: str, keep: Keep) -> dict:
     key = cell_key(budget, name)
     orig, tok = sw.loaded.model, sw.loaded.tokenizer
     t0 = time.time()
     with sw.run.step(f"cell {budget} {name}"):
-        _, fit = prune_and_train(orig, tok, keep, sw.r, sw.plan, sw.task, sw.teacher, sw.means)
+        state = cell_state_dir(sw.out, key)
+        _, fit = prune_and_train(orig, tok, keep, sw.r, sw.plan, sw.task, sw.teacher, sw.means, state, CELL_SAVE_STEPS)
         m = merged_copy(fit.model)
         kept = sum(len(v) for v in keep.values())
         row = evaluate_row(f"{name}-pruned + LoRA", m, sw.task, kept, lora_params(fit), fit.lr, list(sw.task.sets))
@@ -432,8 +438,14 @@ def _train_cell(sw: Sweep, budget: str, name: str, keep: Keep) -> dict:
         "keep": {str(l): v for l, v in keep.items()},
     }
     append_cell(sw.out, rec)
+    shutil.rmtree(state, ignore_errors=True)
     sw.cells[key] = rec
     return rec
+
+
+def cell_state_dir(out: Path, key: str) -> Path:
+    """Where a cell's recovery training saves its state while it runs (removed once the cell is written)."""
+    return out / "state" / "cells" / key
 
 
 def run_sweep(sw: Sweep, budgets: list[str]) -> None:
