@@ -471,19 +471,9 @@ def prune_and_train(
     `save_steps`: the training saves its state there and a killed one resumes (`fit_lora`)."""
     sliced = sliced_copy(orig, keep, means, plan.multiple)
     ffn = sorted(keep) if r.lora.ffn else ()  # lora.ffn: the recovery LoRA also adapts the pruned FFNs
-    return sliced, fit_lora(
-        sliced,
-        tokenizer,
-        plan.lora_layer,
-        r.lora,
-        r.train,
-        task.train,
-        task.validate,
-        teacher=teacher,
-        ffn_layers=ffn,
-        state_dir=state_dir,
-        save_steps=save_steps,
-    )
+    how = dict(teacher=teacher, ffn_layers=ffn, state_dir=state_dir, save_steps=save_steps)
+    fit = fit_lora(sliced, tokenizer, plan.lora_layer, r.lora, r.train, task.train, task.validate, **how)
+    return sliced, fit
 
 
 def training_data(r: PruneRecipe, splits: Splits, tokenizer):
