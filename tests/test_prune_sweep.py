@@ -62,11 +62,13 @@ def test_resumed_sweep_equals_uninterrupted(tiny_smol_dir, tmp_path, monkeypatch
     """Kill a sweep inside its third cell; the rerun trains only the missing cells, and every cell equals the
     uninterrupted sweep's (accuracies, kept indices, lr, params)."""
     args = dict(model=str(tiny_smol_dir), quick=True, overrides=SMALL, sweep="50%,25%")
+    monkeypatch.setattr(prune_sweep, "CELL_SAVE_STEPS", 2)  # every cell saves its training state mid-cell
     full = run(out=str(tmp_path / "full"), **args)
     assert len(full.data["results"]["cells"]) == 4
     lines = (tmp_path / "full" / "cells.jsonl").read_text().splitlines()
     assert all(json.loads(line)["commit"] for line in lines)  # each cell records the commit it ran on
-    assert not any((tmp_path / "full" / "state" / "cells").glob("*"))  # a finished cell's training state is removed
+    assert (tmp_path / "full" / "state" / "cells").is_dir()  # the cells saved their training state ...
+    assert not any((tmp_path / "full" / "state" / "cells").glob("*"))  # ... and removed it when written
 
     calls = []
     real = prune_sweep.prune_and_train
